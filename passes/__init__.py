@@ -1,0 +1,1 @@
+"""The morph passes, one module per morph type."""
