@@ -1,1 +1,5 @@
-"""The morph passes, one module per morph type."""
+"""The morph passes, one module per morph type; importing this fills onnxmorph's registry."""
+
+from onnxmorph.passinfra import REGISTRY
+
+__all__ = ["REGISTRY"]

@@ -1,0 +1,5 @@
+"""Entry point of `python -m onnxmorph`."""
+
+from onnxmorph.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""The command line: `python -m onnxmorph COMMAND ...`, one subcommand per registered pass."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import onnxmorph.passes  # noqa: F401  (fills the registry)
+from onnxmorph import __version__
+from onnxmorph import io as mio
+from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
+from onnxmorph.inspection import format_inspection, inspect
+from onnxmorph.passinfra import REGISTRY, MorphPass
+from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
+from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, verify
+
+log = logging.getLogger("onnxmorph")
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("output")
+    group.add_argument("-v", "--verbose", action="count", default=0, help="say more (repeat for debug)")
+    group.add_argument("-q", "--quiet", action="store_true", help="say nothing but errors")
+    return common
+
+
+def _verification_options(parser: argparse.ArgumentParser, seed_flag: str) -> None:
+    group = parser.add_argument_group("verification")
+    group.add_argument("--atol", type=float, help="absolute tolerance (default by output type; 1e-5 for float32)")
+    group.add_argument("--rtol", type=float, help="relative tolerance (default by output type; 1e-4 for float32)")
+    group.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                       help=f"random input sets to compare on (default {DEFAULT_TRIALS})")
+    group.add_argument(seed_flag, dest="verify_seed", type=int, default=0, metavar="S",
+                       help="seed of the random inputs (default 0)")
+    group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                       help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable; "
+                            "by default a dynamic batch dimension is 2)")
+    group.add_argument("--inputs", metavar="X.npz", help="compare on these inputs (an .npz with one array per input)")
+    group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(
+        prog="onnxmorph",
+        description="Grow a trained ONNX model into a larger one that computes the same function "
+                    "(network morphism), and verify that it does.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxmorph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("inspect", parents=[common], help="show a model's layers, which morphs apply, and its history")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("verify", parents=[common], help="check that CHILD computes PARENT's function")
+    p.add_argument("parent", metavar="PARENT")
+    p.add_argument("child", metavar="CHILD")
+    _verification_options(p, "--seed")
+
+    for name, cls in sorted(REGISTRY.items()):
+        p = sub.add_parser(name, parents=[common], help=cls.summary, description=cls.__doc__)
+        p.add_argument("model", metavar="MODEL")
+        p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")
+        group = p.add_argument_group(f"{name} parameters")
+        for param in cls.params:
+            kwargs: dict[str, Any] = {"dest": f"param_{param.name}", "help": param.help}
+            if param.metavar:
+                kwargs["metavar"] = param.metavar
+            if param.choices:
+                kwargs["choices"] = list(param.choices)
+            if param.required:
+                kwargs["required"] = True
+            elif param.default is not None:
+                kwargs["help"] += f" (default {_show_default(param.default)})"
+            group.add_argument(param.cli_flag, **kwargs)
+        p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+        _verification_options(p, "--verify-seed")
+        p.set_defaults(pass_class=cls)
+
+    p = sub.add_parser("apply", parents=[common], help="apply a recipe of morphs (JSON or YAML list of steps)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--recipe", required=True, metavar="R.json", help="the recipe file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")
+    p.add_argument("--verify-each", action="store_true", help="verify after every step, naming the step that broke")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    _verification_options(p, "--verify-seed")
+    return parser
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    quiet = args.quiet or getattr(args, "json", False)
+    if args.verbose >= 2:
+        level = logging.DEBUG
+    elif args.verbose == 1 or (not quiet and sys.stderr.isatty()):
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("onnxmorph: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOptions:
+    shapes = dict(parse_shape(text) for text in args.shape)
+    if args.trials < 1:
+        raise UsageError(f"--trials must be at least 1, not {args.trials}")
+    return VerifyOptions(enabled=enabled, atol=args.atol, rtol=args.rtol, trials=args.trials,
+                         seed=args.verify_seed, shapes=shapes, inputs=args.inputs)
+
+
+def _check_output(model: str, output: str) -> Path:
+    out = Path(output)
+    if out.exists() and Path(model).exists() and os.path.samefile(out, model):
+        raise UsageError(f"{output}: the output would overwrite the parent model; choose another path")
+    if out.is_dir():
+        raise UsageError(f"{output}: is a folder; give a file name for the output")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{output}: folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{output}: folder '{folder}' is not writable")
+    return out
+
+
+def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    if as_json:
+        data = dict(extra or {})
+        data["verification"] = report.to_dict() if report is not None else None
+        print(json.dumps(data, indent=2))
+    elif report is not None:
+        print(report)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    model = mio.load(args.model)
+    info = inspect(model)
+    if args.json:
+        print(json.dumps({"model": args.model, **info}, indent=2))
+    else:
+        print(format_inspection(info, title=args.model))
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    options = _verify_options(args)
+    for path in (args.parent, args.child):
+        mio.load_header(path)
+    report = verify(args.parent, args.child, atol=options.atol, rtol=options.rtol, trials=options.trials,
+                    seed=options.seed, shapes=options.shapes, inputs=options.inputs)
+    _print_report(report, args.json, {"parent": args.parent, "child": args.child})
+    if not report:
+        if not args.json:
+            sys.stderr.write(f"onnxmorph: {report.summary()}\n")
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
+    log.info("saving %s", out)
+    mio.save(outcome.child, out)
+    steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
+    if args.json:
+        _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
+    else:
+        if outcome.report is not None:
+            print(outcome.report)
+        else:
+            print("verification: skipped (--no-verify)")
+        print(f"wrote {out}: " + ", ".join(repr(s) for s in outcome.steps))
+    return EXIT_OK
+
+
+def _cmd_morph(args: argparse.Namespace) -> int:
+    cls: type[MorphPass] = args.pass_class
+    params = {p.name: getattr(args, f"param_{p.name}") for p in cls.params}
+    step = cls(**{k: v for k, v in params.items() if v is not None})
+    out = _check_output(args.model, args.output)
+    options = _verify_options(args, enabled=not args.no_verify)
+    outcome = run_passes(args.model, [step], options)
+    return _finish_morph(args, outcome, out)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from onnxmorph.recipe import read_recipe
+
+    passes = read_recipe(args.recipe)
+    out = _check_output(args.model, args.output)
+    options = _verify_options(args, enabled=not args.no_verify)
+    outcome = run_passes(args.model, passes, options, verify_each=args.verify_each)
+    return _finish_morph(args, outcome, out)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into an exception so that pending cleanups (temporary files) run.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "inspect":
+            return _cmd_inspect(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
+        if args.command == "apply":
+            return _cmd_apply(args)
+        return _cmd_morph(args)
+    except VerificationFailed as exc:
+        if exc.report is not None:
+            _print_report(exc.report, getattr(args, "json", False))
+        sys.stderr.write(f"onnxmorph: verification failed, nothing written: {exc}\n")
+        return EXIT_MISMATCH
+    except OnnxMorphError as exc:
+        sys.stderr.write(f"onnxmorph: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxmorph: interrupted, nothing written\n")
+        return 130
+    except MemoryError:
+        sys.stderr.write("onnxmorph: error: out of memory\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug: still one line, the traceback only with -vv
+        if args.verbose >= 2:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"onnxmorph: internal error: {type(exc).__name__}: {first} "
+                         "(a bug in onnxmorph; rerun with -vv for the traceback)\n")
+        return EXIT_BUG
+    finally:
+        signal.signal(signal.SIGTERM, previous)

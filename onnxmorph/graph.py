@@ -1,0 +1,314 @@
+"""Graph editing helpers over onnx-graphsurgeon: import/export, lookup, weights, naming, sorting."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
+from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize
+
+log = logging.getLogger("onnxmorph")
+
+# onnx-graphsurgeon logs through its own logger; keep it quiet unless something is wrong.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# --------------------------------------------------------------------------- import / export
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """A fresh, editable graph of `model` (normalised first when needed).
+
+    Weights of the result are lazily shared with `model`: replace them by assigning a new
+    gs.Constant (see `set_weight`), never by editing `.values` in place.
+    """
+    if not is_normalized(model):
+        model = normalize(model)
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:
+        raise InvalidModelError(f"cannot read the graph: {exc}") from exc
+
+
+_VIEW_CACHE: list[tuple[onnx.ModelProto, int, gs.Graph]] = []
+
+
+def read_view(model: onnx.ModelProto) -> gs.Graph:
+    """A graph of `model` for analysis only (cached: do not edit it)."""
+    size = model.ByteSize()
+    for cached, cached_size, graph in _VIEW_CACHE:
+        if cached is model and cached_size == size:
+            return graph
+    graph = import_graph(model)
+    _VIEW_CACHE.insert(0, (model, size, graph))
+    del _VIEW_CACHE[2:]
+    return graph
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph` to a model that keeps `like`'s IR version, opsets, metadata and docs."""
+    toposort(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:
+        raise InvalidModelError(f"cannot export the graph: {exc}") from exc
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(like, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    del model.functions[:]
+    model.functions.extend(like.functions)
+    model.graph.name = like.graph.name
+    model.graph.doc_string = like.graph.doc_string
+    _restore_io_order(model, like)
+    if model.ir_version < 4:
+        list_initializers_as_inputs(model)
+    return model
+
+
+def _restore_io_order(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Keep the parent's graph input/output declarations verbatim (names, types, shapes)."""
+    parent_inputs = {i.name: i for i in like.graph.input}
+    inputs = [parent_inputs.get(i.name, i) for i in model.graph.input]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    parent_outputs = {o.name: o for o in like.graph.output}
+    outputs = [parent_outputs.get(o.name, o) for o in model.graph.output]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Sort `graph.nodes` topologically, iteratively, keeping the original order where free."""
+    nodes = list(graph.nodes)
+    index = {id(n): k for k, n in enumerate(nodes)}
+    producer: dict[str, int] = {}
+    for k, node in enumerate(nodes):
+        for out in node.outputs:
+            producer[out.name] = k
+    indegree = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for k, node in enumerate(nodes):
+        deps = set()
+        for inp in node.inputs:
+            p = producer.get(inp.name)
+            if p is not None and p != k:
+                deps.add(p)
+        for sub in _subgraph_reads(node):
+            p = producer.get(sub)
+            if p is not None and p != k:
+                deps.add(p)
+        indegree[k] = len(deps)
+        for p in deps:
+            users[p].append(k)
+    ready = [k for k in range(len(nodes)) if indegree[k] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users[k]:
+            indegree[u] -= 1
+            if indegree[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = [nodes[k].name for k in range(len(nodes)) if indegree[k] > 0][:3]
+        raise InvalidModelError(f"the graph has a cycle through {', '.join(stuck)}")
+    del index
+    graph.nodes = [nodes[k] for k in order]
+
+
+def _subgraph_reads(node: gs.Node) -> Iterable[str]:
+    for value in node.attrs.values():
+        subgraphs = value if isinstance(value, (list, tuple)) else [value]
+        for sub in subgraphs:
+            if isinstance(sub, gs.Graph):
+                for inner in sub.nodes:
+                    for inp in inner.inputs:
+                        yield inp.name
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A morphable layer: a Conv/ConvTranspose/Gemm/MatMul whose weight is a constant."""
+
+    name: str
+    output: str
+    op: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    bias: str | None
+
+
+def weight_index(node: gs.Node) -> int | None:
+    """Input index of the weight of a layer node, or None for ops that have none."""
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return 1
+    if node.op == "MatMul":
+        return 1
+    return None
+
+
+def layer_info(node: gs.Node) -> LayerInfo | None:
+    """Describe `node` as a morphable layer, or None when it is not one."""
+    if node.op not in LAYER_OPS or node.domain not in ("", "ai.onnx", None):
+        return None
+    k = weight_index(node)
+    if k is None or len(node.inputs) <= k or not isinstance(node.inputs[k], gs.Constant):
+        return None
+    bias = None
+    if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
+        if isinstance(node.inputs[2], gs.Constant):
+            bias = node.inputs[2].name
+    weight = node.inputs[k]
+    return LayerInfo(
+        name=node.name,
+        output=node.outputs[0].name,
+        op=node.op,
+        weight=weight.name,
+        weight_shape=tuple(int(d) for d in weight.shape),
+        bias=bias,
+    )
+
+
+def layers(graph: gs.Graph) -> list[LayerInfo]:
+    """Every morphable layer of `graph`, in graph order."""
+    found = []
+    for node in graph.nodes:
+        info = layer_info(node)
+        if info is not None:
+            found.append(info)
+    return found
+
+
+def find_node(graph: gs.Graph, name: str) -> gs.Node:
+    """The node called `name`, or the node whose output tensor is called `name`."""
+    by_name = [n for n in graph.nodes if n.name == name]
+    if len(by_name) == 1:
+        return by_name[0]
+    if len(by_name) > 1:
+        raise UsageError(
+            f"layer '{name}': {len(by_name)} nodes share this name; refer to the layer by its "
+            "output tensor instead"
+        )
+    for node in graph.nodes:
+        if any(out.name == name for out in node.outputs):
+            return node
+    candidates = [info.name for info in layers(graph)]
+    hint = f"; morphable layers: {', '.join(candidates[:8])}" if candidates else ""
+    if len(candidates) > 8:
+        hint += f", ... ({len(candidates)} in all)"
+    raise UsageError(f"no layer '{name}' in the model{hint}")
+
+
+def find_layer(graph: gs.Graph, name: str, ops: Sequence[str] = LAYER_OPS) -> gs.Node:
+    """The morphable layer `name` (node or output name) whose op is one of `ops`."""
+    node = find_node(graph, name)
+    if node.op not in ops:
+        raise NotApplicable(f"layer '{name}' is a {node.op}, not one of {', '.join(ops)}")
+    k = weight_index(node)
+    if k is None or len(node.inputs) <= k:
+        raise NotApplicable(f"layer '{name}' ({node.op}) has no weight input")
+    weight = node.inputs[k]
+    if not isinstance(weight, gs.Constant):
+        raise NotApplicable(f"layer '{name}': its weight '{weight.name}' is computed, not a constant")
+    return node
+
+
+def exclusive_constant(node: gs.Node, k: int, what: str = "weight") -> gs.Constant:
+    """Input `k` of `node`, which must be a constant used by no other node."""
+    tensor = node.inputs[k]
+    if not isinstance(tensor, gs.Constant):
+        raise NotApplicable(f"layer '{node.name}': its {what} '{tensor.name}' is not a constant")
+    users = [n for n in tensor.outputs if n is not node]
+    if users:
+        raise NotApplicable(
+            f"layer '{node.name}': its {what} '{tensor.name}' is shared with '{users[0].name}'"
+        )
+    return tensor
+
+
+def values(tensor: gs.Constant) -> np.ndarray:
+    """The array of a constant (read-only: never edit it in place, it may be the parent's)."""
+    array = np.asarray(tensor.values)
+    array.flags.writeable = False
+    return array
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor or t.name == tensor.name for t in graph.outputs)
+
+
+# --------------------------------------------------------------------------- editing
+
+
+class Namer:
+    """Unique, explanatory names for new nodes and tensors: `conv2/morph_deepen/conv_a`."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = {node.name for node in graph.nodes}
+        self.taken.update(graph.tensors().keys())
+
+    def __call__(self, *parts: str) -> str:
+        base = "/".join(p for p in parts if p)
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+
+def constant(name: str, array: np.ndarray, dtype: np.dtype | type) -> gs.Constant:
+    """A new constant holding a fresh copy of `array` cast to `dtype`."""
+    return gs.Constant(name, np.ascontiguousarray(np.array(array, dtype=dtype, copy=True)))
+
+
+def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | None = None) -> gs.Constant:
+    """Replace input `k` of `node` by a new constant (same name and dtype unless told).
+
+    Assigning a new tensor, instead of editing `.values`, is what keeps the parent's arrays
+    (lazily shared by onnx-graphsurgeon) untouched.
+    """
+    old = node.inputs[k]
+    dtype = old.dtype if isinstance(old, gs.Constant) else array.dtype
+    new = constant(name or old.name, array, dtype)
+    node.inputs[k] = new
+    return new
+
+
+def dtype_of(tensor: gs.Tensor) -> np.dtype:
+    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+
+
+def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
+    """The default-domain opset version of a model or graph."""
+    if isinstance(model_or_graph, gs.Graph):
+        return int(model_or_graph.opset)
+    for entry in model_or_graph.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1

@@ -1,0 +1,111 @@
+"""`inspect`: a model's interface, its morphable layers, which morphs apply, and its history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+import onnxmorph.passes  # noqa: F401  (fills the registry)
+from onnxmorph import graph as mgraph
+from onnxmorph import io as mio
+from onnxmorph import receipt
+from onnxmorph.errors import NotApplicable, OnnxMorphError
+from onnxmorph.passinfra import REGISTRY
+
+
+def _value_info(info: onnx.ValueInfoProto) -> dict[str, Any]:
+    tt = info.type.tensor_type
+    dims: list[Any] = []
+    for d in tt.shape.dim:
+        dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?"))
+    try:
+        type_name = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+    except ValueError:
+        type_name = str(tt.elem_type)
+    return {"name": info.name, "type": type_name, "shape": dims}
+
+
+def inspect(model: onnx.ModelProto) -> dict[str, Any]:
+    """Describe `model`: interface, opsets, morphable layers with per-morph applicability, history."""
+    model = mio.normalize(model)
+    view = mgraph.read_view(model)
+    layers = []
+    for info in mgraph.layers(view):
+        morphs: dict[str, Any] = {}
+        for name, cls in sorted(REGISTRY.items()):
+            try:
+                probe = cls.probe(model, info)
+                if probe is None:
+                    continue
+                probe.requires(model)
+                morphs[name] = {"applies": True, **probe.describe(model)}
+            except NotApplicable as exc:
+                morphs[name] = {"applies": False, "reason": str(exc)}
+            except OnnxMorphError as exc:
+                morphs[name] = {"applies": False, "reason": str(exc)}
+        layers.append({
+            "name": info.name,
+            "output": info.output,
+            "op": info.op,
+            "weight": info.weight,
+            "weight_shape": list(info.weight_shape),
+            "morphs": morphs,
+        })
+    return {
+        "ir_version": model.ir_version,
+        "opsets": {(e.domain or "ai.onnx"): e.version for e in model.opset_import},
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+        "inputs": [_value_info(i) for i in mio.true_inputs(model)],
+        "outputs": [_value_info(o) for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "layers": layers,
+        "history": receipt.history(model),
+    }
+
+
+def format_inspection(info: dict[str, Any], title: str = "model") -> str:
+    """The text form of `inspect` output."""
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    lines = [f"{title}: IR {info['ir_version']}, opset {opsets}, {info['nodes']} nodes"
+             + (f", made by {info['producer']}" if info["producer"] else "")]
+
+    def shape(v: dict[str, Any]) -> str:
+        return "x".join(str(d) for d in v["shape"]) or "scalar"
+
+    for kind in ("inputs", "outputs"):
+        lines.append(f"{kind}:")
+        lines += [f"  {v['name']}  {v['type']}[{shape(v)}]" for v in info[kind]]
+    lines.append(f"morphable layers ({len(info['layers'])}):")
+    for layer in info["layers"]:
+        weight = "x".join(map(str, layer["weight_shape"]))
+        lines.append(f"  {layer['name']}  {layer['op']}  weight {weight}  output {layer['output']}")
+        for name, verdict in layer["morphs"].items():
+            if verdict["applies"]:
+                extra = "; ".join(f"{k} {_short(v)}" for k, v in verdict.items() if k != "applies")
+                lines.append(f"    {name}: yes" + (f" ({extra})" if extra else ""))
+            else:
+                lines.append(f"    {name}: no, {verdict['reason']}")
+    if info["history"]:
+        lines.append(f"history ({len(info['history'])} morph run(s)):")
+        for k, record in enumerate(info["history"], 1):
+            steps = ", ".join(
+                f"{s['pass']}(" + ", ".join(f"{a}={b!r}" for a, b in s["params"].items()) + ")"
+                for s in record.get("steps", [])
+            )
+            ver = record.get("verification")
+            if ver:
+                check = (f"verified {'PASS' if ver['passed'] else 'FAIL'}, max abs error "
+                         f"{ver['max_abs_error']:.2e}, max rel error {ver['max_rel_error']:.2e}")
+            else:
+                check = "not verified"
+            lines.append(f"  {k}. {steps}; {check}; parent sha256 {record.get('parent_sha256', '?')[:16]}")
+    else:
+        lines.append("history: none (not made by onnxmorph)")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if value else "none"
+    return str(value)

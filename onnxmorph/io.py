@@ -1,0 +1,489 @@
+"""Model I/O: safe loading with external data, normalisation for morphing, atomic saving."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import (
+    convert_model_to_external_data,
+    load_external_data_for_model,
+    write_external_data_tensors,
+)
+
+from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
+
+log = logging.getLogger("onnxmorph")
+
+PathLike = Union[str, os.PathLike]
+
+# Protobuf cannot serialise a message of 2 GiB or more; stay clear of it with a margin.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+# Metadata keys written by onnxmorph into a model it loaded.
+_SOURCE_DIGEST_KEY = "onnxmorph.source_sha256"
+
+
+def memory_limit() -> int:
+    """Bytes a single model may declare before it is refused: half of the physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_header(path: PathLike) -> onnx.ModelProto:
+    """Read `path` without its external data, after checking that every location is safe."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{path}: is a folder, not an ONNX file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror}") from exc
+    if size == 0:
+        raise InvalidModelError(f"{path}: empty file, not an ONNX model")
+    if size > memory_limit():
+        raise UnsafeModelError(f"{path}: {size} bytes is more than this machine can hold")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError and friends
+        raise InvalidModelError(f"{path}: not an ONNX model ({_one_line(exc)})") from exc
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise InvalidModelError(f"{path}: not an ONNX model (no graph)")
+    external = list(_external_tensors(model))
+    if external:
+        _check_external_data(external, path.resolve().parent, path)
+    return model
+
+
+def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model from `path`, resolving external data against the model's folder.
+
+    External-data locations that escape the folder (absolute paths, `..`, symlinks out of it)
+    are refused before any of them is read. The result is normalised for morphing
+    (see `normalize`) unless `normalize_model` is false.
+    """
+    path = Path(path)
+    model = load_header(path)
+    if any(True for _ in _external_tensors(model)):
+        try:
+            load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as exc:
+            raise InvalidModelError(f"{path}: cannot load external data ({_one_line(exc)})") from exc
+    check(model, name=str(path))
+    _set_source_digest(model, path)
+    if normalize_model:
+        _normalize_in_place(model)
+    return model
+
+
+def check_file(path: PathLike) -> None:
+    """Run onnx.checker on the model at `path` (external data stays on disk)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise InvalidModelError(f"{path}: invalid ONNX model: {_one_line(exc)}") from exc
+
+
+def check(model: onnx.ModelProto, name: str = "model") -> None:
+    """Run onnx.checker on `model`, raising InvalidModelError with one line on failure."""
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+        else:
+            with tempfile.TemporaryDirectory(prefix="onnxmorph-check-") as tmp:
+                target = Path(tmp) / "model.onnx"
+                _write_with_external_data(model, target)
+                onnx.checker.check_model(str(target))
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"{name}: invalid ONNX model: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise InvalidModelError(f"{name}: invalid ONNX model: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), type(exc).__name__)
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    # Iterative: subgraph nesting can be deep and recursion is not safe on generated models.
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for g in _iter_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _check_external_data(tensors: list[onnx.TensorProto], base: Path, path: Path) -> None:
+    total = 0
+    for tensor in tensors:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise InvalidModelError(f"{path}: tensor '{tensor.name}' has external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
+            raise UnsafeModelError(
+                f"{path}: tensor '{tensor.name}' refers to external data at an absolute path "
+                f"'{location}'; only files inside the model's folder are read"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise UnsafeModelError(
+                f"{path}: tensor '{tensor.name}' refers to external data '{location}' outside "
+                "the model's folder; refused"
+            )
+        if not target.is_file():
+            raise InvalidModelError(f"{path}: external data file '{location}' is missing")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else target.stat().st_size - offset
+        except ValueError as exc:
+            raise InvalidModelError(
+                f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length"
+            ) from exc
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise InvalidModelError(
+                f"{path}: tensor '{tensor.name}' reads past the end of '{location}'"
+            )
+        expected = _declared_bytes(tensor)
+        if expected is not None and expected != length:
+            raise InvalidModelError(
+                f"{path}: tensor '{tensor.name}' declares {expected} bytes but its external data "
+                f"holds {length}"
+            )
+        total += length
+    if total > memory_limit():
+        raise UnsafeModelError(f"{path}: external data of {total} bytes is more than this machine can hold")
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def digest(model: onnx.ModelProto) -> str:
+    """A SHA-256 of the model's content: the file's own digest when it was loaded from a path."""
+    for prop in model.metadata_props:
+        if prop.key == _SOURCE_DIGEST_KEY:
+            return prop.value
+    return content_digest(model)
+
+
+def content_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the serialised model (tensor by tensor when it is too large to serialise)."""
+    h = hashlib.sha256()
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        h.update(model.SerializeToString(deterministic=True))
+        return h.hexdigest()
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    for tensor in _all_tensors(stripped):
+        tensor.ClearField("raw_data")
+    h.update(stripped.SerializeToString(deterministic=True))
+    for tensor in _all_tensors(model):
+        h.update(tensor.raw_data)
+    return h.hexdigest()
+
+
+def _set_source_digest(model: onnx.ModelProto, path: Path) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    _set_metadata(model, _SOURCE_DIGEST_KEY, h.hexdigest())
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def strip_transient_metadata(model: onnx.ModelProto) -> None:
+    """Drop the load-time bookkeeping that must not be written into a saved model."""
+    keep = [p for p in model.metadata_props if p.key != _SOURCE_DIGEST_KEY]
+    if len(keep) != len(model.metadata_props):
+        del model.metadata_props[:]
+        model.metadata_props.extend(keep)
+
+
+# --------------------------------------------------------------------------- normalising
+
+
+def is_normalized(model: onnx.ModelProto) -> bool:
+    """True when `model` needs no normalisation (see `normalize`)."""
+    constants = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if not node.name:
+            return False
+        if _foldable(node, constants, outputs):
+            return False
+    return True
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return `model` ready for morphing (a copy when anything changes; `model` is untouched).
+
+    * weights made by Constant, ConstantOfShape or Identity-of-a-weight nodes become initializers;
+    * unnamed nodes get a stable name derived from their first output;
+    * in IR version < 4, where every initializer must also be a graph input, new initializers
+      are listed as inputs too (true inputs are the graph inputs that are not initializers).
+    """
+    if is_normalized(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _normalize_in_place(copy)
+    return copy
+
+
+def _foldable(node: onnx.NodeProto, constants: set[str], outputs: set[str]) -> bool:
+    if len(node.output) != 1 or node.output[0] in outputs or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Constant":
+        return bool(node.attribute) and node.attribute[0].name in _CONSTANT_ATTRS
+    if node.op_type in ("ConstantOfShape", "Identity"):
+        return len(node.input) >= 1 and node.input[0] in constants
+    return False
+
+
+_CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def _normalize_in_place(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    folded_inputs: set[str] = set()
+    kept: list[onnx.NodeProto] = []
+    new_tensors: list[onnx.TensorProto] = []
+    budget = memory_limit()
+    for node in graph.node:
+        if not _foldable(node, set(initializers), outputs):
+            kept.append(node)
+            continue
+        tensor = _fold(node, initializers, budget)
+        tensor.name = node.output[0]
+        initializers[tensor.name] = tensor
+        new_tensors.append(tensor)
+        folded_inputs.update(node.input)
+    if new_tensors:
+        used = {name for node in kept for name in node.input} | outputs
+        # Subgraphs may read outer-scope weights by name.
+        for sub in _iter_graphs(graph):
+            if sub is not graph:
+                used.update(name for node in sub.node for name in node.input)
+        del graph.node[:]
+        graph.node.extend(kept)
+        dead = {name for name in folded_inputs if name not in used}
+        survivors = [t for t in graph.initializer if t.name not in dead]
+        survivors.extend(t for t in new_tensors if t.name in used)
+        del graph.initializer[:]
+        graph.initializer.extend(survivors)
+        inputs = [i for i in graph.input if i.name not in dead]
+        del graph.input[:]
+        graph.input.extend(inputs)
+        if model.ir_version < 4:
+            list_initializers_as_inputs(model)
+    _name_nodes(graph)
+
+
+def _fold(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], budget: int) -> onnx.TensorProto:
+    if node.op_type == "Constant":
+        attr = node.attribute[0]
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            return tensor
+        value = onnx.helper.get_attribute_value(attr)
+        dtype = np.float32 if attr.name.startswith("value_float") else np.int64
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    if node.op_type == "Identity":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(initializers[node.input[0]])
+        return tensor
+    # ConstantOfShape
+    shape = numpy_helper.to_array(initializers[node.input[0]]).astype(np.int64).reshape(-1)
+    if (shape < 0).any():
+        raise InvalidModelError(f"node '{node.name or node.output[0]}': negative shape {shape.tolist()}")
+    fill = np.zeros(1, dtype=np.float32)
+    for attr in node.attribute:
+        if attr.name == "value":
+            fill = numpy_helper.to_array(attr.t).reshape(-1)
+    count = int(np.prod(shape, dtype=np.float64))
+    if count * fill.dtype.itemsize > budget:
+        raise UnsafeModelError(
+            f"node '{node.name or node.output[0]}': ConstantOfShape of shape {shape.tolist()} would "
+            f"allocate {count * fill.dtype.itemsize} bytes; refused"
+        )
+    return numpy_helper.from_array(np.full(tuple(shape), fill[0], dtype=fill.dtype))
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    taken = {node.name for node in graph.node if node.name}
+    for node in graph.node:
+        if node.name:
+            continue
+        base = node.output[0] if node.output and node.output[0] else node.op_type
+        name = base if base not in taken else f"{base}/{node.op_type}"
+        k = 1
+        while name in taken:
+            k += 1
+            name = f"{base}/{node.op_type}_{k}"
+        node.name = name
+        taken.add(name)
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input: add the missing ones."""
+    listed = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in listed:
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+
+
+def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that a caller must feed (initializers listed as inputs are weights)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically: a temporary file in the target folder, then a rename.
+
+    External data (a `<name>.data` file beside the model) is used when asked, or automatically
+    when the model would pass protobuf's 2 GiB limit. On any failure, including an interrupt,
+    the previous file at `path` (if any) is left as it was and no temporary file remains.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name for the output")
+    if not folder.is_dir():
+        raise UsageError(f"{path}: folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{path}: folder '{folder}' is not writable")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    strip_transient_metadata(out)
+    if external_data is None:
+        external_data = out.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    with _atomic_target(path) as tmp_model:
+        if external_data:
+            data_name = path.name + ".data"
+            with _atomic_target(folder / data_name) as tmp_data:
+                _write_with_external_data(out, tmp_model, data_file=tmp_data.name, final_data_name=data_name)
+        else:
+            _write_bytes(tmp_model, out.SerializeToString())
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_with_external_data(
+    model: onnx.ModelProto, target: Path, data_file: str | None = None, final_data_name: str | None = None
+) -> None:
+    """Write `model` to `target` with its weights in an external file beside it.
+
+    The tensors are written to `data_file` (a name in target's folder) but recorded under
+    `final_data_name`, so that a temporary data file can be renamed into place afterwards.
+    """
+    data_file = data_file or target.name + ".data"
+    final_data_name = final_data_name or data_file
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    convert_model_to_external_data(work, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
+    # The tensors are written relative to the model's folder under their recorded location.
+    data_path = target.parent / data_file
+    if data_path.exists():
+        data_path.unlink()
+    write_external_data_tensors(work, str(target.parent))
+    for tensor in _external_tensors(work):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = final_data_name
+    _write_bytes(target, work.SerializeToString())
+    with open(data_path, "rb+") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,204 @@
+"""The pass contract: parameters, applicability checks, results, and the pass registry."""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx
+
+from onnxmorph.errors import UsageError
+from onnxmorph.graph import LayerInfo
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a pass: its Python name, CLI flag, parser, default and help."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+    default: Any = REQUIRED
+    choices: Sequence[str] | None = None
+    flag: str | None = None
+    metavar: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the new model and whether it differs from the input."""
+
+    model: onnx.ModelProto
+    modified: bool
+
+
+class MorphPass(abc.ABC):
+    """Base class of a morph: parameters in __init__, checks in requires(), work in call().
+
+    Subclasses declare `name`, `summary` and `params`; `requires(model)` raises NotApplicable
+    with a one-line reason naming the node or tensor in the way; `call(model)` never mutates
+    `model` and returns a PassResult with a new model.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        known = {p.name for p in self.params}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(
+                f"{self.name}: unknown parameter '{unknown[0]}' (known: {', '.join(sorted(known))})"
+            )
+        self.config: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in kwargs and kwargs[p.name] is not None:
+                raw = kwargs[p.name]
+                try:
+                    value = p.parse(raw)
+                except UsageError:
+                    raise
+                except (TypeError, ValueError) as exc:
+                    raise UsageError(f"{self.name}: bad value {raw!r} for {p.name}: {exc}") from exc
+            elif p.required:
+                raise UsageError(f"{self.name}: missing parameter '{p.name}' ({p.cli_flag})")
+            else:
+                value = p.default
+            if p.choices is not None and value is not None and value not in p.choices:
+                raise UsageError(
+                    f"{self.name}: {p.name} must be one of {', '.join(p.choices)}, not {value!r}"
+                )
+            self.config[p.name] = value
+            setattr(self, p.name, value)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({args})"
+
+    def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027  (optional hook)
+        """Raise NotApplicable unless this pass can morph `model` exactly."""
+
+    @abc.abstractmethod
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        """Morph a copy of `model`; `requires(model)` has passed."""
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        return self.call(model)
+
+    @classmethod
+    def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
+        """A pass instance that `inspect` uses to ask whether this morph applies to `layer`.
+
+        None when the pass is not about one layer (inspect then says nothing for it).
+        """
+        return None
+
+    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
+        """Extra facts `inspect` shows when this pass applies (e.g. the coupled layers)."""
+        return {}
+
+
+@dataclass
+class Step:
+    """A pass with its parameters, as a recipe or receipt records it."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> pass class; filled by onnxmorph.passes.
+REGISTRY: dict[str, type[MorphPass]] = {}
+
+
+def register(cls: type[MorphPass]) -> type[MorphPass]:
+    """Class decorator adding a pass to the registry under its `name`."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[MorphPass]:
+    import onnxmorph.passes  # noqa: F401  (fills the registry)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown morph '{name}' (known: {', '.join(sorted(REGISTRY))})") from None
+
+
+# --------------------------------------------------------------------------- parameter parsers
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise UsageError(f"expected a positive whole number, got {value!r}")
+    try:
+        number = int(value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"expected a positive whole number, got {value!r}") from None
+    if number <= 0:
+        raise UsageError(f"expected a positive whole number, got {value!r}")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    if value in (0, "0"):
+        return 0
+    return positive_int(value)
+
+
+def layer_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"expected a layer name, got {value!r}")
+    return value
+
+
+def dims(value: Any) -> tuple[int, ...]:
+    """`5`, `"5"`, `"1x7"`, `[1, 7]` -> a tuple of positive ints (one per spatial axis or one for all)."""
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\s*[xX,]\s*-?\d+)*\s*", value):
+        parts = [int(p) for p in re.split(r"[xX,]", value)]
+    else:
+        raise UsageError(f"expected a size like 3 or 1x7, got {value!r}")
+    return tuple(positive_int(p) for p in parts)
+
+
+def int_list(value: Any) -> tuple[int, ...]:
+    """`"1,3,5"` or `[1, 3, 5]` -> (1, 3, 5), each positive."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    if not parts:
+        raise UsageError("expected a comma-separated list of sizes")
+    return tuple(positive_int(p) for p in parts)
+
+
+def seed(value: Any) -> int:
+    return non_negative_int(value)
+
+
+SEED = Param("seed", seed, "random seed of the new weights", default=0, metavar="S")

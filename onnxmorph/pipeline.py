@@ -1,0 +1,143 @@
+"""Running passes: morph a parent, check invariants after every pass, verify, write the receipt."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from onnxmorph import __version__, receipt
+from onnxmorph import io as mio
+from onnxmorph.errors import OnnxMorphError, VerificationFailed
+from onnxmorph.passinfra import MorphPass, get_pass
+from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier, interface_problems
+
+log = logging.getLogger("onnxmorph")
+
+ModelLike = Union[onnx.ModelProto, str, os.PathLike]
+
+
+@dataclass
+class VerifyOptions:
+    """How a morph is verified (see onnxmorph.verify.verify)."""
+
+    enabled: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    trials: int = DEFAULT_TRIALS
+    seed: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = None
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
+
+    def verifier(self, parent: onnx.ModelProto) -> Verifier:
+        return Verifier(parent, atol=self.atol, rtol=self.rtol, trials=self.trials, seed=self.seed,
+                        shapes=self.shapes, inputs=self.inputs)
+
+
+@dataclass
+class MorphOutcome:
+    """A child, its verification report (None when skipped) and the steps that made it."""
+
+    child: onnx.ModelProto
+    report: Report | None
+    steps: list[MorphPass] = field(default_factory=list)
+
+
+def as_model(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    log.info("loading %s", model)
+    return mio.load(model)
+
+
+def run_passes(
+    parent: ModelLike,
+    passes: Sequence[MorphPass],
+    options: VerifyOptions | None = None,
+    *,
+    verify_each: bool = False,
+) -> MorphOutcome:
+    """Apply `passes` in order to a copy of `parent`, verify the result, record the receipt.
+
+    Raises NotApplicable (nothing done) when a pass does not apply, VerificationFailed when the
+    child differs from the parent. `parent` is never modified.
+    """
+    options = options or VerifyOptions()
+    parent_model = as_model(parent)
+    verifier = options.verifier(parent_model) if options.enabled else None
+    child = parent_model
+    for k, step in enumerate(passes, 1):
+        label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
+        log.info("morphing: %s", label)
+        step.requires(child)
+        result = step.call(child)
+        if result.model is child and result.modified:
+            raise OnnxMorphError(f"{label}: the pass modified its input in place (a bug in onnxmorph)")
+        problems = interface_problems(parent_model, result.model)
+        if problems:
+            raise OnnxMorphError(f"{label} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
+        child = result.model
+        if verify_each and verifier is not None and k < len(passes):
+            report = verifier.check(child)
+            if not report:
+                raise VerificationFailed(f"{label}: {report.summary()}", report)
+    if child is parent_model:
+        child = onnx.ModelProto()
+        child.CopyFrom(parent_model)
+    report = None
+    if verifier is not None:
+        log.info("verifying the child against the parent")
+        report = verifier.check(child)
+        if not report:
+            raise VerificationFailed(report.summary(), report)
+    else:
+        mio.check(child, name="child")
+    mio.strip_transient_metadata(child)
+    receipt.append(child, _record(parent_model, passes, report))
+    return MorphOutcome(child=child, report=report, steps=list(passes))
+
+
+def _record(parent: onnx.ModelProto, passes: Sequence[MorphPass], report: Report | None) -> dict[str, Any]:
+    verification: dict[str, Any] | None = None
+    if report is not None:
+        verification = {
+            "passed": report.passed,
+            "trials": report.trials,
+            "seed": report.seed,
+            "inputs": report.input_source,
+            "max_abs_error": report.max_abs_error,
+            "max_rel_error": report.max_rel_error,
+            "outputs": [
+                {"name": o.name, "max_abs_error": o.max_abs_error, "max_rel_error": o.max_rel_error,
+                 "atol": o.atol, "rtol": o.rtol}
+                for o in report.outputs
+            ],
+        }
+    return {
+        "tool": f"onnxmorph {__version__}",
+        "parent_sha256": mio.digest(parent),
+        "steps": [{"pass": p.name, "params": dict(p.config)} for p in passes],
+        "verification": verification,
+    }
+
+
+def morph(model: ModelLike, name: str, *, verify: bool = True, atol: float | None = None,
+          rtol: float | None = None, trials: int = DEFAULT_TRIALS, verify_seed: int = 0,
+          shapes: Mapping[str, Sequence[int]] | None = None,
+          inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+          **params: Any) -> tuple[onnx.ModelProto, Report | None]:
+    """Apply the registered pass `name` with `params` to `model` (a ModelProto or a path).
+
+    Returns (child, report); the report is None when `verify` is false. Raises
+    VerificationFailed when the child does not match the parent.
+    """
+    step = get_pass(name)(**params)
+    options = VerifyOptions(enabled=verify, atol=atol, rtol=rtol, trials=trials, seed=verify_seed,
+                            shapes=shapes, inputs=inputs)
+    outcome = run_passes(model, [step], options)
+    return outcome.child, outcome.report

@@ -1,0 +1,562 @@
+"""Verification: onnxruntime runs parent and child on the same inputs and compares every output.
+
+Comparison follows Polygraphy's rule: an element fails only when its absolute error exceeds
+`atol` *and* its relative error exceeds `rtol`. Default tolerances depend on the output type:
+
+* float32: atol 1e-5, rtol 1e-4. A morph changes the order of float32 sums; each dot product
+  of fan-in n then differs by about sqrt(n) * 2**-24 relative to its terms (~1e-6 for n in the
+  thousands), and a few such layers stay below 1e-4 relative. A change of one weight tensor by
+  0.1% moves outputs by ~1e-3 relative, ten times the tolerance.
+* float16 / bfloat16: 1e-2 both (11 and 8 bits of mantissa).
+* float64: 1e-9 absolute, 1e-8 relative.
+* integer and bool outputs: exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from onnxmorph import io as mio
+from onnxmorph.errors import InvalidModelError, UsageError
+
+log = logging.getLogger("onnxmorph")
+
+ModelLike = Union[onnx.ModelProto, str, os.PathLike]
+
+DEFAULT_TRIALS = 3
+DEFAULT_BATCH = 2
+INPUT_RANGE = (-1.0, 1.0)
+
+_TOLERANCES = {
+    np.dtype(np.float32): (1e-5, 1e-4),
+    np.dtype(np.float16): (1e-2, 1e-2),
+    np.dtype(np.float64): (1e-9, 1e-8),
+}
+
+
+def default_tolerances(dtype: np.dtype) -> tuple[float, float]:
+    """(atol, rtol) used for an output of `dtype` when the caller gives none."""
+    dtype = np.dtype(dtype)
+    if dtype in _TOLERANCES:
+        return _TOLERANCES[dtype]
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        return (1e-2, 1e-2)
+    return (0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class OutputCheck:
+    """Comparison figures of one output over all trials."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    atol: float
+    rtol: float
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    needed_atol: float = 0.0
+    needed_rtol: float = 0.0
+    mismatched: int = 0
+    elements: int = 0
+    problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and self.mismatched == 0
+
+
+@dataclass
+class Report:
+    """The result of a verification: truthy when the child computes the parent's function."""
+
+    outputs: list[OutputCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    trials: int = 0
+    seed: int = 0
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    input_source: str = "random"
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((o.max_rel_error for o in self.outputs), default=0.0)
+
+    def summary(self) -> str:
+        """One line: PASS/FAIL with the worst errors or the first problem."""
+        if self.passed:
+            return (
+                f"PASS: {len(self.outputs)} output(s) equal over {self.trials} trial(s) "
+                f"(max abs error {_fmt(self.max_abs_error)}, max rel error {_fmt(self.max_rel_error)})"
+            )
+        if self.problems:
+            return f"FAIL: {self.problems[0]}"
+        bad = next(o for o in self.outputs if not o.passed)
+        if bad.problem:
+            return f"FAIL: output '{bad.name}': {bad.problem}"
+        return (
+            f"FAIL: output '{bad.name}': {bad.mismatched} of {bad.elements} elements differ "
+            f"(max abs error {_fmt(bad.max_abs_error)} > atol {_fmt(bad.atol)}, "
+            f"max rel error {_fmt(bad.max_rel_error)} > rtol {_fmt(bad.rtol)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        for out, raw in zip(self.outputs, data["outputs"]):
+            raw["passed"] = out.passed
+            for key in ("max_abs_error", "max_rel_error", "needed_atol", "needed_rtol"):
+                raw[key] = _json_float(raw[key])
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ["output", "shape", "max abs err", "max rel err", "needed atol", "needed rtol",
+                  "atol", "rtol", "result"]
+        rows = [header]
+        for o in self.outputs:
+            rows.append([
+                o.name, "x".join(map(str, o.shape)) or "scalar", _fmt(o.max_abs_error),
+                _fmt(o.max_rel_error), _fmt(o.needed_atol), _fmt(o.needed_rtol), _fmt(o.atol),
+                _fmt(o.rtol), "PASS" if o.passed else "FAIL",
+            ])
+        widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
+        lines = [
+            f"verification: {'PASS' if self.passed else 'FAIL'} ({self.trials} trial(s), "
+            f"seed {self.seed}, inputs: {self.input_source}; an element fails when it exceeds "
+            "both atol and rtol)"
+        ]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        for o in self.outputs:
+            if o.problem:
+                lines.append(f"  output '{o.name}': {o.problem}")
+        lines += [f"  problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if math.isinf(x) or math.isnan(x):
+        return str(x)
+    return f"{x:.2e}"
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def parse_shape(text: str) -> tuple[str, list[int]]:
+    """`name:1x3x32x32` -> ("name", [1, 3, 32, 32]). The name may itself contain colons."""
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise UsageError(f"--shape {text!r}: expected NAME:DIMS, e.g. input:1x3x32x32")
+    try:
+        values = [int(d) for d in dims.lower().split("x")] if dims else []
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: dimensions must be whole numbers like 1x3x32x32") from None
+    if any(v <= 0 for v in values):
+        raise UsageError(f"--shape {text!r}: dimensions must be positive")
+    return name, values
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception as exc:
+        raise UsageError(f"input type {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
+
+
+def _declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims: list[int | str | None] = []
+    for d in info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """Concrete input shapes: declared static dims, then `shapes`, then batch DEFAULT_BATCH."""
+    shapes = dict(shapes or {})
+    inputs = mio.true_inputs(model)
+    names = {i.name for i in inputs}
+    unknown = sorted(set(shapes) - names)
+    if unknown:
+        raise UsageError(
+            f"--shape names input '{unknown[0]}', which the model does not have "
+            f"(inputs: {', '.join(sorted(names))})"
+        )
+    resolved: dict[str, list[int]] = {}
+    for info in inputs:
+        if not info.type.HasField("tensor_type"):
+            raise UsageError(f"input '{info.name}' is not a tensor; verification needs --inputs")
+        declared = _declared_dims(info)
+        if info.name in shapes:
+            given = list(shapes[info.name])
+            if len(given) != len(declared) and info.type.tensor_type.HasField("shape"):
+                raise UsageError(
+                    f"--shape {info.name}: {len(given)} dimensions given, the input has {len(declared)}"
+                )
+            for axis, (want, have) in enumerate(zip(declared, given)):
+                if isinstance(want, int) and want != have:
+                    raise UsageError(
+                        f"--shape {info.name}: dimension {axis} is fixed at {want}, not {have}"
+                    )
+            resolved[info.name] = given
+            continue
+        dims = []
+        for axis, d in enumerate(declared):
+            if isinstance(d, int):
+                dims.append(d)
+            elif axis == 0:
+                dims.append(DEFAULT_BATCH)
+            else:
+                raise UsageError(
+                    f"input '{info.name}' has a dynamic dimension {d or '?'} at axis {axis}; "
+                    f"give its shape with --shape {info.name}:" + "x".join(
+                        str(x) if isinstance(x, int) else "N" for x in declared)
+                )
+        resolved[info.name] = dims
+    return resolved
+
+
+def _integer_bounds(model: onnx.ModelProto, name: str) -> tuple[int, int]:
+    """A valid range for an integer input: the table size when it indexes a Gather."""
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+            table = weights.get(node.input[0])
+            if table is not None:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                return 0, max(1, int(table.dims[axis]))
+    return 0, 10
+
+
+def random_inputs(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """One feed of seeded inputs: floats symmetric around 0, integers in a valid range."""
+    feed = {}
+    for info in mio.true_inputs(model):
+        dtype = _np_dtype(info.type.tensor_type.elem_type)
+        shape = tuple(shapes[info.name])
+        if dtype.kind == "f":
+            feed[info.name] = rng.uniform(*INPUT_RANGE, size=shape).astype(dtype)
+        elif dtype.kind in "iu":
+            low, high = _integer_bounds(model, info.name)
+            feed[info.name] = rng.integers(low, high, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[info.name] = rng.random(size=shape) < 0.5
+        else:
+            raise UsageError(f"input '{info.name}' of type {dtype} needs --inputs")
+    return feed
+
+
+def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The user's inputs (an .npz path or a dict), checked against the model's inputs."""
+    label = str(source) if not isinstance(source, Mapping) else "inputs"
+    if isinstance(source, Mapping):
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--inputs {path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except Exception as exc:
+            raise UsageError(f"--inputs {path}: not a readable .npz file ({mio._one_line(exc)})") from exc
+    inputs = mio.true_inputs(model)
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        have = ", ".join(sorted(arrays)) or "nothing"
+        raise UsageError(f"{label}: no array for input '{missing[0]}' (it has: {have})")
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise UsageError(f"{label}: array '{extra[0]}' matches no input (inputs: {', '.join(names)})")
+    feed = {}
+    for info in inputs:
+        array = arrays[info.name]
+        declared = _declared_dims(info)
+        if info.type.tensor_type.HasField("shape") and len(declared) != array.ndim:
+            raise UsageError(
+                f"{label}: '{info.name}' has {array.ndim} dimensions, the input has {len(declared)}"
+            )
+        for axis, (want, have) in enumerate(zip(declared, array.shape)):
+            if isinstance(want, int) and want != have:
+                raise UsageError(
+                    f"{label}: '{info.name}' has size {have} at axis {axis}, the input needs {want}"
+                )
+        dtype = _np_dtype(info.type.tensor_type.elem_type)
+        if array.dtype != dtype:
+            if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                raise UsageError(f"{label}: '{info.name}' is {array.dtype}, the input needs {dtype}")
+            array = array.astype(dtype)
+        feed[info.name] = array
+    return feed
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class _Session:
+    """An onnxruntime CPU session with graph optimisations off (they could hide a difference)."""
+
+    def __init__(self, model: ModelLike, role: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        try:
+            if isinstance(model, onnx.ModelProto):
+                if model.ByteSize() < mio.EXTERNAL_DATA_THRESHOLD:
+                    source: Any = model.SerializeToString()
+                else:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
+                    target = Path(self._tmp.name) / f"{role}.onnx"
+                    mio._write_with_external_data(model, target)
+                    source = str(target)
+            else:
+                source = str(model)
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            self.close()
+            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {mio._one_line(exc)}") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: Mapping[str, np.ndarray], role: str) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, dict(feed))
+        except Exception as exc:
+            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {mio._one_line(exc)}") from exc
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class _RuntimeProblem(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _compare(check: OutputCheck, expected: np.ndarray, actual: np.ndarray) -> None:
+    if expected.shape != actual.shape:
+        check.problem = f"shape {list(actual.shape)} differs from the parent's {list(expected.shape)}"
+        return
+    if expected.dtype != actual.dtype:
+        check.problem = f"type {actual.dtype} differs from the parent's {expected.dtype}"
+        return
+    check.elements += expected.size
+    if expected.size == 0:
+        return
+    if expected.dtype.kind in "fc":
+        e = expected.astype(np.float64)
+        a = actual.astype(np.float64)
+        both_nan = np.isnan(e) & np.isnan(a)
+        same_inf = np.isinf(e) & (e == a)
+        diff = np.abs(a - e)
+        diff[both_nan | same_inf] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        magnitude = np.abs(e)
+        magnitude[~np.isfinite(magnitude)] = np.inf
+    else:
+        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+        magnitude = np.abs(expected.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / magnitude)
+    over_abs = diff > check.atol
+    over_rel = rel > check.rtol
+    check.mismatched += int(np.count_nonzero(over_abs & over_rel))
+    check.max_abs_error = max(check.max_abs_error, float(diff.max()))
+    check.max_rel_error = max(check.max_rel_error, float(rel.max()))
+    if over_rel.any():
+        check.needed_atol = max(check.needed_atol, float(diff[over_rel].max()))
+    if over_abs.any():
+        check.needed_rtol = max(check.needed_rtol, float(rel[over_abs].max()))
+
+
+def _io_signature(info: onnx.ValueInfoProto) -> tuple[str, int, tuple | None]:
+    tt = info.type.tensor_type
+    shape = tuple(_declared_dims(info)) if tt.HasField("shape") else None
+    return info.name, tt.elem_type, shape
+
+
+def interface_problems(parent: onnx.ModelProto, child: onnx.ModelProto) -> list[str]:
+    """Differences between the parent's and the child's inputs and outputs."""
+    problems = []
+    for kind, p_list, c_list in (
+        ("input", mio.true_inputs(parent), mio.true_inputs(child)),
+        ("output", list(parent.graph.output), list(child.graph.output)),
+    ):
+        p_sig = [_io_signature(i) for i in p_list]
+        c_sig = [_io_signature(i) for i in c_list]
+        if [s[0] for s in p_sig] != [s[0] for s in c_sig]:
+            problems.append(
+                f"the child's {kind}s {[s[0] for s in c_sig]} differ from the parent's {[s[0] for s in p_sig]}"
+            )
+            continue
+        for p, c in zip(p_sig, c_sig):
+            if p[1] != c[1]:
+                problems.append(
+                    f"{kind} '{p[0]}': type {onnx.TensorProto.DataType.Name(c[1])} differs from the "
+                    f"parent's {onnx.TensorProto.DataType.Name(p[1])}"
+                )
+            elif p[2] != c[2]:
+                problems.append(
+                    f"{kind} '{p[0]}': shape {list(c[2] or [])} differs from the parent's {list(p[2] or [])}"
+                )
+    return problems
+
+
+def _header(model: ModelLike, role: str) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return mio.load_header(model)
+
+
+class Verifier:
+    """Runs a parent once per trial and compares any number of children against it."""
+
+    def __init__(
+        self,
+        parent: ModelLike,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        trials: int = DEFAULT_TRIALS,
+        seed: int = 0,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        if trials < 1:
+            raise UsageError(f"trials must be at least 1, not {trials}")
+        for label, tol in (("atol", atol), ("rtol", rtol)):
+            if tol is not None and not (tol >= 0 and math.isfinite(tol)):
+                raise UsageError(f"{label} must be a non-negative number, not {tol}")
+        self.atol, self.rtol, self.seed = atol, rtol, seed
+        self.parent_header = _header(parent, "parent")
+        if inputs is not None:
+            self.feeds = [load_inputs(self.parent_header, inputs)]
+            self.input_source = "user's"
+        else:
+            resolved = resolve_shapes(self.parent_header, shapes)
+            self.feeds = [
+                random_inputs(self.parent_header, resolved, np.random.default_rng([seed, t]))
+                for t in range(trials)
+            ]
+            self.input_source = f"uniform {list(INPUT_RANGE)}"
+        log.info("running the parent (%d trial(s))", len(self.feeds))
+        try:
+            session = _Session(parent, "parent")
+            try:
+                self.expected = [session.run(feed, "parent") for feed in self.feeds]
+            finally:
+                session.close()
+        except _RuntimeProblem as exc:
+            raise InvalidModelError(str(exc)) from exc
+        self.output_names = [o.name for o in self.parent_header.graph.output]
+
+    def check(self, child: ModelLike) -> Report:
+        """Compare `child` with the parent on every trial's inputs."""
+        report = Report(
+            trials=len(self.feeds),
+            seed=self.seed,
+            inputs={k: list(v.shape) for k, v in self.feeds[0].items()},
+            input_source=self.input_source,
+        )
+        header = _header(child, "child")
+        report.problems.extend(interface_problems(self.parent_header, header))
+        try:
+            if isinstance(child, onnx.ModelProto):
+                mio.check(child, name="child")
+            else:
+                mio.check_file(child)
+        except InvalidModelError as exc:
+            report.problems.append(str(exc))
+        for name, expected in zip(self.output_names, self.expected[0]):
+            atol, rtol = default_tolerances(expected.dtype)
+            report.outputs.append(OutputCheck(
+                name=name, shape=list(expected.shape), dtype=str(expected.dtype),
+                atol=atol if self.atol is None else self.atol,
+                rtol=rtol if self.rtol is None else self.rtol,
+            ))
+        log.info("running the child (%d trial(s))", len(self.feeds))
+        try:
+            session = _Session(child, "child")
+        except _RuntimeProblem as exc:
+            report.problems.append(str(exc))
+            return report
+        try:
+            for feed, expected in zip(self.feeds, self.expected):
+                outputs = dict(zip(session.output_names, session.run(feed, "child")))
+                for check, exp in zip(report.outputs, expected):
+                    if check.name not in outputs:
+                        check.problem = "missing from the child"
+                        continue
+                    _compare(check, exp, outputs[check.name])
+        except _RuntimeProblem as exc:
+            report.problems.append(str(exc))
+        finally:
+            session.close()
+        return report
+
+
+def verify(
+    parent: ModelLike,
+    child: ModelLike,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    trials: int = DEFAULT_TRIALS,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+) -> Report:
+    """Run `parent` and `child` in onnxruntime on the same inputs and compare their outputs.
+
+    Models are ModelProtos or paths (a path is handed to onnxruntime as it is, which keeps large
+    models with external data out of memory). Returns a Report, truthy when every output of the
+    child equals the parent's within tolerance and the child keeps the parent's interface.
+    """
+    verifier = Verifier(parent, atol=atol, rtol=rtol, trials=trials, seed=seed, shapes=shapes, inputs=inputs)
+    return verifier.check(child)
