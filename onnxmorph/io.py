@@ -297,7 +297,13 @@ def _foldable(node: onnx.NodeProto, constants: set[str], outputs: set[str]) -> b
         return bool(node.attribute) and node.attribute[0].name in _CONSTANT_ATTRS
     if node.op_type in ("ConstantOfShape", "Identity"):
         return len(node.input) >= 1 and node.input[0] in constants
+    if node.op_type in _SHAPE_OPS:
+        # A weight reshaped or transposed from a constant (converters emit these) is a weight too.
+        return bool(node.input) and all(name in constants for name in node.input if name)
     return False
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
 
 
 _CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
@@ -355,6 +361,8 @@ def _fold(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], budge
         tensor = onnx.TensorProto()
         tensor.CopyFrom(initializers[node.input[0]])
         return tensor
+    if node.op_type in _SHAPE_OPS:
+        return numpy_helper.from_array(_fold_shape_op(node, initializers))
     # ConstantOfShape
     shape = numpy_helper.to_array(initializers[node.input[0]]).astype(np.int64).reshape(-1)
     if (shape < 0).any():
@@ -370,6 +378,40 @@ def _fold(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], budge
             f"allocate {count * fill.dtype.itemsize} bytes; refused"
         )
     return numpy_helper.from_array(np.full(tuple(shape), fill[0], dtype=fill.dtype))
+
+
+def _fold_shape_op(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """Evaluate a pure data-movement op on constant inputs (nothing else is ever evaluated)."""
+    args = [numpy_helper.to_array(initializers[name]) if name else None for name in node.input]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    x = args[0]
+    where = f"node '{node.name or node.output[0]}'"
+    try:
+        if node.op_type == "Reshape":
+            shape = [int(d) for d in args[1].reshape(-1)]
+            if not attrs.get("allowzero", 0):
+                shape = [x.shape[k] if d == 0 else d for k, d in enumerate(shape)]
+            return x.reshape(shape)
+        if node.op_type == "Transpose":
+            return np.transpose(x, attrs.get("perm"))
+        if node.op_type in ("Squeeze", "Unsqueeze"):
+            axes = attrs.get("axes")
+            if axes is None and len(args) > 1 and args[1] is not None:
+                axes = [int(a) for a in args[1].reshape(-1)]
+            if node.op_type == "Squeeze":
+                return np.squeeze(x, axis=tuple(axes) if axes is not None else None)
+            out = x
+            rank = x.ndim + len(axes)
+            for axis in sorted(a % rank for a in axes):
+                out = np.expand_dims(out, axis)
+            return out
+        if node.op_type == "Flatten":
+            axis = attrs.get("axis", 1) % max(x.ndim, 1) if x.ndim else 0
+            return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+        # Cast
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise InvalidModelError(f"{where}: cannot apply {node.op_type} to its constant input ({exc})") from exc
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:

@@ -164,3 +164,22 @@ def test_load_refuses_a_model_that_fails_the_checker(tmp_path: Path) -> None:
     onnx.save(model, path)
     with pytest.raises(InvalidModelError, match="invalid ONNX model"):
         onnxmorph.load(path)
+
+
+def test_normalize_folds_shape_ops_of_constants() -> None:
+    w = numpy_helper.from_array(np.arange(24, dtype=np.float32), "w_flat")
+    shape = numpy_helper.from_array(np.array([4, 6], dtype=np.int64), "w_shape")
+    nodes = [
+        helper.make_node("Reshape", ["w_flat", "w_shape"], ["w46"]),
+        helper.make_node("Transpose", ["w46"], ["w"], perm=[1, 0]),
+        helper.make_node("Gemm", ["x", "w"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              initializer=[w, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    normal = mio.normalize(model)
+    assert [n.op_type for n in normal.graph.node] == ["Gemm"]
+    folded = numpy_helper.to_array(next(t for t in normal.graph.initializer if t.name == "w"))
+    np.testing.assert_array_equal(folded, np.arange(24, dtype=np.float32).reshape(4, 6).T)
+    assert onnxmorph.verify(model, normal)
