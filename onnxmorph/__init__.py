@@ -17,7 +17,32 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-import onnxmorph.passes  # noqa: E402,F401  (fills the registry)
+
+def _import_passes() -> None:
+    """Import onnxmorph.passes, also from a source checkout shadowing a non-editable install.
+
+    setup.cfg maps the top-level `passes/` folder to `onnxmorph.passes`; run from the project
+    root, Python may find the bare `onnxmorph/` folder first, which has no `passes` inside.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    try:
+        import onnxmorph.passes  # noqa: F401
+    except ModuleNotFoundError as exc:
+        source = Path(__file__).resolve().parent.parent / "passes" / "__init__.py"
+        if exc.name != "onnxmorph.passes" or not source.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(
+            "onnxmorph.passes", source, submodule_search_locations=[str(source.parent)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["onnxmorph.passes"] = module
+        spec.loader.exec_module(module)
+
+
+_import_passes()
 from onnxmorph.errors import (  # noqa: E402
     InvalidModelError,
     NotApplicable,
