@@ -1,0 +1,363 @@
+"""Tests of the numpy depth/parallel/residual solvers against a direct reference conv."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from onnxmorph.solvers import (
+    carry_bias,
+    compose,
+    random_orthogonal,
+    solve_deepen,
+    split_parallel,
+    split_residual,
+    target_kernel,
+)
+
+
+def ref_conv(x, w, b=None, groups=1, pads=None):
+    """Direct N-D grouped cross-correlation, stride 1; ``pads`` is [(begin, end)] per axis."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    nd = w.ndim - 2
+    if pads is not None:
+        x = np.pad(x, [(0, 0)] + list(pads))
+    co, ci_g = w.shape[:2]
+    k = w.shape[2:]
+    out_shape = tuple(x.shape[1 + d] - k[d] + 1 for d in range(nd))
+    xg = x.reshape(groups, ci_g, *x.shape[1:])
+    wg = w.reshape(groups, co // groups, ci_g, *k)
+    out = np.zeros((groups, co // groups, *out_shape))
+    for tap in np.ndindex(*k):
+        window = tuple(slice(t, t + n) for t, n in zip(tap, out_shape))
+        out += np.einsum("goi,gi...->go...", wg[(..., *tap)], xg[(slice(None), slice(None), *window)])
+    out = out.reshape(co, *out_shape)
+    if b is not None:
+        out += np.asarray(b).reshape(co, *([1] * nd))
+    return out
+
+
+def rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def check_exact(sol, g, k2, groups=1):
+    target = target_kernel(g, k2)
+    assert sol.residual < 1e-9
+    assert rel(compose(sol.f2, sol.f1, groups), target) < 1e-9
+    f1, f2 = sol.f1.astype(np.float32), sol.f2.astype(np.float32)
+    assert rel(compose(f2, f1, groups), target) < 1e-6
+
+
+# ------------------------------------------------------------------ composition
+
+
+@pytest.mark.parametrize(
+    "k1,k2,groups", [((3,), (2,), 1), ((3, 2), (2, 3), 2), ((2, 3, 2), (3, 1, 2), 1), ((), (), 2)]
+)
+def test_compose_equals_two_stacked_convs(k1, k2, groups):
+    rng = np.random.default_rng(1)
+    ci, cm, co = 4, 6, 4
+    f1 = rng.standard_normal((cm, ci // groups, *k1))
+    f2 = rng.standard_normal((co, cm // groups, *k2))
+    x = rng.standard_normal((ci, *(7,) * len(k1)))
+    two = ref_conv(ref_conv(x, f1, groups=groups), f2, groups=groups)
+    one = ref_conv(x, compose(f2, f1, groups), groups=groups)
+    assert one.shape == two.shape
+    assert rel(one, two) < 1e-12
+
+
+def test_target_kernel_pads_lo_before_and_hi_after():
+    g = np.ones((2, 3, 3))
+    for k2, lo, hi in [(1, 0, 0), (2, 0, 1), (3, 1, 1), (4, 1, 2)]:
+        t = target_kernel(g, (k2,))
+        assert t.shape == (2, 3, 3 + k2 - 1)
+        assert t[..., lo : lo + 3].all()
+        assert not t[..., :lo].any() and not t[..., lo + 3 :].any()
+        assert t.shape[-1] - lo - 3 == hi
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 9), (9, 5), (7, 7), (1030, 1100)])
+def test_random_orthogonal_is_orthonormal_and_dense(rows, cols):
+    q = random_orthogonal(rows, cols, np.random.default_rng(0))
+    gram = q @ q.T if rows <= cols else q.T @ q
+    assert np.abs(gram - np.eye(min(rows, cols))).max() < 1e-12
+    assert np.count_nonzero(q) == q.size
+
+
+# ----------------------------------------------------------------- depth morph
+
+DEEPEN_CASES = [
+    # (C_out, C_in, K, K2, width, groups)
+    (8, 8, (), (), 8, 1),
+    (16, 4, (), (), 8, 1),  # width between C_in and C_out
+    (4, 16, (), (), 8, 1),
+    (6, 10, (), (), 6, 1),
+    (8, 8, (), (), 20, 1),
+    (8, 8, (1, 1), (1, 1), 8, 1),
+    (8, 8, (1, 1), (3, 3), 8, 1),
+    (8, 8, (3, 3), (1, 1), 8, 1),
+    (8, 8, (3, 3), (2, 2), 8, 1),
+    (8, 8, (3, 3), (3, 3), 8, 1),
+    (8, 8, (3, 3), (4, 4), 8, 1),
+    (8, 8, (3, 3), (5, 5), 8, 1),
+    (8, 6, (3, 3), (3, 3), 12, 1),
+    (6, 8, (5, 5), (1, 1), 6, 1),
+    (6, 6, (5, 5), (2, 2), 6, 1),
+    (6, 6, (5, 5), (3, 3), 6, 1),
+    (6, 6, (5, 5), (5, 5), 6, 1),
+    (16, 4, (3, 3), (5, 5), 4, 1),  # width < C_out: layer 1 shrinks to 1x1
+    (8, 8, (3, 3), (3, 1), 8, 1),
+    (4, 4, (3,), (3,), 4, 1),
+    (4, 4, (3,), (2,), 4, 1),
+    (4, 4, (3, 3, 3), (3, 3, 3), 4, 1),
+    (4, 4, (3, 3, 3), (2, 2, 2), 4, 1),
+    (8, 8, (3, 3), (3, 3), 8, 2),
+    (8, 8, (3, 3), (3, 3), 16, 4),
+    (16, 16, (3, 3), (3, 3), 16, 16),  # depthwise
+    (16, 16, (3, 3), (2, 2), 32, 16),  # depthwise, multiplier 2
+    (16, 16, (5, 5), (5, 5), 16, 16),
+]
+
+
+@pytest.mark.parametrize("co,ci,k,k2,width,groups", DEEPEN_CASES)
+def test_solve_deepen_is_exact(co, ci, k, k2, width, groups):
+    rng = np.random.default_rng(hash((co, ci, k, k2, width, groups)) % 2**32)
+    g = rng.standard_normal((co, ci // groups, *k))
+    sol = solve_deepen(g, k2, width, rng, groups=groups)
+    assert sol.f1.shape == (width, ci // groups, *k)
+    assert sol.f2.shape == (co, width // groups, *k2)
+    assert sol.f1.dtype == np.float64 and sol.f2.dtype == np.float64
+    check_exact(sol, g, k2, groups)
+
+
+@pytest.mark.parametrize("k2", [(1, 1), (2, 2), (3, 3), (4, 4)])
+def test_deepened_pair_matches_parent_conv_including_border(k2):
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((6, 6, 3, 3))
+    b = rng.standard_normal(6)
+    b1 = rng.standard_normal(6)
+    sol = solve_deepen(g, k2, 6, rng)
+    b2 = carry_bias(sol.f2, b1, b)
+    x = rng.standard_normal((6, 7, 8))
+    parent = ref_conv(x, g, b, pads=[(1, 1), (1, 1)])
+    lo = [(k - 1) // 2 for k in k2]
+    hi = [k - 1 - a for k, a in zip(k2, lo)]
+    mid = ref_conv(x, sol.f1, b1, pads=[(1 + lo[0], 1 + hi[0]), (1 + lo[1], 1 + hi[1])])
+    child = ref_conv(mid, sol.f2, b2)
+    assert child.shape == parent.shape
+    assert rel(child, parent) < 1e-10
+
+
+def test_algorithm1_used_when_wide_enough_gives_dense_full_kernels():
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((8, 8, 3, 3))
+    sol = solve_deepen(g, (3, 3), 23, rng)
+    assert sol.algorithm == "alg1-exact"
+    assert sol.iterations == 1
+    check_exact(sol, g, (3, 3))
+    ring = sol.f2.copy()
+    ring[..., 1, 1] = 0.0
+    assert np.count_nonzero(ring) == 8 * 23 * 8  # every off-centre tap is used
+    assert np.count_nonzero(sol.f1) == sol.f1.size
+
+
+def test_algorithm2_used_when_narrow_and_is_dense_unlike_identity():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((64, 64, 3, 3))
+    net = solve_deepen(g, (3, 3), 64, rng)
+    assert net.algorithm == "alg2-shrink(k2->1x1)"
+    check_exact(net, g, (3, 3))
+    assert np.count_nonzero(net.f2) == 64 * 64
+    assert np.count_nonzero(net.f1) == net.f1.size
+    ident = solve_deepen(g, (3, 3), 64, rng, method="identity")
+    assert ident.algorithm == "identity"
+    check_exact(ident, g, (3, 3))
+    assert np.count_nonzero(ident.f2) == 64
+
+
+def test_algorithm2_shrinks_layer1_when_k2_exceeds_k():
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((8, 8, 3, 3))
+    sol = solve_deepen(g, (5, 5), 8, rng)
+    assert sol.algorithm == "alg2-shrink(k1->1x1)"
+    check_exact(sol, g, (5, 5))
+    assert np.count_nonzero(sol.f1) == np.count_nonzero(sol.f1[..., 1, 1]) == 64
+    # Layer 1 is a dense channel mix, so layer 2 carries G's 3x3 support, dense in channels.
+    assert np.count_nonzero(sol.f2) == np.count_nonzero(sol.f2[..., 1:4, 1:4]) == 8 * 8 * 9
+
+
+def test_identity_puts_the_one_at_tap_lo_and_pads_extra_rows():
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((4, 4, 3))
+    sol = solve_deepen(g, (4,), 6, rng, method="identity")
+    check_exact(sol, g, (4,))
+    assert np.array_equal(sol.f2[:, :4, 1], np.eye(4))
+    assert not sol.f1[4:].any()
+    with pytest.raises(ValueError, match="width"):
+        solve_deepen(g, (4,), 3, rng, method="identity")
+
+
+def test_scales_are_balanced():
+    rng = np.random.default_rng(7)
+    g = 30.0 * rng.standard_normal((8, 8, 3, 3))
+    for width in (8, 23):
+        sol = solve_deepen(g, (3, 3), width, rng)
+        r1 = np.sqrt(np.mean(sol.f1**2))
+        r2 = np.sqrt(np.mean(sol.f2**2))
+        assert abs(r1 / r2 - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "shape,k2,width,needed",
+    [((16, 16, 3, 3), (3, 3), 8, 16), ((16, 4), (), 3, 4), ((16, 4, 3, 3), (1, 1), 8, 16)],
+)
+def test_too_narrow_width_raises_with_minimum(shape, k2, width, needed):
+    rng = np.random.default_rng(8)
+    g = rng.standard_normal(shape)
+    with pytest.raises(ValueError, match=f"width >= {needed}"):
+        solve_deepen(g, k2, width, rng)
+
+
+def test_low_rank_parent_fits_a_narrow_width():
+    rng = np.random.default_rng(9)
+    g = np.einsum("or,rik->oik", rng.standard_normal((16, 3)), rng.standard_normal((3, 16, 9)))
+    g = g.reshape(16, 16, 3, 3)
+    sol = solve_deepen(g, (3, 3), 4, rng)
+    assert sol.algorithm == "alg2-lowrank"
+    check_exact(sol, g, (3, 3))
+    assert np.count_nonzero(sol.f2[..., 1, 1]) == 16 * 4
+
+
+def test_zero_parent_gives_exact_nonzero_layer2():
+    rng = np.random.default_rng(10)
+    g = np.zeros((8, 8, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for width in (8, 4):
+            sol = solve_deepen(g, (3, 3), width, rng)
+            assert sol.residual == 0.0
+            assert not sol.f1.any()
+            assert np.count_nonzero(sol.f2) > 0
+
+
+def test_seeded_rng_is_deterministic():
+    g = np.random.default_rng(11).standard_normal((8, 8, 3, 3))
+    a = solve_deepen(g, (3, 3), 12, np.random.default_rng(42))
+    b = solve_deepen(g, (3, 3), 12, np.random.default_rng(42))
+    c = solve_deepen(g, (3, 3), 12, np.random.default_rng(43))
+    assert np.array_equal(a.f1, b.f1) and np.array_equal(a.f2, b.f2)
+    assert not np.allclose(a.f2, c.f2)
+
+
+def test_bad_arguments_raise():
+    rng = np.random.default_rng(12)
+    g = rng.standard_normal((8, 8, 3, 3))
+    with pytest.raises(ValueError, match="axes"):
+        solve_deepen(g, (3,), 8, rng)
+    with pytest.raises(ValueError, match="groups"):
+        solve_deepen(g, (3, 3), 9, rng, groups=2)
+    with pytest.raises(ValueError, match="method"):
+        solve_deepen(g, (3, 3), 8, rng, method="bogus")
+
+
+@pytest.mark.parametrize(
+    "shape,k2",
+    [((512, 512, 3, 3), (1, 1)), ((512, 512, 3, 3), (3, 3)), ((4096, 4096), ())],
+)
+def test_large_layers_are_fast_and_exact(shape, k2):
+    rng = np.random.default_rng(13)
+    g = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+    start = time.perf_counter()
+    sol = solve_deepen(g, k2, shape[0], rng)
+    elapsed = time.perf_counter() - start
+    assert sol.residual < 1e-6
+    # Generous: the target is well under 5 s on 2 idle cores; CI machines are shared.
+    assert elapsed < 15.0
+
+
+# ------------------------------------------------------------------------- bias
+
+
+def test_carry_bias_keeps_parent_bias_grouped():
+    rng = np.random.default_rng(14)
+    groups = 2
+    g = rng.standard_normal((6, 4 // groups, 3, 3))
+    b = rng.standard_normal(6)
+    sol = solve_deepen(g, (3, 3), 8, rng, groups=groups)
+    b1 = rng.standard_normal(8)
+    b2 = carry_bias(sol.f2, b1, b, groups)
+    x = rng.standard_normal((4, 9, 9))
+    parent = ref_conv(x, g, b, groups=groups, pads=[(1, 1), (1, 1)])
+    mid = ref_conv(x, sol.f1, b1, groups=groups, pads=[(2, 2), (2, 2)])
+    child = ref_conv(mid, sol.f2, b2, groups=groups)
+    assert rel(child, parent) < 1e-10
+    # Without the correction the pair is off by layer 1's bias.
+    wrong = ref_conv(mid, sol.f2, b, groups=groups)
+    assert rel(wrong, parent) > 1e-3
+
+
+# --------------------------------------------------------- parallel and residual
+
+
+def centred(branch, k):
+    off = [(a - b) // 2 for a, b in zip(k, branch.shape[2:])]
+    return np.pad(branch, [(0, 0), (0, 0)] + [(o, a - b - o) for o, a, b in zip(off, k, branch.shape[2:])])
+
+
+@pytest.mark.parametrize(
+    "k,kernels",
+    [((3, 3), [(3, 3), (1, 1), (3, 3)]), ((5, 5), [(1, 1), (5, 5), (3, 3)]), ((4,), [(2,), (4,)]),
+     ((), [(), (), ()])],
+)
+def test_split_parallel_sums_to_parent(k, kernels):
+    rng = np.random.default_rng(15)
+    g = rng.standard_normal((6, 4, *k))
+    parts = split_parallel(g, kernels, rng)
+    assert [p.shape[2:] for p in parts] == [tuple(kk) for kk in kernels]
+    assert all(np.count_nonzero(p) == p.size for p in parts)
+    total = sum(centred(p, k) for p in parts)
+    assert rel(total, g) < 1e-12
+    x = rng.standard_normal((4, *(6,) * len(k)))
+    pads = [((a - 1) // 2, a - 1 - (a - 1) // 2) for a in k]
+    outs = []
+    for p in parts:
+        off = [(a - b) // 2 for a, b in zip(k, p.shape[2:])]
+        ppads = [(lo - o, hi - (a - b - o)) for (lo, hi), o, a, b in zip(pads, off, k, p.shape[2:])]
+        outs.append(ref_conv(x, p, pads=ppads))
+    assert rel(sum(outs), ref_conv(x, g, pads=pads)) < 1e-12
+
+
+def test_split_parallel_rejects_impossible_kernels():
+    rng = np.random.default_rng(16)
+    g = rng.standard_normal((4, 4, 3, 3))
+    with pytest.raises(ValueError, match="larger than the parent"):
+        split_parallel(g, [(5, 5), (3, 3)], rng)
+    with pytest.raises(ValueError, match="non-zero outside"):
+        split_parallel(g, [(1, 1), (1, 1)], rng)
+    with pytest.raises(ValueError, match="largest kernel"):
+        split_parallel(g, [(1, 3), (3, 1)], rng)
+    # A parent that vanishes outside the centre tap can be split into 1x1 branches.
+    g_centre = np.zeros_like(g)
+    g_centre[..., 1, 1] = g[..., 1, 1]
+    parts = split_parallel(g_centre, [(1, 1), (1, 1)], rng)
+    assert rel(sum(centred(p, (3, 3)) for p in parts), g_centre) < 1e-12
+
+
+@pytest.mark.parametrize("k,k_branch,width,groups", [((3, 3), (3, 3), 8, 1), ((3, 3), (1, 1), 4, 2), ((), (), 5, 1)])
+def test_split_residual_is_exact_and_every_part_nonzero(k, k_branch, width, groups):
+    rng = np.random.default_rng(17)
+    g = rng.standard_normal((6, 6 // groups, *k))
+    main, f1, f2 = split_residual(g, k_branch, width, rng, groups=groups)
+    assert main.shape == target_kernel(g, k_branch).shape
+    assert f1.shape == (width, 6 // groups, *k) and f2.shape == (6, width // groups, *k_branch)
+    for part in (main, f1, f2):
+        assert np.count_nonzero(part) == part.size
+    total = main + compose(f2, f1, groups)
+    assert rel(total, target_kernel(g, k_branch)) < 1e-12
+    branch_share = np.linalg.norm(compose(f2, f1, groups)) / np.linalg.norm(g)
+    assert abs(branch_share - 0.5) < 1e-9
