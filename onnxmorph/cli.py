@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -175,9 +176,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     options = _verify_options(args)
     for path in (args.parent, args.child):
         mio.load_header(path)
+        # A file that fails onnx.checker is bad input (exit 2), not a child that computes something else.
+        mio.check_file(path)
     report = verify(args.parent, args.child, atol=options.atol, rtol=options.rtol, trials=options.trials,
                     seed=options.seed, shapes=options.shapes, inputs=options.inputs)
-    _print_report(report, args.json, {"parent": args.parent, "child": args.child})
+    if args.json or not args.quiet:
+        _print_report(report, args.json, {"parent": args.parent, "child": args.child})
     if not report:
         if not args.json:
             sys.stderr.write(f"onnxmorph: {report.summary()}\n")
@@ -191,7 +195,7 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
-    else:
+    elif not args.quiet:
         if outcome.report is not None:
             print(outcome.report)
         else:
@@ -239,8 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_apply(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:
-        if exc.report is not None:
-            _print_report(exc.report, getattr(args, "json", False))
+        as_json = getattr(args, "json", False)
+        if exc.report is not None and (as_json or not args.quiet):
+            _print_report(exc.report, as_json)
         sys.stderr.write(f"onnxmorph: verification failed, nothing written: {exc}\n")
         return EXIT_MISMATCH
     except OnnxMorphError as exc:
@@ -249,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("onnxmorph: interrupted, nothing written\n")
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): stop quietly, as a killed pipeline member would.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except MemoryError:
         sys.stderr.write("onnxmorph: error: out of memory\n")
         return EXIT_BAD_INPUT
