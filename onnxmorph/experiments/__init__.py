@@ -1,0 +1,1 @@
+"""Training experiments that measure what morphing buys (need the `train` extra); see digits.py."""
