@@ -1,0 +1,159 @@
+"""Pure-numpy weight solvers of the width morph: new incoming filters, new outgoing weights, replication.
+
+A widened channel axis is described by where the old channels sit in an array axis (`offset`,
+each channel owning `block` consecutive entries, e.g. H*W columns after a Flatten) and by the
+insertions `(pos, count)`: `count` new channels placed after old channel `pos - 1`. `sources`
+lists, per new channel in insertion order, the old channel it copies (replication) or -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Insertions = Sequence[tuple[int, int]]
+
+METHODS = ("netmorph", "net2net", "lemon")
+
+
+def _take(array: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+def channel_index(offset: int, block: int, channels: Sequence[int]) -> np.ndarray:
+    """Array indices (along the axis) of `channels`, each expanded to its `block` entries."""
+    channels = np.asarray(channels, dtype=np.int64).reshape(-1, 1)
+    return (offset + channels * block + np.arange(block)).reshape(-1)
+
+
+def insert_channels(array: np.ndarray, axis: int, offset: int, block: int, inserts: Insertions,
+                    new: np.ndarray) -> np.ndarray:
+    """`array` with `new` (its `axis` holding sum(count) * block entries, in insertion order) inserted.
+
+    Insertion `(pos, count)` goes at index `offset + pos * block`; insertions are applied from the
+    last to the first so that every position refers to the old layout.
+    """
+    axis = axis % array.ndim
+    pieces = []
+    start = 0
+    for pos, count in inserts:
+        pieces.append((offset + pos * block, _take(new, axis, np.arange(start, start + count * block))))
+        start += count * block
+    if start != new.shape[axis]:
+        raise ValueError(f"expected {start} new entries along axis {axis}, got {new.shape[axis]}")
+    out = array
+    for at, piece in sorted(pieces, key=lambda p: p[0], reverse=True):
+        out = np.concatenate([_take(out, axis, np.arange(at)), piece.astype(array.dtype),
+                              _take(out, axis, np.arange(at, out.shape[axis]))], axis=axis)
+    return out
+
+
+def new_count(inserts: Insertions) -> int:
+    return int(sum(count for _, count in inserts))
+
+
+def replication_sources(old: int, inserts: Insertions, rng: np.random.Generator,
+                        groups: int = 1) -> np.ndarray:
+    """For each new channel, a random old channel it copies: every old channel at most once while
+    possible (Net2Net's random mapping), and always from the same group as its insertion point.
+    """
+    per_group = old // groups
+    sources = []
+    used: dict[int, list[int]] = {}
+    for pos, count in inserts:
+        g = min(max(pos - 1, 0) // per_group, groups - 1)
+        pool = used.setdefault(g, [])
+        for _ in range(count):
+            if not pool:
+                pool.extend((g * per_group + rng.permutation(per_group)).tolist())
+            sources.append(pool.pop())
+    return np.asarray(sources, dtype=np.int64)
+
+
+def _scale(array: np.ndarray, fallback_fan_in: int) -> float:
+    std = float(np.std(array)) if array.size else 0.0
+    if not np.isfinite(std) or std == 0.0:
+        std = float(np.sqrt(2.0 / max(fallback_fan_in, 1)))
+    return std
+
+
+def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
+                         mode: str, sources: np.ndarray | None = None, offset: int = 0,
+                         block: int = 1) -> np.ndarray:
+    """New filters of a widened producer along `axis` (output channels).
+
+    mode `random`: Gaussian with the std of the existing filters (netmorph); `zero`: zero filters
+    (the new channels are exactly 0, as an LRN downstream needs); `copy`: copies of `sources`.
+    Per-channel parameters (bias, BN statistics) use the same call with their own mode.
+    """
+    n = new_count(inserts) * block
+    shape = list(w.shape)
+    shape[axis % w.ndim] = n
+    if mode == "copy":
+        new = _take(w, axis % w.ndim, channel_index(offset, block, sources))
+    elif mode == "zero":
+        new = np.zeros(shape, dtype=w.dtype)
+    elif mode == "random":
+        fan_in = int(np.prod(shape)) // max(n, 1)
+        new = rng.normal(0.0, _scale(w, fan_in), size=shape)
+    else:
+        raise ValueError(f"unknown incoming mode {mode!r}")
+    return insert_channels(w, axis, offset, block, inserts, new)
+
+
+def fill_channels(p: np.ndarray, axis: int, inserts: Insertions, value: float, *, sources: np.ndarray | None = None,
+                  offset: int = 0, block: int = 1) -> np.ndarray:
+    """A per-channel parameter extended with `value` (or, with `sources`, with the copied channels' values)."""
+    if sources is not None:
+        return solve_widen_incoming(p, axis, inserts, np.random.default_rng(0), mode="copy", sources=sources,
+                                    offset=offset, block=block)
+    shape = list(p.shape)
+    shape[axis % p.ndim] = new_count(inserts) * block
+    return insert_channels(p, axis, offset, block, inserts, np.full(shape, value, dtype=p.dtype))
+
+
+def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
+                         method: str, sources: np.ndarray | None = None, offset: int = 0, block: int = 1,
+                         noise: float = 0.0, random_new: bool = False) -> np.ndarray:
+    """Consumer weights on the widened input axis `axis`, chosen so the consumer's output is unchanged.
+
+    netmorph: new entries zero (or, with `random_new`, random: exact only when the new channels
+    are exactly zero). net2net: each old channel and its copies share its weight equally; `noise`
+    adds a compensated perturbation (the copies' perturbations are subtracted from the original).
+    lemon: the copies get random weights and the original the remainder, so the sum is unchanged.
+    """
+    ax = axis % w.ndim
+    n = new_count(inserts) * block
+    shape = list(w.shape)
+    shape[ax] = n
+    if method == "netmorph":
+        if random_new:
+            new = rng.normal(0.0, _scale(w, w.shape[ax]), size=shape)
+        else:
+            new = np.zeros(shape, dtype=w.dtype)
+        return insert_channels(w, axis, offset, block, inserts, new)
+    if method not in ("net2net", "lemon"):
+        raise ValueError(f"unknown method {method!r}")
+    old = w.astype(np.float64)
+    src_index = channel_index(offset, block, sources)
+    counts = np.ones(w.shape[ax], dtype=np.float64)
+    np.add.at(counts, src_index, 1.0)
+    bshape = [1] * w.ndim
+    bshape[ax] = -1
+    if method == "net2net":
+        old = old / counts.reshape(bshape)
+        new = _take(old, ax, src_index)
+        if noise > 0.0:
+            eps = rng.normal(0.0, noise * _scale(w, w.shape[ax]), size=new.shape)
+            new = new + eps
+            correction = np.zeros_like(old)
+            np.add.at(np.moveaxis(correction, ax, 0), src_index, np.moveaxis(eps, ax, 0))
+            old = old - correction
+    else:
+        new = rng.normal(0.0, _scale(w, w.shape[ax]), size=shape)
+        # the copies' weights are subtracted from the original so the sum over copies is the old weight
+        correction = np.zeros_like(old)
+        np.add.at(np.moveaxis(correction, ax, 0), src_index, np.moveaxis(new, ax, 0))
+        old = old - correction
+    return insert_channels(old.astype(w.dtype), axis, offset, block, inserts, new.astype(w.dtype))

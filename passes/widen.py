@@ -1,0 +1,294 @@
+"""The width morph: more output channels (units) for a Conv, Gemm or MatMul, with every coupled tensor following."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmorph import channels
+from onnxmorph import graph as mgraph
+from onnxmorph import widening as wsolve
+from onnxmorph.errors import NotApplicable
+from onnxmorph.graph import LayerInfo
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
+
+FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+
+
+def non_negative_float(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("expected a non-negative number")
+    return number
+
+
+@dataclass
+class _Plan:
+    coupling: channels.Coupling
+    modes: dict[int, str]  # space id -> "random" (zero-outgoing), "zero" (zero-incoming), "copy"
+    sources: dict[int, np.ndarray]
+
+
+def _out_channels(node: gs.Node, shapes: channels.Shapes) -> tuple[int, int, int]:
+    """(channel axis of the output, channel count, groups) of layer `node`."""
+    w = node.inputs[1].values.shape
+    if node.op == "Conv":
+        return 1, int(w[0]), int(node.attrs.get("group", 1))
+    if node.op == "ConvTranspose":
+        return 1, int(w[1]) * int(node.attrs.get("group", 1)), int(node.attrs.get("group", 1))
+    if node.op == "Gemm":
+        return 1, int(w[0] if int(node.attrs.get("transB", 0)) else w[1]), 1
+    out = shapes.get(node.outputs[0].name)
+    if not out:
+        raise NotApplicable(f"layer '{node.name}': the rank of its output is unknown")
+    return len(out) - 1, int(w[-1]), 1
+
+
+@register
+class WidenPass(MorphPass):
+    """Raise the output channels of a Conv/Gemm/MatMul layer to `width`, keeping the function exactly.
+
+    Every tensor, parameter and layer coupled to the widened channels (see onnxmorph.channels)
+    follows: per-channel constants grow, depthwise convs get new groups, residual sums widen all
+    their producers, consumers get new weight entries. Methods: `netmorph` (new filters random,
+    consumers' new weights zero; before an LRN the new filters are zero instead, since LRN sums
+    neighbouring channels and only exact zeros leave those sums unchanged), `net2net` (copies of
+    random channels, outgoing weights shared; `noise` adds a compensated perturbation) and
+    `lemon` (copies, random outgoing weights corrected so each channel's copies sum to the original).
+    """
+
+    name = "widen"
+    summary = "more output channels for a Conv/Gemm/MatMul (coupled layers follow)"
+    params = (
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
+        Param("width", positive_int, "the new number of output channels (units)", metavar="N"),
+        Param("method", str, "how the new channels are filled", default="netmorph", choices=wsolve.METHODS),
+        SEED,
+        Param("noise", non_negative_float, "net2net only: compensated noise on the copies' outgoing weights, "
+              "relative to their scale", default=0.0, metavar="X"),
+    )
+
+    @classmethod
+    def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
+        view = mgraph.read_view(model)
+        try:
+            node = mgraph.find_layer(view, layer.name)
+            _, old, groups = _out_channels(node, mgraph.tensor_shapes(model))
+        except NotApplicable:
+            return cls(layer=layer.name, width=max(layer.weight_shape[0], 1) * 2)
+        width = math.ceil(old * 1.5 / groups) * groups
+        return cls(layer=layer.name, width=max(width, old + groups))
+
+    def _plan(self, model: onnx.ModelProto) -> _Plan:
+        view = mgraph.read_view(model)
+        node = mgraph.find_layer(view, self.layer)
+        shapes = mgraph.tensor_shapes(model)
+        axis, old, groups = _out_channels(node, shapes)
+        where = f"layer '{self.layer}'"
+        if self.width <= old:
+            raise NotApplicable(f"{where} has {old} output channels already; --width must be larger")
+        added = self.width - old
+        if node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1:
+            if added % groups:
+                raise NotApplicable(f"{where} has {groups} groups: --width must grow it by a multiple of {groups}")
+            per = old // groups
+            inserts = [((g + 1) * per, added // groups) for g in range(groups)]
+        else:
+            inserts = [(old, added)]
+        if self.noise and self.method != "net2net":
+            raise NotApplicable(f"{where}: --noise applies to --method net2net only")
+        coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
+        for name in coupling.layers + [p.node for p in coupling.params]:
+            n = mgraph.find_node(view, name)
+            for t in n.inputs[1:]:
+                if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
+                    raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
+            if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
+                kind = n.inputs[1].values.dtype
+                raise NotApplicable(f"{n.op} '{n.name}': its weight type {kind} is not a float type")
+        modes: dict[int, str] = {}
+        sources: dict[int, np.ndarray] = {}
+        derived = [s for s in coupling.spaces if s.derived_from]
+        if self.method != "netmorph":
+            if coupling.lrn:
+                raise NotApplicable(
+                    f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
+                    f"({self.method} cannot be exact; use --method netmorph)"
+                )
+            if derived:
+                raise NotApplicable(
+                    f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
+                    f"({self.method} cannot be exact; use --method netmorph)"
+                )
+            modes[0] = "copy"
+            rng = np.random.default_rng([self.seed, 1])
+            producer_groups = max([p.groups for p in coupling.producers] or [1])
+            sources[0] = wsolve.replication_sources(old, inserts, rng, producer_groups)
+            self._check_grouped_copies(view, coupling, sources[0])
+        else:
+            zero = bool(coupling.lrn)
+            for space in coupling.spaces:
+                blockers = coupling.zero_blockers.get(space.id, [])
+                if zero and blockers:
+                    bad = mgraph.find_node(view, blockers[0])
+                    raise NotApplicable(
+                        f"LRN '{coupling.lrn[0]}' needs the new channels exactly 0, but {bad.op} '{bad.name}' "
+                        "does not map 0 to 0"
+                    )
+                modes[space.id] = "zero" if zero else "random"
+        return _Plan(coupling, modes, sources)
+
+    def _check_grouped_copies(self, view: gs.Graph, coupling: channels.Coupling, sources: np.ndarray) -> None:
+        for consumer in coupling.consumers:
+            node = mgraph.find_node(view, consumer.node)
+            groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+            if groups == 1:
+                continue
+            per_in = node.inputs[1].values.shape[1]
+            start = 0
+            space = coupling.spaces[consumer.slot.space]
+            for g, (_pos, count) in enumerate(space.inserts):
+                for src in sources[start:start + count]:
+                    first = consumer.offset + int(src) * consumer.block
+                    if first // per_in != g:
+                        raise NotApplicable(
+                            f"Conv '{node.name}' (group {groups}): a copied channel would land in another group"
+                        )
+                start += count
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        self._plan(model)
+
+    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
+        plan = self._plan(model)
+        c = plan.coupling
+        others = [p.node for p in c.producers if p.node != self.layer]
+        return {
+            "width": self.width,
+            "coupled": others,
+            "consumers": [x.node for x in c.consumers],
+        }
+
+    # ------------------------------------------------------------------ rewrite
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        plan = self._plan(model)
+        c = plan.coupling
+        graph = mgraph.import_graph(model)
+        nodes = {n.name: n for n in graph.nodes}
+        rng = np.random.default_rng([self.seed, 2])
+
+        def sources_of(space: int) -> np.ndarray | None:
+            return plan.sources.get(space) if plan.modes[space] == "copy" else None
+
+        for p in c.producers:
+            node = nodes[p.node]
+            space = c.spaces[p.slot.space]
+            mode = plan.modes[space.id]
+            w = mgraph.values(node.inputs[1])
+            incoming = {"random": "random", "zero": "zero", "copy": "copy"}[mode]
+            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+                w, p.weight_axis, space.inserts, rng, mode=incoming, sources=sources_of(space.id)))
+            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+                b = mgraph.values(node.inputs[2])
+                if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
+                    mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+                        b, -1, space.inserts, 0.0, sources=sources_of(space.id)))
+                elif mode == "zero" and np.any(b != 0):
+                    raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
+
+        by_node: dict[tuple[str, int], list[channels.Param]] = {}
+        for param in c.params:
+            by_node.setdefault((param.node, param.index), []).append(param)
+        for (name, index), items in by_node.items():
+            node = nodes[name]
+            array = mgraph.values(node.inputs[index])
+            for param in sorted(items, key=lambda q: q.offset, reverse=True):
+                space = c.spaces[param.space]
+                src = sources_of(space.id)
+                if param.role == "filter":
+                    mode = "copy" if src is not None else "random"
+                    array = wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
+                                                        offset=param.offset, block=param.block)
+                else:
+                    value = FILL.get(param.role)
+                    if param.role == "slope":
+                        value = float(np.mean(array)) if plan.modes[space.id] != "zero" else 0.0
+                    array = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src,
+                                                 offset=param.offset, block=param.block)
+            mgraph.set_input_constant(node, index, array)
+
+        for change in c.groups:
+            node = nodes[change.node]
+            node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
+            if change.derived is None:
+                continue
+            w = mgraph.values(node.inputs[1])
+            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+                w, 0, change.new_filters, rng, mode="random"))
+            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+                mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+                    mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
+
+        by_consumer: dict[str, list[channels.Consumer]] = {}
+        for consumer in c.consumers:
+            by_consumer.setdefault(consumer.node, []).append(consumer)
+        for name, items in by_consumer.items():
+            node = nodes[name]
+            w = mgraph.values(node.inputs[1])
+            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
+                w = self._outgoing(node, w, consumer, c, plan, rng)
+            mgraph.set_input_constant(node, 1, w)
+
+        for fix in c.shape_fixes:
+            node = nodes[fix.node]
+            shape = mgraph.values(node.inputs[fix.index]).copy()
+            shape[fix.position] += c.added(fix.tensor, fix.axis)
+            mgraph.set_input_constant(node, fix.index, shape)
+
+        tensors = graph.tensors()
+        for name in c.tensors:
+            tensor = tensors[name]
+            if isinstance(tensor, gs.Variable):
+                tensor.shape = None
+        return PassResult(mgraph.export_model(graph, like=model), True)
+
+    def _outgoing(self, node: gs.Node, w: np.ndarray, consumer: channels.Consumer, c: channels.Coupling,
+                  plan: _Plan, rng: np.random.Generator) -> np.ndarray:
+        space = c.spaces[consumer.slot.space]
+        mode = plan.modes[space.id]
+        method = "netmorph" if mode != "copy" else self.method
+        src = plan.sources.get(space.id)
+        groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        if groups == 1:
+            return wsolve.solve_widen_outgoing(
+                w, consumer.weight_axis, space.inserts, rng, method=method, sources=src, offset=consumer.offset,
+                block=consumer.block, noise=self.noise, random_new=mode == "zero")
+        # a grouped consumer whose every group grows by the same channels: solve group by group
+        per_in = w.shape[1]
+        per_out = w.shape[0] // groups
+        parts = []
+        start = 0
+        for g, (pos, count) in enumerate(space.inserts):
+            at = consumer.offset + pos * consumer.block
+            rel = at - g * per_in
+            local_src = None
+            if src is not None:
+                local_src = (consumer.offset + src[start:start + count] * consumer.block - g * per_in)
+            part = w[g * per_out:(g + 1) * per_out]
+            # the local channels of this group: block 1 entries, insertion at `rel`
+            parts.append(wsolve.solve_widen_outgoing(
+                part, 1, [(rel, count * consumer.block)], rng, method=method,
+                sources=None if local_src is None else _expand_block(local_src, consumer.block),
+                noise=self.noise, random_new=mode == "zero"))
+            start += count
+        return np.concatenate(parts, axis=0)
+
+
+def _expand_block(first: np.ndarray, block: int) -> np.ndarray:
+    return (np.asarray(first).reshape(-1, 1) + np.arange(block)).reshape(-1)
