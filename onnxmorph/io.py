@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ def load_header(path: PathLike) -> onnx.ModelProto:
     external = list(_external_tensors(model))
     if external:
         _check_external_data(external, path.resolve().parent, path)
+    check_declared_sizes(model, str(path))
     return model
 
 
@@ -198,6 +200,69 @@ def _check_external_data(tensors: list[onnx.TensorProto], base: Path, path: Path
         raise UnsafeModelError(f"{path}: external data of {total} bytes is more than this machine can hold")
 
 
+# Element types whose raw_data holds exactly itemsize bytes per element (sub-byte types pack).
+_WHOLE_BYTE_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+}
+
+
+def check_allocation(nbytes: int | float, what: str) -> None:
+    """Refuse, with one line, to allocate `nbytes` for `what` when it would exhaust the memory."""
+    if nbytes > memory_limit():
+        raise UnsafeModelError(
+            f"{what} would need {int(nbytes)} bytes, more than this machine can hold; refused"
+        )
+
+
+def check_declared_sizes(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse a model whose declared tensor sizes do not match its data or would exhaust the memory.
+
+    Runs on the header alone (no external data read, nothing allocated): embedded tensors must
+    hold the bytes their dims declare, and embedded weights plus the fills of ConstantOfShape
+    nodes with constant shapes must fit in `memory_limit()`.
+    """
+    total = 0
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # checked against the file by _check_external_data
+        if any(d < 0 for d in tensor.dims):
+            raise InvalidModelError(f"{name}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        declared = _declared_bytes(tensor)
+        if declared is None:
+            continue
+        if tensor.HasField("raw_data") and tensor.data_type in _WHOLE_BYTE_TYPES and len(tensor.raw_data) != declared:
+            raise InvalidModelError(
+                f"{name}: tensor '{tensor.name}' declares {declared} bytes (dims {list(tensor.dims)}) "
+                f"but holds {len(tensor.raw_data)}"
+            )
+        total += declared
+    shapes = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = node.attribute[0].t
+    for node in model.graph.node:
+        if node.op_type != "ConstantOfShape" or not node.input or node.input[0] not in shapes:
+            continue
+        shape_tensor = shapes[node.input[0]]
+        if shape_tensor.data_location == onnx.TensorProto.EXTERNAL or _declared_bytes(shape_tensor) is None:
+            continue
+        if _declared_bytes(shape_tensor) > 8 * 64:
+            continue  # not a shape
+        try:
+            dims = numpy_helper.to_array(shape_tensor).astype(np.float64).reshape(-1)
+        except Exception:
+            continue  # malformed: onnx.checker reports it
+        itemsize = 4
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type:
+                itemsize = _declared_bytes(attr.t) or 4
+        total += float(np.prod(dims)) * itemsize
+    check_allocation(total, f"{name}: its declared tensors")
+
+
 def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
     try:
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
@@ -205,7 +270,7 @@ def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
         return None
     if tensor.data_type in (onnx.TensorProto.STRING,):
         return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return math.prod(int(d) for d in tensor.dims) * itemsize  # exact: int64 products of dims can wrap
 
 
 # --------------------------------------------------------------------------- digests
@@ -322,6 +387,8 @@ def _normalize_in_place(model: onnx.ModelProto) -> None:
             kept.append(node)
             continue
         tensor = _fold(node, initializers, budget)
+        # The budget is for all folds together: many fills just under it would exhaust the memory too.
+        budget -= _declared_bytes(tensor) or 0
         tensor.name = node.output[0]
         initializers[tensor.name] = tensor
         new_tensors.append(tensor)

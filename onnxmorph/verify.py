@@ -273,6 +273,8 @@ def random_inputs(
     for info in mio.true_inputs(model):
         dtype = _np_dtype(info.type.tensor_type.elem_type)
         shape = tuple(shapes[info.name])
+        # A declared or --shape size can be absurd; refuse it rather than let numpy try.
+        mio.check_allocation(math.prod(shape) * max(dtype.itemsize, 8), f"input '{info.name}' of shape {list(shape)}")
         if dtype.kind == "f":
             feed[info.name] = rng.uniform(*INPUT_RANGE, size=shape).astype(dtype)
         elif dtype.kind in "iu":
@@ -341,7 +343,7 @@ class _Session:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors come back as exceptions, reported in one line
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
             if isinstance(model, onnx.ModelProto):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,49 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 120, **kwargs: Any)
     return Outcome(proc.returncode, proc.stdout, proc.stderr)
 
 
+_BATCH_DRIVER = r"""
+import json, os, sys
+from onnxmorph import cli
+runs, report = json.loads(sys.argv[1]), sys.argv[2]
+results = []
+for k, argv in enumerate(runs):
+    paths = [f"{report}.{k}.out", f"{report}.{k}.err"]
+    saved = [os.dup(1), os.dup(2)]
+    for fd, path in zip((1, 2), paths):
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd, old in zip((1, 2), saved):
+        os.dup2(old, fd)
+    texts = [open(p).read() for p in paths]
+    for p in paths:
+        os.unlink(p)
+    results.append([code, *texts])
+with open(report, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_cli_batch(runs: Sequence[Sequence[Any]], cwd: Path, report: Path, timeout: float = 120) -> list[Outcome]:
+    """Several CLI runs in ONE real subprocess (one interpreter start-up), each with its own stdout/stderr.
+
+    `report` is a scratch path outside the folders under test.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    argv = json.dumps([[str(a) for a in run] for run in runs])
+    proc = subprocess.run([sys.executable, "-c", _BATCH_DRIVER, argv, str(report)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(report.read_text())
+    report.unlink()
+    return [Outcome(code, out, err) for code, out, err in results]
+
+
 def run_main(args: Sequence[str], capfd: pytest.CaptureFixture[str]) -> Outcome:
     """cli.main(ARGS) in this process (fast), with the file descriptors captured.
 
@@ -81,12 +125,17 @@ def assert_refused(result: Outcome, code: int = 2, *needles: str) -> str:
     return line
 
 
-def listing(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` with its content (to show that nothing was written or changed)."""
-    found = {}
+def listing(folder: Path) -> dict[str, Any]:
+    """Every file under `folder` with its content (to show that nothing was written or changed).
+
+    Files over 64 MiB (sparse test files) are represented by their size and modification time.
+    """
+    found: dict[str, Any] = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.is_fifo():
-            found[str(path.relative_to(folder))] = path.read_bytes()
+            stat = path.stat()
+            key = str(path.relative_to(folder))
+            found[key] = path.read_bytes() if stat.st_size <= 2**26 else (stat.st_size, stat.st_mtime_ns)
     return found
 
 
