@@ -303,6 +303,8 @@ class _Analysis:
         if key in self.done:
             return
         self.done.add(key)
+        if backward and self.space(slot.space).derived_from == node.name:
+            return  # the grouped conv whose new groups made this space: already handled
         op = node.op
         where = f"{op} '{node.name}'"
         if node.domain not in ("", "ai.onnx", None):
@@ -433,6 +435,16 @@ class _Analysis:
     def lrn(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
         if slot.axis != 1:
             raise NotApplicable(f"LRN '{node.name}' works on axis 1, the channels are on axis {slot.axis}")
+        # LRN sums a window of neighbouring channels by position: new (zero) channels are harmless
+        # only after the last old channel; in between they would shift the old channels' windows
+        shape = _shape(self.shapes, tensor)
+        size = shape[1] if shape else None
+        for pos, _count in self.space(slot.space).inserts:
+            if size is None or slot.offset + pos * slot.block != size:
+                raise NotApplicable(
+                    f"LRN '{node.name}' sums neighbouring channels: new channels would sit between old ones "
+                    f"of '{tensor.name}' and change their sums"
+                )
         if node.name not in self.result.lrn:
             self.result.lrn.append(node.name)
         self.through(node, slot, tensor)
