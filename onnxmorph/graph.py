@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
-from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize
+from onnxmorph.io import approx_size, is_normalized, list_initializers_as_inputs, normalize, skeleton
 
 log = logging.getLogger("onnxmorph")
 
@@ -44,7 +45,8 @@ _VIEW_CACHE: list[tuple[onnx.ModelProto, int, gs.Graph]] = []
 
 def read_view(model: onnx.ModelProto) -> gs.Graph:
     """A graph of `model` for analysis only (cached: do not edit it)."""
-    size = model.ByteSize()
+    # The size detects an edit of the model; ByteSize() would serialise it (seconds for 500 MB).
+    size = approx_size(model)
     for cached, cached_size, graph in _VIEW_CACHE:
         if cached is model and cached_size == size:
             return graph
@@ -54,11 +56,17 @@ def read_view(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def forget_views() -> None:
+    """Drop the cached views and shapes, and with them the models they keep alive."""
+    _VIEW_CACHE.clear()
+    _SHAPE_CACHE.clear()
+
+
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` to a model that keeps `like`'s IR version, opsets, metadata and docs."""
     toposort(graph)
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
+        model = _export_copying_weights_once(graph)
     except Exception as exc:
         raise InvalidModelError(f"cannot export the graph: {exc}") from exc
     model.ir_version = like.ir_version
@@ -75,6 +83,36 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     _restore_io_order(model, like)
     if model.ir_version < 4:
         list_initializers_as_inputs(model)
+    return model
+
+
+def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx, but each untouched parent weight is copied once instead of twice.
+
+    onnx-graphsurgeon copies every weight into the GraphProto (make_graph) and the GraphProto
+    again into the ModelProto (make_model): for VGG16 that is 1.1 GB and ~4 s. The parent's
+    tensors (still lazy) are exported as empty stand-ins and then copied once into place.
+    """
+    lazy: dict[str, tuple[gs.Constant, LazyValues]] = {}
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and values.nbytes >= 1024:
+            lazy[tensor.name] = (tensor, values)
+            stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
+            tensor._values = LazyValues(stub)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in lazy.values():
+            tensor._values = values
+    placed = 0
+    for slot in model.graph.initializer:
+        if slot.name in lazy:
+            slot.CopyFrom(lazy[slot.name][1].tensor)
+            slot.name = lazy[slot.name][0].name  # the parent's tensor keeps its own name
+            placed += 1
+    if placed != len(lazy):  # a stand-in went elsewhere (a subgraph): export the plain way
+        return gs.export_onnx(graph, do_type_check=False)
     return model
 
 
@@ -312,3 +350,114 @@ def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return 1
+
+
+# --------------------------------------------------------------------------- shapes
+
+_SHAPE_CACHE: list[tuple[onnx.ModelProto, int, dict[str, tuple[int | None, ...] | None]]] = []
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes of the model's tensors by onnx shape inference (cached; None dims are unknown).
+
+    A dynamic batch dimension (axis 0 of an input) is taken as 1 so that shape ops after it
+    still infer; the spatial and channel dims that morphs need are not affected by it.
+    """
+    size = approx_size(model)
+    for cached, cached_size, shapes in _SHAPE_CACHE:
+        if cached is model and cached_size == size:
+            return shapes
+    # Inference needs the weights' dims, not their data (a copy of which costs the model's size).
+    probe = skeleton(model)
+    del probe.graph.value_info[:]
+    for info in probe.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception as exc:  # an inference failure only means the shapes stay unknown
+        log.debug("shape inference failed: %s", exc)
+        inferred = probe
+    shapes: dict[str, tuple[int | None, ...] | None] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = info.type.tensor_type
+        if not tt.HasField("shape"):
+            shapes.setdefault(info.name, None)
+            continue
+        shapes[info.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for tensor in inferred.graph.initializer:
+        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
+    _SHAPE_CACHE.insert(0, (model, size, shapes))
+    del _SHAPE_CACHE[2:]
+    return shapes
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv's kernel, explicit pads (auto_pad resolved), strides, dilations and group count."""
+
+    kernel: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+
+    @property
+    def pads(self) -> list[int]:
+        """The ONNX `pads` attribute: all begins, then all ends."""
+        return [*self.pads_begin, *self.pads_end]
+
+
+def conv_geometry(node: gs.Node, shapes: dict[str, tuple[int | None, ...] | None] | None = None) -> ConvGeometry:
+    """The geometry of Conv `node`; `auto_pad` SAME_* needs the input's spatial shape when strided.
+
+    Raises NotApplicable when the padding cannot be made explicit (unknown input size).
+    """
+    weight_shape = tuple(int(d) for d in node.inputs[1].shape)
+    nd = len(weight_shape) - 2
+    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", weight_shape[2:]))
+    strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
+    dilations = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
+    group = int(node.attrs.get("group", 1))
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("NOTSET", ""):
+        pads = [int(p) for p in node.attrs.get("pads", [0] * (2 * nd))]
+        begin, end = tuple(pads[:nd]), tuple(pads[nd:])
+    elif auto_pad == "VALID":
+        begin = end = (0,) * nd
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        shape = (shapes or {}).get(node.inputs[0].name)
+        b, e = [], []
+        for axis in range(nd):
+            n = shape[2 + axis] if shape is not None and len(shape) == nd + 2 else None
+            if strides[axis] == 1:
+                total = (kernel[axis] - 1) * dilations[axis]
+            elif n is None:
+                raise NotApplicable(
+                    f"layer '{node.name}': auto_pad {auto_pad} with stride {strides[axis]} needs the input's "
+                    f"spatial size, which shape inference cannot tell for '{node.inputs[0].name}'"
+                )
+            else:
+                out = -(-n // strides[axis])
+                total = max(0, (out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - n)
+            small, large = total // 2, total - total // 2
+            b.append(small if auto_pad == "SAME_UPPER" else large)
+            e.append(large if auto_pad == "SAME_UPPER" else small)
+        begin, end = tuple(b), tuple(e)
+    else:
+        raise NotApplicable(f"layer '{node.name}': unknown auto_pad {auto_pad!r}")
+    return ConvGeometry(kernel, begin, end, strides, dilations, group)
+
+
+def set_conv_geometry(node: gs.Node, geometry: ConvGeometry) -> None:
+    """Write `geometry` into Conv `node`'s attributes, with explicit pads (auto_pad dropped)."""
+    node.attrs.pop("auto_pad", None)
+    node.attrs["kernel_shape"] = list(geometry.kernel)
+    node.attrs["pads"] = geometry.pads
+    node.attrs["strides"] = list(geometry.strides)
+    node.attrs["dilations"] = list(geometry.dilations)
+    node.attrs["group"] = geometry.group
