@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import (
-    convert_model_to_external_data,
     load_external_data_for_model,
+    set_external_data,
     write_external_data_tensors,
 )
 
@@ -583,7 +583,12 @@ def _write_with_external_data(
     final_data_name = final_data_name or data_file
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    convert_model_to_external_data(work, all_tensors_to_one_file=True, location=data_file, size_threshold=1024)
+    # Not convert_model_to_external_data: it refuses a location that exists relative to the
+    # *current directory* (any `NAME.data` there, or the temporary file when saving into it).
+    for graph in _iter_graphs(work.graph):
+        for tensor in graph.initializer:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                set_external_data(tensor, data_file)
     # The tensors are written relative to the model's folder under their recorded location.
     data_path = target.parent / data_file
     if data_path.exists():
