@@ -1,0 +1,313 @@
+"""Graph-building pieces shared by the depth and subnet morphs: new layers from solved arrays, P-activations.
+
+Weights are given in the solvers' canonical layout (`onnxmorph.solvers`): a Conv filter is
+`[C_out, C_in/groups, *kernel]`, a Gemm or MatMul weight is `[C_out, C_in]`; `add_layer` stores it
+in the layout the new node needs and casts it to the requested dtype.
+
+Chaining N layers: call `add_layer` and `p_activation` alternately, feeding each call the tensor
+the previous one returned, and pass the tensor the chain must produce (the replaced node's output)
+as `out` of the last call, e.g. for three layers with activations between them:
+
+    h = add_layer(graph, namer, scope, "conv_a", x, spec_a, dtype)
+    h = p_activation(graph, namer, scope + "/1", h, "relu", ...)
+    h = add_layer(graph, namer, scope, "conv_b", h, spec_b, dtype)
+    h = p_activation(graph, namer, scope + "/2", h, "relu", ...)
+    add_layer(graph, namer, scope, "conv_c", h, spec_c, dtype, out=y)
+
+`insert_layer_pair` is the two-layer case. Every new node and tensor is named by the graph's
+`Namer` under its scope (`conv2/morph_deepen/conv_a`, `.../conv_a/weight`).
+
+Naming rule of the P-activation parameter (what a trainer looks for): every P-activation has ONE
+trainable parameter `a`, a float initializer of ones shaped to broadcast along the channel axis,
+whose name is `<scope>/act_a` (for ReLU too, where it is the `PRelu` slope). `p_activation`
+turns `<scope>` into `<scope>_2`, ... when those names are taken, so the name always ends in
+`/act_a` (`P_ACTIVATION_SUFFIX`).
+At `a = 1` every P-activation is exactly the identity (bit for bit): `PRelu` with slope 1, or
+`(1 - a) * phi(x) + a * x` = `0 * phi(x) + x`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxmorph import graph as mgraph
+from onnxmorph.errors import NotApplicable
+from onnxmorph.graph import ConvGeometry, Namer
+
+__all__ = [
+    "ACTIVATIONS",
+    "P_ACTIVATION_SUFFIX",
+    "LayerSpec",
+    "activation_problem",
+    "add_layer",
+    "channel_param_shape",
+    "fresh_scope",
+    "insert_layer_pair",
+    "p_activation",
+    "pair_geometries",
+]
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "none")
+P_ACTIVATION_SUFFIX = "/act_a"
+LEAKY_RELU_ALPHA = 0.01  # ONNX LeakyRelu's default, as PyTorch's
+MIN_OPSET = 7  # PRelu's unidirectional slope broadcasting and numpy-style Mul/Add broadcasting start here
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One new layer to build from solved arrays.
+
+    `op` is "Conv", "Gemm" or "MatMul". `weight` is canonical (`[Co, Ci/groups, *K]` or `[Co, Ci]`).
+    `bias` is an array of shape `[Co]`, an existing tensor (reused as is, e.g. a parent's bias,
+    a Gemm's `[M, N]` constant or a computed tensor), or None. `geometry` is required for Conv.
+    Gemm only: `trans_a` keeps a transposed input (`[K, M]`), `trans_b` chooses how the weight is
+    stored (True: `[Co, Ci]` with transB=1, False: `[Ci, Co]`), `beta` multiplies the bias (keep
+    1 and fold it into an array bias; a reused tensor bias may need the parent's beta).
+    """
+
+    op: str
+    weight: np.ndarray
+    bias: np.ndarray | gs.Tensor | None = None
+    geometry: ConvGeometry | None = None
+    trans_a: bool = False
+    trans_b: bool = True
+    beta: float = 1.0
+
+
+def fresh_scope(namer: Namer, *parts: str) -> str:
+    """A scope name that neither is taken nor prefixes a taken name, so names under it stay as given."""
+    base = "/".join(p for p in parts if p)
+    scope, k = base, 1
+    while scope in namer.taken or any(t.startswith(scope + "/") for t in namer.taken):
+        k += 1
+        scope = f"{base}_{k}"
+    namer.taken.add(scope)
+    return scope
+
+
+def _activation_scope(namer: Namer, scope: str) -> str:
+    """`scope`, or `scope_2`, ... such that `<scope>/act`, `<scope>/act_a` and `<scope>/act/...` are free."""
+    candidate, k = scope, 1
+    while any(t == candidate + "/act" or t == candidate + P_ACTIVATION_SUFFIX or t.startswith(candidate + "/act/")
+              for t in namer.taken):
+        k += 1
+        candidate = f"{scope}_{k}"
+    return candidate
+
+
+def pair_geometries(parent: ConvGeometry, k2: Sequence[int]) -> tuple[ConvGeometry, ConvGeometry]:
+    """Geometries of the two convs replacing `parent`, layer 2 having kernel `k2`; exact on every pixel.
+
+    Layer 1 keeps the parent's kernel and dilation, stride 1, and carries all the padding:
+    `P_begin + dilation * lo` / `P_end + dilation * hi` with `lo = (K2 - 1) // 2`, `hi = K2 - 1 - lo`
+    (the placement of `solvers.target_kernel`). Layer 2 has pads 0, the parent's stride and dilation,
+    so it never reads a zero-padded intermediate value and every output, border included, sums the
+    same input pixels with the same composite weights as the parent.
+    """
+    k2 = tuple(int(k) for k in k2)
+    lo = tuple((k - 1) // 2 for k in k2)
+    hi = tuple(k - 1 - a for k, a in zip(k2, lo))
+    d = parent.dilations
+    first = ConvGeometry(
+        kernel=parent.kernel,
+        pads_begin=tuple(p + di * a for p, di, a in zip(parent.pads_begin, d, lo)),
+        pads_end=tuple(p + di * b for p, di, b in zip(parent.pads_end, d, hi)),
+        strides=(1,) * len(k2),
+        dilations=d,
+        group=parent.group,
+    )
+    second = ConvGeometry(
+        kernel=k2,
+        pads_begin=(0,) * len(k2),
+        pads_end=(0,) * len(k2),
+        strides=parent.strides,
+        dilations=d,
+        group=parent.group,
+    )
+    return first, second
+
+
+def _bias_input(namer: Namer, name: str, bias: np.ndarray | gs.Tensor, dtype: np.dtype) -> gs.Tensor:
+    if isinstance(bias, gs.Tensor):
+        return bias
+    return mgraph.constant(namer(name, "bias"), np.asarray(bias), dtype)
+
+
+def add_layer(
+    graph: gs.Graph,
+    namer: Namer,
+    scope: str,
+    tag: str,
+    x: gs.Tensor,
+    spec: LayerSpec,
+    dtype: np.dtype | type,
+    out: gs.Variable | None = None,
+) -> gs.Variable:
+    """Append to `graph` a node `<scope>/<tag>` computing `spec` on `x`; returns its output tensor.
+
+    The output is `out` when given (to produce an existing tensor, e.g. the replaced node's
+    output), else a new `<scope>/<tag>/out` of `dtype`.
+    """
+    name = namer(scope, tag)
+    dtype = np.dtype(dtype)
+    w = np.asarray(spec.weight)
+    inputs: list[gs.Tensor] = [x]
+    attrs: dict[str, object] = {}
+    if spec.op == "Conv":
+        if spec.geometry is None:
+            raise ValueError(f"{name}: a Conv layer needs its geometry")
+        inputs.append(mgraph.constant(namer(name, "weight"), w, dtype))
+        if spec.bias is not None:
+            inputs.append(_bias_input(namer, name, spec.bias, dtype))
+        g = spec.geometry
+        attrs = {"kernel_shape": list(g.kernel), "pads": g.pads, "strides": list(g.strides),
+                 "dilations": list(g.dilations), "group": g.group}
+    elif spec.op == "Gemm":
+        stored = w if spec.trans_b else w.T
+        inputs.append(mgraph.constant(namer(name, "weight"), stored, dtype))
+        if spec.bias is not None:
+            inputs.append(_bias_input(namer, name, spec.bias, dtype))
+        attrs = {"transA": int(spec.trans_a), "transB": int(spec.trans_b), "alpha": 1.0, "beta": float(spec.beta)}
+    elif spec.op == "MatMul":
+        # MatMul computes x @ W with W [Ci, Co]; a bias, if any, is an Add node of the caller's.
+        inputs.append(mgraph.constant(namer(name, "weight"), w.T, dtype))
+        if spec.bias is not None:
+            raise ValueError(f"{name}: MatMul has no bias input")
+    else:
+        raise ValueError(f"{name}: cannot build a {spec.op} layer")
+    y = out if out is not None else gs.Variable(namer(name, "out"), dtype=dtype)
+    graph.nodes.append(gs.Node(spec.op, name=name, attrs=attrs, inputs=inputs, outputs=[y]))
+    return y
+
+
+def channel_param_shape(channels: int, channel_axis: int, rank: int | None) -> tuple[int, ...]:
+    """Shape of a per-channel parameter that broadcasts (numpy rules) against a tensor of `rank`.
+
+    `channel_axis` 1 (Conv/Gemm outputs `[N, C, *spatial]`) gives `[C, 1, ..., 1]`; -1 (MatMul
+    outputs `[..., C]`) gives `[C]`. This is also what PRelu's slope needs from opset 7 on.
+    """
+    if channel_axis == -1:
+        return (channels,)
+    if channel_axis != 1 or rank is None or rank < 2:
+        raise ValueError(f"channel axis {channel_axis} of a rank-{rank} tensor is not supported")
+    return (channels,) + (1,) * (rank - 2)
+
+
+def activation_problem(kind: str, opset: int) -> str | None:
+    """Why a P-activation of `kind` cannot be built in `opset` (a phrase), or None when it can."""
+    if kind not in ACTIVATIONS:
+        return f"unknown activation {kind!r} (known: {', '.join(ACTIVATIONS)})"
+    if kind == "none":
+        return None
+    if opset < MIN_OPSET:
+        return f"a P-activation needs opset >= {MIN_OPSET} (broadcasting PRelu/Mul), the model has {opset}"
+    if kind == "gelu" and opset < 9:
+        return f"gelu needs opset >= 9 (Erf) or 20 (Gelu), the model has {opset}"
+    return None
+
+
+def _node(graph: gs.Graph, op: str, name: str, inputs: list[gs.Tensor], out: gs.Variable,
+          **attrs: object) -> gs.Variable:
+    graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[out]))
+    return out
+
+
+def p_activation(
+    graph: gs.Graph,
+    namer: Namer,
+    scope: str,
+    x: gs.Tensor,
+    kind: str,
+    channels: int,
+    channel_axis: int,
+    rank: int | None,
+    dtype: np.dtype | type,
+    opset: int,
+    out: gs.Variable | None = None,
+) -> gs.Variable:
+    """Append a parametric activation `phi_a` of `kind` on `x`, the identity at morph time; returns its output.
+
+    relu -> `PRelu(x, a)`; leaky_relu, tanh, sigmoid, gelu -> `(1 - a) * phi(x) + a * x` (gelu is the
+    Gelu op from opset 20, else `0.5 * x * (1 + Erf(x / sqrt 2))`); none -> nothing is added and `x`
+    is returned. `a` is an initializer of ones named `<scope>/act_a` (see the module docstring),
+    shaped by `channel_param_shape(channels, channel_axis, rank)`. Raises NotApplicable when the
+    opset cannot express it (see `activation_problem`).
+    """
+    problem = activation_problem(kind, opset)
+    if problem is not None:
+        raise NotApplicable(problem)
+    if kind == "none":
+        return x
+    dtype = np.dtype(dtype)
+    scope = _activation_scope(namer, scope)
+    base = scope + "/act"
+    namer.taken.add(base)
+    shape = channel_param_shape(channels, channel_axis, rank)
+    a = mgraph.constant(scope + P_ACTIVATION_SUFFIX, np.ones(shape), dtype)
+    namer.taken.add(a.name)
+    y = out if out is not None else gs.Variable(base + "/out", dtype=dtype)
+    namer.taken.add(y.name)
+
+    def tmp(tag: str) -> gs.Variable:
+        return gs.Variable(namer(base, tag), dtype=dtype)
+
+    if kind == "relu":
+        return _node(graph, "PRelu", base, [x, a], y)
+    if kind == "leaky_relu":
+        phi = _node(graph, "LeakyRelu", namer(base, "phi"), [x], tmp("phi_out"), alpha=LEAKY_RELU_ALPHA)
+    elif kind == "tanh":
+        phi = _node(graph, "Tanh", namer(base, "phi"), [x], tmp("phi_out"))
+    elif kind == "sigmoid":
+        phi = _node(graph, "Sigmoid", namer(base, "phi"), [x], tmp("phi_out"))
+    elif opset >= 20:
+        phi = _node(graph, "Gelu", namer(base, "phi"), [x], tmp("phi_out"))
+    else:
+        scaled = _node(graph, "Mul", namer(base, "erf_scale"),
+                       [x, mgraph.constant(namer(base, "inv_sqrt2"), np.array(1 / math.sqrt(2)), dtype)],
+                       tmp("erf_in"))
+        erf = _node(graph, "Erf", namer(base, "erf"), [scaled], tmp("erf_out"))
+        one_plus = _node(graph, "Add", namer(base, "erf_plus_one"),
+                         [erf, mgraph.constant(namer(base, "one_e"), np.array(1.0), dtype)], tmp("erf_plus_one"))
+        half_x = _node(graph, "Mul", namer(base, "half_x"),
+                       [x, mgraph.constant(namer(base, "half"), np.array(0.5), dtype)], tmp("half_x"))
+        phi = _node(graph, "Mul", namer(base, "phi"), [half_x, one_plus], tmp("phi_out"))
+    one = mgraph.constant(namer(base, "one"), np.array(1.0), dtype)
+    one_minus_a = _node(graph, "Sub", namer(base, "one_minus_a"), [one, a], tmp("one_minus_a"))
+    # At a = 1 the first product is exactly 0 and the second exactly x: the identity, bit for bit.
+    nonlinear = _node(graph, "Mul", namer(base, "mix_phi"), [one_minus_a, phi], tmp("mix_phi"))
+    linear = _node(graph, "Mul", namer(base, "mix_x"), [a, x], tmp("mix_x"))
+    return _node(graph, "Add", base, [nonlinear, linear], y)
+
+
+def insert_layer_pair(
+    graph: gs.Graph,
+    namer: Namer,
+    scope: str,
+    x: gs.Tensor,
+    y: gs.Variable,
+    first: LayerSpec,
+    second: LayerSpec,
+    *,
+    activation: str,
+    channel_axis: int,
+    rank: int | None,
+    dtype: np.dtype | type,
+    opset: int,
+    tags: tuple[str, str] = ("layer_a", "layer_b"),
+) -> list[gs.Node]:
+    """Build `first`, a P-activation over its output channels, then `second` producing `y`; returns the new nodes.
+
+    The caller removes the node that produced `y` before (or after) calling this. `rank` is the
+    rank of the first layer's output (needed for channel axis 1), `tags` name the two layer nodes.
+    """
+    start = len(graph.nodes)
+    h = add_layer(graph, namer, scope, tags[0], x, first, dtype)
+    h = p_activation(graph, namer, scope, h, activation, int(np.asarray(first.weight).shape[0]),
+                     channel_axis, rank, dtype, opset)
+    add_layer(graph, namer, scope, tags[1], h, second, dtype, out=y)
+    return list(graph.nodes[start:])
