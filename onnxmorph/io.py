@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -90,7 +90,7 @@ def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
             load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as exc:
             raise InvalidModelError(f"{path}: cannot load external data ({_one_line(exc)})") from exc
-    check(model, name=str(path))
+    check_structure(model, name=str(path))
     _set_source_digest(model, path)
     if normalize_model:
         _normalize_in_place(model)
@@ -105,10 +105,10 @@ def check_file(path: PathLike) -> None:
         raise InvalidModelError(f"{path}: invalid ONNX model: {_one_line(exc)}") from exc
 
 
-def check(model: onnx.ModelProto, name: str = "model") -> None:
-    """Run onnx.checker on `model`, raising InvalidModelError with one line on failure."""
+def check(model: onnx.ModelProto | bytes, name: str = "model") -> None:
+    """Run onnx.checker on `model` (or its serialised bytes), raising InvalidModelError with one line."""
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if isinstance(model, bytes) or approx_size(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         else:
             with tempfile.TemporaryDirectory(prefix="onnxmorph-check-") as tmp:
@@ -119,6 +119,69 @@ def check(model: onnx.ModelProto, name: str = "model") -> None:
         raise InvalidModelError(f"{name}: invalid ONNX model: {_one_line(exc)}") from exc
     except Exception as exc:
         raise InvalidModelError(f"{name}: invalid ONNX model: {_one_line(exc)}") from exc
+
+
+def check_structure(model: onnx.ModelProto, name: str = "model") -> None:
+    """`check` on the model's skeleton (large weights stand in as empty tensors): seconds faster.
+
+    Serialising a 500 MB model for onnx.checker takes seconds with protobuf's upb backend and
+    doubles the memory; the checker needs the weights only to compare their byte counts with
+    their dims, which `load_header` (check_declared_sizes) does for a loaded model and which
+    numpy_helper guarantees for the weights a pass makes.
+    """
+    check(skeleton(model, keep_dims=False), name=name)
+
+
+# Weights at least this large are left out of a skeleton.
+_SKELETON_MIN_BYTES = 1024
+
+
+def _left_out(tensor: onnx.TensorProto) -> bool:
+    # Only types whose byte count check_declared_sizes verifies.
+    return (tensor.data_type in _WHOLE_BYTE_TYPES and tensor.HasField("raw_data")
+            and (_declared_bytes(tensor) or 0) >= _SKELETON_MIN_BYTES)
+
+
+def skeleton(model: onnx.ModelProto, *, keep_dims: bool = True) -> onnx.ModelProto:
+    """A copy of `model` whose large main-graph weights have no data (the weights are not copied).
+
+    With `keep_dims` the stand-ins keep their dims (for shape inference); without, they are
+    empty (dims [0]), which onnx.checker accepts.
+    """
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    graph = out.graph
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(graph, fd, value)
+    for tensor in model.graph.initializer:
+        if _left_out(tensor):
+            stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
+            stub.dims.extend(tensor.dims if keep_dims else [0])
+        else:
+            graph.initializer.append(tensor)
+    return out
+
+
+def _copy_field(target: Any, fd: Any, value: Any) -> None:
+    if fd.is_repeated:
+        getattr(target, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)
+
+
+def approx_size(model: onnx.ModelProto) -> int:
+    """The serialised size of `model` to within a few bytes per weight, without serialising it.
+
+    `ModelProto.ByteSize()` serialises the whole model under protobuf's upb backend (seconds
+    and a transient copy for a 500 MB model); this sizes the skeleton and adds the weights' bytes.
+    """
+    weights = sum(_declared_bytes(t) or 0 for t in model.graph.initializer if _left_out(t))
+    return skeleton(model).ByteSize() + weights
 
 
 def _one_line(exc: BaseException) -> str:
@@ -287,7 +350,7 @@ def digest(model: onnx.ModelProto) -> str:
 def content_digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the serialised model (tensor by tensor when it is too large to serialise)."""
     h = hashlib.sha256()
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if approx_size(model) < EXTERNAL_DATA_THRESHOLD:
         h.update(model.SerializeToString(deterministic=True))
         return h.hexdigest()
     stripped = onnx.ModelProto()
@@ -530,18 +593,25 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
         raise UsageError(f"{path}: folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{path}: folder '{folder}' is not writable")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    strip_transient_metadata(out)
-    if external_data is None:
-        external_data = out.ByteSize() >= EXTERNAL_DATA_THRESHOLD
-    with _atomic_target(path) as tmp_model:
-        if external_data:
-            data_name = path.name + ".data"
-            with _atomic_target(folder / data_name) as tmp_data:
-                _write_with_external_data(out, tmp_model, data_file=tmp_data.name, final_data_name=data_name)
-        else:
-            _write_bytes(tmp_model, out.SerializeToString())
+    # The load-time bookkeeping is taken out of `model` and put back afterwards, instead of
+    # saving a stripped copy: a copy of a 500 MB model costs its size in memory and a second.
+    saved = list(model.metadata_props)
+    strip_transient_metadata(model)
+    try:
+        if external_data is None:
+            external_data = approx_size(model) >= EXTERNAL_DATA_THRESHOLD
+        with _atomic_target(path) as tmp_model:
+            if external_data:
+                data_name = path.name + ".data"
+                with _atomic_target(folder / data_name) as tmp_data:
+                    _write_with_external_data(model, tmp_model, data_file=tmp_data.name,
+                                              final_data_name=data_name)
+            else:
+                _write_bytes(tmp_model, model.SerializeToString())
+    finally:
+        if len(saved) != len(model.metadata_props):
+            del model.metadata_props[:]
+            model.metadata_props.extend(saved)
     return path
 
 

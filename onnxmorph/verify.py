@@ -338,7 +338,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
 class _Session:
     """An onnxruntime CPU session with graph optimisations off (they could hide a difference)."""
 
-    def __init__(self, model: ModelLike, role: str) -> None:
+    def __init__(self, model: ModelLike | bytes, role: str) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -346,9 +346,11 @@ class _Session:
         options.log_severity_level = 4  # its errors come back as exceptions, reported in one line
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
-            if isinstance(model, onnx.ModelProto):
-                if model.ByteSize() < mio.EXTERNAL_DATA_THRESHOLD:
-                    source: Any = model.SerializeToString()
+            if isinstance(model, bytes):
+                source: Any = model
+            elif isinstance(model, onnx.ModelProto):
+                if mio.approx_size(model) < mio.EXTERNAL_DATA_THRESHOLD:
+                    source = model.SerializeToString()
                 else:
                     self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
                     target = Path(self._tmp.name) / f"{role}.onnx"
@@ -510,9 +512,13 @@ class Verifier:
         )
         header = _header(child, "child")
         report.problems.extend(interface_problems(self.parent_header, header))
+        # One serialisation serves both onnx.checker and onnxruntime (each costs seconds at 500 MB).
+        source: ModelLike | bytes = child
         try:
             if isinstance(child, onnx.ModelProto):
-                mio.check(child, name="child")
+                if mio.approx_size(child) < mio.EXTERNAL_DATA_THRESHOLD:
+                    source = child.SerializeToString()
+                mio.check(source if isinstance(source, bytes) else child, name="child")
             else:
                 mio.check_file(child)
         except InvalidModelError as exc:
@@ -526,7 +532,7 @@ class Verifier:
             ))
         log.info("running the child (%d trial(s))", len(self.feeds))
         try:
-            session = _Session(child, "child")
+            session = _Session(source, "child")
         except _RuntimeProblem as exc:
             report.problems.append(str(exc))
             return report

@@ -71,3 +71,59 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert all(e["relative_residual"] < 1e-6 for e in results["solver"])
     assert [e["width_multiplier"] for e in results["scaling"]] == [1, 2]
     assert "1. morph overhead" in proc.stdout and "3. solver" in proc.stdout
+
+
+# --------------------------------------------------------------------------- the core fixes the benchmarks led to
+
+
+def _big_gemm_model(n: int = 256) -> onnx.ModelProto:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_approx_size_matches_the_serialised_size_and_skeleton_keeps_no_weight_data() -> None:
+    from onnxmorph import io as mio
+
+    model = _big_gemm_model()
+    exact = model.ByteSize()
+    assert abs(mio.approx_size(model) - exact) <= 16
+    bare = mio.skeleton(model, keep_dims=False)
+    assert bare.ByteSize() < 1024 and list(bare.graph.initializer[0].dims) == [0]
+    assert list(mio.skeleton(model).graph.initializer[0].dims) == [256, 256]
+    onnx.checker.check_model(bare)
+    assert model.ByteSize() == exact  # the model itself is untouched
+
+
+def test_structural_check_still_refuses_a_broken_graph_with_large_weights() -> None:
+    from onnxmorph import io as mio
+    from onnxmorph.errors import InvalidModelError
+
+    model = _big_gemm_model()
+    mio.check_structure(model)
+    model.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(InvalidModelError, match="nowhere"):
+        mio.check_structure(model)
+
+
+def test_save_writes_no_load_time_metadata_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    import onnxmorph
+    from onnxmorph import io as mio
+
+    source = tmp_path / "m.onnx"
+    onnx.save(_big_gemm_model(), str(source))
+    model = onnxmorph.load(source)
+    before = model.SerializeToString()
+    assert any(p.key == "onnxmorph.source_sha256" for p in model.metadata_props)
+    mio.save(model, tmp_path / "out.onnx")
+    assert model.SerializeToString() == before
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert not any(p.key.startswith("onnxmorph.source") for p in written.metadata_props)
+    assert written.graph.initializer[0].raw_data == model.graph.initializer[0].raw_data
