@@ -600,14 +600,17 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     try:
         if external_data is None:
             external_data = approx_size(model) >= EXTERNAL_DATA_THRESHOLD
-        with _atomic_target(path) as tmp_model:
-            if external_data:
-                data_name = path.name + ".data"
-                with _atomic_target(folder / data_name) as tmp_data:
-                    _write_with_external_data(model, tmp_model, data_file=tmp_data.name,
-                                              final_data_name=data_name)
-            else:
-                _write_bytes(tmp_model, model.SerializeToString())
+        data_name = path.name + ".data"
+        # The weights are renamed into place before the model file: until the model's rename has
+        # happened too, the old weights must come back on failure (old model + new weights is corrupt).
+        with _restored_on_failure(folder / data_name) if external_data else contextlib.nullcontext():
+            with _atomic_target(path) as tmp_model:
+                if external_data:
+                    with _atomic_target(folder / data_name) as tmp_data:
+                        _write_with_external_data(model, tmp_model, data_file=tmp_data.name,
+                                                  final_data_name=data_name)
+                else:
+                    _write_bytes(tmp_model, model.SerializeToString())
     finally:
         if len(saved) != len(model.metadata_props):
             del model.metadata_props[:]
@@ -632,6 +635,37 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def _restored_on_failure(path: Path) -> Iterator[None]:
+    """Put the file at `path` back as it was (or remove it, if there was none) when the block fails."""
+    backup: Path | None = None
+    if path.is_file():
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+        try:
+            os.link(path, name)  # a second name for the old bytes: no copy, even at 2 GiB
+            backup = Path(name)
+        except OSError:
+            backup = None
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        # rename(2) between two names of one file does nothing: only put back what was replaced.
+        if backup is not None and not (path.exists() and os.path.samefile(backup, path)):
+            os.replace(backup, path)
+            backup = None
+        elif not existed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    finally:
+        if backup is not None:
+            with contextlib.suppress(FileNotFoundError):
+                backup.unlink()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -24,6 +24,7 @@ from robust_support import (
     no_layer_model,
     reference,
     run_cli,
+    run_cli_batch,
     run_main,
     small_cnn,
     small_mlp_matmul,
@@ -456,16 +457,18 @@ def _changed_copy(folder: Path) -> Path:
 def test_exit_codes_json_and_quiet(tmp_path: Path) -> None:
     model = _copy_reference(tmp_path, "mlp_relu")
     changed = _changed_copy(tmp_path)
-    same = run_cli(["verify", model.name, model.name, "--trials", "1", "-q"], cwd=tmp_path)
+    same, differ, as_json, inspected, bad = run_cli_batch([
+        ["verify", model.name, model.name, "--trials", "1", "-q"],
+        ["verify", model.name, changed.name, "--trials", "1"],
+        ["verify", model.name, changed.name, "--trials", "1", "--json"],
+        ["inspect", model.name, "--json"],
+        ["inspect", "nope.onnx", "--json"],
+    ], cwd=tmp_path, report=tmp_path.parent / "exit-codes.json")
     assert same.code == 0 and same.err == "" and same.out == ""
-    differ = run_cli(["verify", model.name, changed.name, "--trials", "1"], cwd=tmp_path)
     assert_refused(differ, 1)
-    as_json = run_cli(["verify", model.name, changed.name, "--trials", "1", "--json"], cwd=tmp_path)
     assert as_json.code == 1 and json.loads(as_json.out)["verification"]["passed"] is False
-    inspected = run_cli(["inspect", model.name, "--json"], cwd=tmp_path)
     assert inspected.code == 0 and inspected.err == ""
     assert [layer["name"] for layer in json.loads(inspected.out)["layers"]]
-    bad = run_cli(["inspect", "nope.onnx", "--json"], cwd=tmp_path)
     assert_refused(bad, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["changed.onnx", "mlp_relu.onnx"]
 
@@ -475,11 +478,13 @@ def test_every_pass_command_exits_0_with_json_and_is_silent_with_q(name: str, tm
     stem, step = first_use(name)
     model = _copy_reference(tmp_path, stem)
     parent = model.read_bytes()
-    as_json = run_cli([name, model.name, "-o", "a.onnx", "--json", "--trials", "1", *cli_flags(step)], cwd=tmp_path)
+    as_json, quiet = run_cli_batch([
+        [name, model.name, "-o", "a.onnx", "--json", "--trials", "1", *cli_flags(step)],
+        [name, model.name, "-o", "b.onnx", "-q", "--trials", "1", *cli_flags(step)],
+    ], cwd=tmp_path, report=tmp_path.parent / f"{name}.json")
     assert as_json.code == 0 and as_json.err == "", as_json.err
     data = json.loads(as_json.out)
     assert data["verification"]["passed"] is True and data["steps"][0]["pass"] == name
-    quiet = run_cli([name, model.name, "-o", "b.onnx", "-q", "--trials", "1", *cli_flags(step)], cwd=tmp_path)
     assert quiet.code == 0 and quiet.err == "" and quiet.out == ""
     assert model.read_bytes() == parent
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.onnx", "b.onnx", model.name])

@@ -201,3 +201,26 @@ def test_a_real_full_disk_is_one_line_and_no_file(previous: bool, tmp_path: Path
     assert_refused(result, 2, "child.onnx", "cannot write")
     assert _state(tmp_path) == before
     assert leftovers(tmp_path) == []
+
+
+def test_an_external_data_save_that_fails_between_its_two_renames_keeps_the_old_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The weights file is renamed into place first, then the model file: a failure in between must
+    # not leave the old model file reading the new weights.
+    target = tmp_path / "child.onnx"
+    onnxmorph.save(reference("mlp_tanh"), target, external_data=True)
+    old = _state(tmp_path)
+    real_replace = os.replace
+
+    def fail_on_the_model(src: str, dst: str) -> None:
+        if Path(dst).name == "child.onnx":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", fail_on_the_model)
+    with pytest.raises(onnxmorph.UsageError):
+        onnxmorph.save(reference("mlp_relu"), target, external_data=True)
+    monkeypatch.undo()
+    assert _state(tmp_path) == old
+    assert leftovers(tmp_path) == []
