@@ -14,7 +14,7 @@ import onnx
 
 from onnxmorph import __version__, receipt
 from onnxmorph import io as mio
-from onnxmorph.errors import OnnxMorphError, VerificationFailed
+from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.graph import forget_views
 from onnxmorph.passinfra import MorphPass, get_pass
 from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier, interface_problems
@@ -76,8 +76,14 @@ def run_passes(
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
         log.info("morphing: %s", label)
-        step.requires(child)
-        result = step.call(child)
+        try:
+            step.requires(child)
+            result = step.call(child)
+        except (NotApplicable, UsageError) as exc:
+            if len(passes) == 1:
+                raise
+            # A recipe names the step that does not apply (its layer may come from an earlier step).
+            raise type(exc)(f"step {k} ({step.name}): {exc}") from exc
         if result.model is child and result.modified:
             raise OnnxMorphError(f"{label}: the pass modified its input in place (a bug in onnxmorph)")
         problems = interface_problems(parent_model, result.model)
@@ -96,7 +102,8 @@ def run_passes(
         log.info("verifying the child against the parent")
         report = verifier.check(child)
         if not report:
-            raise VerificationFailed(report.summary(), report)
+            last = f"step {len(passes)} ({passes[-1]!r}): " if verify_each and len(passes) > 1 else ""
+            raise VerificationFailed(last + report.summary(), report)
     else:
         # The pass wrote well-formed weights; checking the structure avoids serialising the child.
         mio.check_structure(child, name="child")
