@@ -157,12 +157,25 @@ def reference(stem: str) -> onnx.ModelProto:
 
 
 def applicable(name: str, model: onnx.ModelProto, limit: int | None = None) -> list[MorphPass]:
-    """Instances of pass `name` that its probe proposes and that pass `requires` on `model`."""
+    """Instances of pass `name` that pass `requires` on `model`.
+
+    Proposed by the pass's probe, layer by layer; a pass without a probe that names two layers
+    (a skip from A to B) gets pairs of layer outputs, earlier to later, with its other parameters
+    at their defaults (or their first choice).
+    """
+    cls = REGISTRY[name]
+    layers = mgraph.layers(mgraph.read_view(model))
+    candidates: list[Any] = [(cls.probe, info) for info in layers]
+    targets = layer_params(cls)
+    if len(targets) == 2:
+        others = {p.name: p.choices[0] for p in cls.params if p.required and p.choices}
+        outputs = [info.output for info in layers][:8]
+        pairs = [(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:]]
+        candidates += [(None, {targets[0]: a, targets[1]: b, **others}) for a, b in pairs]
     found = []
-    view = mgraph.read_view(model)
-    for info in mgraph.layers(view):
+    for probe, arg in candidates:
         try:
-            step = REGISTRY[name].probe(model, info)
+            step = probe(model, arg) if probe is not None else cls(**arg)
             if step is None:
                 continue
             step.requires(model)

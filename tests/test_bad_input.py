@@ -180,8 +180,18 @@ def _clean_use(name: str) -> tuple[str, Any] | None:
     return None
 
 
+# Passes that morph one named layer (its weight is what they rewrite).
+LAYER_PASSES = [name for name in PASSES if len(layer_params(REGISTRY[name])) == 1]
+# Passes that join two tensors and can concatenate (the consumers' weights then grow).
+JOIN_PASSES = [
+    name for name in PASSES
+    if len(layer_params(REGISTRY[name])) == 2
+    and any(p.choices and "concat" in p.choices for p in REGISTRY[name].params)
+]
+
+
 @pytest.mark.parametrize("defect", ["shared", "computed"])
-@pytest.mark.parametrize("name", PASSES)
+@pytest.mark.parametrize("name", LAYER_PASSES)
 def test_a_weight_that_is_not_an_exclusive_constant_is_refused(
     name: str, defect: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -203,6 +213,27 @@ def test_a_weight_that_is_not_an_exclusive_constant_is_refused(
     with pytest.raises(onnxmorph.OnnxMorphError) as caught:
         onnxmorph.morph(bad, name, **{**step.config, **override})
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("defect", "target"), [("shared", "r2"), ("computed", "r1")])
+@pytest.mark.parametrize("name", JOIN_PASSES)
+def test_a_concat_into_a_layer_whose_weight_is_not_an_exclusive_constant_is_refused(
+    name: str, defect: str, target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # Concatenating onto r2 (r1) widens the input of conv3 (conv2), whose weight is shared (computed).
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"{defect}.onnx"
+    onnx.save(small_cnn(**{defect: True}), path)
+    source, dest = layer_params(REGISTRY[name])
+    mode = next(p.cli_flag for p in REGISTRY[name].params if p.choices and "concat" in p.choices)
+    flags: list[str] = []
+    for p in REGISTRY[name].params:
+        if p.name in (source, dest):
+            flags += [p.cli_flag, "h1" if p.name == source else target]
+    flags += [mode, "concat"]
+    line = _refused_without_trace(tmp_path, [name, path, "-o", "out.onnx", *flags], capfd)
+    assert "W2" in line or "conv2" in line or "conv3" in line, line
 
 
 # --------------------------------------------------------------------------- sizes
