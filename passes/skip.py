@@ -10,14 +10,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import build
+from onnxmorph import build, channels
 from onnxmorph import graph as mgraph
+from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
 from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name, register
 
 MODES = ("add", "concat")
-# Ops whose input channels can grow by columns of zero weights (the concat consumers).
-CONCAT_CONSUMERS = ("Conv", "Gemm", "MatMul")
+# Values given to per-channel parameters (batch-norm and the like) for A's channels: any finite value is
+# exact, since the consumers' weights on those channels are zero; these keep the values tame.
+FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0, "slope": 1.0}
 
 
 def match_strides(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -51,6 +53,21 @@ def is_ancestor(source: gs.Tensor, target: gs.Tensor) -> bool:
     return False
 
 
+def nearest_layer_op(tensor: gs.Tensor) -> str | None:
+    """The op of the closest Conv/ConvTranspose/Gemm/MatMul above `tensor` (None when there is none)."""
+    seen = {tensor.name}
+    queue = deque([tensor])
+    while queue:
+        for node in queue.popleft().inputs:
+            if node.op in mgraph.LAYER_OPS:
+                return node.op
+            for t in node.inputs:
+                if t.name not in seen and not isinstance(t, gs.Constant):
+                    seen.add(t.name)
+                    queue.append(t)
+    return None
+
+
 def _tensor(graph: gs.Graph, name: str, flag: str) -> gs.Variable:
     tensor = graph.tensors().get(name)
     if tensor is None:
@@ -72,6 +89,7 @@ class SkipPlan:
     rank: int
     strides: tuple[int, ...]
     dtype: np.dtype
+    coupling: channels.Coupling | None = None
 
 
 @register
@@ -80,9 +98,10 @@ class SkipPass(MorphPass):
 
     add: B becomes B + proj(A), proj a 1x1 Conv (a Gemm for [N, C] tensors) initialised to zero,
     strided to match B's spatial size and mapping A's channels to B's. concat: B becomes
-    Concat(B, A) on the channel axis (A subsampled by a strided 1x1 MaxPool when it is larger), and
-    every consumer of B, which must be a Conv (group 1), Gemm or MatMul, gets zero weights on A's
-    channels. Names: `<B>/morph_skip/proj`, `<B>/morph_skip/add` or `<B>/morph_skip/concat`
+    Concat(B, A) on the channel axis (A subsampled by a strided 1x1 MaxPool when it is larger); the
+    channel analysis of the width morph follows A's channels through batch-norms, activations,
+    pooling, depthwise convs and Flatten to the next layers, which get zero weights on them.
+    Names: `<B>/morph_skip/proj`, `<B>/morph_skip/add` or `<B>/morph_skip/concat`
     (and `/pool`); consumers of B read the new tensor `<B>/morph_skip/out`, except when B is a graph
     output, whose name stays on the sum.
     """
@@ -118,14 +137,23 @@ class SkipPass(MorphPass):
             raise NotApplicable(f"{where}: A has shape {list(sa)} and B {list(sb)}; need the same rank, [N, C, ...]")
         if sa[0] != sb[0]:
             raise NotApplicable(f"{where}: batch sizes {sa[0]} and {sb[0]} differ")
+        if len(sa) > 2:
+            # Channels sit on axis 1 after a Conv; after a MatMul ([N, T, C]) they are last.
+            for t in (b, a):
+                op = nearest_layer_op(t)
+                if op in ("Gemm", "MatMul"):
+                    raise NotApplicable(f"{where}: '{t.name}' comes from a {op}, so its channels are not on axis 1 "
+                                        f"(shape {list(shapes[t.name])}); only [N, C, ...] tensors of conv nets "
+                                        "and [N, C] vectors are supported")
         strides = match_strides(sa[2:], sb[2:])
         if strides is None:
             raise NotApplicable(f"{where}: A's spatial size {list(sa[2:])} cannot be strided down to B's "
                                 f"{list(sb[2:])}")
         dtype = self._dtype(model, a, b, where)
+        coupling = None
         if self.mode == "concat":
-            self._check_concat(view, b, where, len(sa))
-        return SkipPlan(a.name, b.name, int(sa[1]), int(sb[1]), len(sa), strides, dtype)
+            coupling = self._coupling(model, view, b, where, int(sb[1]), int(sa[1]))
+        return SkipPlan(a.name, b.name, int(sa[1]), int(sb[1]), len(sa), strides, dtype, coupling)
 
     def _dtype(self, model: onnx.ModelProto, a: gs.Tensor, b: gs.Tensor, where: str) -> np.dtype:
         # Intermediate tensors rarely carry a type in the graph; a float model computes in its input's type.
@@ -137,26 +165,48 @@ class SkipPass(MorphPass):
             raise NotApplicable(f"{where}: needs float tensors of one type, found {[str(k) for k in known]}")
         return known[0]
 
-    def _check_concat(self, view: gs.Graph, b: gs.Tensor, where: str, rank: int) -> None:
+    def _coupling(self, model: onnx.ModelProto, view: gs.Graph, b: gs.Tensor, where: str, channels_b: int,
+                  channels_a: int) -> channels.Coupling:
+        """What A's channels touch downstream of B (the width machinery, forward only)."""
         if mgraph.is_graph_output(view, b):
             raise NotApplicable(f"{where}: B is a graph output; concatenating would change the model's output")
         if not b.outputs:
             raise NotApplicable(f"{where}: B has no consumer")
-        for node in b.outputs:
-            if node.op not in CONCAT_CONSUMERS or mgraph.layer_info(node) is None or node.inputs[0] is not b:
-                raise NotApplicable(
-                    f"{where}: concat needs every consumer of B to be a Conv, Gemm or MatMul reading it as data; "
-                    f"{node.op} '{node.name}' is not (pick the tensor just before the next layer, or use --mode add)"
-                )
+        try:
+            coupling = channels.analyze(view, b.name, 1, [(channels_b, channels_a)], mgraph.tensor_shapes(model),
+                                        old=channels_b, backward=False)
+        except NotApplicable as exc:
+            raise NotApplicable(f"{where}: {exc}") from exc
+        if coupling.producers:
+            raise NotApplicable(f"{where}: B's channels are tied to layer '{coupling.producers[0].node}' (a sum or "
+                                "concatenation), which would need A's channels too; use --mode add")
+        if coupling.lrn:
+            raise NotApplicable(f"{where}: LRN '{coupling.lrn[0]}' would mix A's channels into B's; use --mode add")
+        # Forward only: every widened tensor must get A's channels from B, none from a stream of its own
+        # (the other operand of a residual Add, say), which would need new channels there too.
+        widened = set(coupling.tensors) | {b.name}
+        tensors = view.tensors()
+        for name in coupling.tensors:
+            producer = mgraph.producer(tensors[name])
+            if name != b.name and (producer is None or not any(t.name in widened for t in producer.inputs)):
+                where_from = f"{producer.op} '{producer.name}'" if producer is not None else "a graph input"
+                raise NotApplicable(f"{where}: B's channels meet '{name}' (from {where_from}), which would need "
+                                    "A's channels too; use --mode add")
+        for change in coupling.groups:
+            if change.derived is not None:
+                raise NotApplicable(f"{where}: grouped Conv '{change.node}' would need new groups; use --mode add")
+        for param in coupling.params:
+            if param.role not in FILL and param.role != "filter":
+                raise NotApplicable(f"{where}: {param.op} '{param.node}' has a per-channel {param.role} that "
+                                    "cannot be extended")
+        for consumer in coupling.consumers:
+            node = mgraph.find_node(view, consumer.node)
             if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
                 raise NotApplicable(f"{where}: consumer Conv '{node.name}' is grouped; its groups cannot take A")
-            if node.op == "Gemm" and (rank != 2 or node.attrs.get("transA", 0)):
-                raise NotApplicable(f"{where}: consumer Gemm '{node.name}' must read B as [N, C]")
-            if node.op == "MatMul" and rank != 2:
-                raise NotApplicable(f"{where}: consumer MatMul '{node.name}' reads a rank-{rank} tensor")
             users = [n for n in node.inputs[1].outputs if n is not node]
-            if users:
-                raise NotApplicable(f"{where}: consumer '{node.name}' shares its weight with '{users[0].name}'")
+            if users or not isinstance(node.inputs[1], gs.Constant):
+                raise NotApplicable(f"{where}: consumer '{node.name}' has a shared or computed weight")
+        return coupling
 
     def requires(self, model: onnx.ModelProto) -> None:
         self._plan(model)
@@ -197,14 +247,54 @@ class SkipPass(MorphPass):
             graph.nodes.append(gs.Node("Concat", name=namer(scope, "concat"), inputs=[b, sampled],
                                        outputs=[joined_out], attrs={"axis": 1}))
             for node in consumers:
-                node.inputs[0] = joined_out
-                w = mgraph.values(node.inputs[1])
-                # Conv/Gemm(transB) weights hold input channels on axis 1, MatMul and plain Gemm on axis 0.
-                axis = 1 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 0
-                pad = [(0, 0)] * w.ndim
-                pad[axis] = (0, plan.channels_a)
-                mgraph.set_input_constant(node, 1, np.pad(w, pad))
+                node.inputs = [joined_out if t is b else t for t in node.inputs]
+            assert plan.coupling is not None
+            self._extend(graph, plan.coupling)
         return PassResult(mgraph.export_model(graph, like=model), True)
+
+    def _extend(self, graph: gs.Graph, c: channels.Coupling) -> None:
+        """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters."""
+        nodes = {n.name: n for n in graph.nodes}
+        rng = np.random.default_rng(0)
+        by_param: dict[tuple[str, int], list[channels.Param]] = {}
+        for param in c.params:
+            by_param.setdefault((param.node, param.index), []).append(param)
+        for (name, index), items in by_param.items():
+            node = nodes[name]
+            array = mgraph.values(node.inputs[index])
+            for param in sorted(items, key=lambda q: q.offset, reverse=True):
+                inserts = c.spaces[param.space].inserts
+                if param.role == "filter":
+                    # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
+                    array = wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
+                                                        offset=param.offset, block=param.block)
+                else:
+                    array = wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
+                                                 block=param.block)
+            mgraph.set_input_constant(node, index, array)
+        for change in c.groups:
+            node = nodes[change.node]
+            node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
+        by_consumer: dict[str, list[channels.Consumer]] = {}
+        for consumer in c.consumers:
+            by_consumer.setdefault(consumer.node, []).append(consumer)
+        for name, items in by_consumer.items():
+            node = nodes[name]
+            w = mgraph.values(node.inputs[1])
+            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
+                w = wsolve.solve_widen_outgoing(w, consumer.weight_axis, c.spaces[consumer.slot.space].inserts, rng,
+                                                method="netmorph", offset=consumer.offset, block=consumer.block)
+            mgraph.set_input_constant(node, 1, w)
+        for fix in c.shape_fixes:
+            node = nodes[fix.node]
+            shape = mgraph.values(node.inputs[fix.index]).copy()
+            shape[fix.position] += c.added(fix.tensor, fix.axis)
+            mgraph.set_input_constant(node, fix.index, shape)
+        tensors = graph.tensors()
+        for name in c.tensors:
+            tensor = tensors.get(name)
+            if isinstance(tensor, gs.Variable):
+                tensor.shape = None
 
     def _redirect(self, graph: gs.Graph, namer: mgraph.Namer, scope: str,
                   b: gs.Variable) -> tuple[gs.Tensor, gs.Variable]:
