@@ -26,10 +26,12 @@ FULL_SWEEP = os.environ.get("ONNXMORPH_FULL_SWEEP") == "1"
 
 
 def sample_layers(names: list[str], count: int, seed: int = 0) -> list[str]:
-    """All of `names` in a full sweep, else a seeded sample of `count` (first and last included)."""
+    """All of `names` in a full sweep, else a seeded sample of `count` (first and last included from 2)."""
     if FULL_SWEEP or len(names) <= count:
         return list(names)
     rng = np.random.default_rng(seed)
+    if count < 2:
+        return [names[int(rng.integers(len(names)))]] if count == 1 else []
     middle = rng.choice(len(names) - 2, size=count - 2, replace=False) + 1
     picked = sorted({0, len(names) - 1, *middle.tolist()})
     return [names[k] for k in picked]
