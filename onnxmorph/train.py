@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from onnxmorph.build import P_ACTIVATION_SUFFIX
 from onnxmorph.errors import UsageError
 from onnxmorph.io import normalize, true_inputs
 
@@ -42,9 +43,9 @@ __all__ = [
     "to_torch",
 ]
 
-# Initializers whose name ends with one of these hold a P-activation's `a` (see passes/deepen
-# and onnxmorph/build.py); a PRelu's slope is recognised by position instead of by name.
-ACTIVATION_SUFFIXES = ("/alpha", "/a", "_alpha", ".alpha")
+# A P-activation's `a` is an initializer named `<scope>/act_a` (onnxmorph/build.py); a PRelu's
+# slope is also recognised by position, whatever its name.
+ACTIVATION_SUFFIXES = (P_ACTIVATION_SUFFIX,)
 
 LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 OptimizerLike = Union[torch.optim.Optimizer, Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer], None]

@@ -51,15 +51,15 @@ def _hand_deepened(parent: onnx.ModelProto) -> onnx.ModelProto:
         helper.make_node("Gemm", ["h1p", "fc1b.w", "fc1b.b"], ["h2"], name="fc1/morph_deepen/fc_b", transB=1),
         # P-tanh: (1 - a) * tanh(h2) + a * h2
         helper.make_node("Tanh", ["h2"], ["h2t"], name="ptanh/tanh"),
-        helper.make_node("Sub", ["one", "ptanh/alpha"], ["oma"], name="ptanh/sub"),
+        helper.make_node("Sub", ["one", "ptanh/act_a"], ["oma"], name="ptanh/sub"),
         helper.make_node("Mul", ["oma", "h2t"], ["m1"], name="ptanh/mul1"),
-        helper.make_node("Mul", ["ptanh/alpha", "h2"], ["m2"], name="ptanh/mul2"),
+        helper.make_node("Mul", ["ptanh/act_a", "h2"], ["m2"], name="ptanh/mul2"),
         helper.make_node("Add", ["m1", "m2"], ["h"], name="ptanh/add"),
         *parent.graph.node[1:],
     ]
     inits = [_init("fc1a.w", q.T @ weights["fc1.w"]), _init("fc1a.b", q.T @ weights["fc1.b"]),
              _init("fc1/morph_deepen/slope", np.ones(6)), _init("fc1b.w", q), _init("fc1b.b", np.zeros(6)),
-             _init("one", [1.0]), _init("ptanh/alpha", [1.0]),
+             _init("one", [1.0]), _init("ptanh/act_a", [1.0]),
              *[t for t in parent.graph.initializer if t.name.startswith("fc2")]]
     graph = helper.make_graph(nodes, "mlp_deep", list(parent.graph.input), list(parent.graph.output), inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
@@ -112,7 +112,7 @@ def test_hand_morphed_child_round_trip_and_one_step_moves_new_weights_and_a() ->
     assert onnxmorph.verify(parent, child)
     net = ot.to_torch(child)
     alphas = ot.activation_parameters(net)
-    assert set(alphas) == {"fc1/morph_deepen/slope", "ptanh/alpha"}
+    assert set(alphas) == {"fc1/morph_deepen/slope", "ptanh/act_a"}
     assert all(torch.all(a == 1) for a in alphas.values())
 
     # ONNX -> torch -> ONNX is the same function, before any training.
@@ -127,7 +127,7 @@ def test_hand_morphed_child_round_trip_and_one_step_moves_new_weights_and_a() ->
                     steps=1, batch_size=32)
     assert len(losses) == 1 and np.isfinite(losses[0])
     after = net.onnx_parameters()
-    for name in ["fc1a.w", "fc1b.w", "fc1/morph_deepen/slope", "ptanh/alpha"]:
+    for name in ["fc1a.w", "fc1b.w", "fc1/morph_deepen/slope", "ptanh/act_a"]:
         assert not torch.equal(before[name], after[name]), f"{name} did not move"
     # The gradient of the loss pushes `a` away from 1 (toward a non-linear activation or past it);
     # either way it is trainable, which is what the morph needs.
@@ -169,3 +169,23 @@ def test_unsupported_ops_and_bad_arguments_are_refused() -> None:
         ot.fit(net, np.zeros((4, 8), np.float32), np.zeros(3, np.int64), steps=1)
     with pytest.raises(UsageError, match="no trainable initializer"):
         net.parameter("nope")
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_deepen_pass_child_trains_through_the_adapter(activation: str) -> None:
+    parent = reference_model("cifar10_quick")
+    layer = next(n.name for n in parent.graph.node if n.op_type == "Conv")
+    child = onnxmorph.deepen(parent, layer=layer, kernel=3, activation=activation, method="netmorph", seed=0)
+    net = ot.to_torch(child)
+    alphas = ot.activation_parameters(net)
+    assert len(alphas) == 1 and all(torch.all(a == 1) for a in alphas.values())
+    assert onnxmorph.verify(child, ot.to_onnx(net), trials=1)
+    new = {name: p.detach().clone() for name, p in net.onnx_parameters().items() if "/morph_deepen/" in name}
+    assert len(new) >= 3  # two new weights (and biases) and `a`
+    shapes = resolve_shapes(child, None)
+    x = np.random.default_rng(0).uniform(-1, 1, [4, *shapes[net.input_names[0]][1:]]).astype(np.float32)
+    ot.fit(net, x, np.arange(4) % 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), steps=1, batch_size=4)
+    params = net.onnx_parameters()
+    moved = [name for name in new if not torch.equal(new[name], params[name])]
+    assert set(alphas) <= set(moved)
+    assert sum(name.endswith("/weight") for name in moved) >= 2, moved
