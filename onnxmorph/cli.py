@@ -150,6 +150,13 @@ def _check_output(model: str, output: str) -> Path:
         raise UsageError(f"{output}: folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{output}: folder '{folder}' is not writable")
+    # The child (or its weights file, OUT.data) must not replace the parent's external weights.
+    written = [p for p in (out, out.with_name(out.name + ".data")) if p.exists()]
+    if written and Path(model).is_file():
+        for data in mio.external_data_files(model):
+            if any(os.path.samefile(p, data) for p in written):
+                raise UsageError(f"{output}: writing it would overwrite the parent's weights in '{data.name}'; "
+                                 "choose another path")
     return out
 
 

@@ -76,6 +76,23 @@ def load_header(path: PathLike) -> onnx.ModelProto:
     return model
 
 
+def external_data_files(path: PathLike) -> list[Path]:
+    """The existing files inside the model's folder that hold its external data (none when unreadable)."""
+    path = Path(path)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        return []  # loading it later says what is wrong
+    base = path.resolve().parent
+    files = []
+    for tensor in _external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if location and (base in target.parents) and target.is_file() and target not in files:
+            files.append(target)
+    return files
+
+
 def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
     """Load an ONNX model from `path`, resolving external data against the model's folder.
 

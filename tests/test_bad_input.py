@@ -340,6 +340,23 @@ def test_bad_output_paths_are_refused_before_any_work(
         _refused_without_trace(tmp_path, _writer_args(command, model, str(locked / "child.onnx"), tmp_path), capfd)
 
 
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_output_over_the_parents_external_weights_is_refused(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    stem, _ = first_use(PASSES[0])
+    # The parent keeps its weights in "out.onnx.data", the name a child "out.onnx" would write.
+    model = tmp_path / "parent.onnx"
+    onnx.save_model(onnx.load(MODELS / f"{stem}.onnx"), model, save_as_external_data=True,
+                    location="out.onnx.data", size_threshold=0)
+    for output in ("out.onnx.data", "out.onnx"):
+        if output == "out.onnx":
+            (tmp_path / "out.onnx").write_bytes(b"an earlier output")
+        _refused_without_trace(tmp_path, _writer_args(command, model, output, tmp_path), capfd, "parent's weights")
+        (tmp_path / "out.onnx").unlink(missing_ok=True)
+
+
 def test_api_save_refuses_bad_output_paths(tmp_path: Path) -> None:
     model = reference("mlp_relu")
     with pytest.raises(onnxmorph.UsageError, match="does not exist"):
