@@ -132,6 +132,12 @@ def pair_geometries(parent: ConvGeometry, k2: Sequence[int]) -> tuple[ConvGeomet
     return first, second
 
 
+def _intermediate(name: str) -> gs.Variable:
+    # No dtype or shape: the exporter then writes no value_info for it, which IR 3 models would
+    # reject without a shape, and onnxruntime infers both anyway.
+    return gs.Variable(name)
+
+
 def _bias_input(namer: Namer, name: str, bias: np.ndarray | gs.Tensor, dtype: np.dtype) -> gs.Tensor:
     if isinstance(bias, gs.Tensor):
         return bias
@@ -151,7 +157,7 @@ def add_layer(
     """Append to `graph` a node `<scope>/<tag>` computing `spec` on `x`; returns its output tensor.
 
     The output is `out` when given (to produce an existing tensor, e.g. the replaced node's
-    output), else a new `<scope>/<tag>/out` of `dtype`.
+    output), else a new tensor `<scope>/<tag>/out`. Weights and array biases are cast to `dtype`.
     """
     name = namer(scope, tag)
     dtype = np.dtype(dtype)
@@ -180,7 +186,7 @@ def add_layer(
             raise ValueError(f"{name}: MatMul has no bias input")
     else:
         raise ValueError(f"{name}: cannot build a {spec.op} layer")
-    y = out if out is not None else gs.Variable(namer(name, "out"), dtype=dtype)
+    y = out if out is not None else _intermediate(namer(name, "out"))
     graph.nodes.append(gs.Node(spec.op, name=name, attrs=attrs, inputs=inputs, outputs=[y]))
     return y
 
@@ -250,11 +256,11 @@ def p_activation(
     shape = channel_param_shape(channels, channel_axis, rank)
     a = mgraph.constant(scope + P_ACTIVATION_SUFFIX, np.ones(shape), dtype)
     namer.taken.add(a.name)
-    y = out if out is not None else gs.Variable(base + "/out", dtype=dtype)
+    y = out if out is not None else _intermediate(base + "/out")
     namer.taken.add(y.name)
 
     def tmp(tag: str) -> gs.Variable:
-        return gs.Variable(namer(base, tag), dtype=dtype)
+        return _intermediate(namer(base, tag))
 
     if kind == "relu":
         return _node(graph, "PRelu", base, [x, a], y)

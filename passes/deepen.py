@@ -28,13 +28,15 @@ DEFAULT_CONV_KERNEL = 3
 class DeepenPlan:
     """Everything `call` needs, decided by `requires`: the canonical parent filter and the new geometry.
 
-    `g` is the parent's weight as `[Co, Ci/groups, *K]` (Conv) or `[Co, Ci]` (Gemm with alpha folded
-    in, MatMul), float64. `k2` is the new layer's kernel (`()` for Gemm/MatMul).
+    `weight` is the parent's weight array as stored; `g` is it as `[Co, Ci/groups, *K]` (Conv) or
+    `[Co, Ci]` (Gemm with alpha folded in, MatMul), float64, built only when solving (big classifier
+    weights make that copy costly, and `inspect` never needs it). `k2` is the new layer's kernel
+    (`()` for Gemm/MatMul).
     """
 
     op: str
     node: str
-    g: np.ndarray
+    weight: np.ndarray
     k2: tuple[int, ...]
     width: int
     groups: int
@@ -43,16 +45,39 @@ class DeepenPlan:
     geometry: ConvGeometry | None = None
     trans_a: bool = False
     trans_b: bool = True
+    alpha: float = 1.0
+
+    @property
+    def g(self) -> np.ndarray:
+        g = np.asarray(self.weight, dtype=np.float64)
+        if self.op == "Gemm":
+            g = self.alpha * (g if self.trans_b else g.T)
+        elif self.op == "MatMul":
+            g = g.T
+        return g
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.weight.shape[2:]) if self.op == "Conv" else ()
 
     @property
     def out_channels(self) -> int:
-        return int(self.g.shape[0])
+        if self.op == "Conv" or (self.op == "Gemm" and self.trans_b):
+            return int(self.weight.shape[0])
+        return int(self.weight.shape[1])
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels per group (the second axis of the canonical filter)."""
+        if self.op == "Conv" or (self.op == "Gemm" and self.trans_b):
+            return int(self.weight.shape[1])
+        return int(self.weight.shape[0])
 
     @property
     def exact_by_counting(self) -> bool:
         """The paper's sufficient condition for Algorithm 1 at full kernel sizes (per group)."""
-        co_g, ci_g, cm_g = self.out_channels // self.groups, int(self.g.shape[1]), self.width // self.groups
-        k = self.g.shape[2:]
+        co_g, ci_g, cm_g = self.out_channels // self.groups, self.in_channels, self.width // self.groups
+        k = self.kernel
         composite = math.prod(a + b - 1 for a, b in zip(k, self.k2))
         return max(cm_g * ci_g * math.prod(k), co_g * cm_g * math.prod(self.k2)) >= co_g * ci_g * composite
 
@@ -125,7 +150,7 @@ class DeepenPass(MorphPass):
             plan = self._gemm_plan(node, w, label, version)
         else:
             plan = self._matmul_plan(node, w, label, version)
-        if not np.all(np.isfinite(plan.g)):
+        if not np.all(np.isfinite(w)):
             raise NotApplicable(f"{label}: weight '{weight.name}' holds NaN or infinite values")
         if plan.width % plan.groups:
             raise NotApplicable(f"{label}: --width {plan.width} is not a multiple of its {plan.groups} groups")
@@ -160,7 +185,7 @@ class DeepenPass(MorphPass):
             raise NotApplicable(f"{label}: {w.shape[0]} output channels are not divisible by group "
                                 f"{geometry.group}")
         return DeepenPlan(
-            op="Conv", node=node.name, g=np.asarray(w, dtype=np.float64), k2=self._kernel_for(nd, label),
+            op="Conv", node=node.name, weight=w, k2=self._kernel_for(nd, label),
             width=self.width or int(w.shape[0]), groups=geometry.group, dtype=w.dtype, opset=version,
             geometry=geometry,
         )
@@ -180,11 +205,9 @@ class DeepenPass(MorphPass):
         beta = float(node.attrs.get("beta", 1.0))
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             raise NotApplicable(f"{label}: Gemm alpha {alpha} or beta {beta} is not finite")
-        canonical = np.asarray(w, dtype=np.float64)
-        canonical = canonical if trans_b else canonical.T
         return DeepenPlan(
-            op="Gemm", node=node.name, g=alpha * canonical, k2=(), width=self.width or int(canonical.shape[0]),
-            groups=1, dtype=w.dtype, opset=version, trans_a=trans_a, trans_b=trans_b,
+            op="Gemm", node=node.name, weight=w, k2=(), width=self.width or int(w.shape[0 if trans_b else 1]),
+            groups=1, dtype=w.dtype, opset=version, trans_a=trans_a, trans_b=trans_b, alpha=alpha,
         )
 
     def _matmul_plan(self, node: gs.Node, w: np.ndarray, label: str, version: int) -> DeepenPlan:
@@ -192,9 +215,8 @@ class DeepenPass(MorphPass):
         if w.ndim != 2:
             raise NotApplicable(f"{label}: MatMul weight {list(w.shape)} is not a 2-D matrix (batched weights "
                                 "are not supported)")
-        canonical = np.asarray(w, dtype=np.float64).T
         return DeepenPlan(
-            op="MatMul", node=node.name, g=canonical, k2=(), width=self.width or int(canonical.shape[0]),
+            op="MatMul", node=node.name, weight=w, k2=(), width=self.width or int(w.shape[1]),
             groups=1, dtype=w.dtype, opset=version,
         )
 
@@ -221,7 +243,7 @@ class DeepenPass(MorphPass):
         plan = self._plan(model)
         facts: dict[str, Any] = {"method": self.method, "width": plan.width}
         if plan.op == "Conv":
-            facts["kernel"] = f"{_shown(plan.g.shape[2:])} then {_shown(plan.k2)}"
+            facts["kernel"] = f"{_shown(plan.kernel)} then {_shown(plan.k2)}"
         if self.method == "netmorph":
             facts["algorithm"] = ("1 (exact by counting)" if plan.exact_by_counting
                                   else "2 (shrinks one factor's kernel)")
@@ -245,7 +267,7 @@ class DeepenPass(MorphPass):
         scope = build.fresh_scope(namer, node.name or y.name, "morph_deepen")
         first, second = self._specs(plan, solution, node, old_inputs)
         tag = plan.op.lower()
-        rank = len(plan.g.shape) if plan.op == "Conv" else 2
+        rank = len(plan.kernel) + 2 if plan.op == "Conv" else 2
         build.insert_layer_pair(
             graph, namer, scope, x, y, first, second, activation=self.activation,
             channel_axis=-1 if plan.op == "MatMul" else 1, rank=rank, dtype=plan.dtype, opset=plan.opset,
