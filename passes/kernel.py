@@ -124,7 +124,7 @@ class KernelPass(MorphPass):
 
     def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
         geometry, size, _ = self._plan(model)
-        return {"kernel": "x".join(map(str, geometry.kernel))}
+        return {"kernel": "x".join(map(str, geometry.kernel)) + " (grows to any larger size)"}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         geometry, size, shrinking = self._plan(model)

@@ -100,6 +100,34 @@ def inner_geometry(parent: ConvGeometry, inner: Sequence[int]) -> ConvGeometry:
     return ConvGeometry(tuple(inner), begin, end, parent.strides, d, parent.group)
 
 
+def crop_input(graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, geometry: ConvGeometry,
+               opset: int) -> tuple[gs.Tensor, ConvGeometry]:
+    """(`x`, `geometry`) unchanged when its pads are >= 0; else a Slice of `x` doing the negative pads.
+
+    A smaller centred kernel inside an unpadded conv starts reading `offset` pixels in: a negative
+    pad, which ONNX Conv does not allow; cropping those pixels first is the same computation.
+    """
+    if min(geometry.pads) >= 0:
+        return x, geometry
+    nd = len(geometry.kernel)
+    starts = [max(0, -p) for p in geometry.pads_begin]
+    ends = [p if p < 0 else np.iinfo(np.int64).max for p in geometry.pads_end]
+    axes = list(range(2, 2 + nd))
+    out = gs.Variable(namer(scope, "crop", "out"), dtype=x.dtype)
+    name = namer(scope, "crop")
+    if opset < 10:
+        graph.nodes.append(gs.Node("Slice", name=name, inputs=[x], outputs=[out],
+                                   attrs={"starts": starts, "ends": ends, "axes": axes}))
+    else:
+        consts = [mgraph.constant(namer(name, tag), np.array(v, dtype=np.int64), np.int64)
+                  for tag, v in (("starts", starts), ("ends", ends), ("axes", axes))]
+        graph.nodes.append(gs.Node("Slice", name=name, inputs=[x, *consts], outputs=[out]))
+    clamped = ConvGeometry(geometry.kernel, tuple(max(0, p) for p in geometry.pads_begin),
+                           tuple(max(0, p) for p in geometry.pads_end), geometry.strides, geometry.dilations,
+                           geometry.group)
+    return out, clamped
+
+
 def chain_geometries(parent: ConvGeometry, depth: int, k2: Sequence[int]) -> list[ConvGeometry]:
     """Geometries of a chain of `depth` convs replacing `parent` (each split as `build.pair_geometries`)."""
     out: list[ConvGeometry] = []
@@ -244,11 +272,6 @@ class SubnetPass(MorphPass):
             else:
                 if any(a > b for a, b in zip(k1, k)):
                     raise NotApplicable(f"{label}: branch kernel {_shown(k1)} is larger than the layer's {_shown(k)}")
-                pads = inner_geometry(geometry, k1).pads
-                if min(pads) < 0:
-                    raise NotApplicable(f"{label}: a centred {_shown(k1)} branch would need negative pads {pads} "
-                                        f"(the layer's are {geometry.pads}); give the branch the layer's kernel "
-                                        f"with --kernels {max(k)},1")
             return (k1, kb)
         # parallel
         sizes = self.kernels
@@ -266,11 +289,6 @@ class SubnetPass(MorphPass):
         if not any(bk == k for bk in branch_kernels):
             raise NotApplicable(f"{label}: one branch must keep the layer's kernel {_shown(k)} "
                                 f"(the remainder branch), got kernels {','.join(map(str, sizes))}")
-        for bk in branch_kernels:
-            pads = inner_geometry(geometry, bk).pads
-            if min(pads) < 0:
-                raise NotApplicable(f"{label}: a centred {_shown(bk)} branch would need negative pads {pads} "
-                                    f"(the layer's pads are {geometry.pads})")
         return branch_kernels
 
     def requires(self, model: onnx.ModelProto) -> None:
@@ -330,10 +348,11 @@ class SubnetPass(MorphPass):
         parts = solvers.split_parallel(plan.g, plan.kernels, rng)
         outputs = []
         for b, (part, kernel) in enumerate(zip(parts, plan.kernels), 1):
-            geometry = inner_geometry(plan.geometry, kernel)
+            branch_x, geometry = crop_input(graph, namer, f"{scope}/branch_{b}", x,
+                                            inner_geometry(plan.geometry, kernel), plan.opset)
             last = b == len(parts)
             branch_bias = bias if last else None
-            outputs.append(self._chain(graph, namer, f"{scope}/branch_{b}", x, None, plan, part, geometry,
+            outputs.append(self._chain(graph, namer, f"{scope}/branch_{b}", branch_x, None, plan, part, geometry,
                                        self.depth or 1, branch_bias, rng))
         graph.nodes.append(gs.Node("Sum", name=namer(scope, "sum"), inputs=outputs, outputs=[y]))
 
@@ -341,6 +360,7 @@ class SubnetPass(MorphPass):
                   plan: SubnetPlan, bias: gs.Tensor | None, rng: np.random.Generator) -> None:
         k1, kb = plan.kernels
         groups = plan.geometry.group
+        branch_x = x
         if any(k != 1 for k in kb):
             main, f1, f2 = solvers.split_residual(plan.g, kb, plan.width, rng, groups=groups,
                                                   branch_fraction=BRANCH_FRACTION)
@@ -350,13 +370,14 @@ class SubnetPass(MorphPass):
         else:
             main, f1, f2 = split_residual_centred(plan.g, k1, plan.width, rng, groups=groups)
             main_geometry = plan.geometry
-            g1 = inner_geometry(plan.geometry, k1)
+            branch_x, g1 = crop_input(graph, namer, f"{scope}/branch", x, inner_geometry(plan.geometry, k1),
+                                      plan.opset)
             nd = plan.rank - 2
             g2 = ConvGeometry((1,) * nd, (0,) * nd, (0,) * nd, (1,) * nd, (1,) * nd, groups)
         main_out = build.add_layer(graph, namer, scope, "main", x, build.LayerSpec("Conv", main, bias, main_geometry),
                                    plan.dtype)
         branch = f"{scope}/branch"
-        h = build.add_layer(graph, namer, branch, "conv_1", x,
+        h = build.add_layer(graph, namer, branch, "conv_1", branch_x,
                             build.LayerSpec("Conv", f1, np.zeros(f1.shape[0]), g1), plan.dtype)
         h = build.p_activation(graph, namer, f"{branch}/conv_1", h, self.activation, f1.shape[0], 1, plan.rank,
                                plan.dtype, plan.opset)

@@ -130,6 +130,24 @@ def test_activations(activation: str) -> None:
     assert bool(acts) == (activation != "none")
 
 
+@pytest.mark.parametrize("opset", [9, 13])
+@pytest.mark.parametrize("params", [{"kind": "residual"}, {"kind": "parallel", "kernels": "1,3,5", "depth": 2}])
+def test_unpadded_layers_crop_the_input_of_smaller_branches(opset: int, params: dict) -> None:
+    rng = np.random.default_rng(2)
+    node = onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[5, 5], strides=[2, 2])
+    graph = onnx.helper.make_graph(
+        [node], "unpadded", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 12, 11])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3, 5, 5)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")])
+    parent = onnxmorph.normalize(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+    child, report = onnxmorph.morph(parent, "subnet", layer="conv", trials=2, **params)
+    assert report, report
+    crops = [n for n in child.graph.node if n.op_type == "Slice"]
+    assert crops and all(n.name.endswith("/crop") for n in crops)
+    assert bool(crops[0].attribute) == (opset < 10)  # Slice takes attributes before opset 10, inputs after
+
+
 def test_refusals() -> None:
     model = reference_model("cifar10_quick")
     cases = [
