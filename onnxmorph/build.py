@@ -55,6 +55,8 @@ __all__ = [
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "none")
 P_ACTIVATION_SUFFIX = "/act_a"
 LEAKY_RELU_ALPHA = 0.01  # ONNX LeakyRelu's default, as PyTorch's
+# onnxruntime runs PRelu, LeakyRelu and Erf on these only; other float types take explicit forms.
+_PRELU_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 MIN_OPSET = 7  # PRelu's unidirectional slope broadcasting and numpy-style Mul/Add broadcasting start here
 
 
@@ -204,8 +206,8 @@ def channel_param_shape(channels: int, channel_axis: int, rank: int | None) -> t
     return (channels,) + (1,) * (rank - 2)
 
 
-def activation_problem(kind: str, opset: int) -> str | None:
-    """Why a P-activation of `kind` cannot be built in `opset` (a phrase), or None when it can."""
+def activation_problem(kind: str, opset: int, dtype: np.dtype | type = np.float32) -> str | None:
+    """Why a P-activation of `kind` cannot be built in `opset` for `dtype` tensors (a phrase), or None."""
     if kind not in ACTIVATIONS:
         return f"unknown activation {kind!r} (known: {', '.join(ACTIVATIONS)})"
     if kind == "none":
@@ -214,6 +216,8 @@ def activation_problem(kind: str, opset: int) -> str | None:
         return f"a P-activation needs opset >= {MIN_OPSET} (broadcasting PRelu/Mul), the model has {opset}"
     if kind == "gelu" and opset < 9:
         return f"gelu needs opset >= 9 (Erf) or 20 (Gelu), the model has {opset}"
+    if kind == "gelu" and np.dtype(dtype) not in _PRELU_DTYPES:
+        return f"gelu on {np.dtype(dtype)} tensors has no onnxruntime kernel (Erf); use tanh, sigmoid or relu"
     return None
 
 
@@ -239,12 +243,14 @@ def p_activation(
     """Append a parametric activation `phi_a` of `kind` on `x`, the identity at morph time; returns its output.
 
     relu -> `PRelu(x, a)`; leaky_relu, tanh, sigmoid, gelu -> `(1 - a) * phi(x) + a * x` (gelu is the
-    Gelu op from opset 20, else `0.5 * x * (1 + Erf(x / sqrt 2))`); none -> nothing is added and `x`
+    Gelu op from opset 20, else `0.5 * x * (1 + Erf(x / sqrt 2))`). For tensors other than float32 and
+    float16 (no onnxruntime PRelu/LeakyRelu kernel) relu and leaky_relu take the explicit form too,
+    with `Relu` and `Max(x, 0.01 x)` as phi; none -> nothing is added and `x`
     is returned. `a` is an initializer of ones named `<scope>/act_a` (see the module docstring),
     shaped by `channel_param_shape(channels, channel_axis, rank)`. Raises NotApplicable when the
     opset cannot express it (see `activation_problem`).
     """
-    problem = activation_problem(kind, opset)
+    problem = activation_problem(kind, opset, dtype)
     if problem is not None:
         raise NotApplicable(problem)
     if kind == "none":
@@ -262,10 +268,18 @@ def p_activation(
     def tmp(tag: str) -> gs.Variable:
         return _intermediate(namer(base, tag))
 
-    if kind == "relu":
+    native = dtype in _PRELU_DTYPES
+    if kind == "relu" and native:
         return _node(graph, "PRelu", base, [x, a], y)
-    if kind == "leaky_relu":
+    if kind == "relu":
+        phi = _node(graph, "Relu", namer(base, "phi"), [x], tmp("phi_out"))
+    elif kind == "leaky_relu" and native:
         phi = _node(graph, "LeakyRelu", namer(base, "phi"), [x], tmp("phi_out"), alpha=LEAKY_RELU_ALPHA)
+    elif kind == "leaky_relu":
+        # max(x, alpha * x) is LeakyRelu for 0 < alpha < 1.
+        small = _node(graph, "Mul", namer(base, "leak"),
+                      [x, mgraph.constant(namer(base, "alpha"), np.array(LEAKY_RELU_ALPHA), dtype)], tmp("leak"))
+        phi = _node(graph, "Max", namer(base, "phi"), [x, small], tmp("phi_out"))
     elif kind == "tanh":
         phi = _node(graph, "Tanh", namer(base, "phi"), [x], tmp("phi_out"))
     elif kind == "sigmoid":

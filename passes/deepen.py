@@ -135,13 +135,13 @@ class DeepenPass(MorphPass):
         node = mgraph.find_layer(view, self.layer, DEEPEN_OPS)
         label = f"layer '{self.layer}'"
         version = mgraph.opset(model)
-        problem = build.activation_problem(self.activation, version)
-        if problem is not None:
-            raise NotApplicable(f"{label}: {problem}")
         weight = node.inputs[1]
         w = mgraph.values(weight)
         if w.dtype.kind != "f":
             raise NotApplicable(f"{label}: weight '{weight.name}' has type {w.dtype}, not a float type")
+        problem = build.activation_problem(self.activation, version, w.dtype)
+        if problem is not None:
+            raise NotApplicable(f"{label}: {problem}")
         if len(node.outputs) != 1:
             raise NotApplicable(f"{label}: {node.op} with {len(node.outputs)} outputs")
         if node.op == "Conv":

@@ -17,13 +17,14 @@ from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry
 
 
-def _graph(shape: list[int], opset: int) -> tuple[gs.Graph, gs.Variable]:
-    x = gs.Variable("x", dtype=np.float32, shape=shape)
+def _graph(shape: list[int], opset: int, dtype: type = np.float32) -> tuple[gs.Graph, gs.Variable]:
+    x = gs.Variable("x", dtype=dtype, shape=shape)
     return gs.Graph(inputs=[x], opset=opset), x
 
 
-def _export(graph: gs.Graph, y: gs.Variable, opset: int, shape: list[int]) -> onnx.ModelProto:
-    y.dtype, y.shape = np.float32, shape
+def _export(graph: gs.Graph, y: gs.Variable, opset: int, shape: list[int],
+            dtype: type = np.float32) -> onnx.ModelProto:
+    y.dtype, y.shape = dtype, shape
     graph.outputs = [y]
     model = gs.export_onnx(graph)
     del model.opset_import[:]
@@ -78,6 +79,19 @@ def test_p_activation_is_the_identity_at_one_and_phi_at_zero(kind, opset, layout
     ops = [n.op_type for n in model.graph.node]
     assert ops == ["PRelu"] if kind == "relu" else ops[-1] == "Add"
     assert ("Gelu" in ops) == (kind == "gelu" and opset >= 20)
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu", "sigmoid"])
+def test_float64_takes_the_explicit_form(kind) -> None:
+    """onnxruntime has no double PRelu/LeakyRelu kernels: the explicit form keeps the child runnable."""
+    graph, x = _graph([4, 3], 13, np.float64)
+    y = build.p_activation(graph, mgraph.Namer(graph), "fc/morph", x, kind, 3, 1, 2, np.float64, 13)
+    model = _export(graph, y, 13, [4, 3], np.float64)
+    assert "PRelu" not in [n.op_type for n in model.graph.node]
+    data = np.random.default_rng(0).uniform(-3, 3, size=(4, 3))
+    np.testing.assert_array_equal(_run(model, data), data)
+    np.testing.assert_allclose(_run(_with_a(model, 0.0), data), PHI[kind](data), rtol=1e-12, atol=1e-12)
+    assert "no onnxruntime kernel" in build.activation_problem("gelu", 13, np.float64)
 
 
 def test_none_adds_nothing_and_problems_are_phrased() -> None:

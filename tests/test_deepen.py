@@ -179,6 +179,23 @@ def test_gemm_every_transpose_alpha_beta(trans_a, trans_b, alpha, beta, c_shape)
     assert _weight(child, "fc/morph_deepen/act_a").shape == (6,)
 
 
+def test_float64_gemm_and_matmul() -> None:
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Gemm", ["a", "w", "c"], ["h"], name="fc", transB=1),
+             helper.make_node("MatMul", ["h", "v"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "double", [helper.make_tensor_value_info("a", TensorProto.DOUBLE, [3, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3, 4])],
+                              [numpy_helper.from_array(rng.normal(size=(5, 7)), "w"),
+                               numpy_helper.from_array(rng.normal(size=(5,)), "c"),
+                               numpy_helper.from_array(rng.normal(size=(5, 4)), "v")])
+    parent = onnxmorph.normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    for layer, activation in (("fc", "relu"), ("mm", "leaky_relu")):
+        child = _deepen(parent, layer=layer, activation=activation)
+        assert _weight(child, f"{layer}/morph_deepen/act_a").dtype == np.float64
+    with pytest.raises(NotApplicable, match="no onnxruntime kernel"):
+        DeepenPass(layer="fc", activation="gelu").requires(parent)
+
+
 def test_gemm_with_computed_bias_keeps_beta() -> None:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Relu", ["c_in"], ["c"], name="c_relu"),
