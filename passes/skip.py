@@ -128,6 +128,8 @@ class SkipPass(MorphPass):
             raise NotApplicable(f"{where}: A is not an ancestor of B{cycle}")
         if not b.inputs:
             raise NotApplicable(f"{where}: B is a graph input")
+        if not b.outputs and not mgraph.is_graph_output(view, b):
+            raise NotApplicable(f"{where}: nothing reads B, so a skip into it would change nothing")
         shapes = mgraph.tensor_shapes(model)
         sa, sb = shapes.get(a.name), shapes.get(b.name)
         if sa is None or sb is None or None in sa or None in sb:

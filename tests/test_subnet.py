@@ -72,6 +72,22 @@ def test_sequential(depth: int) -> None:
         assert np.count_nonzero(np.abs(w).sum(axis=(2, 3))) == w.shape[0] * w.shape[1]
 
 
+def test_chain_kernel_width_and_seed_options() -> None:
+    parent = reference_model("vgg_bn")
+    child, report = onnxmorph.morph(parent, "subnet", layer="conv2_1", kind="sequential", depth=3, kernel="1x3",
+                                    width=48, seed=4, trials=1)
+    assert report, report
+    shapes = [_conv_weight(child, f"conv2_1/morph_subnet/conv_{i}").shape for i in (1, 2, 3)]
+    old = _weights(parent)["conv2_1.weight"].shape
+    assert shapes == [(48, old[1], 3, 3), (48, 48, 1, 3), (old[0], 48, 1, 3)]
+    again = onnxmorph.subnet(parent, layer="conv2_1", kind="sequential", depth=3, kernel="1x3", width=48, seed=4,
+                             trials=1)
+    assert _weights(again).keys() == _weights(child).keys()
+    assert all(np.array_equal(_weights(again)[k], v) for k, v in _weights(child).items())  # seeded: reproducible
+    child, report = onnxmorph.morph(parent, "subnet", layer="conv2_1", kind="parallel", branches=3, trials=1)
+    assert report and len(_nodes(child, "conv2_1/morph_subnet/sum")[0].input) == 3
+
+
 @pytest.mark.parametrize("kernels,depth", [(None, None), ("1,3,5", None), ("5,1", 2)])
 def test_parallel(kernels, depth) -> None:
     parent = reference_model("cifar10_quick")
