@@ -408,6 +408,9 @@ def test_solver_and_pass_agree_on_the_composite() -> None:
     composite = solvers.compose(f2, f1)
     target = solvers.target_kernel(g, (3, 3))
     assert np.abs(composite - target).max() < 1e-5 * np.abs(g).max()
+    # the two factors' scales are balanced (equal per-element RMS), so neither dwarfs the other
+    rms1, rms2 = np.sqrt(np.mean(f1.astype(np.float64) ** 2)), np.sqrt(np.mean(f2.astype(np.float64) ** 2))
+    assert abs(rms1 / rms2 - 1) < 1e-3
 
 
 # --------------------------------------------------------------------------- CLI
