@@ -1,4 +1,4 @@
-"""Subnet morphs: one Conv layer becomes a module (a chain, parallel branches, or a residual block)."""
+"""Subnet morphs: one layer becomes a module (a chain, parallel branches, or a residual block)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnxmorph.passes.deepen import DeepenPass
 
 from onnxmorph import build, solvers
 from onnxmorph import graph as mgraph
@@ -21,6 +22,7 @@ from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, int_li
 log = logging.getLogger("onnxmorph")
 
 KINDS = ("sequential", "parallel", "residual")
+SUBNET_OPS = ("Conv", "Gemm", "MatMul")
 # Share of the parent filter's norm that the residual branch carries at morph time.
 BRANCH_FRACTION = 0.5
 # Relative error of a solved split above which the morph is refused instead of written.
@@ -144,16 +146,27 @@ def chain_geometries(parent: ConvGeometry, depth: int, k2: Sequence[int]) -> lis
 
 @dataclass(frozen=True)
 class SubnetPlan:
-    """The parent Conv as the subnet morph sees it."""
+    """The parent layer as the subnet morph sees it (`g` canonical: `[Co, Ci/groups, *K]` or `[Co, Ci]`)."""
 
     g: np.ndarray
-    geometry: ConvGeometry
+    geometry: ConvGeometry | None
     dtype: np.dtype
     opset: int
-    rank: int
+    rank: int | None
     width: int
     k2: tuple[int, ...]
     kernels: tuple[tuple[int, ...], ...]
+    op: str = "Conv"
+    trans_a: bool = False
+    trans_b: bool = True
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.group if self.geometry is not None else 1
+
+    @property
+    def channel_axis(self) -> int:
+        return -1 if self.op == "MatMul" else 1
 
 
 def _shown(k: Sequence[int]) -> str:
@@ -162,26 +175,29 @@ def _shown(k: Sequence[int]) -> str:
 
 @register
 class SubnetPass(MorphPass):
-    """Morph one Conv layer into a module that computes exactly the same function.
+    """Morph one layer (Conv, Gemm or MatMul) into a module that computes exactly the same function.
 
-    sequential: L becomes `--depth` convs (repeated NetMorph depth splits; the first keeps L's
-    kernel, the others `--kernel`), a P-activation (identity at morph time) after each but the last.
-    parallel: L becomes `--branches` convs joined by a Sum, their filters summing to L's (all but one
-    random, the last the remainder; `--kernels 1,3,5` gives the branches smaller, centred kernels),
-    each branch deepened to `--depth` layers when asked (an Inception-like module).
-    residual: L(x) = M(x) + B(x) with B a two-layer branch `conv --kernels[0]` -> P-activation ->
-    conv 1x1 and M the dense remainder with L's kernel (Modularized Morphing; the default branch
-    1x1 -> 1x1 is the "1c1" module). `--kernels K,K2` with K L's kernel and K2 > 1 grows M's
-    kernel to K + K2 - 1 instead.
-    Names: `<L>/morph_subnet/conv_<i>` (sequential), `<L>/morph_subnet/branch_<b>/conv_<i>` and
-    `<L>/morph_subnet/sum` (parallel), `<L>/morph_subnet/main`, `<L>/morph_subnet/branch/conv_1|2`
-    and `<L>/morph_subnet/add` (residual); the module's output keeps L's output tensor name.
+    sequential: L becomes `--depth` layers (repeated NetMorph depth splits; for a Conv the first keeps
+    L's kernel, the others `--kernel`), a P-activation (identity at morph time) after each but the last.
+    parallel: L becomes `--branches` layers joined by a Sum, their filters summing to L's (all but one
+    random, the last the remainder; `--kernels 1,3,5` gives Conv branches smaller, centred kernels,
+    an unpadded conv's smaller branches crop their input), each branch deepened to `--depth` layers
+    when asked (an Inception-like module).
+    residual: L(x) = M(x) + B(x) with B a two-layer branch (Conv: `--kernels[0]` centred in L's
+    kernel, then 1x1) with a P-activation and M the dense remainder with L's kernel (Modularized
+    Morphing; the default 1x1 -> 1x1 branch is the "1c1" module). `--kernels K,K2` with K L's kernel
+    and K2 > 1 grows M's kernel to K + K2 - 1 instead.
+    Names (TAG is conv, gemm or matmul): `<L>/morph_subnet/TAG_<i>` (sequential),
+    `<L>/morph_subnet/branch_<b>/TAG_<i>` and `<L>/morph_subnet/sum` (parallel),
+    `<L>/morph_subnet/main`, `<L>/morph_subnet/branch/TAG_1|TAG_2` and `<L>/morph_subnet/add`
+    (residual); P-activations are `<layer>/act` with the parameter `<layer>/act_a`; the module's
+    output keeps L's output tensor name, so later recipe steps can still name it.
     """
 
     name = "subnet"
-    summary = "morph a Conv into a module: a chain, parallel branches, or a residual block"
+    summary = "morph a layer into a module: a chain, parallel branches, or a residual block"
     params = (
-        Param("layer", layer_name, "the Conv layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
         Param("kind", str, "sequential, parallel or residual", choices=KINDS),
         Param("depth", positive_int, "layers per chain (sequential: default 2; parallel: per branch, "
               "default 1)", default=None, metavar="N"),
@@ -199,9 +215,13 @@ class SubnetPass(MorphPass):
         SEED,
     )
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._beta = 1.0  # the parent Gemm's beta, kept on a layer that reuses its computed bias tensor
+
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
-        if layer.op != "Conv":
+        if layer.op not in SUBNET_OPS:
             return None
         return cls(layer=layer.name, kind="residual")
 
@@ -209,9 +229,11 @@ class SubnetPass(MorphPass):
 
     def _plan(self, model: onnx.ModelProto) -> SubnetPlan:
         view = mgraph.read_view(model)
-        node = mgraph.find_layer(view, self.layer, ("Conv",))
+        node = mgraph.find_layer(view, self.layer, SUBNET_OPS)
         label = f"layer '{self.layer}'"
         mgraph.exclusive_constant(node, 1)
+        if node.op != "Conv":
+            return self._dense_plan(model, label)
         w = mgraph.values(node.inputs[1])
         version = mgraph.opset(model)
         if w.dtype.kind != "f":
@@ -248,6 +270,48 @@ class SubnetPass(MorphPass):
                 raise NotApplicable(f"{label}: --kernel {_shown(self.kernel)} has {len(k2)} axes, the layer {nd}")
         kernels = self._kernels(geometry, label, nd)
         return SubnetPlan(np.asarray(w, dtype=np.float64), geometry, w.dtype, version, nd + 2, width, k2, kernels)
+
+    def _dense_plan(self, model: onnx.ModelProto, label: str) -> SubnetPlan:
+        """A Gemm or MatMul, parsed as the depth morph parses it (alpha folded in, canonical [Co, Ci])."""
+        if self.kernel is not None and any(k != 1 for k in self.kernel):
+            raise NotApplicable(f"{label}: --kernel is for Conv layers")
+        if self.kernels is not None and any(k != 1 for k in self.kernels):
+            raise NotApplicable(f"{label}: --kernels is for Conv layers")
+        dense = DeepenPass(layer=self.layer, width=self.width, activation=self.activation)._plan(model)
+        if dense.width < dense.out_channels:
+            raise NotApplicable(f"{label}: --width {dense.width} is narrower than its {dense.out_channels} outputs "
+                                "(an exact split is only guaranteed from C_out on)")
+        if self.kind == "sequential":
+            if self.branches is not None or self.kernels is not None:
+                raise NotApplicable(f"{label}: --branches and --kernels are for parallel and residual subnets")
+            if (self.depth or 2) < 2:
+                raise NotApplicable(f"{label}: a sequential subnet needs --depth of at least 2")
+            kernels: tuple[tuple[int, ...], ...] = ()
+        elif self.kind == "residual":
+            if self.branches is not None or self.depth is not None:
+                raise NotApplicable(f"{label}: --branches and --depth are for parallel and sequential subnets")
+            kernels = ((), ())
+        else:
+            count = self.branches or (len(self.kernels) if self.kernels else 2)
+            if count < 2:
+                raise NotApplicable(f"{label}: a parallel subnet needs at least 2 branches")
+            kernels = ((),) * count
+        rank = 2 if dense.op == "Gemm" else None
+        return SubnetPlan(dense.g, None, dense.dtype, dense.opset, rank, dense.width, (), kernels, op=dense.op,
+                          trans_a=dense.trans_a, trans_b=dense.trans_b)
+
+    def _spec(self, plan: SubnetPlan, f: np.ndarray, bias: np.ndarray | gs.Tensor | None,
+              geometry: ConvGeometry | None, reads_input: bool, parent_bias: bool = False) -> build.LayerSpec:
+        """A new layer like the parent: Conv with `geometry`, or Gemm/MatMul with the parent's layout."""
+        if plan.op == "Conv":
+            return build.LayerSpec("Conv", f, bias, geometry)
+        if plan.op == "MatMul":
+            return build.LayerSpec("MatMul", f)  # the parent's bias, an Add after it, stays in place
+        beta = self._beta if parent_bias and isinstance(bias, gs.Tensor) else 1.0
+        if bias is None:
+            bias = np.zeros(f.shape[0])  # Gemm needs C before opset 11
+        return build.LayerSpec("Gemm", f, bias, trans_a=plan.trans_a and reads_input, trans_b=plan.trans_b,
+                               beta=beta)
 
     def _kernels(self, geometry: ConvGeometry, label: str, nd: int) -> tuple[tuple[int, ...], ...]:
         k = geometry.kernel
@@ -296,8 +360,11 @@ class SubnetPass(MorphPass):
 
     def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
         plan = self._plan(model)
-        return {"kind": self.kind, "module": "1c1" if plan.kernels == ((1,) * (plan.rank - 2),) * 2 else
-                "x".join(map(str, plan.geometry.kernel))}
+        if plan.geometry is None:
+            return {"kind": self.kind, "module": f"{plan.op} + two-{plan.op} branch"}
+        nd = len(plan.geometry.kernel)
+        return {"kind": self.kind, "module": "1c1" if plan.kernels == ((1,) * nd,) * 2 else
+                "x".join(map(str, plan.kernels[0])) + " branch"}
 
     # ------------------------------------------------------------------ rewrite
 
@@ -305,9 +372,14 @@ class SubnetPass(MorphPass):
         plan = self._plan(model)
         rng = np.random.default_rng(self.seed)
         graph = mgraph.import_graph(model)
-        node = mgraph.find_layer(graph, self.layer, ("Conv",))
+        node = mgraph.find_layer(graph, self.layer, SUBNET_OPS)
         x, y = node.inputs[0], node.outputs[0]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        bias = node.inputs[2] if node.op != "MatMul" and len(node.inputs) > 2 and node.inputs[2].name else None
+        self._beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        if node.op == "Gemm" and isinstance(bias, gs.Constant):
+            # Fold beta into a constant C (any broadcastable shape is kept), as the depth morph does.
+            bias = self._beta * np.asarray(bias.values, dtype=np.float64)
+            self._beta = 1.0
         node.inputs.clear()
         node.outputs.clear()
         graph.nodes.remove(node)
@@ -315,7 +387,8 @@ class SubnetPass(MorphPass):
         scope = build.fresh_scope(namer, node.name or y.name, "morph_subnet")
         try:
             if self.kind == "sequential":
-                self._chain(graph, namer, scope, x, y, plan, plan.g, plan.geometry, self.depth or 2, bias, rng)
+                self._chain(graph, namer, scope, x, y, plan, plan.g, plan.geometry, self.depth or 2, bias, rng,
+                            parent_bias=True)
             elif self.kind == "parallel":
                 self._parallel(graph, namer, scope, x, y, plan, bias, rng)
             else:
@@ -325,21 +398,22 @@ class SubnetPass(MorphPass):
         return PassResult(mgraph.export_model(graph, like=model), True)
 
     def _chain(self, graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, y: gs.Variable | None,
-               plan: SubnetPlan, g: np.ndarray, geometry: ConvGeometry, depth: int,
-               bias: np.ndarray | gs.Tensor | None, rng: np.random.Generator) -> gs.Variable:
-        """Convs computing filter `g` with `geometry` on `x` in `depth` layers; the last writes `y`."""
-        filters = chain_filters(g, depth, plan.k2, plan.width, rng, geometry.group)
-        geometries = chain_geometries(geometry, depth, plan.k2)
+               plan: SubnetPlan, g: np.ndarray, geometry: ConvGeometry | None, depth: int,
+               bias: np.ndarray | gs.Tensor | None, rng: np.random.Generator, parent_bias: bool = False) -> gs.Variable:
+        """Layers computing filter `g` (with `geometry`) on `x` in `depth` layers; the last writes `y`."""
+        filters = chain_filters(g, depth, plan.k2, plan.width, rng, plan.groups)
+        geometries = chain_geometries(geometry, depth, plan.k2) if geometry is not None else [None] * depth
+        tag = plan.op.lower()
         h = x
         for i, (f, geo) in enumerate(zip(filters, geometries), 1):
             last = i == depth
             # Only the last layer has a bias (L's): the others are zero, so nothing leaks through (carry_bias).
             b = bias if last else np.zeros(f.shape[0])
-            h = build.add_layer(graph, namer, scope, f"conv_{i}", h, build.LayerSpec("Conv", f, b, geo),
-                                plan.dtype, out=y if last else None)
+            spec = self._spec(plan, f, b, geo, reads_input=i == 1, parent_bias=parent_bias and last)
+            h = build.add_layer(graph, namer, scope, f"{tag}_{i}", h, spec, plan.dtype, out=y if last else None)
             if not last:
-                h = build.p_activation(graph, namer, f"{scope}/conv_{i}", h, self.activation, f.shape[0], 1,
-                                       plan.rank, plan.dtype, plan.opset)
+                h = build.p_activation(graph, namer, f"{scope}/{tag}_{i}", h, self.activation, f.shape[0],
+                                       plan.channel_axis, plan.rank, plan.dtype, plan.opset)
         return h
 
     def _parallel(self, graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, y: gs.Variable,
@@ -348,20 +422,25 @@ class SubnetPass(MorphPass):
         parts = solvers.split_parallel(plan.g, plan.kernels, rng)
         outputs = []
         for b, (part, kernel) in enumerate(zip(parts, plan.kernels), 1):
-            branch_x, geometry = crop_input(graph, namer, f"{scope}/branch_{b}", x,
-                                            inner_geometry(plan.geometry, kernel), plan.opset)
+            branch_x, geometry = x, None
+            if plan.geometry is not None:
+                branch_x, geometry = crop_input(graph, namer, f"{scope}/branch_{b}", x,
+                                                inner_geometry(plan.geometry, kernel), plan.opset)
             last = b == len(parts)
             branch_bias = bias if last else None
             outputs.append(self._chain(graph, namer, f"{scope}/branch_{b}", branch_x, None, plan, part, geometry,
-                                       self.depth or 1, branch_bias, rng))
+                                       self.depth or 1, branch_bias, rng, parent_bias=last))
         graph.nodes.append(gs.Node("Sum", name=namer(scope, "sum"), inputs=outputs, outputs=[y]))
 
     def _residual(self, graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, y: gs.Variable,
                   plan: SubnetPlan, bias: gs.Tensor | None, rng: np.random.Generator) -> None:
         k1, kb = plan.kernels
-        groups = plan.geometry.group
+        groups = plan.groups
         branch_x = x
-        if any(k != 1 for k in kb):
+        main_geometry = g1 = g2 = None
+        if plan.geometry is None:
+            main, f1, f2 = solvers.split_residual(plan.g, (), plan.width, rng, branch_fraction=BRANCH_FRACTION)
+        elif any(k != 1 for k in kb):
             main, f1, f2 = solvers.split_residual(plan.g, kb, plan.width, rng, groups=groups,
                                                   branch_fraction=BRANCH_FRACTION)
             g1, g2 = build.pair_geometries(plan.geometry, kb)
@@ -372,15 +451,16 @@ class SubnetPass(MorphPass):
             main_geometry = plan.geometry
             branch_x, g1 = crop_input(graph, namer, f"{scope}/branch", x, inner_geometry(plan.geometry, k1),
                                       plan.opset)
-            nd = plan.rank - 2
+            nd = len(k1)
             g2 = ConvGeometry((1,) * nd, (0,) * nd, (0,) * nd, (1,) * nd, (1,) * nd, groups)
-        main_out = build.add_layer(graph, namer, scope, "main", x, build.LayerSpec("Conv", main, bias, main_geometry),
-                                   plan.dtype)
+        tag = plan.op.lower()
+        main_out = build.add_layer(graph, namer, scope, "main", x,
+                                   self._spec(plan, main, bias, main_geometry, True, parent_bias=True), plan.dtype)
         branch = f"{scope}/branch"
-        h = build.add_layer(graph, namer, branch, "conv_1", branch_x,
-                            build.LayerSpec("Conv", f1, np.zeros(f1.shape[0]), g1), plan.dtype)
-        h = build.p_activation(graph, namer, f"{branch}/conv_1", h, self.activation, f1.shape[0], 1, plan.rank,
-                               plan.dtype, plan.opset)
-        h = build.add_layer(graph, namer, branch, "conv_2", h, build.LayerSpec("Conv", f2, np.zeros(f2.shape[0]), g2),
-                            plan.dtype)
+        h = build.add_layer(graph, namer, branch, f"{tag}_1", branch_x,
+                            self._spec(plan, f1, np.zeros(f1.shape[0]), g1, True), plan.dtype)
+        h = build.p_activation(graph, namer, f"{branch}/{tag}_1", h, self.activation, f1.shape[0],
+                               plan.channel_axis, plan.rank, plan.dtype, plan.opset)
+        h = build.add_layer(graph, namer, branch, f"{tag}_2", h,
+                            self._spec(plan, f2, np.zeros(f2.shape[0]), g2, False), plan.dtype)
         graph.nodes.append(gs.Node("Add", name=namer(scope, "add"), inputs=[main_out, h], outputs=[y]))

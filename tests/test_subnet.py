@@ -146,6 +146,46 @@ def test_activations(activation: str) -> None:
     assert bool(acts) == (activation != "none")
 
 
+@pytest.mark.parametrize("stem,layer", [("mlp_relu", "fc2"), ("mlp_tanh", "fc1"), ("transformer_ff", "ff2"),
+                                        ("cifar10_quick", "fc1")])
+@pytest.mark.parametrize("params", [{"kind": "sequential", "depth": 3}, {"kind": "parallel", "branches": 3, "depth": 2},
+                                    {"kind": "residual"}])
+def test_gemm_and_matmul_layers(stem: str, layer: str, params: dict) -> None:
+    parent = reference_model(stem)
+    child, report = onnxmorph.morph(parent, "subnet", layer=layer, trials=2, **params)
+    assert report, report
+    op = next(n.op_type for n in parent.graph.node if n.name == layer)
+    tag = op.lower()
+    new = [n for n in _nodes(child, f"{layer}/morph_subnet/") if n.op_type == op]
+    assert len(new) == {"sequential": 3, "parallel": 6, "residual": 3}[params["kind"]]
+    assert all(n.name.rsplit("/", 1)[-1].startswith((tag, "main")) for n in new)
+    for n in new:
+        w = _weights(child)[n.input[1]]
+        assert np.count_nonzero(w) == w.size  # dense factors
+
+
+@pytest.mark.parametrize("attrs", [{"transA": 1, "transB": 0, "alpha": 0.5, "beta": 2.0}, {"transB": 1}])
+@pytest.mark.parametrize("kind", ["sequential", "parallel", "residual"])
+def test_gemm_layouts_and_opset_9(attrs: dict, kind: str) -> None:
+    rng = np.random.default_rng(5)
+    trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
+    w = rng.normal(size=(6, 5) if trans_b else (5, 6)).astype(np.float32)
+    gemm = onnx.helper.make_node("Gemm", ["x", "w", "c"], ["h"], name="fc", **attrs)
+    relu = onnx.helper.make_node("Relu", ["h"], ["y"], name="relu")
+    graph = onnx.helper.make_graph(
+        [gemm, relu], "gemm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                  [5, 3] if trans_a else [3, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "c")])
+    parent = onnxmorph.normalize(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 9)]))
+    child, report = onnxmorph.morph(parent, "subnet", layer="fc", kind=kind, trials=2)
+    assert report, report
+    gemms = [n for n in child.graph.node if n.op_type == "Gemm"]
+    assert all(len(n.input) == 3 for n in gemms)  # C is required before opset 11
+    assert sum(dict((a.name, a.i) for a in n.attribute).get("transA", 0) for n in gemms) == (
+        0 if not trans_a else {"sequential": 1, "parallel": 2, "residual": 2}[kind])
+
+
 @pytest.mark.parametrize("opset", [9, 13])
 @pytest.mark.parametrize("params", [{"kind": "residual"}, {"kind": "parallel", "kernels": "1,3,5", "depth": 2}])
 def test_unpadded_layers_crop_the_input_of_smaller_branches(opset: int, params: dict) -> None:
@@ -167,7 +207,8 @@ def test_unpadded_layers_crop_the_input_of_smaller_branches(opset: int, params: 
 def test_refusals() -> None:
     model = reference_model("cifar10_quick")
     cases = [
-        ({"layer": "fc1", "kind": "residual"}, "is a Gemm"),
+        ({"layer": "fc1", "kind": "parallel", "kernels": "1,3"}, "--kernels is for Conv"),
+        ({"layer": "flatten", "kind": "residual"}, "is a Flatten"),
         ({"layer": "conv2", "kind": "parallel", "kernels": "1,3"}, "one branch must keep"),
         ({"layer": "conv2", "kind": "parallel", "kernels": "7,5"}, "exceed"),
         ({"layer": "conv2", "kind": "sequential", "depth": 1}, "at least 2"),
