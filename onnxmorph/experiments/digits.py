@@ -213,44 +213,90 @@ def _logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return ot.predict(ot.to_torch(model), x)
 
 
-def run_family(name: str, build: Callable[[int], onnx.ModelProto], children: Sequence[Child], gain: float,
-               data: tuple[np.ndarray, ...], config: Config) -> dict[str, Any]:
-    """Parent, parent trained on, and each child (morphed and from scratch), over every seed."""
-    x_test = data[1]
+@dataclass(frozen=True)
+class Family:
+    """A parent architecture, its children and its input layout."""
+
+    name: str
+    build: Callable[[int], onnx.ModelProto]
+    children: tuple[Child, ...]
+    gain: float  # of the scratch initialisation, as for the parent
+    image_shape: tuple[int, ...]
+
+
+FAMILIES = (
+    Family("CNN", parent_cnn, CNN_CHILDREN, float(np.sqrt(2.0)), (1, 8, 8)),
+    Family("MLP", parent_mlp, MLP_CHILDREN, 1.0, (64,)),
+)
+
+
+def _available(family: Family) -> list[Child]:
+    return [c for c in family.children if c.morph in onnxmorph.REGISTRY]
+
+
+def run_seed(family_name: str, seed: int, config: Config) -> dict[str, dict[str, Any]]:
+    """Parent, parent trained on, and each child (morphed and from scratch) of one family for one seed."""
+    torch.set_num_threads(config.threads)
+    family = next(f for f in FAMILIES if f.name == family_name)
+    x_train, x_test, y_train, y_test = load_data()
+    data = (x_train.reshape(-1, *family.image_shape), x_test.reshape(-1, *family.image_shape), y_train, y_test)
     total = config.parent_steps + config.finetune_steps
-    runs: dict[str, list[dict[str, Any]]] = {"parent": [], "parent, trained on": []}
-    available = [c for c in children if c.morph in onnxmorph.REGISTRY]
-    for child in children:
-        if child.morph not in onnxmorph.REGISTRY:
-            log.warning("%s: onnxmorph has no %r morph; left out", child.label, child.morph)
-    for child in available:
-        runs[f"{child.label} (morph)"] = []
-        runs[f"{child.label} (scratch)"] = []
-    for seed in config.seeds:
-        log.info("%s, seed %d: training the parent for %d steps", name, seed, config.parent_steps)
-        parent, curve = run_training(build(seed), data, config.parent_steps, seed, config)
-        parent_acc = curve["accuracy"][-1]
-        runs["parent"].append({"seed": seed, "curve": curve, "offset": 0})
-        _, curve = run_training(parent, data, config.finetune_steps, seed + 1000, config)
-        runs["parent, trained on"].append({"seed": seed, "curve": curve, "offset": config.parent_steps})
-        parent_logits = _logits(parent, x_test)
-        for child in available:
-            log.info("%s, seed %d: %s", name, seed, child.label)
-            morphed = getattr(onnxmorph, child.morph)(parent, seed=seed, **child.params)
-            gap = float(np.abs(_logits(morphed, x_test) - parent_logits).max())
-            _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config)
-            runs[f"{child.label} (morph)"].append({
-                "seed": seed, "curve": curve, "offset": config.parent_steps, "parent_accuracy": parent_acc,
-                "max_logit_gap_at_step_0": gap, "parameters": _count(morphed),
-                "steps_to_parent_accuracy": _steps_to(curve, parent_acc)})
-            scratch = initialise(morphed, seed + 2000, gain)
-            _, curve = run_training(scratch, data, total, seed + 2000, config)
-            runs[f"{child.label} (scratch)"].append({
-                "seed": seed, "curve": curve, "offset": 0, "parent_accuracy": parent_acc,
-                "steps_to_parent_accuracy": _steps_to(curve, parent_acc)})
-    for run in runs["parent"]:
-        run["parameters"] = _count(build(run["seed"]))
-    return {"name": name, "missing": [c.label for c in children if c not in available], "runs": runs}
+    runs: dict[str, dict[str, Any]] = {}
+    log.info("%s, seed %d: training the parent for %d steps", family.name, seed, config.parent_steps)
+    start = family.build(seed)
+    parent, curve = run_training(start, data, config.parent_steps, seed, config)
+    parent_acc = curve["accuracy"][-1]
+    runs["parent"] = {"seed": seed, "curve": curve, "offset": 0, "parameters": _count(start),
+                      "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
+    _, curve = run_training(parent, data, config.finetune_steps, seed + 1000, config)
+    runs["parent, trained on"] = {"seed": seed, "curve": curve, "offset": config.parent_steps}
+    parent_logits = _logits(parent, data[1])
+    for child in _available(family):
+        log.info("%s, seed %d: %s", family.name, seed, child.label)
+        morphed = getattr(onnxmorph, child.morph)(parent, seed=seed, **child.params)
+        gap = float(np.abs(_logits(morphed, data[1]) - parent_logits).max())
+        _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config)
+        runs[f"{child.label} (morph)"] = {
+            "seed": seed, "curve": curve, "offset": config.parent_steps, "parent_accuracy": parent_acc,
+            "max_logit_gap_at_step_0": gap, "parameters": _count(morphed),
+            "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
+        scratch = initialise(morphed, seed + 2000, family.gain)
+        _, curve = run_training(scratch, data, total, seed + 2000, config)
+        runs[f"{child.label} (scratch)"] = {
+            "seed": seed, "curve": curve, "offset": 0, "parent_accuracy": parent_acc,
+            "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
+    return runs
+
+
+def _worker_init() -> None:
+    if not log.handlers:
+        _log_to_stderr()
+
+
+def run_families(config: Config, workers: int = 1) -> list[dict[str, Any]]:
+    """Every (family, seed) job, in `workers` processes; results are the same for any number of workers."""
+    jobs = [(family.name, seed) for family in FAMILIES for seed in config.seeds]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = [pool.submit(run_seed, name, seed, config) for name, seed in jobs]
+            results = [f.result() for f in futures]
+    else:
+        results = [run_seed(name, seed, config) for name, seed in jobs]
+    by_job = dict(zip(jobs, results))
+    families = []
+    for family in FAMILIES:
+        missing = [c.label for c in family.children if c not in _available(family)]
+        for label in missing:
+            log.warning("%s: onnxmorph has no such morph here; left out", label)
+        labels = by_job[(family.name, config.seeds[0])].keys()
+        runs = {label: [by_job[(family.name, seed)][label] for seed in config.seeds] for label in labels}
+        families.append({"name": family.name, "missing": missing, "runs": runs})
+    return families
 
 
 def _count(model: onnx.ModelProto) -> int:
@@ -403,15 +449,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: Config) -> dict[str, Any]:
+def run(config: Config, workers: int = 1) -> dict[str, Any]:
     """The whole experiment; returns the results (curves, rows) as plain data."""
     torch.set_num_threads(config.threads)
     data = load_data()
-    images = (data[0].reshape(-1, 1, 8, 8), data[1].reshape(-1, 1, 8, 8), data[2], data[3])
-    families = [
-        run_family("CNN", parent_cnn, CNN_CHILDREN, float(np.sqrt(2.0)), images, config),
-        run_family("MLP", parent_mlp, MLP_CHILDREN, 1.0, data, config),
-    ]
+    families = run_families(config, workers)
     for family in families:
         family["rows"] = summarise(family, config)
     return {"config": asdict(config), "data": {"train": len(data[0]), "test": len(data[1])},
@@ -419,26 +461,33 @@ def run(config: Config) -> dict[str, Any]:
             "families": families}
 
 
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onnxmorph.experiments.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small budgets and 2 seeds (a smoke test, < 60 s)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the results (default: docs)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, quick: 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes running seeds in parallel (default: 2, quick: 1)")
     parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads (default: 1)")
     args = parser.parse_args(argv)
     # Progress of this run only; the morphs' own INFO logs would drown it.
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+        _log_to_stderr()
     config = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {"threads": args.threads}
     if args.seeds is not None:
         overrides["seeds"] = tuple(range(args.seeds))
     config = Config(**{**asdict(config), **overrides})
     start = time.perf_counter()
-    results = run(config)
+    workers = args.workers if args.workers is not None else (1 if args.quick else 2)
+    results = run(config, workers)
     stem = "digits-quick" if args.quick else "digits"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
