@@ -135,7 +135,8 @@ class DeepenPass(MorphPass):
         node = mgraph.find_layer(view, self.layer, DEEPEN_OPS)
         label = f"layer '{self.layer}'"
         version = mgraph.opset(model)
-        weight = node.inputs[1]
+        # A weight tied to another node would silently come untied: refuse rather than guess.
+        weight = mgraph.exclusive_constant(node, 1)
         w = mgraph.values(weight)
         if w.dtype.kind != "f":
             raise NotApplicable(f"{label}: weight '{weight.name}' has type {w.dtype}, not a float type")
