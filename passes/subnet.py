@@ -327,7 +327,10 @@ class SubnetPass(MorphPass):
             sizes = self.kernels or (1, 1)
             if len(sizes) != 2:
                 raise NotApplicable(f"{label}: a residual branch takes two kernels (e.g. 1,1), got {len(sizes)}")
-            k1 = tuple(min(sizes[0], a) if a == 1 else sizes[0] for a in k)
+            if max(k) == 1 and max(sizes) > 1:
+                raise NotApplicable(f"{label}: a 1x1 layer's residual branch is 1x1 -> 1x1 (--kernels 1,1), "
+                                    f"not {','.join(map(str, sizes))}")
+            k1 = tuple(1 if a == 1 else sizes[0] for a in k)
             kb = tuple(1 if a == 1 else sizes[1] for a in k)
             if any(b != 1 for b in kb):
                 if k1 != k:

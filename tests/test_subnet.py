@@ -215,10 +215,13 @@ def test_refusals() -> None:
         ({"layer": "conv2", "kind": "sequential", "width": 8}, "narrower"),
         ({"layer": "conv2", "kind": "residual", "kernels": "3,3"}, "first kernel equal"),
         ({"layer": "conv2", "kind": "residual", "branches": 3}, "--branches"),
+        ({"layer": "conv2", "kind": "residual", "kernels": "7,1"}, "larger than the layer's 5x5"),
     ]
     for params, reason in cases:
         with pytest.raises(NotApplicable, match=reason):
             SubnetPass(**params).requires(model)
+    with pytest.raises(NotApplicable, match="1x1 -> 1x1"):
+        SubnetPass(layer="pw2", kind="residual", kernels="3,1").requires(reference_model("mobilenet_mini"))
     vgg = reference_model("vgg_bn")
     assert SubnetPass(layer="conv1_1", kind="residual").describe(vgg)["module"] == "1c1"
 
