@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 
 Shapes = dict[str, "tuple[int | None, ...] | None"]
@@ -773,3 +774,21 @@ def analyze(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int
     analysis.result.spaces.append(space)
     analysis.add_slot(t, axis, offset, block, 0, f"'{tensor}'")
     return analysis.run()
+
+
+def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
+    """After the channels grew: grow the constants that spell a shape, and forget stale shapes.
+
+    Shared by every pass that adds channels (widen, concat-skip) so the bookkeeping lives once.
+    """
+    nodes = {node.name: node for node in graph.nodes}
+    for fix in coupling.shape_fixes:
+        node = nodes[fix.node]
+        shape = mgraph.values(node.inputs[fix.index]).copy()
+        shape[fix.position] += coupling.added(fix.tensor, fix.axis)
+        mgraph.set_input_constant(node, fix.index, shape)
+    tensors = graph.tensors()
+    for name in coupling.tensors:
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Variable):
+            tensor.shape = None

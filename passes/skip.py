@@ -287,16 +287,7 @@ class SkipPass(MorphPass):
                 w = wsolve.solve_widen_outgoing(w, consumer.weight_axis, c.spaces[consumer.slot.space].inserts, rng,
                                                 method="netmorph", offset=consumer.offset, block=consumer.block)
             mgraph.set_input_constant(node, 1, w)
-        for fix in c.shape_fixes:
-            node = nodes[fix.node]
-            shape = mgraph.values(node.inputs[fix.index]).copy()
-            shape[fix.position] += c.added(fix.tensor, fix.axis)
-            mgraph.set_input_constant(node, fix.index, shape)
-        tensors = graph.tensors()
-        for name in c.tensors:
-            tensor = tensors.get(name)
-            if isinstance(tensor, gs.Variable):
-                tensor.shape = None
+        channels.apply_shape_fixes(graph, c)
 
     def _redirect(self, graph: gs.Graph, namer: mgraph.Namer, scope: str,
                   b: gs.Variable) -> tuple[gs.Tensor, gs.Variable]:

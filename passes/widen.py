@@ -245,17 +245,7 @@ class WidenPass(MorphPass):
                 w = self._outgoing(node, w, consumer, c, plan, rng)
             mgraph.set_input_constant(node, 1, w)
 
-        for fix in c.shape_fixes:
-            node = nodes[fix.node]
-            shape = mgraph.values(node.inputs[fix.index]).copy()
-            shape[fix.position] += c.added(fix.tensor, fix.axis)
-            mgraph.set_input_constant(node, fix.index, shape)
-
-        tensors = graph.tensors()
-        for name in c.tensors:
-            tensor = tensors[name]
-            if isinstance(tensor, gs.Variable):
-                tensor.shape = None
+        channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
     def _outgoing(self, node: gs.Node, w: np.ndarray, consumer: channels.Consumer, c: channels.Coupling,
