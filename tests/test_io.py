@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import LIGHT, MODELS
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph import io as mio
 from onnxmorph.errors import InvalidModelError, UsageError
-from conftest import LIGHT, MODELS
 
 
 def _conv_model_with_constants(ir_version: int = 8, opset: int = 13) -> onnx.ModelProto:
