@@ -76,31 +76,47 @@ bigmodels = _load_by_path("onnxmorph_bench_bigmodels", HERE / "bigmodels.py")
 # --------------------------------------------------------------------------- measuring
 
 
+# Runs one command and reports its own wait4 rusage. It is a fresh, small process, so the
+# command it forks starts from a small resident set; a command forked straight from a large
+# parent (a test run, this script after building models) would count the parent's pages in
+# its peak, since ru_maxrss includes what the child held between fork and exec.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+report, cwd, cmd = sys.argv[1], sys.argv[2] or None, sys.argv[3:]
+with open(os.devnull, "rb") as stdin:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=stdin)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+with open(report, "w") as f:
+    json.dump({"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+               "returncode": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
 def measure(cmd: Sequence[str], *, cwd: Path | None = None) -> dict[str, Any]:
     """Run `cmd` in a new process: wall seconds, peak resident memory (bytes), exit code, stderr tail.
 
-    The peak comes from wait4's rusage of that one child, so earlier measurements cannot leak
-    into it (RUSAGE_CHILDREN would report the maximum over every child so far).
+    The peak comes from wait4's rusage of that one process, taken by a small launcher process,
+    so neither earlier measurements nor this (possibly large) process leak into it.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Output goes to files, not pipes: reading pipes could block, and communicate() would reap the
-    # child itself and lose its rusage.
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    # Output goes to files, not pipes: reading pipes could block.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory(prefix="onnxmorph-bench-") as tmp:
+        report = Path(tmp) / "report.json"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(report), str(cwd or ""), *cmd]
+        subprocess.run(launcher, env=env, stdout=out, stderr=err, check=False)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    return {
-        "seconds": seconds,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports kilobytes
-        "returncode": proc.returncode,
-        "stderr": stderr.decode(errors="replace")[-2000:],
-        "stdout": stdout.decode(errors="replace")[-2000:],
-    }
+        if report.is_file():
+            result = json.loads(report.read_text())
+        else:  # the launcher itself failed: report it as a failed run
+            result = {"seconds": float("nan"), "peak_rss_bytes": 0, "returncode": -1}
+    result["stderr"] = stderr.decode(errors="replace")[-2000:]
+    result["stdout"] = stdout.decode(errors="replace")[-2000:]
+    return result
 
 
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -239,6 +239,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # main() may run inside another program (tests, notebooks): put the logger back afterwards.
+    saved_logging = (list(log.handlers), log.level, log.propagate)
     _setup_logging(args)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -278,3 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
     finally:
         signal.signal(signal.SIGTERM, previous)
+        log.handlers[:] = saved_logging[0]
+        log.setLevel(saved_logging[1])
+        log.propagate = saved_logging[2]
