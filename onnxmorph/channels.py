@@ -96,6 +96,7 @@ class Producer:
     slot: Slot
     weight_axis: int
     groups: int = 1
+    ungroup: int = 0  # > 1: a grouped Conv (this many groups) that becomes dense so new channels go last
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ class Coupling:
     groups: list[GroupChange] = field(default_factory=list)
     shape_fixes: list[ShapeFix] = field(default_factory=list)
     lrn: list[str] = field(default_factory=list)
+    # per space id: how many of its first new channels must be exactly 0 (inside an old channel's LRN window)
+    lrn_guard: dict[int, int] = field(default_factory=dict)
     # per space id: the ops between producers and consumers that do not map 0 to 0
     zero_blockers: dict[int, list[str]] = field(default_factory=dict)
 
@@ -228,8 +231,10 @@ def map_reshape(src: Sequence[int | None], dst: Sequence[int | None], axis: int,
 
 
 class _Analysis:
-    def __init__(self, graph: gs.Graph, shapes: Shapes, *, allow_backward: bool) -> None:
+    def __init__(self, graph: gs.Graph, shapes: Shapes, *, allow_backward: bool,
+                 ungroup: frozenset[str] = frozenset()) -> None:
         self.graph = graph
+        self.ungroup = ungroup
         self.shapes = shapes
         self.allow_backward = allow_backward
         self.result = Coupling()
@@ -436,8 +441,9 @@ class _Analysis:
     def lrn(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
         if slot.axis != 1:
             raise NotApplicable(f"LRN '{node.name}' works on axis 1, the channels are on axis {slot.axis}")
-        # LRN sums a window of neighbouring channels by position: new (zero) channels are harmless
-        # only after the last old channel; in between they would shift the old channels' windows
+        # LRN sums a window of neighbouring channels by position: new channels are harmless only after
+        # the last old channel (in between they would shift the old channels' windows), and the first
+        # ceil((size - 1) / 2) of them, which the last old channels' windows reach, must be exactly 0
         shape = _shape(self.shapes, tensor)
         size = shape[1] if shape else None
         for pos, _count in self.space(slot.space).inserts:
@@ -446,6 +452,9 @@ class _Analysis:
                     f"LRN '{node.name}' sums neighbouring channels: new channels would sit between old ones "
                     f"of '{tensor.name}' and change their sums"
                 )
+        reach = int(node.attrs.get("size", 1)) // 2  # ceil((size - 1) / 2)
+        guard = -(-reach // slot.block)
+        self.result.lrn_guard[slot.space] = max(self.result.lrn_guard.get(slot.space, 0), guard)
         if node.name not in self.result.lrn:
             self.result.lrn.append(node.name)
         self.through(node, slot, tensor)
@@ -635,12 +644,15 @@ class _Analysis:
         if slot.offset != 0 or slot.block != 1:
             raise NotApplicable(f"{where}: only part of its outputs carry the channels")
         groups = 1
+        ungroup = 0
         if node.op == "Conv":
             axis = 0
             groups = int(node.attrs.get("group", 1))
             if slot.axis != 1:
                 raise NotApplicable(f"{where}: the channels are not its output channels")
-            if groups > 1:
+            if groups > 1 and node.name in self.ungroup:
+                groups, ungroup = 1, groups  # made dense: its new filters read every input channel
+            elif groups > 1:
                 per_group = wshape[0] // groups
                 k = space.added // groups if space.added % groups == 0 else 0
                 expected = tuple(((g + 1) * per_group, k) for g in range(groups))
@@ -670,7 +682,7 @@ class _Analysis:
             others = [n for n in bias.outputs if n is not node]
             if others:
                 raise NotApplicable(f"{where}: its bias '{bias.name}' is shared with '{others[0].name}'")
-        entry = Producer(node.name, node.op, slot, axis, groups)
+        entry = Producer(node.name, node.op, slot, axis, groups, ungroup)
         if entry not in self.result.producers:
             self.result.producers.append(entry)
 
@@ -750,15 +762,18 @@ class _Analysis:
 
 
 def analyze(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int, int]], shapes: Shapes, *,
-            old: int | None = None, offset: int = 0, block: int = 1, backward: bool = True) -> Coupling:
+            old: int | None = None, offset: int = 0, block: int = 1, backward: bool = True,
+            ungroup: Sequence[str] = ()) -> Coupling:
     """Follow channel axis `axis` of `tensor` through `graph`; see the module docstring.
 
     `inserts` are the new channels, `(pos, count)` with `pos` in old channels; `old` is the number
     of channels (default: the tensor's size on `axis`). With `backward=False` the analysis does not
-    go up into producers (for a new tensor spliced in, e.g. a concatenated skip). Raises
+    go up into producers (for a new tensor spliced in, e.g. a concatenated skip). The grouped
+    Convs named in `ungroup` are treated as dense producers (the pass rewrites them with
+    block-diagonal weights and group 1), so new channels may go after all the old ones. Raises
     NotApplicable naming the op in the way when the function cannot be preserved.
     """
-    analysis = _Analysis(graph, shapes, allow_backward=backward)
+    analysis = _Analysis(graph, shapes, allow_backward=backward, ungroup=frozenset(ungroup))
     tensors = analysis.graph_tensors
     if tensor not in tensors:
         raise NotApplicable(f"no tensor '{tensor}' in the graph")

@@ -78,25 +78,41 @@ def _scale(array: np.ndarray, fallback_fan_in: int) -> float:
     return std
 
 
+def ungroup_weight(w: np.ndarray, groups: int) -> np.ndarray:
+    """The dense (group 1) weight `[Co, Ci, *k]` computing what grouped Conv weight `w` computes.
+
+    Block-diagonal: output channels of group q read only input channels of group q, the rest is 0.
+    """
+    co, per_in = w.shape[:2]
+    if groups < 1 or co % groups:
+        raise ValueError(f"{co} output channels do not split into {groups} groups")
+    per_out = co // groups
+    dense = np.zeros((co, per_in * groups, *w.shape[2:]), dtype=w.dtype)
+    for q in range(groups):
+        dense[q * per_out:(q + 1) * per_out, q * per_in:(q + 1) * per_in] = w[q * per_out:(q + 1) * per_out]
+    return dense
+
+
 def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
                          mode: str, sources: np.ndarray | None = None, offset: int = 0,
-                         block: int = 1) -> np.ndarray:
+                         block: int = 1, zero_first: int = 0) -> np.ndarray:
     """New filters of a widened producer along `axis` (output channels).
 
-    mode `random`: Gaussian with the std of the existing filters (netmorph); `zero`: zero filters
-    (the new channels are exactly 0, as an LRN downstream needs); `copy`: copies of `sources`.
+    mode `random`: Gaussian with the std of the existing filters (netmorph), except the first
+    `zero_first` new channels, whose filters are 0 (an LRN downstream needs the new channels its
+    old channels' windows reach to be exactly 0); `copy`: copies of `sources`.
     Per-channel parameters (bias, BN statistics) use the same call with their own mode.
     """
+    ax = axis % w.ndim
     n = new_count(inserts) * block
     shape = list(w.shape)
-    shape[axis % w.ndim] = n
+    shape[ax] = n
     if mode == "copy":
-        new = _take(w, axis % w.ndim, channel_index(offset, block, sources))
-    elif mode == "zero":
-        new = np.zeros(shape, dtype=w.dtype)
+        new = _take(w, ax, channel_index(offset, block, sources))
     elif mode == "random":
         fan_in = int(np.prod(shape)) // max(n, 1)
         new = rng.normal(0.0, _scale(w, fan_in), size=shape)
+        np.moveaxis(new, ax, 0)[:zero_first * block] = 0.0
     else:
         raise ValueError(f"unknown incoming mode {mode!r}")
     return insert_channels(w, axis, offset, block, inserts, new)
@@ -115,11 +131,12 @@ def fill_channels(p: np.ndarray, axis: int, inserts: Insertions, value: float, *
 
 def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
                          method: str, sources: np.ndarray | None = None, offset: int = 0, block: int = 1,
-                         noise: float = 0.0, random_new: bool = False) -> np.ndarray:
+                         noise: float = 0.0, random_first: int = 0) -> np.ndarray:
     """Consumer weights on the widened input axis `axis`, chosen so the consumer's output is unchanged.
 
-    netmorph: new entries zero (or, with `random_new`, random: exact only when the new channels
-    are exactly zero). net2net: each old channel and its copies share its weight equally; `noise`
+    netmorph: new entries zero, except those of the first `random_first` new channels, which are
+    random (exact only because those channels are exactly 0: they then still get gradients).
+    net2net: each old channel and its copies share its weight equally; `noise`
     adds a compensated perturbation (the copies' perturbations are subtracted from the original).
     lemon: the copies get random weights and the original the remainder, so the sum is unchanged.
     """
@@ -128,10 +145,10 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     shape = list(w.shape)
     shape[ax] = n
     if method == "netmorph":
-        if random_new:
-            new = rng.normal(0.0, _scale(w, w.shape[ax]), size=shape)
-        else:
-            new = np.zeros(shape, dtype=w.dtype)
+        new = np.zeros(shape, dtype=w.dtype)
+        if random_first:
+            live = np.moveaxis(new, ax, 0)[:random_first * block]
+            live[...] = rng.normal(0.0, _scale(w, w.shape[ax]), size=live.shape)
         return insert_channels(w, axis, offset, block, inserts, new)
     if method not in ("net2net", "lemon"):
         raise ValueError(f"unknown method {method!r}")

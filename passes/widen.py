@@ -30,8 +30,9 @@ def non_negative_float(value: Any) -> float:
 @dataclass
 class _Plan:
     coupling: channels.Coupling
-    modes: dict[int, str]  # space id -> "random" (zero-outgoing), "zero" (zero-incoming), "copy"
+    modes: dict[int, str]  # space id -> "random" (zero-outgoing) or "copy"
     sources: dict[int, np.ndarray]
+    guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
 
 
 def _out_channels(node: gs.Node, shapes: channels.Shapes) -> tuple[int, int, int]:
@@ -56,8 +57,9 @@ class WidenPass(MorphPass):
     Every tensor, parameter and layer coupled to the widened channels (see onnxmorph.channels)
     follows: per-channel constants grow, depthwise convs get new groups, residual sums widen all
     their producers, consumers get new weight entries. Methods: `netmorph` (new filters random,
-    consumers' new weights zero; before an LRN the new filters are zero instead, since LRN sums
-    neighbouring channels and only exact zeros leave those sums unchanged), `net2net` (copies of
+    consumers' new weights zero; before an LRN the new channels go after the old ones and the few
+    its windows reach are exactly 0 (zero filters, random outgoing weights), a grouped producer
+    becoming dense if need be), `net2net` (copies of
     random channels, outgoing weights shared; `noise` adds a compensated perturbation) and
     `lemon` (copies, random outgoing weights corrected so each channel's copies sum to the original).
     """
@@ -93,16 +95,28 @@ class WidenPass(MorphPass):
         if self.width <= old:
             raise NotApplicable(f"{where} has {old} output channels already; --width must be larger")
         added = self.width - old
-        if node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1:
-            if added % groups:
-                raise NotApplicable(f"{where} has {groups} groups: --width must grow it by a multiple of {groups}")
-            per = old // groups
-            inserts = [((g + 1) * per, added // groups) for g in range(groups)]
-        else:
-            inserts = [(old, added)]
         if self.noise and self.method != "net2net":
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
-        coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
+        if node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1:
+            # new channels go at the end of every group; when what follows needs them after all the
+            # old channels (an LRN), the conv becomes dense instead (its compute grows `groups` times)
+            per = old // groups
+            try:
+                if added % groups:
+                    raise NotApplicable(
+                        f"{where} has {groups} groups: --width must grow it by a multiple of {groups}")
+                inserts = [((g + 1) * per, added // groups) for g in range(groups)]
+                coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
+            except NotApplicable as grouped:
+                inserts = [(old, added)]
+                try:
+                    coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old,
+                                                ungroup=[node.name])
+                except NotApplicable:
+                    raise grouped from None
+        else:
+            inserts = [(old, added)]
+            coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
         for name in coupling.layers + [p.node for p in coupling.params]:
             n = mgraph.find_node(view, name)
             for t in n.inputs[1:]:
@@ -131,17 +145,17 @@ class WidenPass(MorphPass):
             sources[0] = wsolve.replication_sources(old, inserts, rng, producer_groups)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
-            zero = bool(coupling.lrn)
             for space in coupling.spaces:
                 blockers = coupling.zero_blockers.get(space.id, [])
-                if zero and blockers:
+                if coupling.lrn_guard.get(space.id) and blockers:
                     bad = mgraph.find_node(view, blockers[0])
                     raise NotApplicable(
-                        f"LRN '{coupling.lrn[0]}' needs the new channels exactly 0, but {bad.op} '{bad.name}' "
+                        f"LRN '{coupling.lrn[0]}' needs the first new channels exactly 0, but {bad.op} '{bad.name}' "
                         "does not map 0 to 0"
                     )
-                modes[space.id] = "zero" if zero else "random"
-        return _Plan(coupling, modes, sources)
+                modes[space.id] = "random"
+        guards = {k: min(v, coupling.spaces[k].added) for k, v in coupling.lrn_guard.items()}
+        return _Plan(coupling, modes, sources, guards)
 
     def _check_grouped_copies(self, view: gs.Graph, coupling: channels.Coupling, sources: np.ndarray) -> None:
         for consumer in coupling.consumers:
@@ -172,6 +186,7 @@ class WidenPass(MorphPass):
             "width": self.width,
             "coupled": others,
             "consumers": [x.node for x in c.consumers],
+            "made_dense": [p.node for p in c.producers if p.ungroup],
         }
 
     # ------------------------------------------------------------------ rewrite
@@ -191,15 +206,18 @@ class WidenPass(MorphPass):
             space = c.spaces[p.slot.space]
             mode = plan.modes[space.id]
             w = mgraph.values(node.inputs[1])
-            incoming = {"random": "random", "zero": "zero", "copy": "copy"}[mode]
+            if p.ungroup:
+                w = wsolve.ungroup_weight(w, p.ungroup)
+                node.attrs["group"] = 1
+            guard = plan.guards.get(space.id, 0)
             mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, p.weight_axis, space.inserts, rng, mode=incoming, sources=sources_of(space.id)))
+                w, p.weight_axis, space.inserts, rng, mode=mode, sources=sources_of(space.id), zero_first=guard))
             if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
                 b = mgraph.values(node.inputs[2])
                 if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
                     mgraph.set_input_constant(node, 2, wsolve.fill_channels(
                         b, -1, space.inserts, 0.0, sources=sources_of(space.id)))
-                elif mode == "zero" and np.any(b != 0):
+                elif guard and np.any(b != 0):
                     raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 
         by_node: dict[tuple[str, int], list[channels.Param]] = {}
@@ -218,7 +236,7 @@ class WidenPass(MorphPass):
                 else:
                     value = FILL.get(param.role)
                     if param.role == "slope":
-                        value = float(np.mean(array)) if plan.modes[space.id] != "zero" else 0.0
+                        value = float(np.mean(array))
                     array = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src,
                                                  offset=param.offset, block=param.block)
             mgraph.set_input_constant(node, index, array)
@@ -230,7 +248,7 @@ class WidenPass(MorphPass):
                 continue
             w = mgraph.values(node.inputs[1])
             mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, 0, change.new_filters, rng, mode="random"))
+                w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
             if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
                 mgraph.set_input_constant(node, 2, wsolve.fill_channels(
                     mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
@@ -258,7 +276,7 @@ class WidenPass(MorphPass):
         if groups == 1:
             return wsolve.solve_widen_outgoing(
                 w, consumer.weight_axis, space.inserts, rng, method=method, sources=src, offset=consumer.offset,
-                block=consumer.block, noise=self.noise, random_new=mode == "zero")
+                block=consumer.block, noise=self.noise, random_first=plan.guards.get(space.id, 0))
         # a grouped consumer whose every group grows by the same channels: solve group by group
         per_in = w.shape[1]
         per_out = w.shape[0] // groups
@@ -275,7 +293,7 @@ class WidenPass(MorphPass):
             parts.append(wsolve.solve_widen_outgoing(
                 part, 1, [(rel, count * consumer.block)], rng, method=method,
                 sources=None if local_src is None else _expand_block(local_src, consumer.block),
-                noise=self.noise, random_new=mode == "zero"))
+                noise=self.noise, random_first=plan.guards.get(space.id, 0) if g == 0 else 0))
             start += count
         return np.concatenate(parts, axis=0)
 

@@ -206,11 +206,45 @@ def test_concat_offset_and_lrn_needs_the_end() -> None:
         widen(layer="h", width=12).requires(model)
     coupling = _analyze(model, "k")
     assert coupling.lrn == ["l"] and coupling.consumers[0].offset == 8 * 36
-    child = _widen_and_verify(model, "k", 12)  # zero-incoming: the new channels are 0 before the LRN
-    w2 = next(numpy_helper.to_array(t) for t in child.graph.initializer if t.name == "w2")
-    assert w2.shape == (12, 4, 3, 3) and not w2[8:].any()
+    child = _widen_and_verify(model, "k", 12)
+    arrays = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
+    # LRN size 3 reaches one channel past the last old one: that new channel is exactly 0 (zero
+    # filter, random outgoing weights), the other three are ordinary netmorph channels
+    w2, fc = arrays["w2"], arrays["fc"].reshape(-1, 36, 3)
+    assert w2.shape == (12, 4, 3, 3) and not w2[8].any() and all(w2[c].any() for c in range(9, 12))
+    assert fc.shape == (20, 36, 3) and fc[16].any() and not fc[17:].any()
     with pytest.raises(NotApplicable, match="LRN 'l'"):
         widen(layer="k", width=12, method="lemon").requires(model)
+
+
+@pytest.mark.parametrize("size", [3, 5])  # onnxruntime runs odd sizes only
+def test_grouped_conv_before_lrn_becomes_dense(size: int) -> None:
+    """AlexNet's conv2: grouped, then an LRN. New channels inside the groups would shift the LRN
+    windows, so the conv becomes dense (block-diagonal old weights) and the new channels go last."""
+    body = f"""h = Conv<pads=[1,1,1,1], group=2>(x, w1, b1)
+    r = Relu(h)
+    l = LRN<size={size}, alpha=0.5, beta=0.75, bias=1.0>(r)
+    k = Conv<pads=[1,1,1,1]>(l, w2, b2)
+    f = Flatten(k)
+    y = MatMul(f, fc)"""
+    inits = {"w1": _w(8, 2, 3, 3), "b1": _w(8), "w2": _w(5, 8, 3, 3), "b2": _w(5), "fc": _w(5 * 36, 3)}
+    model = _model(body, inits)
+    widen = onnxmorph.get_pass("widen")
+    assert widen(layer="h", width=14).describe(model)["made_dense"] == ["h"]
+    child = _widen_and_verify(model, "h", 14)
+    node = next(n for n in child.graph.node if n.name == "h")
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "group")) == 1
+    arrays = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
+    w1, w2 = arrays["w1"], arrays["w2"]
+    assert w1.shape == (14, 4, 3, 3) and w2.shape == (5, 14, 3, 3)
+    # the old filters are block-diagonal copies of the grouped ones
+    assert np.array_equal(w1[:4, :2], inits["w1"][:4].astype(np.float32)) and not w1[:4, 2:].any()
+    assert np.array_equal(w1[4:8, 2:], inits["w1"][4:].astype(np.float32)) and not w1[4:8, :2].any()
+    guard = size // 2  # ceil((size - 1) / 2) new channels inside the last old channel's window
+    assert not w1[8:8 + guard].any() and all(w1[c].any() for c in range(8 + guard, 14))
+    assert all(w2[:, c].any() for c in range(8, 8 + guard)) and not w2[:, 8 + guard:].any()
+    with pytest.raises(NotApplicable, match="LRN 'l'"):
+        widen(layer="h", width=14, method="net2net").requires(model)
 
 
 def test_concat_in_the_middle_without_lrn() -> None:
