@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
@@ -46,9 +47,30 @@ def memory_limit() -> int:
 # --------------------------------------------------------------------------- loading
 
 
+class _Digest(threading.Thread):
+    """SHA-256 of a file's bytes, computed beside the parse (hashlib releases the GIL on big buffers)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(name="onnxmorph-sha256", daemon=True)
+        self._data: bytes | None = data
+        self._value = ""
+
+    def run(self) -> None:
+        self._value = hashlib.sha256(self._data).hexdigest()
+        self._data = None  # the file's bytes are freed as soon as both the parse and the hash are done
+
+    def result(self) -> str:
+        self.join()
+        return self._value
+
+
 def load_header(path: PathLike) -> onnx.ModelProto:
     """Read `path` without its external data, after checking that every location is safe."""
-    path = Path(path)
+    return _read_header(Path(path), digest=False)[0]
+
+
+def _read_header(path: Path, *, digest: bool) -> tuple[onnx.ModelProto, _Digest | None]:
+    """`load_header`, reading the file once; with `digest`, its SHA-256 is computed in parallel."""
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")
     if path.is_dir():
@@ -62,18 +84,25 @@ def load_header(path: PathLike) -> onnx.ModelProto:
     if size > memory_limit():
         raise UnsafeModelError(f"{path}: {size} bytes is more than this machine can hold")
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
+        data = path.read_bytes()
     except OSError as exc:
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    hasher = _Digest(data) if digest else None
+    if hasher is not None:
+        hasher.start()
+    try:
+        model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError and friends
         raise InvalidModelError(f"{path}: not an ONNX model ({_one_line(exc)})") from exc
+    finally:
+        del data
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InvalidModelError(f"{path}: not an ONNX model (no graph)")
     external = list(_external_tensors(model))
     if external:
         _check_external_data(external, path.resolve().parent, path)
     check_declared_sizes(model, str(path))
-    return model
+    return model, hasher
 
 
 def external_data_files(path: PathLike) -> list[Path]:
@@ -101,14 +130,14 @@ def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
     (see `normalize`) unless `normalize_model` is false.
     """
     path = Path(path)
-    model = load_header(path)
+    model, hasher = _read_header(path, digest=True)
     if any(True for _ in _external_tensors(model)):
         try:
             load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as exc:
             raise InvalidModelError(f"{path}: cannot load external data ({_one_line(exc)})") from exc
     check_structure(model, name=str(path))
-    _set_source_digest(model, path)
+    _set_metadata(model, _SOURCE_DIGEST_KEY, hasher.result())
     if normalize_model:
         _normalize_in_place(model)
     return model
@@ -378,14 +407,6 @@ def content_digest(model: onnx.ModelProto) -> str:
     for tensor in _all_tensors(model):
         h.update(tensor.raw_data)
     return h.hexdigest()
-
-
-def _set_source_digest(model: onnx.ModelProto, path: Path) -> None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    _set_metadata(model, _SOURCE_DIGEST_KEY, h.hexdigest())
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
