@@ -42,6 +42,11 @@ _QR_MAX_DIM = 1024
 # the multi-tap solve may build before a cheaper exact plan is preferred.
 _MAX_OPERATOR_ENTRIES = 4_000_000
 _MIX_BLOCK = 64
+# Residual checks of more multiply-adds than this use a randomized sketch with this many
+# Gaussian probes (see _composite_residual) instead of the dense composition.
+_SKETCH_MIN_WORK = 2**30
+_SKETCH_PROBES = 16
+_SKETCH_SEED = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -121,31 +126,111 @@ def _pad_support(
     return np.pad(a, widths)
 
 
-def _mixed_dct_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Dense random n x n orthogonal matrix in O(n^2 * 64) instead of O(n^3).
+def _dct_rows(x: np.ndarray) -> np.ndarray:
+    """Orthonormal DCT-II along axis 0 (``D @ x``) via one real FFT (Makhoul's reordering)."""
+    n = x.shape[0]
+    v = np.concatenate((x[::2], x[1::2][::-1]))
+    z = np.fft.rfft(v, axis=0)
+    h = z.shape[0]
+    shape = (h,) + (1,) * (x.ndim - 1)
+    z *= np.exp(-0.5j * np.pi * np.arange(h) / n).reshape(shape)
+    s = math.sqrt(2.0 / n)
+    u = np.empty(x.shape)
+    u[:h] = z.real
+    u[0] *= math.sqrt(0.5)
+    # A real input has V[n - m] = conj(V[m]), which puts coefficient n - m in Im(z[m]).
+    u[n - h + 1 :] = -z.imag[1:h][::-1]
+    u *= s
+    return u
 
-    An orthonormal DCT-II matrix with randomly permuted rows and columns, mixed on both
-    sides by block-diagonal Haar-random orthogonal blocks. Every entry is a random
-    combination of thousands of cosines, so the matrix is dense and unstructured enough
-    for an initialisation, while staying orthogonal to rounding level.
+
+def _idct_rows(u: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_dct_rows` (``D.T @ u``, the orthonormal DCT-III) via one inverse real FFT."""
+    n = u.shape[0]
+    h = n // 2 + 1
+    shape = (h,) + (1,) * (u.ndim - 1)
+    z = np.empty((h,) + u.shape[1:], dtype=np.complex128)
+    z.real = u[:h]
+    z.imag[0] = 0.0
+    z.imag[1:] = u[n - 1 : n - h : -1]
+    z.imag[1:] *= -1.0
+    z.real[0] *= math.sqrt(2.0)
+    z *= (math.sqrt(n / 2.0) * np.exp(0.5j * np.pi * np.arange(h) / n)).reshape(shape)
+    v = np.fft.irfft(z, n, axis=0)
+    half = (n + 1) // 2
+    x = np.empty(u.shape)
+    x[::2] = v[:half]
+    x[1::2] = v[half:][::-1]
+    return x
+
+
+def _apply_blocks(
+    blocks: list[tuple[slice, np.ndarray]], x: np.ndarray, transpose: bool
+) -> np.ndarray:
+    """Block-diagonal matrix (or its transpose) times ``x``, block by block along axis 0."""
+    out = np.empty(x.shape)
+    for rows, block in blocks:
+        out[rows] = (block.T if transpose else block) @ x[rows]
+    return out
+
+
+class _MixedDCT:
+    """Random orthogonal ``Q = L @ D[k][:, j] @ R`` and its fast application.
+
+    ``D`` is the orthonormal n x n DCT-II matrix, ``k`` and ``j`` random permutations of
+    its rows and columns, ``L`` and ``R`` block-diagonal with Haar-random orthogonal
+    blocks of 64 (plus a remainder). :meth:`dense` builds ``Q`` in O(n^2 * 64); every
+    entry is a random combination of thousands of cosines, so ``Q`` is dense and
+    unstructured enough for an initialisation, and orthogonal to rounding level.
+    :meth:`apply` and :meth:`apply_t` multiply by ``Q`` / ``Q.T`` through the FFT in
+    O(n^2 log n) instead of a dense O(n^3) product.
     """
-    itype = np.int32 if 4 * n * n < 2**31 else np.int64
-    k = rng.permutation(n).astype(itype)[:, None]
-    j = rng.permutation(n).astype(itype)[None, :]
-    # The integer phase modulo the period indexes a table of 4n cosines: exact small
-    # arguments, and n^2 lookups instead of n^2 cos() calls.
-    table = np.cos(np.pi * np.arange(4 * n) / (2.0 * n)) * math.sqrt(2.0 / n)
-    phase = (2 * j + 1) * k
-    np.remainder(phase, 4 * n, out=phase)
-    c = np.take(table, phase)
-    del phase
-    c[k[:, 0] == 0] *= math.sqrt(0.5)  # the DC row of the orthonormal DCT-II
-    out = np.empty_like(c)
-    for rows, block in _mix_blocks(n, rng):
-        out[rows] = block @ c[rows]
-    for cols, block in _mix_blocks(n, rng):
-        c[:, cols] = out[:, cols] @ block
-    return c
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.n = n
+        self.rows = rng.permutation(n)
+        self.cols = rng.permutation(n)
+        self.left = _mix_blocks(n, rng)
+        self.right = _mix_blocks(n, rng)
+
+    def dense(self) -> np.ndarray:
+        n = self.n
+        itype = np.int32 if 4 * n * n < 2**31 else np.int64
+        k = self.rows.astype(itype)[:, None]
+        j = self.cols.astype(itype)[None, :]
+        # The integer phase modulo the period indexes a table of 4n cosines: exact small
+        # arguments, and n^2 lookups instead of n^2 cos() calls.
+        table = np.cos(np.pi * np.arange(4 * n) / (2.0 * n)) * math.sqrt(2.0 / n)
+        phase = (2 * j + 1) * k
+        np.remainder(phase, 4 * n, out=phase)
+        c = np.take(table, phase)
+        del phase
+        c[k[:, 0] == 0] *= math.sqrt(0.5)  # the DC row of the orthonormal DCT-II
+        out = np.empty_like(c)
+        for rows, block in self.left:
+            out[rows] = block @ c[rows]
+        for cols, block in self.right:
+            c[:, cols] = out[:, cols] @ block
+        return c
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``Q @ x`` for ``x`` of shape ``[n, ...]``."""
+        y = _apply_blocks(self.right, x, False)
+        scattered = np.empty(y.shape)
+        scattered[self.cols] = y
+        return _apply_blocks(self.left, _dct_rows(scattered)[self.rows], False)
+
+    def apply_t(self, x: np.ndarray) -> np.ndarray:
+        """``Q.T @ x`` for ``x`` of shape ``[n, ...]``."""
+        y = _apply_blocks(self.left, x, True)
+        scattered = np.empty(y.shape)
+        scattered[self.rows] = y
+        return _apply_blocks(self.right, _idct_rows(scattered)[self.cols], True)
+
+
+def _mixed_dct_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Dense random n x n orthogonal matrix in O(n^2 * 64) instead of O(n^3) (see :class:`_MixedDCT`)."""
+    return _MixedDCT(n, rng).dense()
 
 
 def _mix_blocks(n: int, rng: np.random.Generator) -> list[tuple[slice, np.ndarray]]:
@@ -174,12 +259,20 @@ def _haar_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.nd
 
 
 def _orthogonal_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    return _orthogonal_stack_ops(n, rows, cols, rng)[0]
+
+
+def _orthogonal_stack_ops(
+    n: int, rows: int, cols: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[_MixedDCT] | None]:
+    """``n`` random ``rows x cols`` matrices with orthonormal rows or columns, and, for the
+    structured ones (both sides above 1024), the fast operators whose leading block they are.
+    """
     if min(rows, cols) <= _QR_MAX_DIM:
-        return _haar_stack(n, rows, cols, rng)
-    big = max(rows, cols)
-    return np.stack(
-        [np.ascontiguousarray(_mixed_dct_orthogonal(big, rng)[:rows, :cols]) for _ in range(n)]
-    )
+        return _haar_stack(n, rows, cols, rng), None
+    ops = [_MixedDCT(max(rows, cols), rng) for _ in range(n)]
+    stack = np.stack([np.ascontiguousarray(op.dense()[:rows, :cols]) for op in ops])
+    return stack, ops
 
 
 def random_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -399,18 +492,32 @@ def _min_norm_solve(op: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _solve_channel_factor(
-    fixed: np.ndarray, rhs: np.ndarray, unknown: tuple[int, ...], first: bool
+    fixed: np.ndarray,
+    rhs: np.ndarray,
+    unknown: tuple[int, ...],
+    first: bool,
+    fast: list[_MixedDCT] | None = None,
 ) -> np.ndarray:
     """Solve ``fixed (*) X = rhs`` for X ``[G, q, n, *U]``; fixed ``[G, p, q, *S]``,
     rhs ``[G, p, n, *W]``. On the first step the fixed factor has orthonormal rows
     (as a ``p x q*prod(S)`` matrix), which the 1x1 case turns into a transpose.
+    ``fast`` (first step only): per group, the operator ``Q`` whose leading ``p x q``
+    block is the fixed factor, so ``fixed.T @ rhs`` is one O(n^2 log n) transform.
     """
     n_g, p, q = fixed.shape[:3]
     n_rhs = rhs.shape[2]
     if math.prod(fixed.shape[3:]) == 1:
-        m = fixed.reshape(n_g, p, q)
-        pinv = np.swapaxes(m, -1, -2) if first else np.linalg.pinv(m)
-        x = pinv @ rhs.reshape(n_g, p, -1)
+        b = rhs.reshape(n_g, p, -1)
+        if first and fast is not None:
+            # Q[:p, :q].T @ b == (Q.T @ [b; 0])[:q]
+            x = np.stack([
+                op.apply_t(np.pad(bg, [(0, op.n - p), (0, 0)]) if op.n > p else bg)[:q]
+                for op, bg in zip(fast, b)
+            ])
+        else:
+            m = fixed.reshape(n_g, p, q)
+            pinv = np.swapaxes(m, -1, -2) if first else np.linalg.pinv(m)
+            x = pinv @ b
         return x.reshape(n_g, q, n_rhs, *unknown)
     op = _conv_operator(fixed, unknown)
     b = np.moveaxis(rhs, 2, -1).reshape(n_g, op.shape[1], n_rhs)
@@ -426,6 +533,44 @@ def _compose_grouped(f2g: np.ndarray, f1g: np.ndarray) -> np.ndarray:
     return flat.reshape(n, f2g.shape[1], *flat.shape[1:])
 
 
+def _composite_residual(tw: np.ndarray, f2g: np.ndarray, f1g: np.ndarray) -> float:
+    """Relative Frobenius residual ``||compose(F2, F1) - T|| / ||T||`` of grouped factors.
+
+    Exact (dense composition) for small problems. When one factor is 1x1 the composite
+    is a matrix product ``A = M2 @ M1``, and above ``_SKETCH_MIN_WORK`` multiply-adds the
+    residual is estimated from ``_SKETCH_PROBES`` Gaussian probe columns ``X`` instead:
+    ``||(M2 @ M1 - T) X||_F^2 / p`` costs O(n^2 p), not O(n^3). Guarantee: for any
+    residual matrix ``E`` independent of ``X``, ``||E X||_F^2 / (p ||E||_F^2)`` is a convex
+    combination of ``chi^2_p / p`` variables (weights ``sigma_i^2 / ||E||_F^2``), so it is
+    unbiased and, by a Chernoff bound that the rank-one case attains,
+    ``P(estimate <= tau ||E||_F) <= (tau^2 exp(1 - tau^2))^(p / 2)``: with p = 16 an
+    underestimate by a factor 10 has probability below 3e-13, so a wrong factor (whose
+    residual is of order 1) can never pass the 1e-10 exactness test. The probes come from a
+    fixed seed, which keeps the solver deterministic and leaves the caller's RNG untouched.
+    """
+    n_g, co_g, cm_g = f2g.shape[:3]
+    ci_g = f1g.shape[2]
+    k1, k2 = f1g.shape[3:], f2g.shape[3:]
+    work = n_g * co_g * cm_g * ci_g * math.prod(k1) * math.prod(k2)
+    if work < _SKETCH_MIN_WORK or (math.prod(k1) != 1 and math.prod(k2) != 1):
+        return _rel_error(tw, _compose_grouped(f2g, f1g))
+    if math.prod(k2) == 1:
+        # T[o, (i, w)] = sum_m F2[o, m] F1[m, (i, w)]
+        m2 = f2g.reshape(n_g, co_g, cm_g)
+        m1 = f1g.reshape(n_g, cm_g, -1)
+        t = tw.reshape(n_g, co_g, -1)
+    else:
+        # T[(o, w), i] = sum_m F2[o, m, w] F1[m, i]
+        m2 = np.moveaxis(f2g, 2, -1).reshape(n_g, -1, cm_g)
+        m1 = f1g.reshape(n_g, cm_g, ci_g)
+        t = np.moveaxis(tw, 2, -1).reshape(n_g, -1, ci_g)
+    probes = np.random.default_rng(_SKETCH_SEED).standard_normal((n_g, t.shape[2], _SKETCH_PROBES))
+    err = m2 @ (m1 @ probes) - t @ probes
+    estimate = math.sqrt(float(np.vdot(err, err)) / _SKETCH_PROBES)
+    norm = math.sqrt(float(np.vdot(t, t)))
+    return estimate / norm if norm else estimate
+
+
 def _netmorph_factors(
     gg: np.ndarray,
     target: np.ndarray,
@@ -439,11 +584,11 @@ def _netmorph_factors(
     n_g, co_g, ci_g = gg.shape[:3]
     tw = target[(slice(None), slice(None), slice(None), *plan.window)]
     if plan.solve_f1:
-        f2 = _orthogonal_stack(n_g, co_g, cm_g * math.prod(plan.s2), rng)
+        f2, fast = _orthogonal_stack_ops(n_g, co_g, cm_g * math.prod(plan.s2), rng)
         f2 = f2.reshape(n_g, co_g, cm_g, *plan.s2)
         f1 = None
     else:
-        f1t = _orthogonal_stack(n_g, ci_g, cm_g * math.prod(plan.s1), rng)
+        f1t, fast = _orthogonal_stack_ops(n_g, ci_g, cm_g * math.prod(plan.s1), rng)
         f1 = np.swapaxes(f1t.reshape(n_g, ci_g, cm_g, *plan.s1), 1, 2)
         f2 = None
     solve_f1 = plan.solve_f1
@@ -451,16 +596,17 @@ def _netmorph_factors(
     iterations = 0
     for iterations in range(1, max(1, max_iter) + 1):
         first = iterations == 1
+        ops = fast if first else None
         if solve_f1:
-            f1 = _solve_channel_factor(f2, tw, plan.s1, first)
+            f1 = _solve_channel_factor(f2, tw, plan.s1, first, ops)
         else:
             x = _solve_channel_factor(
-                np.swapaxes(f1, 1, 2), np.swapaxes(tw, 1, 2), plan.s2, first
+                np.swapaxes(f1, 1, 2), np.swapaxes(tw, 1, 2), plan.s2, first, ops
             )
             f2 = np.swapaxes(x, 1, 2)
         # The window covers all of G's support and the factors are zero outside it,
         # so this equals the full-size residual.
-        residual = _rel_error(tw, _compose_grouped(f2, f1))
+        residual = _composite_residual(tw, f2, f1)
         if residual < tol:
             break
         solve_f1 = not solve_f1

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from onnxmorph import solvers
 from onnxmorph.solvers import (
     carry_bias,
     compose,
@@ -272,6 +273,105 @@ def test_large_layers_are_exact(shape, k2):
     sol = solve_deepen(g, k2, shape[0], rng)
     assert sol.residual < 1e-6
     assert np.count_nonzero(sol.f2) > 0.5 * sol.f2.shape[0] * sol.f2.shape[1]
+
+
+# ------------------------------------------------- fast orthogonal transform and sketch
+
+
+def dct_matrix(n):
+    """Orthonormal DCT-II matrix, with the phase reduced exactly before the cosine."""
+    phase = ((2 * np.arange(n)[None, :] + 1) * np.arange(n)[:, None]) % (4 * n)
+    d = np.cos(np.pi * phase / (2.0 * n)) * np.sqrt(2.0 / n)
+    d[0] *= np.sqrt(0.5)
+    return d
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 65, 130])
+def test_fft_dct_equals_dct_matrix(n):
+    x = np.random.default_rng(n).standard_normal((n, 3, 2))
+    d = dct_matrix(n)
+    assert np.abs(solvers._dct_rows(x) - np.einsum("ab,b...->a...", d, x)).max() < 1e-12
+    assert np.abs(solvers._idct_rows(x) - np.einsum("ba,b...->a...", d, x)).max() < 1e-12
+    assert np.abs(solvers._idct_rows(solvers._dct_rows(x)) - x).max() < 1e-12
+
+
+@pytest.mark.parametrize("n", [5, 64, 200, 1030])
+def test_mixed_dct_fast_products_equal_the_dense_matrix(n):
+    op = solvers._MixedDCT(n, np.random.default_rng(n))
+    q = op.dense()
+    assert np.abs(q @ q.T - np.eye(n)).max() < 1e-12
+    assert np.count_nonzero(q) == q.size
+    x = np.random.default_rng(1).standard_normal((n, 37))
+    assert np.abs(op.apply(x) - q @ x).max() < 1e-12
+    assert np.abs(op.apply_t(x) - q.T @ x).max() < 1e-12
+    # The same seed gives the same operator; a different seed a different one.
+    assert np.array_equal(solvers._MixedDCT(n, np.random.default_rng(n)).dense(), q)
+    assert not np.allclose(solvers._MixedDCT(n, np.random.default_rng(n + 1)).dense(), q)
+
+
+@pytest.mark.parametrize(
+    "shape,width,solve_f1",
+    [((1040, 1050), 1100, True),  # F2 = Q[:1040, :1100] fixed: the transform pads G
+     ((1050, 1040), 1100, False),  # F1.T = Q[:1040, :1100] fixed (more unknowns per equation)
+     ((1100, 1050), 1060, False),  # width < C_out: only the F2 solve is exact
+     ((1030, 1030), 1030, True)],
+)
+def test_fast_transform_solve_equals_dense_solve(shape, width, solve_f1):
+    plans, _ = solvers._choose_plans((), (), 1, shape[0], shape[1], width)
+    assert plans[0].solve_f1 == solve_f1
+    g = np.random.default_rng(21).standard_normal(shape) / np.sqrt(shape[1])
+    sol = solve_deepen(g, (), width, np.random.default_rng(5))
+    check_exact(sol, g, ())
+    # Replay the fixed factor from the same seed and solve densely by its transpose.
+    stack, ops = solvers._orthogonal_stack_ops(
+        1, *((shape[0], width) if solve_f1 else (shape[1], width)), np.random.default_rng(5)
+    )
+    assert ops is not None
+    fixed = stack[0]
+    # Balancing scaled the fixed factor by a scalar a and the solved one by 1 / a.
+    fixed_out, solved, expected = (
+        (sol.f2, sol.f1, fixed.T @ g) if solve_f1 else (sol.f1.T, sol.f2, g @ fixed)
+    )
+    a = np.vdot(fixed_out, fixed) / np.vdot(fixed, fixed)
+    assert np.abs(fixed_out - a * fixed).max() < 1e-12 * np.abs(fixed_out).max()
+    assert np.abs(solved * a - expected).max() < 1e-12 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("k1,k2", [((3, 3), ()), ((), (3, 3)), ((), ())])
+def test_sketched_residual_tracks_dense_residual_and_catches_corruption(monkeypatch, k1, k2):
+    rng = np.random.default_rng(22)
+    ci, cm, co = 40, 48, 36
+    k1 = k1 if k1 else (1, 1) * bool(k2)
+    k2 = k2 if k2 else (1, 1) * bool(k1)
+    f1 = rng.standard_normal((1, cm, ci, *k1))
+    f2 = rng.standard_normal((1, co, cm, *k2))
+    target = solvers._compose_grouped(f2, f1)
+    dense = solvers._composite_residual(target, f2, f1)  # small: exact path
+    monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 0)
+    assert dense < 1e-14 and solvers._composite_residual(target, f2, f1) < 1e-14
+    for corrupt in ("entry", "column", "scale"):
+        bad = f1.copy()
+        if corrupt == "entry":
+            bad.flat[1234] += 1e-6
+        elif corrupt == "column":
+            bad[0, 3] = bad[0, 4]
+        else:
+            bad *= 1.0 + 1e-7
+        sketched = solvers._composite_residual(target, f2, bad)
+        monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 2**62)
+        exact = solvers._composite_residual(target, f2, bad)
+        monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 0)
+        assert exact > 1e-9
+        assert exact / 10 < sketched < exact * 10, corrupt
+
+
+def test_large_gemm_solve_uses_sketch_and_reports_true_residual():
+    # 1100^3 multiply-adds: above _SKETCH_MIN_WORK, so the reported residual is sketched.
+    g = np.random.default_rng(23).standard_normal((1100, 1100)) / 33.0
+    sol = solve_deepen(g, (), 1100, np.random.default_rng(0))
+    true = rel(sol.f2 @ sol.f1, g)
+    assert true < 1e-13 and sol.residual < 1e-13
+    assert sol.algorithm == "alg1-exact"
 
 
 # ------------------------------------------------------------------------- bias
