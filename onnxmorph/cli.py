@@ -20,7 +20,7 @@ from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
 from onnxmorph.passinfra import REGISTRY, MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
-from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, verify
+from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
 
 log = logging.getLogger("onnxmorph")
 
@@ -181,11 +181,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     options = _verify_options(args)
-    for path in (args.parent, args.child):
-        mio.load_header(path)
-        # A file that fails onnx.checker is bad input (exit 2), not a child that computes something else.
-        mio.check_file(path)
-    report = verify(args.parent, args.child, atol=options.atol, rtol=options.rtol, trials=options.trials,
+    # Each file is checked once, from its header (safety, then onnx.checker: a failing file is bad
+    # input, exit 2, not a child that computes something else); onnxruntime then loads it by path.
+    parent, child = (read_model_file(path) for path in (args.parent, args.child))
+    report = verify(parent, child, atol=options.atol, rtol=options.rtol, trials=options.trials,
                     seed=options.seed, shapes=options.shapes, inputs=options.inputs)
     if args.json or not args.quiet:
         _print_report(report, args.json, {"parent": args.parent, "child": args.child})
@@ -198,7 +197,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
     log.info("saving %s", out)
-    mio.save(outcome.child, out)
+    # A parent kept with external data gets a child in the same form; the child is not used after
+    # saving, so its weights go to the file without a copy.
+    mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -28,11 +29,11 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph.errors import InvalidModelError, UsageError
+from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
 
 log = logging.getLogger("onnxmorph")
 
-ModelLike = Union[onnx.ModelProto, str, os.PathLike]
+ModelLike = Union[onnx.ModelProto, str, os.PathLike, "ModelFile"]
 
 DEFAULT_TRIALS = 3
 DEFAULT_BATCH = 2
@@ -332,6 +333,190 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
     return feed
 
 
+# --------------------------------------------------------------------------- model files
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file checked from its header; onnxruntime loads it by path, Python never holds its weights.
+
+    `header` is the model with every main-graph weight of at least `_SKIPPED_BYTES` bytes left
+    without data (its dims kept): enough for the interface, the inputs and the safety checks.
+    """
+
+    path: Path
+    header: onnx.ModelProto
+    checked: bool = False  # onnx.checker passed
+    # {index in header.graph.initializer: bytes of raw data left out}
+    skipped: Mapping[int, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def check(self) -> None:
+        """onnx.checker on the header, left-out and external weights standing in as empty tensors.
+
+        Their sizes and locations were checked by `read_model_file`; the checker needs the
+        weights only to compare their byte counts with their dims.
+        """
+        mio.check(_checkable(self.header, self.skipped), name=str(self.path))
+
+
+def read_model_file(path: str | os.PathLike, *, check: bool = True) -> ModelFile:
+    """Check the model at `path` the way `onnxmorph.io.load_header` does, without reading its weights.
+
+    Refused with one line (InvalidModelError / UnsafeModelError), before anything large is read
+    or allocated: a missing, empty or non-ONNX file, one larger than `io.memory_limit()`,
+    external data outside the model's folder, missing or shorter than declared, tensors whose
+    data does not match their dims, declared sizes beyond the memory limit; with `check`, a
+    model that fails onnx.checker. Parsing the whole file in Python (and again in onnx.checker)
+    cost more than onnxruntime's own load; this reads the protobuf framing and skips the bytes
+    of large weights, so it touches a few pages of the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{path}: is a folder, not an ONNX file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror}") from exc
+    if size == 0:
+        raise InvalidModelError(f"{path}: empty file, not an ONNX model")
+    if size > mio.memory_limit():
+        raise UnsafeModelError(f"{path}: {size} bytes is more than this machine can hold")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            header, skipped = _read_header(data)
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
+        raise InvalidModelError(f"{path}: not an ONNX model ({mio._one_line(exc)})") from exc
+    if not header.HasField("graph") or (not header.graph.node and not header.graph.output):
+        raise InvalidModelError(f"{path}: not an ONNX model (no graph)")
+    for index, length in skipped.items():
+        tensor = header.graph.initializer[index]
+        declared = mio._declared_bytes(tensor)
+        # The rule of io.check_declared_sizes, on the length of the data that was skipped.
+        if declared is not None and tensor.data_type in mio._WHOLE_BYTE_TYPES and length != declared:
+            raise InvalidModelError(
+                f"{path}: tensor '{tensor.name}' declares {declared} bytes (dims {list(tensor.dims)}) "
+                f"but holds {length}"
+            )
+    external = [t for t in mio._all_tensors(header) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        mio._check_external_data(external, path.resolve().parent, path)
+    mio.check_declared_sizes(header, str(path))
+    model_file = ModelFile(path=path, header=header, skipped=skipped)
+    if check:
+        model_file.check()
+        model_file = ModelFile(path=path, header=header, checked=True, skipped=skipped)
+    return model_file
+
+
+# Weights with raw data of at least this many bytes are skipped by `read_model_file`.
+_SKIPPED_BYTES = 1024
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated or malformed protobuf varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: Any, start: int, end: int) -> Any:
+    """(field number, wire type, value start, value end, field start) of each field in data[start:end]."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(data, pos, end)
+        number, wire = key >> 3, key & 7
+        value = pos
+        if wire == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, value = _varint(data, pos, end)
+            pos = value + length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end or number == 0:
+            raise ValueError("truncated or malformed protobuf field")
+        yield number, wire, value, pos, first
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _read_header(data: Any) -> tuple[onnx.ModelProto, dict[int, int]]:
+    """The ModelProto in `data` with the raw data of large main-graph initializers skipped.
+
+    Returns the header and {index in graph.initializer: skipped byte count}. A field that occurs
+    twice is merged by protobuf (repeated fields concatenated), so indices count across graphs.
+    """
+    parts: list[bytes] = []
+    skipped: dict[int, int] = {}
+    index = 0
+    for number, wire, start, end, first in _fields(data, 0, len(data)):
+        if number != _MODEL_GRAPH or wire != 2:
+            parts.append(data[first:end])
+            continue
+        graph: list[bytes] = []
+        for g_number, g_wire, g_start, g_end, g_first in _fields(data, start, end):
+            if g_number == _GRAPH_INITIALIZER and g_wire == 2:
+                index += 1
+                tensor: list[bytes] = []
+                raw = None
+                for t_number, t_wire, t_start, t_end, t_first in _fields(data, g_start, g_end):
+                    if t_number == _TENSOR_RAW_DATA and t_wire == 2:
+                        raw = t_end - t_start  # a bytes field given twice: protobuf keeps the last
+                    else:
+                        tensor.append(data[t_first:t_end])
+                if raw is not None and raw >= _SKIPPED_BYTES:
+                    skipped[index - 1] = raw
+                    graph.append(_length_delimited(_GRAPH_INITIALIZER, b"".join(tensor)))
+                    continue
+            graph.append(data[g_first:g_end])
+        parts.append(_length_delimited(_MODEL_GRAPH, b"".join(graph)))
+    return onnx.ModelProto.FromString(b"".join(parts)), skipped
+
+
+def _checkable(header: onnx.ModelProto, skipped: Mapping[int, int]) -> onnx.ModelProto:
+    """A copy of `header` that onnx.checker accepts: skipped and external weights become empty tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(header)
+    stubs = [t for k, t in enumerate(out.graph.initializer) if k in skipped]
+    stubs += [t for t in mio._all_tensors(out) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in stubs:
+        del tensor.dims[:]
+        tensor.dims.append(0)
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+    return out
+
+
 # --------------------------------------------------------------------------- sessions
 
 
@@ -348,6 +533,9 @@ class _Session:
         try:
             if isinstance(model, bytes):
                 source: Any = model
+            elif isinstance(model, ModelFile):
+                # By path: onnxruntime parses the file once and resolves external data beside it.
+                source = str(model.path)
             elif isinstance(model, onnx.ModelProto):
                 if mio.approx_size(model) < mio.EXTERNAL_DATA_THRESHOLD:
                     source = model.SerializeToString()
@@ -454,10 +642,15 @@ def interface_problems(parent: onnx.ModelProto, child: onnx.ModelProto) -> list[
     return problems
 
 
-def _header(model: ModelLike, role: str) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
+def _open(model: ModelLike) -> onnx.ModelProto | ModelFile:
+    """A ModelProto as it is; a path read (and its safety checked) without its weights."""
+    if isinstance(model, (onnx.ModelProto, ModelFile)):
         return model
-    return mio.load_header(model)
+    return read_model_file(model, check=False)
+
+
+def _header(model: onnx.ModelProto | ModelFile) -> onnx.ModelProto:
+    return model.header if isinstance(model, ModelFile) else model
 
 
 class Verifier:
@@ -480,7 +673,8 @@ class Verifier:
             if tol is not None and not (tol >= 0 and math.isfinite(tol)):
                 raise UsageError(f"{label} must be a non-negative number, not {tol}")
         self.atol, self.rtol, self.seed = atol, rtol, seed
-        self.parent_header = _header(parent, "parent")
+        parent = _open(parent)
+        self.parent_header = _header(parent)
         if inputs is not None:
             self.feeds = [load_inputs(self.parent_header, inputs)]
             self.input_source = "user's"
@@ -510,8 +704,8 @@ class Verifier:
             inputs={k: list(v.shape) for k, v in self.feeds[0].items()},
             input_source=self.input_source,
         )
-        header = _header(child, "child")
-        report.problems.extend(interface_problems(self.parent_header, header))
+        child = _open(child)
+        report.problems.extend(interface_problems(self.parent_header, _header(child)))
         # One serialisation serves both onnx.checker and onnxruntime (each costs seconds at 500 MB).
         source: ModelLike | bytes = child
         try:
@@ -519,8 +713,8 @@ class Verifier:
                 if mio.approx_size(child) < mio.EXTERNAL_DATA_THRESHOLD:
                     source = child.SerializeToString()
                 mio.check(source if isinstance(source, bytes) else child, name="child")
-            else:
-                mio.check_file(child)
+            elif not child.checked:
+                child.check()
         except InvalidModelError as exc:
             report.problems.append(str(exc))
         for name, expected in zip(self.output_names, self.expected[0]):
@@ -564,9 +758,10 @@ def verify(
 ) -> Report:
     """Run `parent` and `child` in onnxruntime on the same inputs and compare their outputs.
 
-    Models are ModelProtos or paths (a path is handed to onnxruntime as it is, which keeps large
-    models with external data out of memory). Returns a Report, truthy when every output of the
-    child equals the parent's within tolerance and the child keeps the parent's interface.
+    Models are ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for
+    safety from its header, its weights never read into Python, and handed to onnxruntime as it
+    is. Returns a Report, truthy when every output of the child equals the parent's within
+    tolerance and the child keeps the parent's interface.
     """
     verifier = Verifier(parent, atol=atol, rtol=rtol, trials=trials, seed=seed, shapes=shapes, inputs=inputs)
     return verifier.check(child)

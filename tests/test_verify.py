@@ -14,8 +14,8 @@ from conftest import LIGHT, LIGHT_MODELS, MODELS
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
-from onnxmorph.errors import UsageError
-from onnxmorph.verify import OutputCheck, _compare, default_tolerances
+from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
+from onnxmorph.verify import OutputCheck, _compare, default_tolerances, read_model_file
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -192,3 +192,144 @@ def test_real_architectures_verify_against_themselves(stem: str) -> None:
     report = onnxmorph.verify(path, path, trials=1)
     assert report, report.summary()
     assert report.outputs and report.outputs[0].elements > 0
+
+
+# --------------------------------------------------------------------------- by path
+
+
+def _add_model(*tensors: onnx.TensorProto) -> onnx.ModelProto:
+    """y = x + w for the first tensor `w`; the others are unused initializers."""
+    w = tensors[0]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", w.name], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(w.dims))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(w.dims))], initializer=list(tensors))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _weight(name: str, n: int, raw_bytes: int | None = None) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(np.arange(n, dtype=np.float32), name)
+    if raw_bytes is not None:  # data that does not match the dims
+        tensor.raw_data = b"\0" * raw_bytes
+    return tensor
+
+
+def _changed_mlp(tmp_path: Path) -> Path:
+    child = onnx.load(MODELS / "mlp_relu.onnx")
+    tensor = _initializer(child, "fc2.weight")
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.001, tensor.name))
+    onnx.save(child, tmp_path / "changed.onnx")
+    return tmp_path / "changed.onnx"
+
+
+def _widened_cifar(tmp_path: Path) -> Path:
+    child, _ = onnxmorph.morph(MODELS / "cifar10_quick.onnx", "widen", layer="conv2", width=40, verify=False)
+    onnxmorph.save(child, tmp_path / "widened.onnx")
+    return tmp_path / "widened.onnx"
+
+
+@pytest.mark.parametrize("case", ["same", "changed", "widened", "light"])
+def test_by_path_gives_the_in_memory_report(tmp_path: Path, case: str) -> None:
+    parent = {"widened": MODELS / "cifar10_quick.onnx", "light": LIGHT / "light_squeezenet.onnx"}.get(
+        case, MODELS / "mlp_relu.onnx")
+    child = {"changed": _changed_mlp, "widened": _widened_cifar}.get(case, lambda _: parent)(tmp_path)
+    by_path = onnxmorph.verify(parent, child, trials=2, seed=3)
+    # In memory, the models are loaded (and normalised: Constant/ConstantOfShape weights folded).
+    in_memory = onnxmorph.verify(onnxmorph.load(parent), onnxmorph.load(child), trials=2, seed=3)
+    assert by_path.to_dict() == in_memory.to_dict()
+    assert bool(by_path) == (case != "changed")
+    assert by_path.outputs and by_path.outputs[0].elements > 0
+
+
+def test_a_file_is_read_without_its_weights() -> None:
+    path = MODELS / "mlp_relu.onnx"
+    model_file = read_model_file(path)
+    full = onnx.load(path)
+    assert model_file.checked and model_file.skipped
+    assert model_file.header.ByteSize() < path.stat().st_size / 50
+    for index, tensor in enumerate(model_file.header.graph.initializer):
+        original = full.graph.initializer[index]
+        assert tensor.name == original.name and list(tensor.dims) == list(original.dims)
+        if index in model_file.skipped:
+            assert not tensor.HasField("raw_data") and model_file.skipped[index] == len(original.raw_data)
+        else:
+            assert tensor == original
+    assert model_file.header.graph.node == full.graph.node
+    assert model_file.header.graph.input == full.graph.input and model_file.header.graph.output == full.graph.output
+
+
+def test_merged_graph_fields_are_checked_tensor_by_tensor(tmp_path: Path) -> None:
+    # Protobuf merges a message given twice; a reader that restarted its count would check the wrong tensor.
+    first = _add_model(_weight("w1", 1024)).SerializeToString()
+    extra = onnx.ModelProto()
+    extra.graph.initializer.append(_weight("w2", 1024))
+    (tmp_path / "good.onnx").write_bytes(first + extra.SerializeToString())
+    model_file = read_model_file(tmp_path / "good.onnx")
+    assert model_file.skipped == {0: 4096, 1: 4096}
+    assert [t.name for t in model_file.header.graph.initializer] == ["w1", "w2"]
+    assert onnxmorph.verify(model_file, tmp_path / "good.onnx", trials=1)
+    extra.graph.initializer[0].raw_data = b"\0" * 2048
+    (tmp_path / "bad.onnx").write_bytes(first + extra.SerializeToString())
+    with pytest.raises(InvalidModelError, match="tensor 'w2' declares 4096 bytes .* but holds 2048"):
+        read_model_file(tmp_path / "bad.onnx")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "short-weight", "checker"])
+def test_bad_files_are_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.onnx"
+    good = _add_model(_weight("w", 1024)).SerializeToString()
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) - 100])
+    elif kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "short-weight":
+        onnx.save(_add_model(_weight("w", 1024, raw_bytes=2048)), path)
+    else:  # the Add reads a name nothing defines
+        model = _add_model(_weight("w", 1024))
+        model.graph.node[0].input[0] = "nowhere"
+        onnx.save(model, path)
+    expected = {"truncated": "not an ONNX model", "garbage": "not an ONNX model",
+                "short-weight": "declares 4096 bytes", "checker": "invalid ONNX model"}[kind]
+    with pytest.raises(InvalidModelError, match=expected):
+        read_model_file(path)
+    result = _run_cli("verify", str(MODELS / "mlp_relu.onnx"), str(path))
+    assert result.returncode == 2 and expected in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def _with_external_weight(folder: Path, location: str, data_file: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    data_file.write_bytes(np.arange(1024, dtype=np.float32).tobytes())
+    model = _add_model(_weight("w", 1024))
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    tensor.external_data.add(key="length", value="4096")
+    onnx.save(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def test_external_data_outside_the_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    evil = _with_external_weight(tmp_path / "sub", "../secret.bin", tmp_path / "secret.bin")
+    with pytest.raises(UnsafeModelError, match="outside the model's folder"):
+        read_model_file(evil)
+    with pytest.raises(UnsafeModelError):
+        onnxmorph.verify(evil, evil)
+    for args in (["verify", str(evil), str(evil)], ["verify", "model.onnx", "model.onnx", "--trials", "1"]):
+        result = _run_cli(*args, cwd=evil.parent)
+        assert result.returncode == 2 and "outside the model's folder; refused" in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and not result.stdout
+
+
+def test_external_data_resolves_beside_the_file_and_a_changed_child_exits_1(tmp_path: Path) -> None:
+    parent = _with_external_weight(tmp_path / "a", "w.bin", tmp_path / "a" / "w.bin")
+    child = _with_external_weight(tmp_path / "b", "w.bin", tmp_path / "b" / "w.bin")
+    same = _run_cli("verify", str(parent), str(child), "--trials", "1", "--json", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    (tmp_path / "b" / "w.bin").write_bytes((np.arange(1024, dtype=np.float32) * 1.001).tobytes())
+    changed = _run_cli("verify", str(parent), str(child), "--trials", "1", "--json", cwd=tmp_path)
+    assert changed.returncode == 1 and changed.stderr == ""
+    data = json.loads(changed.stdout)["verification"]
+    assert data == onnxmorph.verify(onnxmorph.load(parent), onnxmorph.load(child), trials=1).to_dict()
+    assert data["passed"] is False and data["outputs"][0]["mismatched"] > 0
