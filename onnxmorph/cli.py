@@ -197,7 +197,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
     log.info("saving %s", out)
-    mio.save(outcome.child, out)
+    # A parent kept with external data gets a child in the same form; the child is not used after
+    # saving, so its weights go to the file without a copy.
+    mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})

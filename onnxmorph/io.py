@@ -34,6 +34,8 @@ EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 # Metadata keys written by onnxmorph into a model it loaded.
 _SOURCE_DIGEST_KEY = "onnxmorph.source_sha256"
+_SOURCE_EXTERNAL_KEY = "onnxmorph.source_external_data"
+_TRANSIENT_KEYS = (_SOURCE_DIGEST_KEY, _SOURCE_EXTERNAL_KEY)
 
 
 def memory_limit() -> int:
@@ -136,6 +138,7 @@ def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
             load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as exc:
             raise InvalidModelError(f"{path}: cannot load external data ({_one_line(exc)})") from exc
+        _set_metadata(model, _SOURCE_EXTERNAL_KEY, "1")
     check_structure(model, name=str(path))
     _set_metadata(model, _SOURCE_DIGEST_KEY, hasher.result())
     if normalize_model:
@@ -417,9 +420,14 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     model.metadata_props.add(key=key, value=value)
 
 
+def had_external_data(model: onnx.ModelProto) -> bool:
+    """Whether `model` was loaded from a file that kept its weights in external data."""
+    return any(p.key == _SOURCE_EXTERNAL_KEY and p.value == "1" for p in model.metadata_props)
+
+
 def strip_transient_metadata(model: onnx.ModelProto) -> None:
     """Drop the load-time bookkeeping that must not be written into a saved model."""
-    keep = [p for p in model.metadata_props if p.key != _SOURCE_DIGEST_KEY]
+    keep = [p for p in model.metadata_props if p.key not in _TRANSIENT_KEYS]
     if len(keep) != len(model.metadata_props):
         del model.metadata_props[:]
         model.metadata_props.extend(keep)
@@ -616,12 +624,16 @@ def true_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 # --------------------------------------------------------------------------- saving
 
 
-def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None) -> Path:
+def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None,
+         consume: bool = False) -> Path:
     """Write `model` to `path` atomically: a temporary file in the target folder, then a rename.
 
     External data (a `<name>.data` file beside the model) is used when asked, or automatically
     when the model would pass protobuf's 2 GiB limit. On any failure, including an interrupt,
     the previous file at `path` (if any) is left as it was and no temporary file remains.
+    With `consume`, a model written with external data gives its weights up as they are written
+    instead of being copied first (the caller must not use it afterwards): it saves the model's
+    size in memory.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -646,7 +658,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
                 if external_data:
                     with _atomic_target(folder / data_name) as tmp_data:
                         _write_with_external_data(model, tmp_model, data_file=tmp_data.name,
-                                                  final_data_name=data_name)
+                                                  final_data_name=data_name, consume=consume)
                 else:
                     _write_bytes(tmp_model, model.SerializeToString())
     finally:
@@ -714,17 +726,22 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_with_external_data(
-    model: onnx.ModelProto, target: Path, data_file: str | None = None, final_data_name: str | None = None
+    model: onnx.ModelProto, target: Path, data_file: str | None = None, final_data_name: str | None = None,
+    consume: bool = False,
 ) -> None:
     """Write `model` to `target` with its weights in an external file beside it.
 
     The tensors are written to `data_file` (a name in target's folder) but recorded under
     `final_data_name`, so that a temporary data file can be renamed into place afterwards.
+    With `consume`, `model` itself loses its weights to the file instead of a copy of it.
     """
     data_file = data_file or target.name + ".data"
     final_data_name = final_data_name or data_file
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    if consume:
+        work = model
+    else:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     # Not convert_model_to_external_data: it refuses a location that exists relative to the
     # *current directory* (any `NAME.data` there, or the temporary file when saving into it).
     for graph in _iter_graphs(work.graph):

@@ -48,6 +48,7 @@ class MorphOutcome:
     child: onnx.ModelProto
     report: Report | None
     steps: list[MorphPass] = field(default_factory=list)
+    external_data: bool = False  # the parent's file kept its weights in external data
 
 
 def as_model(model: ModelLike) -> onnx.ModelProto:
@@ -112,9 +113,10 @@ def run_passes(
     # that memory (the parent's size: 550 MB for VGG16).
     forget_views()
     gc.collect()
+    external = mio.had_external_data(parent_model)
     mio.strip_transient_metadata(child)
     receipt.append(child, _record(parent_model, passes, report))
-    return MorphOutcome(child=child, report=report, steps=list(passes))
+    return MorphOutcome(child=child, report=report, steps=list(passes), external_data=external)
 
 
 def _record(parent: onnx.ModelProto, passes: Sequence[MorphPass], report: Report | None) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +120,34 @@ def test_save_with_external_data_round_trips(tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert onnxmorph.verify(model, back)
+
+
+def test_save_consume_writes_the_same_model_without_a_copy(tmp_path: Path) -> None:
+    model = onnxmorph.load(MODELS / "cifar10_quick.onnx")
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    onnxmorph.save(model, tmp_path / "kept.onnx", external_data=True)
+    assert all(t.HasField("raw_data") for t in model.graph.initializer if t.dims)  # the model is intact
+    mio.save(model, tmp_path / "used.onnx", external_data=True, consume=True)
+    kept, used = onnxmorph.load(tmp_path / "kept.onnx"), onnxmorph.load(tmp_path / "used.onnx")
+    for a, b in zip(kept.graph.initializer, used.graph.initializer):
+        assert a.name == b.name and np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert onnxmorph.verify(reference, used, trials=1)
+
+
+def test_a_child_keeps_its_parents_external_data(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.onnx"
+    onnxmorph.save(onnxmorph.load(MODELS / "cifar10_quick.onnx"), parent, external_data=True)
+    assert mio.had_external_data(onnxmorph.load(parent))
+    assert not mio.had_external_data(onnxmorph.load(MODELS / "cifar10_quick.onnx"))
+    out = tmp_path / "child.onnx"
+    result = subprocess.run([sys.executable, "-m", "onnxmorph", "widen", str(parent), "--layer", "conv2",
+                             "--width", "48", "-o", str(out), "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "child.onnx.data").stat().st_size > out.stat().st_size
+    child = onnxmorph.load(out)
+    assert not any(p.key.startswith("onnxmorph.source") for p in onnx.load(out).metadata_props)
+    assert onnxmorph.verify(onnxmorph.load(parent), child, trials=1)
 
 
 def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
