@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class DeepenPass(MorphPass):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # requires() may have solved already (narrow widths); call() on the same model reuses it.
-        self._solved: tuple[onnx.ModelProto, int, DeepenPlan, solvers.DepthSolution] | None = None
+        self._solved: tuple[tuple, solvers.DepthSolution] | None = None
 
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
@@ -222,15 +223,19 @@ class DeepenPass(MorphPass):
         )
 
     def _solve(self, model: onnx.ModelProto, plan: DeepenPlan) -> solvers.DepthSolution:
-        cached = self._solved
-        if cached is not None and cached[0] is model and cached[1] == model.ByteSize():
-            return cached[3]
+        # requires() and call() both solve: the solution depends only on the weight and the
+        # settings, so those are the cache key (ModelProto.ByteSize() serialised the whole model)
+        weight = np.ascontiguousarray(plan.weight)
+        key = (plan.op, weight.shape, weight.dtype.str, hashlib.sha256(weight).hexdigest(), plan.alpha,
+               plan.trans_b, plan.k2, plan.width, plan.groups, self.method, self.seed)
+        if self._solved is not None and self._solved[0] == key:
+            return self._solved[1]
         try:
             solution = solvers.solve_deepen(plan.g, plan.k2, plan.width, np.random.default_rng(self.seed),
                                             groups=plan.groups, method=self.method)
         except ValueError as exc:
             raise NotApplicable(f"layer '{self.layer}': {str(exc).splitlines()[0]}") from exc
-        self._solved = (model, model.ByteSize(), plan, solution)
+        self._solved = (key, solution)
         return solution
 
     def requires(self, model: onnx.ModelProto) -> None:
