@@ -64,6 +64,10 @@ class DepthSolution:
     * ``"alg2-lowrank"``: the counting condition fails but ``G`` has rank at most
       ``width / groups`` per group, so a 1x1 layer 2 spanning ``G``'s range is exact.
     * ``"identity"``: IdMorph / Net2DeeperNet (layer 2 is an identity at tap ``lo``).
+
+    ``residual`` is ``||compose(f2, f1) - target|| / ||target||`` (Frobenius), computed
+    densely, or, when one factor is 1x1 and the composition would cost over 2^30
+    multiply-adds, estimated from 16 random probes (see ``_composite_residual``).
     """
 
     f1: np.ndarray
@@ -662,7 +666,9 @@ def solve_deepen(
     factors survive float32 rounding. Scales are then balanced: with
     ``s = sqrt(rms(F1) / rms(F2))`` (RMS over all entries of the returned arrays),
     ``F1 / s`` and ``F2 * s`` have equal per-element RMS, the geometric mean of the
-    two. A zero ``g`` gives ``F1 = 0`` and a random orthogonal ``F2`` (RMS about
+    two. When both sides of the fixed 1x1 factor exceed 1024 it is a structured random
+    orthogonal matrix (:class:`_MixedDCT`), and the solve is one FFT-based transform.
+    A zero ``g`` gives ``F1 = 0`` and a random orthogonal ``F2`` (RMS about
     ``1/sqrt(fan_in)``). Large explicit operators (above 4M entries) are avoided by
     taking the next exact plan, usually the 1x1 limit of Algorithm 2.
 
