@@ -557,11 +557,12 @@ def _composite_residual(tw: np.ndarray, f2g: np.ndarray, f1g: np.ndarray) -> flo
     ``||(M2 @ M1 - T) X||_F^2 / p`` costs O(n^2 p), not O(n^3). Guarantee: for any
     residual matrix ``E`` independent of ``X``, ``||E X||_F^2 / (p ||E||_F^2)`` is a convex
     combination of ``chi^2_p / p`` variables (weights ``sigma_i^2 / ||E||_F^2``), so it is
-    unbiased and, by a Chernoff bound that the rank-one case attains,
-    ``P(estimate <= tau ||E||_F) <= (tau^2 exp(1 - tau^2))^(p / 2)``: with p = 16 an
-    underestimate by a factor 10 has probability below 3e-13, so a wrong factor (whose
-    residual is of order 1) can never pass the 1e-10 exactness test. The probes come from a
-    fixed seed, which keeps the solver deterministic and leaves the caller's RNG untouched.
+    unbiased, and a Chernoff bound (the moment generating function is largest in the
+    rank-one case) gives ``P(estimate <= tau ||E||_F) <= (tau^2 exp(1 - tau^2))^(p / 2)``:
+    with p = 16 an underestimate by a factor 10 has probability below 3e-13, so factors
+    whose true residual is 10x the exactness tolerance practically never pass it. The
+    probes come from a fixed seed, which keeps the solver deterministic and leaves the
+    caller's RNG untouched.
     """
     n_g, co_g, cm_g = f2g.shape[:3]
     ci_g = f1g.shape[2]

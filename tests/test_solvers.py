@@ -387,6 +387,17 @@ def test_large_gemm_solve_uses_sketch_and_reports_true_residual():
     assert sol.algorithm == "alg1-exact"
 
 
+def test_corrupted_fast_transform_is_caught_by_the_residual_check(monkeypatch):
+    # A transform off by 1e-6 gives inexact factors; the sketched check must reject both
+    # one-shot plans, and the alternation (dense pseudo-inverse) must then repair them.
+    exact_apply_t = solvers._MixedDCT.apply_t
+    monkeypatch.setattr(solvers._MixedDCT, "apply_t", lambda self, x: exact_apply_t(self, x) * (1 + 1e-6))
+    g = np.random.default_rng(24).standard_normal((1030, 1030)) / 32.0
+    sol = solve_deepen(g, (), 1030, np.random.default_rng(0))
+    assert sol.algorithm == "alg1-als" and sol.iterations >= 2
+    check_exact(sol, g, ())
+
+
 # ------------------------------------------------------------------------- bias
 
 
