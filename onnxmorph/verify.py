@@ -20,7 +20,7 @@ import math
 import mmap
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -430,7 +430,7 @@ def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: Any, start: int, end: int) -> Any:
+def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, value start, value end, field start) of each field in data[start:end]."""
     pos = start
     while pos < end:
