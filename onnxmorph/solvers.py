@@ -130,14 +130,15 @@ def _pad_support(
     return np.pad(a, widths)
 
 
-def _idct_rows(u: np.ndarray) -> np.ndarray:
+def _idct_rows(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``D.T @ u`` along axis 0, ``D`` the orthonormal n x n DCT-II matrix (so this is the
     orthonormal DCT-III), via one inverse real FFT of length n and Makhoul's reordering.
 
     ``D.T @ u = x`` has ``x[2p] = v[p]`` and ``x[2p + 1] = v[n - 1 - p]`` where ``v`` is the
     inverse real FFT of ``V[m] = (u[m] - i u[n - m]) exp(i pi m / 2n) / s_m`` (``u[n] = 0``),
     ``s_m`` the row scale of ``D``: a real ``v`` has ``V[n - m] = conj(V[m])``, which is why
-    coefficient ``n - m`` enters as the imaginary part.
+    coefficient ``n - m`` enters as the imaginary part. ``out`` (float64, not ``u``) may
+    receive the result.
     """
     n = u.shape[0]
     h = n // 2 + 1
@@ -150,8 +151,9 @@ def _idct_rows(u: np.ndarray) -> np.ndarray:
     z.real[0] *= math.sqrt(2.0)
     z *= (math.sqrt(n / 2.0) * np.exp(0.5j * np.pi * np.arange(h) / n)).reshape(shape)
     v = np.fft.irfft(z, n, axis=0)
+    del z
     half = (n + 1) // 2
-    x = np.empty(u.shape)
+    x = np.empty(u.shape) if out is None else out
     x[::2] = v[:half]
     x[1::2] = v[half:][::-1]
     return x
@@ -171,10 +173,10 @@ class _BlockDiagonal:
         self.rem = _haar_stack(1, rem, rem, rng)[0] if rem else None
         self.main = nb * _MIX_BLOCK
 
-    def left(self, x: np.ndarray, transpose: bool = False) -> np.ndarray:
-        """``B @ x`` (or ``B.T @ x``) for a 2-D ``x``."""
+    def left(self, x: np.ndarray, transpose: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """``B @ x`` (or ``B.T @ x``) for a 2-D ``x``, into ``out`` (C-contiguous, not ``x``) if given."""
         m = x.shape[1]
-        out = np.empty(x.shape)
+        out = np.empty(x.shape) if out is None else out
         if self.full is not None:
             a = np.swapaxes(self.full, 1, 2) if transpose else self.full
             nb, b, main = a.shape[0], _MIX_BLOCK, self.main
@@ -190,10 +192,10 @@ class _BlockDiagonal:
             out[self.main :] = (self.rem.T if transpose else self.rem) @ x[self.main :]
         return out
 
-    def right(self, x: np.ndarray) -> np.ndarray:
-        """``x @ B`` for a 2-D ``x``."""
+    def right(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``x @ B`` for a 2-D ``x``, into ``out`` (C-contiguous, not ``x``) if given."""
         m = x.shape[0]
-        out = np.empty(x.shape)
+        out = np.empty(x.shape) if out is None else out
         if self.full is not None:
             nb, b, main = self.full.shape[0], _MIX_BLOCK, self.main
             mc = m - m % b
@@ -244,14 +246,18 @@ class _MixedDCT:
         c = np.take(table, phase)
         del phase
         c[k[:, 0] == 0] *= math.sqrt(0.5)  # the DC row of the orthonormal DCT-II
-        return self.right.right(self.left.left(c))
+        # Fresh n^2 buffers cost page faults (the kernel zeroes them): c is reused.
+        return self.right.right(self.left.left(c), out=c)
 
     def apply_t(self, x: np.ndarray) -> np.ndarray:
         """``Q.T @ x`` for ``x`` of shape ``[n, ...]``."""
-        y = self.left.left(x.reshape(self.n, -1), transpose=True)
-        scattered = np.empty(y.shape)
-        scattered[self.rows] = y
-        return self.right.left(_idct_rows(scattered)[self.cols], transpose=True).reshape(x.shape)
+        # Two n^2 buffers take turns (fresh ones cost page faults, the kernel zeroes them).
+        a = self.left.left(x.reshape(self.n, -1), transpose=True)
+        b = np.empty_like(a)
+        b[self.rows] = a
+        _idct_rows(b, out=a)
+        np.take(a, self.cols, axis=0, out=b, mode="clip")
+        return self.right.left(b, transpose=True, out=a).reshape(x.shape)
 
 
 def _mixed_dct_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
