@@ -20,7 +20,7 @@ import math
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
+from onnxmorph.errors import InvalidModelError, UsageError
 
 log = logging.getLogger("onnxmorph")
 
@@ -340,7 +340,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
 class ModelFile:
     """A model file checked from its header; onnxruntime loads it by path, Python never holds its weights.
 
-    `header` is the model with every main-graph weight of at least `_SKIPPED_BYTES` bytes left
+    `header` is the model with every main-graph weight of at least `io._SKIPPED_BYTES` bytes left
     without data (its dims kept): enough for the interface, the inputs and the safety checks.
     """
 
@@ -371,136 +371,20 @@ def read_model_file(path: str | os.PathLike, *, check: bool = True) -> ModelFile
     of large weights, so it touches a few pages of the file.
     """
     path = Path(path)
-    if not path.exists():
-        raise InvalidModelError(f"{path}: no such file")
-    if path.is_dir():
-        raise InvalidModelError(f"{path}: is a folder, not an ONNX file")
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidModelError(f"{path}: cannot read: {exc.strerror}") from exc
-    if size == 0:
-        raise InvalidModelError(f"{path}: empty file, not an ONNX model")
-    if size > mio.memory_limit():
-        raise UnsafeModelError(f"{path}: {size} bytes is more than this machine can hold")
+    mio.check_model_path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            header, skipped = _read_header(data)
+            header, skipped = mio.read_framing(data)
     except OSError as exc:
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
         raise InvalidModelError(f"{path}: not an ONNX model ({mio._one_line(exc)})") from exc
-    if not header.HasField("graph") or (not header.graph.node and not header.graph.output):
-        raise InvalidModelError(f"{path}: not an ONNX model (no graph)")
-    for index, length in skipped.items():
-        tensor = header.graph.initializer[index]
-        declared = mio._declared_bytes(tensor)
-        # The rule of io.check_declared_sizes, on the length of the data that was skipped.
-        if declared is not None and tensor.data_type in mio._WHOLE_BYTE_TYPES and length != declared:
-            raise InvalidModelError(
-                f"{path}: tensor '{tensor.name}' declares {declared} bytes (dims {list(tensor.dims)}) "
-                f"but holds {length}"
-            )
-    external = [t for t in mio._all_tensors(header) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        mio._check_external_data(external, path.resolve().parent, path)
-    mio.check_declared_sizes(header, str(path))
+    mio.check_header(header, skipped, path)
     model_file = ModelFile(path=path, header=header, skipped=skipped)
     if check:
         model_file.check()
         model_file = ModelFile(path=path, header=header, checked=True, skipped=skipped)
     return model_file
-
-
-# Weights with raw data of at least this many bytes are skipped by `read_model_file`.
-_SKIPPED_BYTES = 1024
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
-
-
-def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ValueError("truncated or malformed protobuf varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(field number, wire type, value start, value end, field start) of each field in data[start:end]."""
-    pos = start
-    while pos < end:
-        first = pos
-        key, pos = _varint(data, pos, end)
-        number, wire = key >> 3, key & 7
-        value = pos
-        if wire == 0:
-            _, pos = _varint(data, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            length, value = _varint(data, pos, end)
-            pos = value + length
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > end or number == 0:
-            raise ValueError("truncated or malformed protobuf field")
-        yield number, wire, value, pos, first
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
-
-
-def _read_header(data: Any) -> tuple[onnx.ModelProto, dict[int, int]]:
-    """The ModelProto in `data` with the raw data of large main-graph initializers skipped.
-
-    Returns the header and {index in graph.initializer: skipped byte count}. A field that occurs
-    twice is merged by protobuf (repeated fields concatenated), so indices count across graphs.
-    """
-    parts: list[bytes] = []
-    skipped: dict[int, int] = {}
-    index = 0
-    for number, wire, start, end, first in _fields(data, 0, len(data)):
-        if number != _MODEL_GRAPH or wire != 2:
-            parts.append(data[first:end])
-            continue
-        graph: list[bytes] = []
-        for g_number, g_wire, g_start, g_end, g_first in _fields(data, start, end):
-            if g_number == _GRAPH_INITIALIZER and g_wire == 2:
-                index += 1
-                tensor: list[bytes] = []
-                raw = None
-                for t_number, t_wire, t_start, t_end, t_first in _fields(data, g_start, g_end):
-                    if t_number == _TENSOR_RAW_DATA and t_wire == 2:
-                        raw = t_end - t_start  # a bytes field given twice: protobuf keeps the last
-                    else:
-                        tensor.append(data[t_first:t_end])
-                if raw is not None and raw >= _SKIPPED_BYTES:
-                    skipped[index - 1] = raw
-                    graph.append(_length_delimited(_GRAPH_INITIALIZER, b"".join(tensor)))
-                    continue
-            graph.append(data[g_first:g_end])
-        parts.append(_length_delimited(_MODEL_GRAPH, b"".join(graph)))
-    return onnx.ModelProto.FromString(b"".join(parts)), skipped
 
 
 def _checkable(header: onnx.ModelProto, skipped: Mapping[int, int]) -> onnx.ModelProto:
