@@ -167,6 +167,17 @@ class Coupling:
         """How many entries `tensor`'s `axis` gains."""
         return sum(self.spaces[s.space].added * s.block for s in self.slots if s.tensor == tensor and s.axis == axis)
 
+    def params_by_input(self) -> dict[tuple[str, int], list[Param]]:
+        """The per-channel constants grouped by (node, input index), last offset first.
+
+        One constant can hold several slots (e.g. after a Concat); extending the last one first
+        keeps the earlier offsets valid.
+        """
+        grouped: dict[tuple[str, int], list[Param]] = {}
+        for param in self.params:
+            grouped.setdefault((param.node, param.index), []).append(param)
+        return {k: sorted(v, key=lambda q: q.offset, reverse=True) for k, v in grouped.items()}
+
     @property
     def tensors(self) -> list[str]:
         return sorted({s.tensor for s in self.slots})

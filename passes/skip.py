@@ -258,13 +258,10 @@ class SkipPass(MorphPass):
         """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters."""
         nodes = {n.name: n for n in graph.nodes}
         rng = np.random.default_rng(0)
-        by_param: dict[tuple[str, int], list[channels.Param]] = {}
-        for param in c.params:
-            by_param.setdefault((param.node, param.index), []).append(param)
-        for (name, index), items in by_param.items():
+        for (name, index), items in c.params_by_input().items():
             node = nodes[name]
             array = mgraph.values(node.inputs[index])
-            for param in sorted(items, key=lambda q: q.offset, reverse=True):
+            for param in items:
                 inserts = c.spaces[param.space].inserts
                 if param.role == "filter":
                     # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.

@@ -220,13 +220,10 @@ class WidenPass(MorphPass):
                 elif guard and np.any(b != 0):
                     raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 
-        by_node: dict[tuple[str, int], list[channels.Param]] = {}
-        for param in c.params:
-            by_node.setdefault((param.node, param.index), []).append(param)
-        for (name, index), items in by_node.items():
+        for (name, index), items in c.params_by_input().items():
             node = nodes[name]
             array = mgraph.values(node.inputs[index])
-            for param in sorted(items, key=lambda q: q.offset, reverse=True):
+            for param in items:
                 space = c.spaces[param.space]
                 src = sources_of(space.id)
                 if param.role == "filter":
