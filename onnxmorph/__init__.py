@@ -40,6 +40,7 @@ def _import_passes() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["onnxmorph.passes"] = module
         spec.loader.exec_module(module)
+        globals()["passes"] = module  # what the import system does for a subpackage it finds itself
 
 
 _import_passes()

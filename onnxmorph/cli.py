@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import onnxmorph.passes  # noqa: F401  (fills the registry)
-from onnxmorph import __version__
+from onnxmorph import __version__, limits
 from onnxmorph import io as mio
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line, with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {_message(message)} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -140,23 +140,26 @@ def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOpt
 
 
 def _check_output(model: str, output: str) -> Path:
-    out = Path(output)
-    if out.exists() and Path(model).exists() and os.path.samefile(out, model):
-        raise UsageError(f"{output}: the output would overwrite the parent model; choose another path")
-    if out.is_dir():
-        raise UsageError(f"{output}: is a folder; give a file name for the output")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"{output}: folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{output}: folder '{folder}' is not writable")
-    # The child (or its weights file, OUT.data) must not replace the parent's external weights.
-    written = [p for p in (out, out.with_name(out.name + ".data")) if p.exists()]
-    if written and Path(model).is_file():
-        for data in mio.external_data_files(model):
-            if any(os.path.samefile(p, data) for p in written):
-                raise UsageError(f"{output}: writing it would overwrite the parent's weights in '{data.name}'; "
-                                 "choose another path")
+    """The output path, refused when writing it (or OUT.data beside it) would replace a file of the parent.
+
+    Every file of the parent is untouchable, through any path, link or hard link: the model
+    file itself and each of its external-data files.
+    """
+    out = mio.check_output_path(output)
+    parent = Path(model)
+    if not parent.is_file():
+        return out  # loading it says what is wrong
+    parent_files = [parent, *mio.external_data_files(parent)]
+    for written in (out, out.with_name(out.name + ".data")):
+        try:
+            if not written.exists():
+                continue
+        except OSError:  # a name too long to exist: saving says so if it is ever written
+            continue
+        for kept in parent_files:
+            if os.path.samefile(written, kept):
+                what = "the parent model" if kept is parent else f"the parent's weights in '{kept.name}'"
+                raise UsageError(f"{limits.quote(output)}: writing it would overwrite {what}; choose another path")
     return out
 
 
@@ -170,7 +173,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    model = mio.load(args.model)
+    model = mio.load(args.model, normalize_model=True)
     info = inspect(model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
@@ -190,7 +193,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_report(report, args.json, {"parent": args.parent, "child": args.child})
     if not report:
         if not args.json:
-            sys.stderr.write(f"onnxmorph: {report.summary()}\n")
+            sys.stderr.write(f"onnxmorph: {_message(report.summary())}\n")
         return EXIT_MISMATCH
     return EXIT_OK
 
@@ -237,13 +240,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+# An error line quotes values taken from the input (names, paths): bounded whatever they hold.
+MAX_MESSAGE = 600
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # main() may run inside another program (tests, notebooks): put the logger back afterwards.
     saved_logging = (list(log.handlers), log.level, log.propagate)
     _setup_logging(args)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGHUP (the terminal closed) and SIGTERM end the run like Ctrl-C: temporary files are removed.
+    previous = {sig: signal.signal(sig, _on_sigterm) for sig in _STOP_SIGNALS}
     try:
         if args.command == "inspect":
             return _cmd_inspect(args)
@@ -256,10 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         as_json = getattr(args, "json", False)
         if exc.report is not None and (as_json or not args.quiet):
             _print_report(exc.report, as_json)
-        sys.stderr.write(f"onnxmorph: verification failed, nothing written: {exc}\n")
+        sys.stderr.write(f"onnxmorph: verification failed, nothing written: {_message(exc)}\n")
         return EXIT_MISMATCH
     except OnnxMorphError as exc:
-        sys.stderr.write(f"onnxmorph: error: {exc}\n")
+        sys.stderr.write(f"onnxmorph: error: {_message(exc)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("onnxmorph: interrupted, nothing written\n")
@@ -276,11 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"onnxmorph: internal error: {type(exc).__name__}: {first} "
+        sys.stderr.write(f"onnxmorph: internal error: {type(exc).__name__}: {_message(first)} "
                          "(a bug in onnxmorph; rerun with -vv for the traceback)\n")
         return EXIT_BUG
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         log.handlers[:] = saved_logging[0]
         log.setLevel(saved_logging[1])
         log.propagate = saved_logging[2]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import abc
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx
 
 from onnxmorph.errors import UsageError
 from onnxmorph.graph import LayerInfo
+from onnxmorph.limits import quote
 
 REQUIRED = object()
 
@@ -96,6 +99,15 @@ class MorphPass(abc.ABC):
     def call(self, model: onnx.ModelProto) -> PassResult:
         """Morph a copy of `model`; `requires(model)` has passed."""
 
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        """(bytes, layers) this pass will add, sized from its parameters before anything is allocated.
+
+        `run_passes` refuses a pass over `limits.NEW_BYTES` or `limits.NEW_LAYERS` before its
+        `requires` runs: a width of 10^8 must be refused, not attempted. An estimate within a
+        small factor is enough; (0, 0) when the layer is not found (requires says why).
+        """
+        return 0, 0
+
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.requires(model)
         return self.call(model)
@@ -111,6 +123,38 @@ class MorphPass(abc.ABC):
     def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
         """Extra facts `inspect` shows when this pass applies (e.g. the coupled layers)."""
         return {}
+
+
+def layer_weight(model: onnx.ModelProto, layer: str) -> tuple[tuple[int, ...], int] | None:
+    """(shape, itemsize) of the weight of `layer`, or None when it is not a layer with a constant weight."""
+    import onnx_graphsurgeon as gs
+
+    from onnxmorph.graph import find_node, read_view, weight_index
+
+    try:
+        node = find_node(read_view(model), layer)
+    except Exception:
+        return None
+    k = weight_index(node)
+    if k is None or len(node.inputs) <= k or not isinstance(node.inputs[k], gs.Constant):
+        return None
+    weight = node.inputs[k]
+    return tuple(int(d) for d in weight.shape), np.dtype(weight.dtype).itemsize
+
+
+def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kernel: Sequence[int] | None,
+                    count: int = 1) -> int:
+    """An upper estimate of the bytes of `count` new layers of `width` channels beside `layer`.
+
+    Each new layer reads or writes the layer's input and output channels through `width`
+    channels with kernels no larger than the layer's or `kernel`: width * (in + out) * taps.
+    """
+    found = layer_weight(model, layer)
+    if found is None or len(found[0]) < 2:
+        return 0
+    (a, b, *k), itemsize = found
+    taps = max(math.prod(k), math.prod(kernel)) if k and kernel else math.prod(k)
+    return count * (width or max(a, b)) * (a + b) * taps * itemsize
 
 
 @dataclass
@@ -152,8 +196,8 @@ def positive_int(value: Any) -> int:
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
-        raise UsageError(f"expected a positive whole number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"expected a positive whole number, got {quote(repr(value), 60)}") from None
     if number <= 0:
         raise UsageError(f"expected a positive whole number, got {value!r}")
     return number

@@ -7,12 +7,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import onnx
 
-from onnxmorph import __version__, receipt
+from onnxmorph import __version__, limits, receipt
 from onnxmorph import io as mio
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.graph import forget_views
@@ -36,7 +37,7 @@ class VerifyOptions:
     shapes: Mapping[str, Sequence[int]] | None = None
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
 
-    def verifier(self, parent: onnx.ModelProto) -> Verifier:
+    def verifier(self, parent: onnx.ModelProto | str | os.PathLike) -> Verifier:
         return Verifier(parent, atol=self.atol, rtol=self.rtol, trials=self.trials, seed=self.seed,
                         shapes=self.shapes, inputs=self.inputs)
 
@@ -58,6 +59,19 @@ def as_model(model: ModelLike) -> onnx.ModelProto:
     return mio.load(model)
 
 
+def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
+    """(the parent normalised for morphing, the parent as the user gave it).
+
+    Verification runs the second: the normalisation (folding constants into weights) is only a
+    means to morph, and a mistake in it must show as a failed verification, not be compared
+    with itself. A file is handed to onnxruntime by path; a ModelProto is normalised in a copy.
+    """
+    if isinstance(parent, onnx.ModelProto):
+        return mio.normalize(parent), parent
+    log.info("loading %s", parent)
+    return mio.load(parent, normalize_model=True), Path(parent)
+
+
 def run_passes(
     parent: ModelLike,
     passes: Sequence[MorphPass],
@@ -71,13 +85,16 @@ def run_passes(
     child differs from the parent. `parent` is never modified.
     """
     options = options or VerifyOptions()
-    parent_model = as_model(parent)
-    verifier = options.verifier(parent_model) if options.enabled else None
+    parent_model, reference = _morphable(parent)
+    verifier = options.verifier(reference) if options.enabled else None
     child = parent_model
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
         log.info("morphing: %s", label)
         try:
+            new_bytes, new_layers = step.new_weights(child)
+            limits.NEW_BYTES.check(new_bytes, label)
+            limits.NEW_LAYERS.check(new_layers, label)
             step.requires(child)
             result = step.call(child)
         except (NotApplicable, UsageError) as exc:

@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph.errors import InvalidModelError, UsageError
+from onnxmorph import limits, saving
+from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError, one_line
 
 log = logging.getLogger("onnxmorph")
 
@@ -275,14 +277,16 @@ def random_inputs(
         dtype = _np_dtype(info.type.tensor_type.elem_type)
         shape = tuple(shapes[info.name])
         # A declared or --shape size can be absurd; refuse it rather than let numpy try.
-        mio.check_allocation(math.prod(shape) * max(dtype.itemsize, 8), f"input '{info.name}' of shape {list(shape)}")
+        limits.INPUT_BYTES.check(math.prod(shape) * max(dtype.itemsize, 8),
+                                 f"input '{info.name}' of shape {list(shape)}", UnsafeModelError)
+        # np.asarray: a 0-d draw is a numpy scalar, which onnxruntime does not take as a tensor.
         if dtype.kind == "f":
-            feed[info.name] = rng.uniform(*INPUT_RANGE, size=shape).astype(dtype)
+            feed[info.name] = np.asarray(rng.uniform(*INPUT_RANGE, size=shape), dtype=dtype)
         elif dtype.kind in "iu":
             low, high = _integer_bounds(model, info.name)
-            feed[info.name] = rng.integers(low, high, size=shape).astype(dtype)
+            feed[info.name] = np.asarray(rng.integers(low, high, size=shape), dtype=dtype)
         elif dtype.kind == "b":
-            feed[info.name] = rng.random(size=shape) < 0.5
+            feed[info.name] = np.asarray(rng.random(size=shape) < 0.5)
         else:
             raise UsageError(f"input '{info.name}' of type {dtype} needs --inputs")
     return feed
@@ -294,14 +298,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"--inputs {path}: no such file")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except Exception as exc:
-            raise UsageError(f"--inputs {path}: not a readable .npz file ({mio._one_line(exc)})") from exc
+        arrays = _read_npz(Path(source), [i.name for i in mio.true_inputs(model)])
     inputs = mio.true_inputs(model)
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
@@ -333,6 +330,50 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
     return feed
 
 
+def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} from the .npy headers inside an .npz, nothing decompressed but them."""
+    members = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member '{limits.quote(info.filename, 80)}' is not an .npy array")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise ValueError(f"array '{limits.quote(info.filename[:-4], 80)}' holds Python objects")
+            members[info.filename[:-4]] = (tuple(shape), dtype)
+    return members
+
+
+def _read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, after checking their names and declared sizes (an .npz can be a bomb)."""
+    label = f"--inputs {limits.quote(path)}"
+    if not path.is_file():
+        raise UsageError(f"{label}: no such file")
+    try:
+        members = _npz_members(path)
+    except Exception as exc:
+        raise UsageError(f"{label}: not a readable .npz file ({one_line(exc)})") from exc
+    missing = [n for n in names if n not in members]
+    if missing:
+        have = ", ".join(limits.quote(k, 60) for k in sorted(members)[:10]) or "nothing"
+        raise UsageError(f"{label}: no array for input '{missing[0]}' (it has: {have})")
+    extra = sorted(set(members) - set(names))
+    if extra:
+        raise UsageError(f"{label}: array '{limits.quote(extra[0], 60)}' matches no input (inputs: {', '.join(names)})")
+    declared = sum(math.prod(shape) * dtype.itemsize for shape, dtype in members.values())
+    limits.INPUT_BYTES.check(declared, label)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise UsageError(f"{label}: not a readable .npz file ({one_line(exc)})") from exc
+
+
 # --------------------------------------------------------------------------- model files
 
 
@@ -340,7 +381,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
 class ModelFile:
     """A model file checked from its header; onnxruntime loads it by path, Python never holds its weights.
 
-    `header` is the model with every main-graph weight of at least `io._SKIPPED_BYTES` bytes left
+    `header` is the model with every main-graph weight of at least `framing.SKIPPED_BYTES` bytes left
     without data (its dims kept): enough for the interface, the inputs and the safety checks.
     """
 
@@ -378,7 +419,7 @@ def read_model_file(path: str | os.PathLike, *, check: bool = True) -> ModelFile
     except OSError as exc:
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
-        raise InvalidModelError(f"{path}: not an ONNX model ({mio._one_line(exc)})") from exc
+        raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
     mio.check_header(header, skipped, path)
     model_file = ModelFile(path=path, header=header, skipped=skipped)
     if check:
@@ -392,7 +433,7 @@ def _checkable(header: onnx.ModelProto, skipped: Mapping[int, int]) -> onnx.Mode
     out = onnx.ModelProto()
     out.CopyFrom(header)
     stubs = [t for k, t in enumerate(out.graph.initializer) if k in skipped]
-    stubs += [t for t in mio._all_tensors(out) if t.data_location == onnx.TensorProto.EXTERNAL]
+    stubs += [t for t in mio.all_tensors(out) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in stubs:
         del tensor.dims[:]
         tensor.dims.append(0)
@@ -421,26 +462,26 @@ class _Session:
                 # By path: onnxruntime parses the file once and resolves external data beside it.
                 source = str(model.path)
             elif isinstance(model, onnx.ModelProto):
-                if mio.approx_size(model) < mio.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
                     source = model.SerializeToString()
                 else:
                     self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
                     target = Path(self._tmp.name) / f"{role}.onnx"
-                    mio._write_with_external_data(model, target)
+                    mio.write_with_external_data(model, target)
                     source = str(target)
             else:
                 source = str(model)
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             self.close()
-            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {mio._one_line(exc)}") from exc
+            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {one_line(exc)}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: Mapping[str, np.ndarray], role: str) -> list[np.ndarray]:
         try:
             return self.session.run(None, dict(feed))
         except Exception as exc:
-            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {mio._one_line(exc)}") from exc
+            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {one_line(exc)}") from exc
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -465,6 +506,8 @@ def _compare(check: OutputCheck, expected: np.ndarray, actual: np.ndarray) -> No
     check.elements += expected.size
     if expected.size == 0:
         return
+    # flattened: the comparison is per element, and a 0-d array's arithmetic yields numpy scalars
+    expected, actual = expected.reshape(-1), actual.reshape(-1)
     if expected.dtype.kind in "fc":
         e = expected.astype(np.float64)
         a = actual.astype(np.float64)
@@ -579,6 +622,8 @@ class Verifier:
         except _RuntimeProblem as exc:
             raise InvalidModelError(str(exc)) from exc
         self.output_names = [o.name for o in self.parent_header.graph.output]
+        self.blind_spots = blind_spots(self.feeds, self.expected, self.output_names)
+        self.scales = [_output_scale(trial[k] for trial in self.expected) for k in range(len(self.output_names))]
 
     def check(self, child: ModelLike) -> Report:
         """Compare `child` with the parent on every trial's inputs."""
@@ -594,18 +639,20 @@ class Verifier:
         source: ModelLike | bytes = child
         try:
             if isinstance(child, onnx.ModelProto):
-                if mio.approx_size(child) < mio.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD:
                     source = child.SerializeToString()
                 mio.check(source if isinstance(source, bytes) else child, name="child")
             elif not child.checked:
                 child.check()
         except InvalidModelError as exc:
             report.problems.append(str(exc))
-        for name, expected in zip(self.output_names, self.expected[0]):
+        report.problems.extend(self.blind_spots)
+        for name, expected, scale in zip(self.output_names, self.expected[0], self.scales):
             atol, rtol = default_tolerances(expected.dtype)
             report.outputs.append(OutputCheck(
                 name=name, shape=list(expected.shape), dtype=str(expected.dtype),
-                atol=atol if self.atol is None else self.atol,
+                # The default atol is for outputs of magnitude ~1; rounding grows with the magnitude.
+                atol=atol * max(1.0, scale) if self.atol is None else self.atol,
                 rtol=rtol if self.rtol is None else self.rtol,
             ))
         log.info("running the child (%d trial(s))", len(self.feeds))
@@ -627,6 +674,41 @@ class Verifier:
         finally:
             session.close()
         return report
+
+
+def _output_scale(arrays: Any) -> float:
+    """The largest finite magnitude of a float output over the trials (0 for other types)."""
+    scale = 0.0
+    for array in arrays:
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size:
+            scale = max(scale, float(finite.max()))
+    return scale
+
+
+def blind_spots(feeds: Sequence[Mapping[str, np.ndarray]], expected: Sequence[Sequence[np.ndarray]],
+                output_names: Sequence[str]) -> list[str]:
+    """Why these inputs cannot show a difference between two models (empty when they can).
+
+    A verification on such inputs would pass whatever the child computes: an empty input (an
+    empty batch), a float input that is all NaN, or a parent output that is empty or all NaN
+    on every trial.
+    """
+    problems = []
+    for name, array in feeds[0].items():
+        if array.size == 0:
+            problems.append(f"input '{name}' is empty (shape {list(array.shape)}): a difference cannot show")
+        elif array.dtype.kind == "f" and all(np.isnan(feed[name]).all() for feed in feeds):
+            problems.append(f"input '{name}' is all NaN: a difference cannot show")
+    for k, name in enumerate(output_names):
+        arrays = [trial[k] for trial in expected]
+        if all(a.size == 0 for a in arrays):
+            problems.append(f"the parent's output '{name}' is empty: a difference cannot show")
+        elif all(a.dtype.kind in "fc" and np.isnan(a).all() for a in arrays):
+            problems.append(f"the parent's output '{name}' is all NaN on these inputs: a difference cannot show")
+    return problems
 
 
 def verify(

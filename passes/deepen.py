@@ -16,7 +16,17 @@ from onnxmorph import build, solvers
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, layer_name, positive_int, register
+from onnxmorph.passinfra import (
+    SEED,
+    MorphPass,
+    Param,
+    PassResult,
+    dims,
+    layer_name,
+    new_layer_bytes,
+    positive_int,
+    register,
+)
 
 log = logging.getLogger("onnxmorph")
 
@@ -237,6 +247,9 @@ class DeepenPass(MorphPass):
             raise NotApplicable(f"layer '{self.layer}': {str(exc).splitlines()[0]}") from exc
         self._solved = (key, solution)
         return solution
+
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        return new_layer_bytes(model, self.layer, self.width, self.kernel), 1
 
     def requires(self, model: onnx.ModelProto) -> None:
         plan = self._plan(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import onnx
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, register
+from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight, register
 
 log = logging.getLogger("onnxmorph")
 
@@ -71,6 +72,14 @@ class KernelPass(MorphPass):
         Param("size", dims, "new kernel size, one number for every axis or one per axis (5, 1x7)",
               metavar="K"),
     )
+
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        found = layer_weight(model, self.layer)
+        if found is None or len(found[0]) < 3:
+            return 0, 0
+        (co, ci, *kernel), itemsize = found
+        size = list(self.size) * len(kernel) if len(self.size) == 1 else list(self.size)
+        return co * ci * math.prod(size) * itemsize, 0
 
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:

@@ -17,7 +17,18 @@ from onnxmorph import build, solvers
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, int_list, layer_name, positive_int, register
+from onnxmorph.passinfra import (
+    SEED,
+    MorphPass,
+    Param,
+    PassResult,
+    dims,
+    int_list,
+    layer_name,
+    new_layer_bytes,
+    positive_int,
+    register,
+)
 
 log = logging.getLogger("onnxmorph")
 
@@ -224,6 +235,13 @@ class SubnetPass(MorphPass):
         if layer.op not in SUBNET_OPS:
             return None
         return cls(layer=layer.name, kind="residual")
+
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        branches = self.branches or (len(self.kernels) if self.kernels else 2)
+        depth = self.depth or 2
+        layers = depth * branches if self.kind == "parallel" else depth if self.kind == "sequential" else 3
+        kernel = tuple(self.kernel or ()) + tuple(self.kernels or ())
+        return new_layer_bytes(model, self.layer, self.width, kernel, count=layers), layers
 
     # ------------------------------------------------------------------ checks
 

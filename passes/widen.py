@@ -15,7 +15,7 @@ from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int, register
 
 FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
 
@@ -85,6 +85,14 @@ class WidenPass(MorphPass):
             return cls(layer=layer.name, width=max(layer.weight_shape[0], 1) * 2)
         width = math.ceil(old * 1.5 / groups) * groups
         return cls(layer=layer.name, width=max(width, old + groups))
+
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        # The layer's new filters and as many new inputs of its consumers: about twice a filter each.
+        found = layer_weight(model, self.layer)
+        if found is None or len(found[0]) < 2:
+            return 0, 0
+        shape, itemsize = found
+        return 2 * self.width * math.prod(shape) // max(1, min(shape[:2])) * itemsize, 0
 
     def _plan(self, model: onnx.ModelProto) -> _Plan:
         view = mgraph.read_view(model)
