@@ -322,9 +322,7 @@ def diff(parent: Source, child: Source) -> Diff:
     removed = [n for n in p.nodes if n not in c.nodes]
     rewired, modified = _node_changes(p, c)
     groups = _groups(p, c, added, [s for record in history for s in record.get("steps", [])])
-    mapping: dict[str, list[str]] = {n: [n] for n in p.nodes if n in c.nodes}
-    for name in removed:
-        mapping[name] = []
+    mapping: dict[str, list[str]] = {n: [n] if n in c.nodes else [] for n in p.nodes}
     for group in groups:
         if group["origin"] is not None:
             mapping.setdefault(group["origin"], []).extend(group["nodes"])
@@ -370,36 +368,53 @@ def _weight_changes(p: ModelView, c: ModelView) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def morph_origin(name: str, parent: ModelView) -> tuple[str, str, str | None] | None:
-    """(morph kind, scope prefix, parent node it replaced or grew from) of a node a pass made, else None.
+@dataclass(frozen=True)
+class MorphOrigin:
+    """Where a node a pass made comes from, read from its name `<scope>/morph_<kind>/...`."""
 
-    The longest prefix before a `/morph_<kind>` segment that names a parent node (or a tensor a
-    parent node produces) wins, so a child of a child points at the node it grew from last.
+    kind: str  # the innermost morph: deepen, widen, subnet, skip, ...
+    scope: str  # what that morph was applied to (a node or tensor name, possibly made by an earlier morph)
+    node: str | None  # the parent node it replaced or grew from, when the name leads to one
+
+
+def morph_origin(name: str, parent: ModelView) -> MorphOrigin | None:
+    """The MorphOrigin of a node a pass made, or None when its name has no `/morph_<kind>` segment.
+
+    The innermost segment gives the morph; the longest prefix before any segment that names a
+    parent node (or a tensor a parent node produces) gives the parent node, so a node made by
+    deepening a node an earlier morph made still points at the parent's layer.
     """
-    found = None
-    for match in _MORPH_SCOPE.finditer(name):
+    matches = list(_MORPH_SCOPE.finditer(name))
+    if not matches:
+        return None
+    node = None
+    for match in matches:
         prefix = name[:match.start()]
-        node = prefix if prefix in parent.nodes else parent.producer.get(prefix)
-        if node is not None or found is None:
-            found = (match.group(1), prefix, node)
-    return found
+        node = (prefix if prefix in parent.nodes else parent.producer.get(prefix)) or node
+    return MorphOrigin(matches[-1].group(1), name[:matches[-1].start()], node)
 
 
 def _groups(p: ModelView, c: ModelView, added: list[str], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Added nodes grouped by the morph that made them, each with the receipt step that says so."""
+    """Added nodes grouped by the morph that made them, each with the receipt step that names it."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for name in added:
-        origin = morph_origin(name, p)
-        kind, prefix, node = origin if origin else ("unattributed", "", None)
-        group = groups.setdefault((kind, prefix), {"morph": kind, "scope": prefix, "origin": node,
-                                                   "step": None, "nodes": []})
+        origin = morph_origin(name, p) or MorphOrigin("unattributed", "", None)
+        group = groups.setdefault((origin.kind, origin.scope), {
+            "morph": origin.kind, "scope": origin.scope, "origin": origin.node, "step": None, "nodes": []})
         group["nodes"].append(name)
+    claimed: set[int] = set()
     for group in groups.values():
-        names = {group["scope"], group["origin"], *(p.nodes[group["origin"]].outputs if group["origin"] else [])}
+        # A step names its layer by node or output tensor; a morph of a node made by an earlier step
+        # names a tensor that the group's own nodes now produce.
+        names = {group["scope"]} | {t for n in group["nodes"] for t in c.nodes[n].outputs}
+        if group["origin"] is not None and group["scope"] in (group["origin"], *p.nodes[group["origin"]].outputs):
+            names |= {group["origin"], *p.nodes[group["origin"]].outputs}
         for k, step in enumerate(steps):
             params = step.get("params", {})
-            if step.get("pass") == group["morph"] and any(isinstance(v, str) and v in names for v in params.values()):
+            if k not in claimed and step.get("pass") == group["morph"] and \
+                    any(isinstance(v, str) and v in names for v in params.values()):
                 group["step"] = {"index": k + 1, "pass": step.get("pass"), "params": params}
+                claimed.add(k)
                 break
     return list(groups.values())
 

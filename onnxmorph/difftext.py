@@ -104,13 +104,18 @@ def format_history(history: list[dict[str, Any]], note: str = "") -> list[str]:
     """The receipt's morph runs with their verification tables."""
     lines = [f"receipt: {len(history)} morph run(s) since the parent" + (f" ({note})" if note else "")]
     for k, record in enumerate(history, 1):
-        steps = ", ".join(step_text(s) for s in record.get("steps", []))
+        steps = [step_text(s) for s in record.get("steps", [])]
         ver = record.get("verification")
+        check = "not verified" if not ver else (
+            f"verification {'PASS' if ver.get('passed') else 'FAIL'} "
+            f"({ver.get('trials')} trial(s), seed {ver.get('seed')}, inputs {ver.get('inputs')})")
+        if len(steps) == 1:
+            lines.append(f"  run {k}: {steps[0]}; {check}")
+        else:
+            lines.append(f"  run {k} ({len(steps)} steps): {check}")
+            lines += [f"    step {j}: {text}" for j, text in enumerate(steps, 1)]
         if not ver:
-            lines.append(f"  run {k}: {steps}; not verified")
             continue
-        lines.append(f"  run {k}: {steps}; verification {'PASS' if ver.get('passed') else 'FAIL'} "
-                     f"({ver.get('trials')} trial(s), seed {ver.get('seed')}, inputs {ver.get('inputs')})")
         rows = [("output", "max abs err", "max rel err", "atol", "rtol")]
         rows += [(o.get("name", "?"), _num(o.get("max_abs_error")), _num(o.get("max_rel_error")),
                   _num(o.get("atol")), _num(o.get("rtol"))) for o in ver.get("outputs", [])]
@@ -138,10 +143,12 @@ def _added(d: Diff) -> list[str]:
         return []
     lines = [f"added nodes ({len(d.added)}), by the morph that made them:"]
     for group in d.groups:
-        origin = group["origin"] or group["scope"] or "?"
         step = f" (receipt step {group['step']['index']})" if group["step"] else " (no receipt step names it)"
+        where = group["scope"] or "?"
+        if group["origin"] and group["origin"] != where:
+            where += f" (parent node {group['origin']})"
         head = "not made by a morph (no /morph_ in their names)" if group["morph"] == "unattributed" else \
-            f"{group['morph']} of {origin}{step}"
+            f"{group['morph']} of {where}{step}"
         lines.append(f"  {head}:")
         for name in group["nodes"]:
             node = d.child.nodes[name]
