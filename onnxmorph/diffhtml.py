@@ -81,7 +81,7 @@ def render(d: Diff) -> str:
         f"<header>{_header_html(d, title)}</header>"
         f"<main class=\"panes\">{body}</main>"
         "<aside id=\"details\"><p class=\"hint\">Hover over a node to see its op, attributes and weights; "
-        "click to keep it.</p></aside>"
+        "click to keep it (or open the page at #child:NAME).</p></aside>"
         f"<script type=\"application/json\" id=\"diff-data\">{_json_for_script(data)}</script>"
         f"<script>{_SCRIPT}</script></body></html>\n"
     )
@@ -371,6 +371,12 @@ _SCRIPT = """
     document.querySelectorAll('g.node.peer').forEach(function (el) { el.classList.remove('peer'); });
     var other = side === 'parent' ? 'child' : 'parent';
     info.peers.forEach(function (name) { var el = nodes[other].get(name); if (el) el.classList.add('peer'); });
+  }
+  // A link to `page.html#child:NAME` (or #parent:NAME, URL-encoded) opens with that node selected.
+  var wanted = /^#(parent|child):(.+)$/.exec(location.hash);
+  if (wanted) {
+    var target = nodes[wanted[1]].get(decodeURIComponent(wanted[2]));
+    if (target) { pinned = target; target.classList.add('pinned'); show(wanted[1], target); }
   }
   window.addEventListener('load', function () {
     document.body.dataset.renderMs = performance.now().toFixed(1);
