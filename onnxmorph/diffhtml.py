@@ -79,9 +79,9 @@ def render(d: Diff) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<header>{_header_html(d, title)}</header>"
-        f"<main class=\"panes\">{body}</main>"
+        f"<main class=\"panes\">{body}"
         "<aside id=\"details\"><p class=\"hint\">Hover over a node to see its op, attributes and weights; "
-        "click to keep it (or open the page at #child:NAME).</p></aside>"
+        "click to keep it (or open the page at #child:NAME).</p></aside></main>"
         f"<script type=\"application/json\" id=\"diff-data\">{_json_for_script(data)}</script>"
         f"<script>{_SCRIPT}</script></body></html>\n"
     )
@@ -294,7 +294,7 @@ h3{font-size:13px;margin:8px 0 4px}svg.graph{display:block;margin:0 auto}
 table{border-collapse:collapse;margin:4px 0}th,td{border:1px solid #d0d7de;padding:2px 8px;text-align:left}
 th{background:#f3f4f6}.steps{margin:2px 0 4px;padding-left:22px}
 .pass{color:#1a7f37}.fail{color:#cf222e}.warn{color:#9a6700}
-.panes{display:grid;grid-template-columns:1fr 1fr;gap:10px;padding:10px}
+.panes{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr) 320px;gap:10px;padding:10px}
 .pane{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:8px;min-width:0}
 .note{color:#57606a;margin:0 0 6px}.scroll{overflow:auto;max-height:72vh}
 .edge{fill:none;stroke:#8a8f98;stroke-width:1.3}
@@ -311,8 +311,8 @@ th{background:#f3f4f6}.steps{margin:2px 0 4px;padding-left:22px}
 .key.added{background:#dafbe1;border-color:#1a7f37}.key.removed{background:#ffebe9;border-color:#cf222e}
 .key.grown{background:#fff1e5;border-color:#bc4c00}.key.modified{background:#fbefff;border-color:#8250df}
 .key.rewired{background:#ddf4ff;border-color:#0969da}.key.collapsed{background:#f3f4f6;border-style:dashed}
-#details{position:fixed;right:12px;bottom:12px;width:380px;max-height:45vh;overflow:auto;background:#fff;
-border:1px solid #d0d7de;border-radius:6px;padding:8px 10px;box-shadow:0 4px 12px rgba(0,0,0,.12)}
+#details{position:sticky;top:10px;align-self:start;max-height:90vh;overflow:auto;background:#fff;
+border:1px solid #d0d7de;border-radius:6px;padding:8px 10px}
 #details h4{margin:0 0 4px;word-break:break-all}#details td{font-size:12px;word-break:break-all}
 .hint{color:#57606a;margin:0}
 """
