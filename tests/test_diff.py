@@ -195,3 +195,13 @@ def test_morph_html_into_the_child_itself_is_refused_before_morphing(tmp_path: P
     out = tmp_path / "child.onnx"
     assert main(["widen", str(CIFAR), "--layer", "conv2", "--width", "40", "-o", str(out), "--html", str(out)]) == 2
     assert "is the child's own file" in capsys.readouterr().err and not out.exists()
+
+
+def test_child_with_external_data_is_read_from_its_header(tmp_path: Path) -> None:
+    child, _ = onnxmorph.morph(CIFAR, "widen", layer="conv2", width=40)
+    path = onnxmorph.save(child, tmp_path / "child.onnx", external_data=True)
+    assert (tmp_path / "child.onnx.data").is_file()
+    d = diff(CIFAR, path)
+    assert {w["name"]: w["new"] for w in d.weights}["conv2.weight"] == [40, 32, 5, 5]
+    assert d.to_dict()["summary"]["parameters"][1] == sum(
+        math.prod(t.dims) for t in onnx.load(path).graph.initializer if t.data_type == TensorProto.FLOAT)
