@@ -43,7 +43,7 @@ class ModelView:
 
     path: str
     nodes: dict[str, NodeView]
-    weights: dict[str, Dims]
+    weights: dict[str, Dims | None]  # None: a folded weight whose shape could not be inferred
     float_weights: set[str]
     shapes: dict[str, Dims | None]
     batch_dims: set[str]
@@ -64,7 +64,7 @@ class ModelView:
         """The inputs of `node` that are not weights (the edges of the drawn graph)."""
         return [name for name in node.inputs if name and name not in self.weights]
 
-    def node_weights(self, node: NodeView) -> list[tuple[int, str, Dims]]:
+    def node_weights(self, node: NodeView) -> list[tuple[int, str, Dims | None]]:
         """(input slot, weight name, dims) of every weight `node` reads."""
         return [(k, name, self.weights[name]) for k, name in enumerate(node.inputs) if name in self.weights]
 
@@ -86,14 +86,16 @@ def model_view(source: Source) -> ModelView:
         header, path = read_model_file(source, check=False).header, str(source)
     shapes, elem_types, note = _infer_shapes(header)
     graph = header.graph
-    weights: dict[str, Dims] = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
+    weights: dict[str, Dims | None] = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
     for t in graph.initializer:
         elem_types[t.name] = t.data_type
     outputs = {o.name for o in graph.output}
     kept = onnx.GraphProto()
+    constants = set(weights)
     for node in graph.node:
-        if mio._foldable(node, set(weights), outputs):
-            weights[node.output[0]] = shapes.get(node.output[0]) or _constant_dims(node, graph) or ()
+        if mio._foldable(node, constants, outputs):
+            weights[node.output[0]] = shapes.get(node.output[0]) or _constant_dims(node, graph)
+            constants.add(node.output[0])
         else:
             kept.node.append(node)
     unnamed = sum(1 for node in kept.node if not node.name)
@@ -180,10 +182,13 @@ def _dims_text(dims: Dims | None) -> str:
 
 
 def parameter_count(view: ModelView) -> int:
-    """Elements of the float weights the graph reads (integer shape tensors are not parameters)."""
+    """Elements of the float weights the graph reads (integer shape tensors are not parameters).
+
+    A weight whose shape is unknown (see `ModelView.weights`) is not counted.
+    """
     used = {name for node in view.nodes.values() for name in node.inputs}
-    return sum(math.prod(d for d in view.weights[w] if isinstance(d, int))
-               for w in view.float_weights if w in used)
+    return sum(math.prod(dims) for w in view.float_weights if w in used
+               for dims in [view.weights[w]] if dims is not None and all(isinstance(d, int) for d in dims))
 
 
 def node_flops(view: ModelView, node: NodeView) -> int | None:

@@ -36,7 +36,7 @@ class Pane:
     collapsed: dict[str, int]
     layout: Layout
     drawn: list[str]
-    truncated: bool
+    truncated: str  # why fewer nodes are drawn than the changed region and its neighbours, if so
 
 
 def write_diff_page(parent: PathLike, child: PathLike, out: PathLike) -> Path:
@@ -92,18 +92,16 @@ def render(d: Diff) -> str:
 
 def _pane(d: Diff, side: str) -> Pane:
     view = d.parent if side == "parent" else d.child
-    other = d.child if side == "parent" else d.parent
     tags = d.changes(side)
+    # What changed on either side is drawn on both, where the node exists, with its neighbours.
     changed = set(tags) | {n for n in d.changes("child" if side == "parent" else "parent") if n in view.nodes}
-    changed |= {n for n in other.nodes if n in view.nodes and n in tags}
     drawn = changed | _neighbours(view, changed)
-    truncated = False
+    truncated = ""
     if len(drawn) > MAX_DRAWN:
-        drawn = set(changed)
-        if len(drawn) > MAX_DRAWN:
-            drawn = {n for n in view.nodes if n in changed}
-            drawn = set(list(n for n in view.nodes if n in drawn)[:MAX_DRAWN])
-            truncated = True
+        drawn, truncated = changed, f"more than {MAX_DRAWN} nodes to draw: neighbours left out"
+    if len(drawn) > MAX_DRAWN:
+        drawn = set([n for n in view.nodes if n in changed][:MAX_DRAWN])
+        truncated = f"more than {MAX_DRAWN} changed nodes: only the first {MAX_DRAWN} are drawn"
     order, edges, collapsed = _items(view, drawn)
     return Pane(side, view, tags, collapsed, layered_layout(order, edges), [n for n in view.nodes if n in drawn],
                 truncated)
@@ -155,7 +153,7 @@ def _pane_html(pane: Pane) -> str:
     total = len(pane.view.nodes)
     note = f"showing {shown} of {total} nodes; {total - shown} unchanged collapsed"
     if pane.truncated:
-        note += f"; more than {MAX_DRAWN} changed nodes: only the first {MAX_DRAWN} are drawn"
+        note += f"; {pane.truncated}"
     layout = pane.layout
     parts = [f"<svg class=\"graph\" data-side=\"{pane.side}\" width=\"{layout.width:.0f}\" "
              f"height=\"{layout.height:.0f}\" viewBox=\"0 0 {layout.width:.0f} {layout.height:.0f}\" "

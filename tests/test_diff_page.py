@@ -167,3 +167,48 @@ def test_resnet50_page_collapses_the_untouched_rest(browser: str, tmp_path: Path
     drawn = dom.nodes["child"]
     assert {"n10", "n12", "n16", "n22", "n44"} <= {n for n, a in drawn.items() if a["data-change"] == "grown"}
     assert len(drawn) < 60 and dom.collapsed >= 3 and "data-render-ms" in dom.body
+
+
+def test_drawn_region_is_capped_with_a_note(pages: dict[str, tuple[Path, Path]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxmorph import diffhtml
+
+    d = diff(CIFAR, pages["deepen"][0])
+    monkeypatch.setattr(diffhtml, "MAX_DRAWN", 4)
+    parent_pane, child_pane = diffhtml.render(d).split('id="child-pane"')
+    # the child's 3 new nodes and their 2 neighbours pass the cap: the neighbours go
+    assert "neighbours left out" in child_pane and child_pane.count('data-change="added"') == 3
+    assert 'data-node="relu1"' not in child_pane
+    assert 'data-node="relu1"' in parent_pane and "left out" not in parent_pane  # 1 removed + 2 neighbours
+    monkeypatch.setattr(diffhtml, "MAX_DRAWN", 2)
+    page = diffhtml.render(d)
+    assert "only the first 2 are drawn" in page and page.count('data-change="added"') == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layout_keeps_boxes_apart_and_edges_downward(seed: int) -> None:
+    from onnxmorph.difflayout import NODE_H, NODE_W, layered_layout
+
+    rng = np.random.default_rng(seed)
+    names = [f"n{k}" for k in range(60)]
+    edges = [(names[a], names[b]) for a, b in rng.integers(0, 60, size=(120, 2)) if a != b]
+    layout = layered_layout(names, edges)
+    assert set(layout.centres) == set(names)
+    rows: dict[float, list[float]] = {}
+    for x, y in layout.centres.values():
+        rows.setdefault(y, []).append(x)
+        assert NODE_W / 2 <= x <= layout.width - NODE_W / 2 and NODE_H / 2 <= y <= layout.height - NODE_H / 2
+    for xs in rows.values():
+        xs.sort()
+        assert all(b - a >= NODE_W for a, b in zip(xs, xs[1:]))  # no two boxes overlap
+    for u, v, points in layout.edges:
+        assert all(q[1] > p[1] for p, q in zip(points, points[1:]))  # every edge runs downward
+        assert points[0][1] == layout.centres[u][1] + NODE_H / 2 and points[-1][1] == layout.centres[v][1] - NODE_H / 2
+
+
+def test_layout_of_a_long_chain_needs_no_recursion() -> None:
+    from onnxmorph.difflayout import layered_layout
+
+    names = [f"n{k}" for k in range(3000)]
+    layout = layered_layout(list(reversed(names)), list(zip(names, names[1:])))  # every edge points backwards
+    assert len({y for _, y in layout.centres.values()}) == 3000
