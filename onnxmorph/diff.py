@@ -100,7 +100,13 @@ def model_view(source: Source) -> ModelView:
             kept.node.append(node)
     unnamed = sum(1 for node in kept.node if not node.name)
     mio._name_nodes(kept)
-    nodes = {n.name: NodeView(n.name, _op_label(n), list(n.input), list(n.output), _attrs(n)) for n in kept.node}
+    nodes: dict[str, NodeView] = {}
+    for n in kept.node:
+        name, k = n.name, 1
+        while name in nodes:  # names should be unique, but the format does not enforce it
+            k += 1
+            name = f"{n.name}#{k}"
+        nodes[name] = NodeView(name, _op_label(n), list(n.input), list(n.output), _attrs(n))
     batch = set()
     for info in mio.true_inputs(header):
         dims = info.type.tensor_type.shape.dim
@@ -199,7 +205,7 @@ def node_flops(view: ModelView, node: NodeView) -> int | None:
     """
     if node.op not in _COUNTED_OPS:
         return 0
-    dims = [_known(view, name) for name in node.inputs[:2]] + [_known(view, node.outputs[0])]
+    dims = [_known(view, name) for name in node.inputs[:2]] + [_known(view, t) for t in node.outputs[:1]]
     x, w, y = (dims + [None] * 3)[:3]
     attrs = node.attrs
     if node.op == "Conv" and w and y:

@@ -205,3 +205,15 @@ def test_child_with_external_data_is_read_from_its_header(tmp_path: Path) -> Non
     assert {w["name"]: w["new"] for w in d.weights}["conv2.weight"] == [40, 32, 5, 5]
     assert d.to_dict()["summary"]["parameters"][1] == sum(
         math.prod(t.dims) for t in onnx.load(path).graph.initializer if t.data_type == TensorProto.FLOAT)
+
+
+def test_duplicate_node_names_are_kept_apart_and_models_in_memory_work() -> None:
+    model = _unnamed_model_with_symbolic_length()
+    for node in model.graph.node:
+        node.name = "same"
+    view = model_view(model)
+    assert list(view.nodes) == ["same", "same#2", "same#3"] and view.path == "<model>"
+    d = diff(model, model)
+    assert not (d.added or d.removed or d.rewired or d.modified or d.weights)
+    assert d.receipt_note == "the child has no onnxmorph receipt"
+    assert "no structural change" in str(d)
