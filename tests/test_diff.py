@@ -217,3 +217,15 @@ def test_duplicate_node_names_are_kept_apart_and_models_in_memory_work() -> None
     assert not (d.added or d.removed or d.rewired or d.modified or d.weights)
     assert d.receipt_note == "the child has no onnxmorph receipt"
     assert "no structural change" in str(d)
+
+
+def test_a_grandchild_shows_the_runs_since_each_ancestor(children: dict[str, Path], tmp_path: Path) -> None:
+    grandchild, _ = onnxmorph.morph(children["deepen"], "widen", layer="conv2/morph_deepen/conv_a", width=40)
+    path = onnxmorph.save(grandchild, tmp_path / "grandchild.onnx")
+    from_child = diff(children["deepen"], path)
+    assert [r["steps"][0]["pass"] for r in from_child.history] == ["widen"] and from_child.receipt_note == ""
+    assert {w["name"] for w in from_child.weights} >= {"conv2/morph_deepen/conv_a/weight"}
+    from_parent = diff(CIFAR, path)
+    assert [r["steps"][0]["pass"] for r in from_parent.history] == ["deepen", "widen"]
+    assert from_parent.receipt_note == "" and from_parent.groups[0]["step"]["index"] == 1
+    assert "run 2: widen(" in str(from_parent)
