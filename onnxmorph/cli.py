@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
+    p = sub.add_parser("diff", parents=[common], help="show what changed from PARENT to CHILD")
+    p.add_argument("parent", metavar="PARENT")
+    p.add_argument("child", metavar="CHILD")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--html", metavar="OUT.html", help="write a self-contained page drawing the changed region")
+    p.add_argument("--model-explorer", metavar="OUT.json", help="write the node mapping for Model Explorer")
+
     p = sub.add_parser("verify", parents=[common], help="check that CHILD computes PARENT's function")
     p.add_argument("parent", metavar="PARENT")
     p.add_argument("child", metavar="CHILD")
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["help"] += f" (default {_show_default(param.default)})"
             group.add_argument(param.cli_flag, **kwargs)
         p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+        p.add_argument("--html", metavar="OUT.html", help="also write the diff page of parent and child")
         _verification_options(p, "--verify-seed")
         p.set_defaults(pass_class=cls)
 
@@ -104,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")
     p.add_argument("--verify-each", action="store_true", help="verify after every step, naming the step that broke")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--html", metavar="OUT.html", help="also write the diff page of parent and child")
     _verification_options(p, "--verify-seed")
     return parser
 
@@ -198,11 +207,40 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from onnxmorph.diff import diff
+    from onnxmorph.diffhtml import write_outputs
+
+    for target in (args.html, args.model_explorer):
+        for model in (args.parent, args.child) if target else ():
+            _check_output(model, target)
+    result = diff(args.parent, args.child)
+    write_outputs(result, html=args.html, model_explorer=args.model_explorer)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not args.quiet:
+        print(result)
+    return EXIT_OK
+
+
+def _check_page(args: argparse.Namespace, out: Path) -> None:
+    """A morph's --html target must be writable and neither the parent nor the child."""
+    if getattr(args, "html", None):
+        _check_output(args.model, args.html)
+        if Path(args.html).resolve() in (out.resolve(), out.resolve().with_name(out.name + ".data")):
+            raise UsageError(f"--html {args.html}: is the child's own file; choose another path")
+
+
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
     log.info("saving %s", out)
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
     mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
+    if getattr(args, "html", None):
+        from onnxmorph.diffhtml import write_diff_page
+
+        log.info("writing the diff page %s", args.html)
+        write_diff_page(args.model, out, args.html)
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
@@ -220,6 +258,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     params = {p.name: getattr(args, f"param_{p.name}") for p in cls.params}
     step = cls(**{k: v for k, v in params.items() if v is not None})
     out = _check_output(args.model, args.output)
+    _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
     outcome = run_passes(args.model, [step], options)
     return _finish_morph(args, outcome, out)
@@ -230,6 +269,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     passes = read_recipe(args.recipe)
     out = _check_output(args.model, args.output)
+    _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
     outcome = run_passes(args.model, passes, options, verify_each=args.verify_each)
     return _finish_morph(args, outcome, out)
@@ -264,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_inspect(args)
         if args.command == "verify":
             return _cmd_verify(args)
+        if args.command == "diff":
+            return _cmd_diff(args)
         if args.command == "apply":
             return _cmd_apply(args)
         return _cmd_morph(args)
