@@ -13,8 +13,9 @@ from typing import Any, Union
 import onnx
 from onnx import numpy_helper
 
+from onnxmorph import folding, receipt
 from onnxmorph import io as mio
-from onnxmorph import receipt
+from onnxmorph.errors import one_line
 from onnxmorph.verify import read_model_file
 
 Source = Union[str, os.PathLike, onnx.ModelProto]
@@ -93,13 +94,13 @@ def model_view(source: Source) -> ModelView:
     kept = onnx.GraphProto()
     constants = set(weights)
     for node in graph.node:
-        if mio._foldable(node, constants, outputs):
+        if folding.foldable(node, constants, outputs):
             weights[node.output[0]] = shapes.get(node.output[0]) or _constant_dims(node, graph)
             constants.add(node.output[0])
         else:
             kept.node.append(node)
     unnamed = sum(1 for node in kept.node if not node.name)
-    mio._name_nodes(kept)
+    folding.name_nodes(kept)
     nodes: dict[str, NodeView] = {}
     for n in kept.node:
         name, k = n.name, 1
@@ -125,7 +126,7 @@ def _infer_shapes(header: onnx.ModelProto) -> tuple[dict[str, Dims | None], dict
     try:
         inferred = onnx.shape_inference.infer_shapes(header, check_type=False, strict_mode=False)
     except Exception as exc:  # shape inference raises many types; the diff still works without shapes
-        inferred, note = header, f"shape inference failed ({mio._one_line(exc)}); FLOPs are unknown"
+        inferred, note = header, f"shape inference failed ({one_line(exc)}); FLOPs are unknown"
     shapes: dict[str, Dims | None] = {}
     types: dict[str, int] = {}
     graph = inferred.graph

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxmorph import io as mio
+from onnxmorph import saving
 from onnxmorph.diff import Diff, ModelView, diff, model_explorer_mapping
 from onnxmorph.difflayout import NODE_H, NODE_W, Layout, layered_layout
 from onnxmorph.difftext import shape_text, step_text, summary_rows
@@ -59,14 +58,7 @@ def write_outputs(d: Diff, *, html: PathLike | None = None, model_explorer: Path
 
 def write_text(out: PathLike, text: str) -> Path:
     """Write `text` to `out` atomically (onnxmorph.io's temporary file and rename), readable as usual."""
-    out = Path(out)
-    with mio._atomic_target(out) as tmp:
-        mio._write_bytes(tmp, text.encode("utf-8"))
-        # mkstemp makes the file private (0600); a page is for sharing: the usual mode under the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-    return out
+    return saving.write_atomically(out, text.encode("utf-8"))
 
 
 def render(d: Diff) -> str:

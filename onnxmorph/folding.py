@@ -26,7 +26,7 @@ def is_normalized(model: onnx.ModelProto) -> bool:
     for node in model.graph.node:
         if not node.name:
             return False
-        if _foldable(node, constants, outputs):
+        if foldable(node, constants, outputs):
             return False
     return True
 
@@ -47,7 +47,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _foldable(node: onnx.NodeProto, constants: Container[str], outputs: set[str]) -> bool:
+def foldable(node: onnx.NodeProto, constants: Container[str], outputs: set[str]) -> bool:
     if len(node.output) != 1 or node.output[0] in outputs or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Constant":
@@ -80,7 +80,7 @@ def normalize_in_place(model: onnx.ModelProto) -> None:
     readers.update(outputs)
     budget = memory_limit()
     for node in graph.node:
-        if not _foldable(node, initializers, outputs):
+        if not foldable(node, initializers, outputs):
             kept.append(node)
             continue
         try:
@@ -119,7 +119,7 @@ def normalize_in_place(model: onnx.ModelProto) -> None:
         graph.input.extend(inputs)
         if model.ir_version < 4:
             list_initializers_as_inputs(model)
-    _name_nodes(graph)
+    name_nodes(graph)
 
 
 def _fold(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], budget: int,
@@ -255,7 +255,7 @@ def _cast_in_onnxruntime(node: onnx.NodeProto, source: onnx.TensorProto, opset: 
         raise _NotFoldable(one_line(exc)) from exc
 
 
-def _name_nodes(graph: onnx.GraphProto) -> None:
+def name_nodes(graph: onnx.GraphProto) -> None:
     taken = {node.name for node in graph.node if node.name}
     for node in graph.node:
         if node.name:

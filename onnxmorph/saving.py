@@ -63,6 +63,14 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     return path
 
 
+def write_atomically(path: PathLike, data: bytes) -> Path:
+    """Write `data` to `path` as `save` writes a model: a temporary file renamed into place, the mode kept."""
+    path = check_output_path(path)
+    with _atomic_target(path) as tmp:
+        _write_bytes(tmp, data)
+    return path
+
+
 def check_output_path(path: PathLike) -> Path:
     """The file an output will replace: refused unless it is a regular file or absent.
 
