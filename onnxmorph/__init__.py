@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Any
 
-__version__ = "0.1.0"
+from onnxmorph.version import __version__ as __version__
 
 
 def _import_passes() -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import onnxmorph.passes  # noqa: F401  (fills the registry)
-from onnxmorph import __version__, limits
 from onnxmorph import io as mio
+from onnxmorph import limits
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
 from onnxmorph.passinfra import REGISTRY, MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
 from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
+from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +18,20 @@ from onnxmorph.io import approx_size, is_normalized, list_initializers_as_inputs
 
 log = logging.getLogger("onnxmorph")
 
-# onnx-graphsurgeon logs through its own logger; keep it quiet unless something is wrong.
-gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@contextlib.contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon logs through its own global logger: quiet it only while onnxmorph calls it."""
+    logger = gs.logger.G_LOGGER
+    saved = logger.severity
+    logger.severity = max(saved, logger.ERROR)
+    try:
+        yield
+    finally:
+        logger.severity = saved
 
 
 # --------------------------------------------------------------------------- import / export
@@ -35,7 +46,8 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     if not is_normalized(model):
         model = normalize(model)
     try:
-        return gs.import_onnx(model)
+        with _quiet_graphsurgeon():
+            return gs.import_onnx(model)
     except Exception as exc:
         raise InvalidModelError(f"cannot read the graph: {exc}") from exc
 
@@ -66,7 +78,8 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` to a model that keeps `like`'s IR version, opsets, metadata and docs."""
     toposort(graph)
     try:
-        model = _export_copying_weights_once(graph)
+        with _quiet_graphsurgeon():
+            model = _export_copying_weights_once(graph)
     except Exception as exc:
         raise InvalidModelError(f"cannot export the graph: {exc}") from exc
     model.ir_version = like.ir_version
@@ -131,7 +144,6 @@ def _restore_io_order(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
 def toposort(graph: gs.Graph) -> None:
     """Sort `graph.nodes` topologically, iteratively, keeping the original order where free."""
     nodes = list(graph.nodes)
-    index = {id(n): k for k, n in enumerate(nodes)}
     producer: dict[str, int] = {}
     for k, node in enumerate(nodes):
         for out in node.outputs:
@@ -164,7 +176,6 @@ def toposort(graph: gs.Graph) -> None:
     if len(order) != len(nodes):
         stuck = [nodes[k].name for k in range(len(nodes)) if indegree[k] > 0][:3]
         raise InvalidModelError(f"the graph has a cycle through {', '.join(stuck)}")
-    del index
     graph.nodes = [nodes[k] for k in order]
 
 
@@ -195,11 +206,7 @@ class LayerInfo:
 
 def weight_index(node: gs.Node) -> int | None:
     """Input index of the weight of a layer node, or None for ops that have none."""
-    if node.op in ("Conv", "ConvTranspose", "Gemm"):
-        return 1
-    if node.op == "MatMul":
-        return 1
-    return None
+    return 1 if node.op in LAYER_OPS else None
 
 
 def layer_info(node: gs.Node) -> LayerInfo | None:
@@ -292,8 +299,6 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -338,8 +343,6 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
     return new
 
 
-def dtype_of(tensor: gs.Tensor) -> np.dtype:
-    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
 
 
 def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:

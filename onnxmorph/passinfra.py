@@ -6,7 +6,7 @@ import abc
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -157,12 +157,6 @@ def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kerne
     return count * (width or max(a, b)) * (a + b) * taps * itemsize
 
 
-@dataclass
-class Step:
-    """A pass with its parameters, as a recipe or receipt records it."""
-
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 # name -> pass class; filled by onnxmorph.passes.

@@ -13,12 +13,13 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from onnxmorph import __version__, limits, receipt
 from onnxmorph import io as mio
+from onnxmorph import limits, receipt
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.graph import forget_views
 from onnxmorph.passinfra import MorphPass, get_pass
 from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier, interface_problems
+from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
 
