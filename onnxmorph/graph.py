@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -14,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
-from onnxmorph.io import approx_size, is_normalized, list_initializers_as_inputs, normalize, skeleton
+from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize, skeleton
 
 log = logging.getLogger("onnxmorph")
 
@@ -52,26 +54,58 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         raise InvalidModelError(f"cannot read the graph: {exc}") from exc
 
 
-_VIEW_CACHE: list[tuple[onnx.ModelProto, int, gs.Graph]] = []
+class Analysis:
+    """A model with what passes read of it, each computed once and only when asked.
+
+    The read-only graph view, the inferred tensor shapes and facts memoised by the passes (a
+    channel coupling, a solved factorisation) live here, not in module-level caches: whoever
+    analyses a model (`run_passes` per step, `inspect` per model) makes one and drops it with
+    the model. `counts` says how often each memoised fact was computed.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._view: gs.Graph | None = None
+        self._shapes: dict[str, tuple[int | None, ...] | None] | None = None
+        self._memo: dict[Any, Any] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def view(self) -> gs.Graph:
+        """A graph of the model for analysis only: never edit it (use `import_graph` for that)."""
+        if self._view is None:
+            self._view = import_graph(self.model)
+        return self._view
+
+    @property
+    def shapes(self) -> dict[str, tuple[int | None, ...] | None]:
+        if self._shapes is None:
+            self._shapes = infer_shapes(self.model)
+        return self._shapes
+
+    def memo(self, kind: str, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` the first time (`kind`, `key`) is asked for, the same value afterwards."""
+        if (kind, key) not in self._memo:
+            self.counts[kind] += 1
+            self._memo[(kind, key)] = compute()
+        return self._memo[(kind, key)]
 
 
-def read_view(model: onnx.ModelProto) -> gs.Graph:
-    """A graph of `model` for analysis only (cached: do not edit it)."""
-    # The size detects an edit of the model; ByteSize() would serialise it (seconds for 500 MB).
-    size = approx_size(model)
-    for cached, cached_size, graph in _VIEW_CACHE:
-        if cached is model and cached_size == size:
-            return graph
-    graph = import_graph(model)
-    _VIEW_CACHE.insert(0, (model, size, graph))
-    del _VIEW_CACHE[2:]
-    return graph
+ModelOrAnalysis = Union[onnx.ModelProto, Analysis]
 
 
-def forget_views() -> None:
-    """Drop the cached views and shapes, and with them the models they keep alive."""
-    _VIEW_CACHE.clear()
-    _SHAPE_CACHE.clear()
+def analysis(model: ModelOrAnalysis) -> Analysis:
+    """`model` itself when it is an Analysis, else a fresh one of it."""
+    return model if isinstance(model, Analysis) else Analysis(model)
+
+
+def model_of(model: ModelOrAnalysis) -> onnx.ModelProto:
+    return model.model if isinstance(model, Analysis) else model
+
+
+def read_view(model: ModelOrAnalysis) -> gs.Graph:
+    """A graph of `model` for analysis only: the Analysis's own, or a fresh import of a ModelProto."""
+    return model.view if isinstance(model, Analysis) else import_graph(model)
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -345,11 +379,11 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
 
 
 
-def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
+def opset(model_or_graph: ModelOrAnalysis | gs.Graph) -> int:
     """The default-domain opset version of a model or graph."""
     if isinstance(model_or_graph, gs.Graph):
         return int(model_or_graph.opset)
-    for entry in model_or_graph.opset_import:
+    for entry in model_of(model_or_graph).opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return 1
@@ -357,19 +391,17 @@ def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
 
 # --------------------------------------------------------------------------- shapes
 
-_SHAPE_CACHE: list[tuple[onnx.ModelProto, int, dict[str, tuple[int | None, ...] | None]]] = []
+def tensor_shapes(model: ModelOrAnalysis) -> dict[str, tuple[int | None, ...] | None]:
+    """The Analysis's inferred shapes, or those of a ModelProto inferred now (see `infer_shapes`)."""
+    return model.shapes if isinstance(model, Analysis) else infer_shapes(model)
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Shapes of the model's tensors by onnx shape inference (cached; None dims are unknown).
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes of the model's tensors by onnx shape inference (None dims are unknown).
 
     A dynamic batch dimension (axis 0 of an input) is taken as 1 so that shape ops after it
     still infer; the spatial and channel dims that morphs need are not affected by it.
     """
-    size = approx_size(model)
-    for cached, cached_size, shapes in _SHAPE_CACHE:
-        if cached is model and cached_size == size:
-            return shapes
     # Inference needs the weights' dims, not their data (a copy of which costs the model's size).
     probe = skeleton(model)
     del probe.graph.value_info[:]
@@ -391,8 +423,6 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | 
         shapes[info.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
     for tensor in inferred.graph.initializer:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
-    _SHAPE_CACHE.insert(0, (model, size, shapes))
-    del _SHAPE_CACHE[2:]
     return shapes
 
 

@@ -29,17 +29,16 @@ def _value_info(info: onnx.ValueInfoProto) -> dict[str, Any]:
 def inspect(model: onnx.ModelProto) -> dict[str, Any]:
     """Describe `model`: interface, opsets, morphable layers with per-morph applicability, history."""
     model = mio.normalize(model)
-    view = mgraph.read_view(model)
+    analysis = mgraph.Analysis(model)  # one view, one shape inference, shared by every probe
     layers = []
-    for info in mgraph.layers(view):
+    for info in mgraph.layers(analysis.view):
         morphs: dict[str, Any] = {}
         for name, cls in sorted(REGISTRY.items()):
             try:
-                probe = cls.probe(model, info)
+                probe = cls.probe(analysis, info)
                 if probe is None:
                     continue
-                probe.requires(model)
-                morphs[name] = {"applies": True, **probe.describe(model)}
+                morphs[name] = {"applies": True, **probe.describe(probe.requires(analysis))}
             except NotApplicable as exc:
                 morphs[name] = {"applies": False, "reason": str(exc)}
             except OnnxMorphError as exc:

@@ -11,10 +11,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from onnxmorph.errors import UsageError
-from onnxmorph.graph import LayerInfo
+from onnxmorph.errors import OnnxMorphError, UsageError
+from onnxmorph.graph import LayerInfo, ModelOrAnalysis, find_node, model_of, opset, read_view, weight_index
 from onnxmorph.limits import quote
+from onnxmorph.verify import interface_problems
 
 REQUIRED = object()
 
@@ -51,9 +53,12 @@ class PassResult:
 class MorphPass(abc.ABC):
     """Base class of a morph: parameters in __init__, checks in requires(), work in call().
 
-    Subclasses declare `name`, `summary` and `params`; `requires(model)` raises NotApplicable
-    with a one-line reason naming the node or tensor in the way; `call(model)` never mutates
-    `model` and returns a PassResult with a new model.
+    The contract (after onnx-ir's pass infrastructure and onnxscript's rewrite rules):
+    `requires(model)` does every check and returns the plan, or raises NotApplicable with a
+    one-line reason naming the node or tensor in the way; `call(model, plan)` only applies the
+    plan: it never mutates `model` and returns a PassResult with a new model; `ensures` checks
+    the post-conditions. `model` may be an `Analysis` (graph.Analysis), which shares the graph
+    view, shapes and memoised facts among the passes that look at one model.
     """
 
     name: ClassVar[str] = ""
@@ -92,12 +97,36 @@ class MorphPass(abc.ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
 
-    def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027  (optional hook)
-        """Raise NotApplicable unless this pass can morph `model` exactly."""
+    @abc.abstractmethod
+    def requires(self, model: ModelOrAnalysis) -> Any:
+        """The plan of this morph on `model`; NotApplicable unless it can morph `model` exactly."""
 
     @abc.abstractmethod
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        """Morph a copy of `model`; `requires(model)` has passed."""
+    def call(self, model: ModelOrAnalysis, plan: Any) -> PassResult:
+        """Apply `plan` (from `requires(model)`) to a copy of `model`."""
+
+    def ensures(self, model: ModelOrAnalysis, result: PassResult) -> None:
+        """The post-conditions of every pass; a failure is a bug in onnxmorph, not bad input."""
+        parent = model_of(model)
+        if result.model is parent:
+            raise OnnxMorphError(f"{self!r} returned its input instead of a copy (a bug in onnxmorph)")
+        problems = interface_problems(parent, result.model)
+        if problems:
+            raise OnnxMorphError(f"{self!r} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
+        version = opset(parent)
+        for node in result.model.graph.node:
+            if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, version, ""):
+                raise OnnxMorphError(f"{self!r} made a {node.op_type} node, which opset {version} does not "
+                                     "have (a bug in onnxmorph)")
+        if result.modified != differs(parent, result.model):
+            raise OnnxMorphError(f"{self!r} said modified={result.modified} wrongly (a bug in onnxmorph)")
+
+    def apply(self, model: ModelOrAnalysis) -> PassResult:
+        """requires, call, ensures: the whole pass on `model`."""
+        plan = self.requires(model)
+        result = self.call(model, plan)
+        self.ensures(model, result)
+        return result
 
     def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
         """(bytes, layers) this pass will add, sized from its parameters before anything is allocated.
@@ -108,9 +137,8 @@ class MorphPass(abc.ABC):
         """
         return 0, 0
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        self.requires(model)
-        return self.call(model)
+    def __call__(self, model: ModelOrAnalysis) -> PassResult:
+        return self.apply(model)
 
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
@@ -120,17 +148,22 @@ class MorphPass(abc.ABC):
         """
         return None
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        """Extra facts `inspect` shows when this pass applies (e.g. the coupled layers)."""
+    def describe(self, plan: Any) -> dict[str, Any]:
+        """Extra facts `inspect` shows when this pass applies, from its plan (e.g. the coupled layers)."""
         return {}
+
+
+def differs(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
+    """Whether `after` computes with other nodes or weights than `before` (`modified`, computed)."""
+    if len(before.graph.node) != len(after.graph.node) or len(before.graph.initializer) != len(after.graph.initializer):
+        return True
+    if any(a != b for a, b in zip(before.graph.node, after.graph.node)):
+        return True
+    return any(a is not b and a != b for a, b in zip(before.graph.initializer, after.graph.initializer))
 
 
 def layer_weight(model: onnx.ModelProto, layer: str) -> tuple[tuple[int, ...], int] | None:
     """(shape, itemsize) of the weight of `layer`, or None when it is not a layer with a constant weight."""
-    import onnx_graphsurgeon as gs
-
-    from onnxmorph.graph import find_node, read_view, weight_index
-
     try:
         node = find_node(read_view(model), layer)
     except Exception:

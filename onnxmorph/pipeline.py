@@ -15,10 +15,10 @@ import onnx
 
 from onnxmorph import io as mio
 from onnxmorph import limits, receipt
-from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
-from onnxmorph.graph import forget_views
+from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
+from onnxmorph.graph import Analysis
 from onnxmorph.passinfra import MorphPass, get_pass
-from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier, interface_problems
+from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier
 from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
@@ -92,22 +92,18 @@ def run_passes(
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
         log.info("morphing: %s", label)
+        analysis = Analysis(child)  # one per model state: what requires() reads, call() reuses
         try:
-            new_bytes, new_layers = step.new_weights(child)
+            new_bytes, new_layers = step.new_weights(analysis)
             limits.NEW_BYTES.check(new_bytes, label)
             limits.NEW_LAYERS.check(new_layers, label)
-            step.requires(child)
-            result = step.call(child)
+            result = step.apply(analysis)
         except (NotApplicable, UsageError) as exc:
             if len(passes) == 1:
                 raise
             # A recipe names the step that does not apply (its layer may come from an earlier step).
             raise type(exc)(f"step {k} ({step.name}): {exc}") from exc
-        if result.model is child and result.modified:
-            raise OnnxMorphError(f"{label}: the pass modified its input in place (a bug in onnxmorph)")
-        problems = interface_problems(parent_model, result.model)
-        if problems:
-            raise OnnxMorphError(f"{label} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
+        del analysis
         child = result.model
         if verify_each and verifier is not None and k < len(passes):
             report = verifier.check(child)
@@ -126,10 +122,9 @@ def run_passes(
     else:
         # The pass wrote well-formed weights; checking the structure avoids serialising the child.
         mio.check_structure(child, name="child")
-    # The read views hold the parent alive, and so do the passes' graphs until the cycle collector
-    # runs (gs nodes and tensors refer to each other): free it now, a caller saving the child needs
-    # that memory (the parent's size: 550 MB for VGG16).
-    forget_views()
+    # The passes' graphs hold the parent alive until the cycle collector runs (gs nodes and tensors
+    # refer to each other): free it now, a caller saving the child needs that memory (the parent's
+    # size: 550 MB for VGG16).
     gc.collect()
     external = mio.had_external_data(parent_model)
     mio.strip_transient_metadata(child)

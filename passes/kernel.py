@@ -87,7 +87,7 @@ class KernelPass(MorphPass):
             return None
         return cls(layer=layer.name, size=[k + 2 for k in layer.weight_shape[2:]])
 
-    def _plan(self, model: onnx.ModelProto) -> tuple[ConvGeometry, tuple[int, ...], bool]:
+    def _plan(self, model: mgraph.Analysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer, ("Conv",))
         mgraph.exclusive_constant(node, 1)
@@ -128,15 +128,16 @@ class KernelPass(MorphPass):
                 )
         return geometry, size, shrinking
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        geometry, size, _ = self._plan(model)
+    def describe(self, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> dict[str, Any]:
+        geometry, size, _ = plan
         return {"kernel": "x".join(map(str, geometry.kernel)) + " (grows to any larger size)"}
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        geometry, size, shrinking = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> PassResult:
+        model = mgraph.model_of(model)
+        geometry, size, shrinking = plan
         graph = mgraph.import_graph(model)
         node = mgraph.find_layer(graph, self.layer, ("Conv",))
         w = mgraph.values(node.inputs[1])

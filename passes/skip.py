@@ -116,7 +116,7 @@ class SkipPass(MorphPass):
               default="add", choices=MODES),
     )
 
-    def _plan(self, model: onnx.ModelProto) -> SkipPlan:
+    def _plan(self, model: mgraph.Analysis) -> SkipPlan:
         view = mgraph.read_view(model)
         a = _tensor(view, self.source, "--from")
         b = _tensor(view, self.target, "--to")
@@ -162,7 +162,7 @@ class SkipPass(MorphPass):
         known = [np.dtype(t.dtype) for t in (a, b) if t.dtype is not None]
         if not known:
             known = [np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-                     for i in model.graph.input if i.type.tensor_type.elem_type]
+                     for i in mgraph.model_of(model).graph.input if i.type.tensor_type.elem_type]
         if not known or known[0].kind != "f" or any(k != known[0] for k in known):
             raise NotApplicable(f"{where}: needs float tensors of one type, found {[str(k) for k in known]}")
         return known[0]
@@ -210,15 +210,14 @@ class SkipPass(MorphPass):
                 raise NotApplicable(f"{where}: consumer '{node.name}' has a shared or computed weight")
         return coupling
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> SkipPlan:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: SkipPlan) -> dict[str, Any]:
         return {"mode": self.mode, "strides": "x".join(map(str, plan.strides)) or "none"}
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: SkipPlan) -> PassResult:
+        model = mgraph.model_of(model)
         graph = mgraph.import_graph(model)
         tensors = graph.tensors()
         a, b = tensors[plan.source], tensors[plan.target]

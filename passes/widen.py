@@ -94,7 +94,7 @@ class WidenPass(MorphPass):
         shape, itemsize = found
         return 2 * self.width * math.prod(shape) // max(1, min(shape[:2])) * itemsize, 0
 
-    def _plan(self, model: onnx.ModelProto) -> _Plan:
+    def _plan(self, model: mgraph.Analysis) -> _Plan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
         shapes = mgraph.tensor_shapes(model)
@@ -183,11 +183,10 @@ class WidenPass(MorphPass):
                         )
                 start += count
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> _Plan:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: _Plan) -> dict[str, Any]:
         c = plan.coupling
         others = [p.node for p in c.producers if p.node != self.layer]
         return {
@@ -199,8 +198,8 @@ class WidenPass(MorphPass):
 
     # ------------------------------------------------------------------ rewrite
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: _Plan) -> PassResult:
+        model = mgraph.model_of(model)
         c = plan.coupling
         graph = mgraph.import_graph(model)
         nodes = {n.name: n for n in graph.nodes}

@@ -42,6 +42,11 @@ def _reference(stem: str) -> onnx.ModelProto:
     return onnxmorph.load(MODELS / f"{stem}.onnx", normalize_model=True)
 
 
+def described(step: onnxmorph.MorphPass, model: onnx.ModelProto) -> dict:
+    """What inspect shows for `step` on `model`: its plan, described."""
+    return step.describe(step.requires(model))
+
+
 def reference_model(stem: str) -> onnx.ModelProto:
     """A shipped reference model, loaded and normalised (shared: do not mutate)."""
     return _reference(stem)
