@@ -502,23 +502,13 @@ class Verifier:
         return report
 
 
-def verify(
-    parent: ModelLike,
-    child: ModelLike,
-    *,
-    atol: float | None = None,
-    rtol: float | None = None,
-    trials: int = DEFAULT_TRIALS,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-) -> Report:
+def verify(parent: ModelLike, child: ModelLike, **options: Any) -> Report:
     """Run `parent` and `child` in onnxruntime on the same inputs and compare their outputs.
 
-    Models are ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for
-    safety from its header, its weights never read into Python, and handed to onnxruntime as it
-    is. Returns a Report, truthy when every output of the child equals the parent's within
+    `options` are those of `Verifier` (atol, rtol, trials, seed, shapes, inputs). Models are
+    ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for safety
+    from its header, its weights never read into Python, and handed to onnxruntime as it is.
+    Returns a Report, truthy when every output of the child equals the parent's within
     tolerance and the child keeps the parent's interface.
     """
-    verifier = Verifier(parent, atol=atol, rtol=rtol, trials=trials, seed=seed, shapes=shapes, inputs=inputs)
-    return verifier.check(child)
+    return Verifier(parent, **options).check(child)

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnxmorph.passes.deepen import DeepenPass
 
-from onnxmorph import build
+from onnxmorph import build, splitting
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
@@ -29,14 +29,6 @@ from onnxmorph.passinfra import (
     positive_int,
     register,
 )
-from onnxmorph.splitting import (
-    BRANCH_FRACTION,
-    centred_offsets,
-    chain_filters,
-    split_parallel,
-    split_residual,
-    split_residual_centred,
-)
 
 log = logging.getLogger("onnxmorph")
 
@@ -46,7 +38,7 @@ SUBNET_OPS = ("Conv", "Gemm", "MatMul")
 
 def inner_geometry(parent: ConvGeometry, inner: Sequence[int]) -> ConvGeometry:
     """Geometry of a conv with the smaller, centred kernel `inner` that reads what `parent`'s taps read."""
-    off = centred_offsets(parent.kernel, inner)
+    off = splitting.centred_offsets(parent.kernel, inner)
     d = parent.dilations
     begin = tuple(p - di * o for p, di, o in zip(parent.pads_begin, d, off))
     end = tuple(p - di * (k - s - o) for p, di, k, s, o in zip(parent.pads_end, d, parent.kernel, inner, off))
@@ -359,7 +351,7 @@ class SubnetPass(MorphPass):
                plan: SubnetPlan, g: np.ndarray, geometry: ConvGeometry | None, depth: int,
                bias: np.ndarray | gs.Tensor | None, rng: np.random.Generator, parent_bias: bool = False) -> gs.Variable:
         """Layers computing filter `g` (with `geometry`) on `x` in `depth` layers; the last writes `y`."""
-        filters = chain_filters(g, depth, plan.k2, plan.width, rng, plan.groups)
+        filters = splitting.chain_filters(g, depth, plan.k2, plan.width, rng, plan.groups)
         geometries = chain_geometries(geometry, depth, plan.k2) if geometry is not None else [None] * depth
         tag = plan.op.lower()
         h = x
@@ -376,8 +368,8 @@ class SubnetPass(MorphPass):
 
     def _parallel(self, graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, y: gs.Variable,
                   plan: SubnetPlan, bias: gs.Tensor | None, rng: np.random.Generator) -> None:
-        # split_parallel works on the [Co, Ci/groups] filter as is: every branch keeps L's groups.
-        parts = split_parallel(plan.g, plan.kernels, rng)
+        # splitting.split_parallel works on the [Co, Ci/groups] filter as is: every branch keeps L's groups.
+        parts = splitting.split_parallel(plan.g, plan.kernels, rng)
         outputs = []
         for b, (part, kernel) in enumerate(zip(parts, plan.kernels), 1):
             branch_x, geometry = x, None
@@ -397,15 +389,14 @@ class SubnetPass(MorphPass):
         branch_x = x
         main_geometry = g1 = g2 = None
         if plan.geometry is None:
-            main, f1, f2 = split_residual(plan.g, (), plan.width, rng, branch_fraction=BRANCH_FRACTION)
+            main, f1, f2 = splitting.split_residual(plan.g, (), plan.width, rng)
         elif any(k != 1 for k in kb):
-            main, f1, f2 = split_residual(plan.g, kb, plan.width, rng, groups=groups,
-                                                  branch_fraction=BRANCH_FRACTION)
+            main, f1, f2 = splitting.split_residual(plan.g, kb, plan.width, rng, groups=groups)
             g1, g2 = build.pair_geometries(plan.geometry, kb)
             main_geometry = ConvGeometry(main.shape[2:], g1.pads_begin, g1.pads_end, plan.geometry.strides,
                                          plan.geometry.dilations, groups)
         else:
-            main, f1, f2 = split_residual_centred(plan.g, k1, plan.width, rng, groups=groups)
+            main, f1, f2 = splitting.split_residual_centred(plan.g, k1, plan.width, rng, groups=groups)
             main_geometry = plan.geometry
             branch_x, g1 = crop_input(graph, namer, f"{scope}/branch", x, inner_geometry(plan.geometry, k1),
                                       plan.opset)
