@@ -269,6 +269,32 @@ def load(path: PathLike, *, normalize_model: bool = True) -> onnx.ModelProto:
     return model
 
 
+def load_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
+    """`load` for a model held in memory (no external data): checked, normalised, its digest that of `data`.
+
+    A search passes candidates between processes as bytes; the digest in a child's receipt must
+    then be the SHA-256 of the very bytes written to the candidate's file.
+    """
+    try:
+        model = onnx.load_model_from_string(data)
+        header, skipped = read_framing(memoryview(data))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError and friends
+        raise InvalidModelError(f"{name}: not an ONNX model ({_one_line(exc)})") from exc
+    if any(True for _ in _external_tensors(header)):
+        raise InvalidModelError(f"{name}: refers to external data; a model passed as bytes must hold its weights")
+    check_header(header, skipped, Path(name))
+    check_structure(model, name=name)
+    _set_metadata(model, _SOURCE_DIGEST_KEY, hashlib.sha256(data).hexdigest())
+    _normalize_in_place(model)
+    return model
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` durably and atomically: a temporary file beside it, fsynced, then renamed."""
+    with _atomic_target(Path(path)) as tmp:
+        _write_bytes(tmp, data)
+
+
 def check_file(path: PathLike) -> None:
     """Run onnx.checker on the model at `path` (external data stays on disk)."""
     try:

@@ -1,0 +1,344 @@
+"""Morph-based architecture search (NASH-style hill climbing): morphed children of the best models, trained briefly.
+
+    import onnxmorph.search
+    result = onnxmorph.search.search("parent.onnx", "digits", "out/", rounds=3, children=4, steps=200)
+    result.best["id"], result.best["val_score"]
+
+Each round takes the `keep` best models so far; `children` children are made from them by random
+applicable morphs (see onnxmorph.search_space), verified against its parent before training, then
+trained for `steps`; NASH's control, the best model trained on without a morph, is a candidate too.
+Every candidate is written to OUTDIR/candidates/ (the verified untrained child as ID.morphed.onnx,
+the trained one as ID.onnx, its receipt chaining back to the root), and the state file is
+replaced atomically after each one, so that rerunning the same search continues where it stopped
+and ends with the same files as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxmorph import __version__
+from onnxmorph import io as mio
+from onnxmorph import search_report as report
+from onnxmorph.errors import UsageError
+from onnxmorph.passinfra import positive_int
+from onnxmorph.search_data import Dataset, fit_to_model, load_dataset
+from onnxmorph.search_space import MorphChoice, as_choices
+from onnxmorph.search_workers import CandidateTask, Training, executor
+
+log = logging.getLogger("onnxmorph")
+
+STATE_FILE = "search-state.json"
+STATE_FORMAT = "onnxmorph-search/1"
+CANDIDATES = "candidates"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides a search's results (the number of rounds may grow on a rerun; workers change nothing)."""
+
+    children: int = 4
+    keep: int = 1
+    steps: int = 200
+    lr: float = 3e-3
+    batch_size: int = 64
+    morphs_per_child: int = 1
+    parent_steps: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("children", "keep", "steps", "batch_size", "morphs_per_child"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.parent_steps < 0 or self.seed < 0:
+            raise UsageError("--parent-steps and --seed must not be negative")
+        if not 0 < self.lr < 10:
+            raise UsageError(f"--lr must be a positive learning rate, not {self.lr}")
+
+
+@dataclass
+class SearchResult:
+    """Where the search wrote its files, its best model and its leaderboard (best first)."""
+
+    outdir: Path
+    best: dict[str, Any]
+    root: dict[str, Any]
+    leaderboard: list[dict[str, Any]]
+
+    @property
+    def best_path(self) -> Path:
+        return self.outdir / self.best["file"]
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir: str | os.PathLike, *,
+           rounds: int = 3, children: int = 4, keep: int = 1, steps: int = 200, lr: float = 3e-3,
+           batch_size: int = 64, morphs: Sequence[MorphChoice | str | dict[str, Any]] | None = None,
+           morphs_per_child: int = 1, parent_steps: int = 0, workers: int | None = None, ray: bool = False,
+           ray_address: str | None = None, seed: int = 0, progress: Progress | None = None) -> SearchResult:
+    """Run (or continue) a search from the model file `parent` on `data` ("digits" or an .npz), writing to `outdir`.
+
+    Raises UsageError (nothing written) on bad input, or when `outdir` holds another search or
+    other files. Interrupted, it leaves OUTDIR consistent; the same call continues it.
+    """
+    settings = Settings(children, keep, steps, lr, batch_size, morphs_per_child, parent_steps, seed)
+    settings.check()
+    if rounds < 0:
+        raise UsageError(f"--rounds must not be negative, not {rounds}")
+    workers = _default_workers() if workers is None else workers
+    if workers < 0:
+        raise UsageError(f"--workers must not be negative, not {workers}")
+    space = tuple(as_choices(morphs))
+    root_model, root_bytes, root_sha = _read_parent(Path(parent))
+    _check_trainable(root_model)
+    dataset = fit_to_model(load_dataset(data), root_model)
+    identity = {"format": STATE_FORMAT, "parent": {"file": str(parent), "sha256": root_sha},
+                "data": dataset.describe(), "morphs": [str(c) for c in space], **asdict(settings)}
+    state = _open_state(Path(outdir), identity)
+    run = _Run(Path(outdir), state, settings, space, progress)
+    pool = executor(dataset, workers, ray, ray_address)
+    try:
+        run.root(pool, root_bytes)
+        for r in range(1, rounds + 1):
+            run.round(pool, r, rounds)
+    finally:
+        pool.close()
+    return run.finish()
+
+
+def _default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _read_parent(path: Path) -> tuple[onnx.ModelProto, bytes, str]:
+    """The root model, the bytes its file will hold in OUTDIR, and the given file's SHA-256."""
+    model = mio.load(path)
+    sha = mio.digest(model)
+    if mio.had_external_data(model):
+        data = model.SerializeToString()  # the search's copy holds its weights inline
+        model = mio.load_bytes(data, name=str(path))
+    else:
+        data = path.read_bytes()
+    return model, data, sha
+
+
+def _check_trainable(model: onnx.ModelProto) -> None:
+    try:
+        from onnxmorph import train as ot
+    except ImportError as exc:
+        raise UsageError(f"search trains with PyTorch ({exc.name} is missing): "
+                         "pip install 'onnxmorph[train]'") from None
+    ot.OnnxModule(model)  # refuses ops it cannot train, naming them
+
+
+def _open_state(outdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The state of the search in `outdir`: a new one, or the one there when it is this search."""
+    path = outdir / STATE_FILE
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{path}: cannot read the search state ({exc})") from None
+        _check_same_search(state.get("settings", {}), identity, outdir)
+        return state
+    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+        raise UsageError(f"{outdir}: exists and holds no search; give a new or empty folder")
+    parent = outdir.parent if str(outdir.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{outdir}: folder '{parent}' does not exist")
+    try:
+        (outdir / CANDIDATES).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{outdir}: cannot create it ({exc.strerror})") from None
+    return {"settings": identity, "tool": f"onnxmorph {__version__}", "rounds_done": 0, "candidates": []}
+
+
+def _check_same_search(saved: dict[str, Any], identity: dict[str, Any], outdir: Path) -> None:
+    for key, value in identity.items():
+        if key == "parent":
+            value, old = value["sha256"], saved.get("parent", {}).get("sha256")
+        else:
+            old = saved.get(key)
+        if old != value:
+            raise UsageError(f"{outdir} holds a search with other settings ({key}: {_brief(old)} there, "
+                             f"{_brief(value)} now); rerun it with the same ones, or use another folder")
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _task_seed(seed: int, round_: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, index]).generate_state(1)[0])
+
+
+class _Run:
+    """The loop's bookkeeping: which candidates exist, writing each as it arrives, the kept set."""
+
+    def __init__(self, outdir: Path, state: dict[str, Any], settings: Settings, space: tuple[MorphChoice, ...],
+                 progress: Progress | None) -> None:
+        self.outdir, self.state, self.settings, self.space = outdir, state, settings, space
+        self.progress = progress
+        self.by_id = {c["id"]: c for c in state["candidates"]}
+
+    def _training(self, steps: int) -> Training:
+        return Training(steps, self.settings.lr, self.settings.batch_size)
+
+    def root(self, pool: Any, root_bytes: bytes) -> None:
+        if "root" in self.by_id:
+            return
+        log.info("scoring the parent%s", f" after {self.settings.parent_steps} steps" if self.settings.parent_steps
+                 else "")
+        task = CandidateTask("root", _task_seed(self.settings.seed, 0, 0), 0, (),
+                             self._training(self.settings.parent_steps))
+        for result in pool.run([(task, root_bytes)]):
+            self._record(result, 0, None, (1, 1))
+
+    def round(self, pool: Any, r: int, rounds: int) -> None:
+        kept = report.ranked(self.state["candidates"], before_round=r)[: self.settings.keep]
+        if not kept:
+            raise UsageError("no trained model to morph: the parent itself could not be scored")
+        planned = [(f"r{r:02d}c00", kept[0], 0)]  # NASH's control: the best model trained on, unmorphed
+        planned += [(f"r{r:02d}c{c:02d}", kept[(c - 1) % len(kept)], self.settings.morphs_per_child)
+                    for c in range(1, self.settings.children + 1)]
+        todo = [(cid, parent, n) for cid, parent, n in planned if cid not in self.by_id]
+        parents = {cid: parent["id"] for cid, parent, _ in planned}
+        jobs = []
+        for cid, parent, n in todo:
+            index = int(cid[-2:])
+            task = CandidateTask(cid, _task_seed(self.settings.seed, r, index), n, self.space,
+                                 self._training(self.settings.steps))
+            jobs.append((task, (self.outdir / parent["file"]).read_bytes()))
+        done = len(planned) - len(todo)
+        if todo:
+            log.info("round %d/%d: %d candidates from %s", r, rounds, len(planned),
+                     ", ".join(dict.fromkeys(p["id"] for _, p, _ in planned)))
+        for result in pool.run(jobs):
+            done += 1
+            self._record(result, r, parents[result["id"]], (done, len(planned)), rounds)
+        self.state["rounds_done"] = max(self.state["rounds_done"], r)
+        self._save()
+        report.write(self.outdir, self.state)
+
+    def _record(self, result: dict[str, Any], r: int, parent: str | None, count: tuple[int, int],
+                rounds: int = 0) -> None:
+        cid = result["id"]
+        entry = {k: v for k, v in result.items() if k not in ("untrained", "trained")}
+        entry.update(round=r, parent=parent)
+        if result["status"] == "ok":
+            folder = self.outdir / CANDIDATES
+            if result.get("untrained") is not None:
+                mio.write_bytes_atomic(folder / f"{cid}.morphed.onnx", result["untrained"])
+                entry["morphed_file"] = f"{CANDIDATES}/{cid}.morphed.onnx"
+            mio.write_bytes_atomic(folder / f"{cid}.onnx", result["trained"])
+            entry["file"] = f"{CANDIDATES}/{cid}.onnx"
+        self.state["candidates"] = [c for c in self.state["candidates"] if c["id"] != cid] + [entry]
+        self.by_id[cid] = entry
+        self._save()
+        self._announce(entry, r, rounds, count)
+
+    def _announce(self, entry: dict[str, Any], r: int, rounds: int, count: tuple[int, int]) -> None:
+        best = report.ranked(self.state["candidates"])
+        best_entry = best[0] if best else None
+        what = (f"val {entry['val_score']:.4f}, {entry['parameters']} params" if entry["status"] == "ok"
+                else f"{entry['status']}: {entry.get('reason', '')}")
+        where = f"round {r}/{rounds}" if r else "parent"
+        label = "" if entry["id"] == "root" else f" {report.change(entry)}"
+        log.info("%s: %d/%d done; %s%s (%s); best so far %s", where, count[0], count[1], entry["id"], label, what,
+                 f"{best_entry['id']} val {best_entry['val_score']:.4f}" if best_entry else "none")
+        if self.progress is not None:
+            self.progress({"round": r, "rounds": rounds, "done": count[0], "total": count[1], "candidate": entry,
+                           "best": best_entry})
+
+    def _save(self) -> None:
+        text = json.dumps(self.state, indent=1, sort_keys=True) + "\n"
+        mio.write_bytes_atomic(self.outdir / STATE_FILE, text.encode())
+
+    def finish(self) -> SearchResult:
+        document = report.write(self.outdir, self.state)
+        best = self.by_id[document["best"]]
+        report.plot(self.state, self.outdir / "leaderboard.png")
+        shutil.copyfile(self.outdir / best["file"], self.outdir / ".best.onnx.tmp")
+        os.replace(self.outdir / ".best.onnx.tmp", self.outdir / "best.onnx")
+        return SearchResult(self.outdir, best, self.by_id["root"], document["leaderboard"])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `search` subcommand's arguments (onnxmorph.cli adds the common ones)."""
+    p.add_argument("model", metavar="PARENT", help="the root model (ONNX file)")
+    p.add_argument("--data", required=True, metavar="NAME|X.npz",
+                   help="digits, or an .npz with x_train, y_train, x_val, y_val (and x_test, y_test)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for candidates, state, leaderboard")
+    group = p.add_argument_group("search")
+    group.add_argument("--rounds", type=int, default=3, help="rounds of hill climbing (default 3)")
+    group.add_argument("--children", type=int, default=4, help="morphed children per round (default 4)")
+    group.add_argument("--keep", type=int, default=1, help="best models the children are made from (default 1)")
+    group.add_argument("--steps", type=int, default=200, help="training steps per candidate (default 200)")
+    group.add_argument("--parent-steps", type=int, default=0, help="train the parent first (default 0)")
+    group.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 0.003)")
+    group.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
+    group.add_argument("--morphs", nargs="+", metavar="NAME[:key=a|b,...]",
+                       help="morphs to draw from, e.g. deepen widen:factor=1.5|2,method=netmorph|lemon "
+                            "(default: " + " ".join(t for t in _default_space_text()) + ")")
+    group.add_argument("--morphs-per-child", type=int, default=1, help="morphs applied per child (default 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the whole search (default 0)")
+    where = p.add_argument_group("where candidates run").add_mutually_exclusive_group()
+    where.add_argument("--ray", action="store_true", help="on a local Ray started for this search")
+    where.add_argument("--ray-address", metavar="ADDR", help="on an existing Ray cluster (e.g. ray://head:10001)")
+    p.add_argument("--workers", type=positive_or_zero, default=None,
+                   help="worker processes (default: one per CPU; 0 runs in this process)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _default_space_text() -> tuple[str, ...]:
+    from onnxmorph.search_space import DEFAULT_SPACE_TEXT
+
+    return DEFAULT_SPACE_TEXT
+
+
+def positive_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`python -m onnxmorph search ...`; returns the exit code."""
+    try:
+        result = search(args.model, args.data, args.output, rounds=args.rounds, children=args.children,
+                        keep=args.keep, steps=args.steps, lr=args.lr, batch_size=args.batch_size, morphs=args.morphs,
+                        morphs_per_child=args.morphs_per_child, parent_steps=args.parent_steps,
+                        workers=args.workers, ray=args.ray, ray_address=args.ray_address, seed=args.seed)
+    except KeyboardInterrupt:
+        import sys
+
+        sys.stderr.write(f"onnxmorph: interrupted; every finished candidate is kept in {args.output}: "
+                         "rerun the same command to continue\n")
+        return 130
+    document = json.loads((result.outdir / "leaderboard.json").read_text())
+    if args.json:
+        print(json.dumps({"outdir": str(result.outdir), "best": document["leaderboard"][0],
+                          "root": next(r for r in document["leaderboard"] if r["id"] == "root"),
+                          "candidates": len(document["leaderboard"]), "failed": len(document["failed"])}, indent=2))
+    elif not args.quiet:
+        print(report.format_table(document))
+        root, best = result.root, result.best
+        print(f"best: {best['id']} val {best['val_score']:.4f} with {best['parameters']} parameters "
+              f"(parent {root['val_score']:.4f} with {root['parameters']}); wrote {result.outdir / 'best.onnx'}, "
+              "leaderboard.{csv,json,png}")
+    return 0
