@@ -35,7 +35,7 @@ from onnxmorph.errors import UsageError
 from onnxmorph.passinfra import positive_int
 from onnxmorph.search_data import Dataset, fit_to_model, load_dataset
 from onnxmorph.search_space import MorphChoice, as_choices
-from onnxmorph.search_workers import CandidateTask, Training, executor
+from onnxmorph.search_workers import CandidateTask, Training, executor, require_ray
 
 log = logging.getLogger("onnxmorph")
 
@@ -101,6 +101,8 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
     workers = _default_workers() if workers is None else workers
     if workers < 0:
         raise UsageError(f"--workers must not be negative, not {workers}")
+    if ray or ray_address:
+        require_ray()
     space = tuple(as_choices(morphs))
     root_model, root_bytes, root_sha = _read_parent(Path(parent))
     _check_trainable(root_model)

@@ -34,7 +34,7 @@ def change(entry: dict[str, Any]) -> str:
         return "trained on"
     parts = []
     for step in entry["morphs"]:
-        params = {k: v for k, v in step["params"].items() if k != "seed" and v not in (None, 0.0, [], ())}
+        params = {k: v for k, v in sorted(step["params"].items()) if k != "seed" and v not in (None, 0.0, [], ())}
         where = params.pop("layer", None)
         if "source" in params:
             where = f"{params.pop('source')}->{params.pop('target')}"

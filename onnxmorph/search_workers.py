@@ -220,22 +220,27 @@ class LocalWorkers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def require_ray() -> Any:
+    """The ray module, imported only when asked for: it is an optional extra."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--ray needs Ray, which is not installed: {RAY_HINT}") from None
+    return ray
+
+
 class RayWorkers:
     """Runs candidates as Ray tasks on a local Ray it starts (`address=None`) or on an existing cluster."""
 
     def __init__(self, data: Dataset, workers: int, address: str | None) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise UsageError(f"--ray needs Ray, which is not installed: {RAY_HINT}") from None
-        self.ray = ray
+        self.ray = ray = require_ray()
         self.started = not ray.is_initialized()
         if self.started:
             if address is None:
                 ray.init(num_cpus=max(1, min(workers, os.cpu_count() or 1)), include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.WARNING, object_store_memory=256 * 2**20)
+                         log_to_driver=False, logging_level=logging.ERROR, object_store_memory=256 * 2**20)
             else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         self.data = ray.put(data)
         self.remote = ray.remote(num_cpus=1)(run_candidate)
 
