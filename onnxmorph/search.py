@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -31,15 +31,21 @@ import onnx
 from onnxmorph import __version__
 from onnxmorph import io as mio
 from onnxmorph import search_report as report
-from onnxmorph.errors import UsageError
+from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.passinfra import positive_int
 from onnxmorph.search_data import Dataset, fit_to_model, load_dataset
-from onnxmorph.search_space import MorphChoice, as_choices
+from onnxmorph.search_space import MorphChoice, as_choices, propose, signature
 from onnxmorph.search_workers import CandidateTask, Training, executor, require_ray
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, one search per folder is then up to the user
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("onnxmorph")
 
 STATE_FILE = "search-state.json"
+LOCK_FILE = ".search.lock"
 STATE_FORMAT = "onnxmorph-search/1"
 CANDIDATES = "candidates"
 
@@ -109,16 +115,22 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
     dataset = fit_to_model(load_dataset(data), root_model)
     identity = {"format": STATE_FORMAT, "parent": {"file": str(parent), "sha256": root_sha},
                 "data": dataset.describe(), "morphs": [str(c) for c in space], **asdict(settings)}
-    state = _open_state(Path(outdir), identity)
-    run = _Run(Path(outdir), state, settings, space, progress)
-    pool = executor(dataset, workers, ray, ray_address)
+    state, lock = _open_state(Path(outdir), identity)
     try:
-        run.root(pool, root_bytes)
-        for r in range(1, rounds + 1):
-            run.round(pool, r, rounds)
-    finally:
+        run = _Run(Path(outdir), state, settings, space, progress)
+        run.save()
+        pool = executor(dataset, workers, ray, ray_address)
+        try:
+            run.root(pool, root_bytes)
+            for r in range(1, rounds + 1):
+                run.round(pool, r, rounds)
+        except BaseException:
+            pool.close(abort=True)
+            raise
         pool.close()
-    return run.finish()
+        return run.finish()
+    finally:
+        lock.close()
 
 
 def _default_workers() -> int:
@@ -146,16 +158,21 @@ def _check_trainable(model: onnx.ModelProto) -> None:
     ot.OnnxModule(model)  # refuses ops it cannot train, naming them
 
 
-def _open_state(outdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The state of the search in `outdir`: a new one, or the one there when it is this search."""
+def _open_state(outdir: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], IO[bytes]]:
+    """The state of the search in `outdir` (a new one, or the one there when it is this search) and its lock."""
     path = outdir / STATE_FILE
     if path.is_file():
+        lock = _lock(outdir)
         try:
             state = json.loads(path.read_text())
+            _check_same_search(state.get("settings", {}), identity, outdir)
         except (OSError, json.JSONDecodeError) as exc:
+            lock.close()
             raise UsageError(f"{path}: cannot read the search state ({exc})") from None
-        _check_same_search(state.get("settings", {}), identity, outdir)
-        return state
+        except UsageError:
+            lock.close()
+            raise
+        return state, lock
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise UsageError(f"{outdir}: exists and holds no search; give a new or empty folder")
     parent = outdir.parent if str(outdir.parent) else Path(".")
@@ -165,7 +182,21 @@ def _open_state(outdir: Path, identity: dict[str, Any]) -> dict[str, Any]:
         (outdir / CANDIDATES).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{outdir}: cannot create it ({exc.strerror})") from None
-    return {"settings": identity, "tool": f"onnxmorph {__version__}", "rounds_done": 0, "candidates": []}
+    state = {"settings": identity, "tool": f"onnxmorph {__version__}", "rounds_done": 0, "candidates": []}
+    return state, _lock(outdir)
+
+
+def _lock(outdir: Path) -> IO[bytes]:
+    """An exclusive lock on the search in `outdir`, held while the returned file is open (gone with the process)."""
+    handle = open(outdir / LOCK_FILE, "wb")  # noqa: SIM115  (held open on purpose)
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"{outdir}: another search is running there") from None
+    return handle
 
 
 def _check_same_search(saved: dict[str, Any], identity: dict[str, Any], outdir: Path) -> None:
@@ -205,8 +236,8 @@ class _Run:
             return
         log.info("scoring the parent%s", f" after {self.settings.parent_steps} steps" if self.settings.parent_steps
                  else "")
-        task = CandidateTask("root", _task_seed(self.settings.seed, 0, 0), 0, (),
-                             self._training(self.settings.parent_steps))
+        seed = _task_seed(self.settings.seed, 0, 0)
+        task = CandidateTask("root", seed, (), self._training(self.settings.parent_steps))
         for result in pool.run([(task, root_bytes)]):
             self._record(result, 0, None, (1, 1))
 
@@ -214,27 +245,56 @@ class _Run:
         kept = report.ranked(self.state["candidates"], before_round=r)[: self.settings.keep]
         if not kept:
             raise UsageError("no trained model to morph: the parent itself could not be scored")
-        planned = [(f"r{r:02d}c00", kept[0], 0)]  # NASH's control: the best model trained on, unmorphed
-        planned += [(f"r{r:02d}c{c:02d}", kept[(c - 1) % len(kept)], self.settings.morphs_per_child)
-                    for c in range(1, self.settings.children + 1)]
-        todo = [(cid, parent, n) for cid, parent, n in planned if cid not in self.by_id]
+        planned = self._plan(r, kept)
         parents = {cid: parent["id"] for cid, parent, _ in planned}
+        done = sum(cid in self.by_id for cid, _, _ in planned)
+        if done < len(planned):
+            log.info("round %d/%d: %d candidates from %s", r, rounds, len(planned),
+                     ", ".join(dict.fromkeys(parents.values())))
         jobs = []
-        for cid, parent, n in todo:
-            index = int(cid[-2:])
-            task = CandidateTask(cid, _task_seed(self.settings.seed, r, index), n, self.space,
+        for cid, parent, morphs in planned:
+            if cid in self.by_id:
+                continue
+            if isinstance(morphs, str):  # nothing applied: recorded as such, nothing to run
+                done += 1
+                self._record({"id": cid, "status": "not applicable", "reason": morphs, "morphs": []}, r,
+                             parent["id"], (done, len(planned)), rounds)
+                continue
+            task = CandidateTask(cid, _task_seed(self.settings.seed, r, int(cid[-2:])), tuple(morphs),
                                  self._training(self.settings.steps))
             jobs.append((task, (self.outdir / parent["file"]).read_bytes()))
-        done = len(planned) - len(todo)
-        if todo:
-            log.info("round %d/%d: %d candidates from %s", r, rounds, len(planned),
-                     ", ".join(dict.fromkeys(p["id"] for _, p, _ in planned)))
         for result in pool.run(jobs):
             done += 1
             self._record(result, r, parents[result["id"]], (done, len(planned)), rounds)
         self.state["rounds_done"] = max(self.state["rounds_done"], r)
-        self._save()
+        self.save()
         report.write(self.outdir, self.state)
+
+    def _plan(self, r: int, kept: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], Any]]:
+        """The round's candidates: (id, parent, the morphs or why none applied); the same on every rerun.
+
+        The first is NASH's control, the best model trained on without a morph. The children's
+        morphs are drawn here, one child after the other, each avoiding what an earlier child of the
+        same parent got (drawing in the workers could not), from a generator seeded by the search's
+        seed, the round and the child's number.
+        """
+        planned: list[tuple[str, dict[str, Any], Any]] = [(f"r{r:02d}c00", kept[0], [])]
+        models: dict[str, onnx.ModelProto] = {}
+        taken: dict[str, set[str]] = {}
+        for c in range(1, self.settings.children + 1):
+            parent = kept[(c - 1) % len(kept)]
+            if parent["id"] not in models:
+                models[parent["id"]] = mio.load_bytes((self.outdir / parent["file"]).read_bytes(), parent["id"])
+            rng = np.random.default_rng(_task_seed(self.settings.seed, r, c))
+            try:
+                passes = propose(models[parent["id"]], rng, self.space, self.settings.morphs_per_child,
+                                 avoid=taken.setdefault(parent["id"], set()))
+            except (NotApplicable, UsageError) as exc:
+                planned.append((f"r{r:02d}c{c:02d}", parent, str(exc)))
+                continue
+            taken[parent["id"]].add(signature(passes))
+            planned.append((f"r{r:02d}c{c:02d}", parent, [{"pass": p.name, "params": dict(p.config)} for p in passes]))
+        return planned
 
     def _record(self, result: dict[str, Any], r: int, parent: str | None, count: tuple[int, int],
                 rounds: int = 0) -> None:
@@ -250,7 +310,7 @@ class _Run:
             entry["file"] = f"{CANDIDATES}/{cid}.onnx"
         self.state["candidates"] = [c for c in self.state["candidates"] if c["id"] != cid] + [entry]
         self.by_id[cid] = entry
-        self._save()
+        self.save()
         self._announce(entry, r, rounds, count)
 
     def _announce(self, entry: dict[str, Any], r: int, rounds: int, count: tuple[int, int]) -> None:
@@ -266,7 +326,7 @@ class _Run:
             self.progress({"round": r, "rounds": rounds, "done": count[0], "total": count[1], "candidate": entry,
                            "best": best_entry})
 
-    def _save(self) -> None:
+    def save(self) -> None:
         text = json.dumps(self.state, indent=1, sort_keys=True) + "\n"
         mio.write_bytes_atomic(self.outdir / STATE_FILE, text.encode())
 

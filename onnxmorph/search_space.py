@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ DRAWN = ("layer", "source", "target", "seed")
 # A morph that picks a random layer and random parameters often draws one that does not apply
 # (a classifier cannot widen; a 3x3 kernel on a Gemm); it tries again, this many times in all.
 MAX_TRIES = 40
+MAX_REPEATS = 10
 
 
 @dataclass(frozen=True)
@@ -127,21 +128,31 @@ def _placeholders(cls: type[MorphPass]) -> dict[str, Any]:
 
 
 def propose(model: onnx.ModelProto, rng: np.random.Generator, space: Sequence[MorphChoice],
-            count: int = 1) -> list[MorphPass]:
+            count: int = 1, avoid: Collection[str] = ()) -> list[MorphPass]:
     """`count` random passes from `space` that apply one after the other to `model`.
 
     Each pass is a random morph of the space on a random layer (or pair of tensors for a skip)
     with random parameters from its choices; `requires()` decides whether it applies, and a draw
     that does not is replaced by another (up to MAX_TRIES). Raises NotApplicable when none applies.
+    A chain whose `signature` is in `avoid` (a sibling has it) is drawn again, up to MAX_REPEATS
+    times; after that the repeat is kept (its new weights still differ: other seeds).
     """
-    passes: list[MorphPass] = []
-    current = model
-    for k in range(count):
-        step = _applicable(current, rng, space)
-        passes.append(step)
-        if k + 1 < count:
-            current = step.call(current).model
+    for _ in range(MAX_REPEATS):
+        passes: list[MorphPass] = []
+        current = model
+        for k in range(count):
+            step = _applicable(current, rng, space)
+            passes.append(step)
+            if k + 1 < count:
+                current = step.call(current).model
+        if signature(passes) not in avoid:
+            break
     return passes
+
+
+def signature(passes: Sequence[MorphPass]) -> str:
+    """What a chain of passes does, seeds left out: two chains with one signature make the same architecture."""
+    return " + ".join(f"{p.name}({sorted((k, v) for k, v in p.config.items() if k != 'seed')})" for p in passes)
 
 
 def _applicable(model: onnx.ModelProto, rng: np.random.Generator, space: Sequence[MorphChoice]) -> MorphPass:

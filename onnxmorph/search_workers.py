@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,9 @@ import onnx
 from onnxmorph import __version__, receipt
 from onnxmorph import io as mio
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
+from onnxmorph.passinfra import get_pass
 from onnxmorph.pipeline import VerifyOptions, run_passes
 from onnxmorph.search_data import Dataset
-from onnxmorph.search_space import MorphChoice, propose
 from onnxmorph.verify import Report
 
 log = logging.getLogger("onnxmorph")
@@ -40,12 +39,11 @@ class Training:
 
 @dataclass(frozen=True)
 class CandidateTask:
-    """One candidate: `morphs` random morphs of the parent (none: the parent trained on), then training."""
+    """One candidate: morphs ({"pass", "params"}) of the parent (none: the parent trained on), then training."""
 
     id: str
     seed: int
-    morphs: int
-    space: tuple[MorphChoice, ...]
+    morphs: tuple[dict[str, Any], ...]
     training: Training
 
 
@@ -65,9 +63,8 @@ def run_candidate(task: CandidateTask, parent: bytes, data: Dataset) -> dict[str
     result: dict[str, Any] = {"id": task.id, "status": "ok", "morphs": [], "verification": None}
     untrained = parent
     if task.morphs:
-        rng = np.random.default_rng(task.seed)
         try:
-            passes = propose(model, rng, task.space, task.morphs)
+            passes = [get_pass(m["pass"])(**m["params"]) for m in task.morphs]
             outcome = run_passes(model, passes, VerifyOptions())
         except (NotApplicable, UsageError) as exc:
             return {**result, "status": "not applicable", "reason": str(exc)}
@@ -175,7 +172,7 @@ class InProcess:
         for task, parent in jobs:
             yield run_candidate(task, parent, self.data)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
 
@@ -192,9 +189,9 @@ def _init_worker(data: Dataset) -> None:
     torch.set_num_threads(1)
 
 
-def _run_in_worker(task: CandidateTask, parent: bytes) -> dict[str, Any]:
+def _run_in_worker(job: Job) -> dict[str, Any]:
     assert _WORKER_DATA is not None
-    return run_candidate(task, parent, _WORKER_DATA)
+    return run_candidate(job[0], job[1], _WORKER_DATA)
 
 
 class LocalWorkers:
@@ -202,22 +199,19 @@ class LocalWorkers:
 
     def __init__(self, data: Dataset, workers: int) -> None:
         # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang.
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(data,))
+        context = multiprocessing.get_context("spawn")
+        self.pool = context.Pool(workers, initializer=_init_worker, initargs=(data,))
 
     def run(self, jobs: Iterable[Job]) -> Iterator[dict[str, Any]]:
-        pending: set[Future] = {self.pool.submit(_run_in_worker, task, parent) for task, parent in jobs}
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in sorted(done, key=lambda f: id(f)):
-                    yield future.result()
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from self.pool.imap_unordered(_run_in_worker, list(jobs), chunksize=1)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        # Interrupted: the running candidates are dropped at once (they are rerun on resume).
+        if abort:
+            self.pool.terminate()
+        else:
+            self.pool.close()
+        self.pool.join()
 
 
 def require_ray() -> Any:
@@ -255,7 +249,7 @@ class RayWorkers:
             for ref in pending:
                 self.ray.cancel(ref)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self.started:
             self.ray.shutdown()
 
