@@ -145,7 +145,7 @@ def plot(state: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("validation score" + (" (accuracy)" if state["settings"]["data"]["task"] == "classification"
                                         else " (minus MSE)"))
     ax.grid(alpha=0.3)
-    fig.colorbar(points, ax=ax, label="round")
+    fig.colorbar(points, ax=ax, label="round", ticks=range(rounds + 1))
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"onnxmorph search on {state['settings']['data']['name']}: {len(done)} models", fontsize=10)
     fig.tight_layout()
