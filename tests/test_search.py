@@ -94,6 +94,10 @@ def test_local_search_writes_candidates_leaderboard_and_plot(local_run, parent_f
     for r in (1, 2):
         ids = sorted(c["id"] for c in ok if c["round"] == r)
         assert ids == [f"r0{r}c00", f"r0{r}c01", f"r0{r}c02"]
+        # Siblings get different morphs (the seeds aside), and the control none.
+        changes = [[{**m, "params": {k: v for k, v in m["params"].items() if k != "seed"}} for m in c["morphs"]]
+                   for c in ok if c["round"] == r]
+        assert changes[0] == [] and changes[1] and changes[2] and changes[1] != changes[2]
     board = json.loads((outdir / "leaderboard.json").read_text())
     rows = board["leaderboard"]
     assert [row["rank"] for row in rows] == list(range(1, CANDIDATES + 1))
@@ -209,8 +213,12 @@ def test_npz_search_on_an_mlp(tmp_path) -> None:
     x = rng.uniform(-1, 1, (96, 784)).astype(np.float32)
     y = (x @ w).argmax(axis=1)
     np.savez(tmp_path / "data.npz", x_train=x[:64], y_train=y[:64], x_val=x[64:], y_val=y[64:])
+    events: list[dict] = []
     result = search(MODELS / "mlp_relu.onnx", tmp_path / "data.npz", tmp_path / "out", rounds=1, children=2,
-                    steps=5, workers=0, morphs=["deepen:activation=relu|tanh", "widen:factor=1.25"])
+                    steps=5, workers=0, morphs=["deepen:activation=relu|tanh", "widen:factor=1.25"],
+                    progress=events.append)
+    assert [(e["round"], e["done"], e["total"]) for e in events] == [(0, 1, 1), (1, 1, 3), (1, 2, 3), (1, 3, 3)]
+    assert events[-1]["best"]["id"] == result.best["id"]
     ids = {row["id"] for row in result.leaderboard}
     assert ids == {"root", "r01c00", "r01c01", "r01c02"}
     changes = [row["change"] for row in result.leaderboard if row["id"] in ("r01c01", "r01c02")]
