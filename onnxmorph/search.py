@@ -35,7 +35,7 @@ from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.passinfra import positive_int
 from onnxmorph.search_data import Dataset, fit_to_model, load_dataset
 from onnxmorph.search_space import MorphChoice, as_choices, propose, signature
-from onnxmorph.search_workers import CandidateTask, Training, executor, require_ray
+from onnxmorph.search_workers import CandidateTask, Training, check_reachable, executor, require_ray
 
 try:
     import fcntl
@@ -109,6 +109,8 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
         raise UsageError(f"--workers must not be negative, not {workers}")
     if ray or ray_address:
         require_ray()
+    if ray_address:
+        check_reachable(ray_address)
     space = tuple(as_choices(morphs))
     root_model, root_bytes, root_sha = _read_parent(Path(parent))
     _check_trainable(root_model)

@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -223,6 +224,17 @@ def require_ray() -> Any:
     return ray
 
 
+def check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nothing listens on: Ray itself retries for minutes before it gives up."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray:// (Ray Client has its own timeout) or a form Ray will judge
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc})") from None
+
+
 class RayWorkers:
     """Runs candidates as Ray tasks on a local Ray it starts (`address=None`) or on an existing cluster."""
 
@@ -234,7 +246,11 @@ class RayWorkers:
                 ray.init(num_cpus=max(1, min(workers, os.cpu_count() or 1)), include_dashboard=False,
                          log_to_driver=False, logging_level=logging.ERROR, object_store_memory=256 * 2**20)
             else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                try:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster ({first})") from None
         self.data = ray.put(data)
         self.remote = ray.remote(num_cpus=1)(run_candidate)
 

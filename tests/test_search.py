@@ -312,3 +312,16 @@ def test_ray_missing_says_how_to_install_it(parent_file, tmp_path, capsys, monke
     argv = ["search", str(parent_file), "--data", "digits", "-o", str(tmp_path / "out"), "--ray"]
     _refused(argv, capsys, "pip install 'onnxmorph[search]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_ray_address_is_refused_at_once(parent_file, tmp_path, capsys) -> None:
+    _extra("ray")
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on once this socket is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["search", str(parent_file), "--data", "digits", "-o", str(tmp_path / "out"),
+            "--ray-address", f"127.0.0.1:{port}"]
+    _refused(argv, capsys, "nothing answers there")
+    assert not (tmp_path / "out").exists()
