@@ -16,6 +16,7 @@ and ends with the same files as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -229,6 +230,18 @@ class _Run:
         self.outdir, self.state, self.settings, self.space = outdir, state, settings, space
         self.progress = progress
         self.by_id = {c["id"]: c for c in state["candidates"]}
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """On a rerun, every file the state lists must still be the one the search wrote."""
+        for entry in self.by_id.values():
+            for key in ("file", "morphed_file"):
+                if key not in entry:
+                    continue
+                path = self.outdir / entry[key]
+                if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry[key[:-4] + "sha256"]:
+                    raise UsageError(f"{path}: missing or changed since the search wrote it; the search in "
+                                     f"{self.outdir} cannot continue from it")
 
     def _training(self, steps: int) -> Training:
         return Training(steps, self.settings.lr, self.settings.batch_size)
@@ -308,8 +321,10 @@ class _Run:
             if result.get("untrained") is not None:
                 mio.write_bytes_atomic(folder / f"{cid}.morphed.onnx", result["untrained"])
                 entry["morphed_file"] = f"{CANDIDATES}/{cid}.morphed.onnx"
+                entry["morphed_sha256"] = hashlib.sha256(result["untrained"]).hexdigest()
             mio.write_bytes_atomic(folder / f"{cid}.onnx", result["trained"])
             entry["file"] = f"{CANDIDATES}/{cid}.onnx"
+            entry["sha256"] = hashlib.sha256(result["trained"]).hexdigest()
         self.state["candidates"] = [c for c in self.state["candidates"] if c["id"] != cid] + [entry]
         self.by_id[cid] = entry
         self.save()

@@ -56,7 +56,7 @@ def lineage(entry: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> list[dic
     while current is not None:
         verification = current.get("verification")
         chain.append({"id": current["id"], "change": change(current), "val_score": current["val_score"],
-                      "parameters": current["parameters"],
+                      "parameters": current["parameters"], "sha256": current["sha256"],
                       "verified": None if verification is None else bool(verification["passed"])})
         current = by_id.get(current["parent"]) if current["parent"] else None
     return chain[::-1]

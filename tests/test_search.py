@@ -138,6 +138,7 @@ def test_receipts_chain_every_candidate_back_to_the_root(local_run) -> None:
     for row in json.loads((outdir / "leaderboard.json").read_text())["leaderboard"]:
         chain = [step["id"] for step in row["lineage"]]
         assert chain[0] == "root" and chain[-1] == row["id"]
+        assert all(step["sha256"] == _sha(outdir / by_id[step["id"]]["file"]) for step in row["lineage"])
         assert all(by_id[child]["parent"] == parent for parent, child in zip(chain, chain[1:]))
     text = onnxmorph.inspection.format_inspection(onnxmorph.inspect(onnx.load(outdir / "best.onnx")))
     assert "trained, not a morph" in text and "verified PASS" in text
@@ -165,7 +166,7 @@ def test_every_child_was_verified_against_its_parent_before_training(local_run) 
 # --------------------------------------------------------------------------- resume, Ray
 
 
-def test_killed_search_resumes_to_the_same_result(local_run, parent_file, tmp_path) -> None:
+def test_killed_search_resumes_to_the_same_result(local_run, parent_file, tmp_path, capsys) -> None:
     outdir = tmp_path / "out"
     command = [sys.executable, "-m", "onnxmorph", "search", str(parent_file), "--data", "digits", "-o", str(outdir),
                "--workers", "0", "-q", *SMALL]
@@ -191,6 +192,11 @@ def test_killed_search_resumes_to_the_same_result(local_run, parent_file, tmp_pa
     before = _fingerprint(outdir)
     assert main(command[3:]) == 0
     assert _fingerprint(outdir) == before
+    # A candidate file changed behind the search's back is not built upon.
+    victim = outdir / "candidates" / "r01c01.morphed.onnx"
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    assert main([*command[3:], "--rounds", "3"]) == 2
+    assert "r01c01.morphed.onnx: missing or changed" in capsys.readouterr().err
 
 
 def test_search_on_a_local_ray_gives_the_same_files(local_run, parent_file, tmp_path) -> None:
