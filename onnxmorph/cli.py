@@ -20,8 +20,8 @@ from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
 from onnxmorph.passinfra import REGISTRY, MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
-from onnxmorph.search import add_arguments as search_arguments
-from onnxmorph.search import run_command as run_search
+from onnxmorph.search_cli import add_arguments as search_arguments
+from onnxmorph.search_cli import run_command as run_search
 from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
 
 log = logging.getLogger("onnxmorph")
