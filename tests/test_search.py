@@ -172,7 +172,7 @@ def test_killed_search_resumes_to_the_same_result(local_run, parent_file, tmp_pa
                "--workers", "0", "-q", *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and process.poll() is None:
             if (outdir / STATE_FILE).is_file() and len(_state(outdir)["candidates"]) >= 3:
