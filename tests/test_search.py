@@ -213,23 +213,30 @@ def test_search_on_a_local_ray_gives_the_same_files(local_run, parent_file, tmp_
 # --------------------------------------------------------------------------- other data, the space
 
 
-def test_npz_search_on_an_mlp(tmp_path) -> None:
+def test_npz_search_on_an_mlp_keeping_two(tmp_path) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((784, 10))
     x = rng.uniform(-1, 1, (96, 784)).astype(np.float32)
     y = (x @ w).argmax(axis=1)
     np.savez(tmp_path / "data.npz", x_train=x[:64], y_train=y[:64], x_val=x[64:], y_val=y[64:])
     events: list[dict] = []
-    result = search(MODELS / "mlp_relu.onnx", tmp_path / "data.npz", tmp_path / "out", rounds=1, children=2,
+    result = search(MODELS / "mlp_relu.onnx", tmp_path / "data.npz", tmp_path / "out", rounds=2, children=2, keep=2,
                     steps=5, workers=0, morphs=["deepen:activation=relu|tanh", "widen:factor=1.25"],
                     progress=events.append)
-    assert [(e["round"], e["done"], e["total"]) for e in events] == [(0, 1, 1), (1, 1, 3), (1, 2, 3), (1, 3, 3)]
+    assert [(e["round"], e["done"], e["total"]) for e in events] == [(0, 1, 1)] + [
+        (r, k, 3) for r in (1, 2) for k in (1, 2, 3)]
     assert events[-1]["best"]["id"] == result.best["id"]
-    ids = {row["id"] for row in result.leaderboard}
-    assert ids == {"root", "r01c00", "r01c01", "r01c02"}
-    changes = [row["change"] for row in result.leaderboard if row["id"] in ("r01c01", "r01c02")]
-    assert all(c.startswith(("deepen(", "widen(")) for c in changes), changes
-    assert result.best_path.is_file() and "test_score" not in _state(tmp_path / "out")["candidates"][0]
+    state = _state(tmp_path / "out")
+    assert {c["id"] for c in state["candidates"]} == {"root"} | {f"r0{r}c0{c}" for r in (1, 2) for c in (0, 1, 2)}
+    for entry in state["candidates"]:
+        assert all(m["pass"] in ("deepen", "widen") for m in entry["morphs"]), entry["morphs"]
+    # Round 2 grows the two best of what existed before it (score, then size): the control and the
+    # first child come from the best, the second child from the runner-up.
+    first, second = [c["id"] for c in sorted((c for c in state["candidates"] if c["round"] < 2),
+                                             key=lambda c: (-c["val_score"], c["parameters"], c["id"]))[:2]]
+    parents = {c["id"]: c["parent"] for c in state["candidates"] if c["round"] == 2}
+    assert parents == {"r02c00": first, "r02c01": first, "r02c02": second}
+    assert result.best_path.is_file() and "test_score" not in state["candidates"][0]
 
 
 def test_proposals_apply_and_follow_the_space() -> None:
