@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -257,7 +256,7 @@ class _Run:
     def round(self, pool: Any, r: int, rounds: int) -> None:
         kept = report.ranked(self.state["candidates"], before_round=r)[: self.settings.keep]
         if not kept:
-            raise UsageError("no trained model to morph: the parent itself could not be scored")
+            raise UsageError(self._root_failure())
         planned = self._plan(r, kept)
         parents = {cid: parent["id"] for cid, parent, _ in planned}
         done = sum(cid in self.by_id for cid, _, _ in planned)
@@ -282,6 +281,10 @@ class _Run:
         self.state["rounds_done"] = max(self.state["rounds_done"], r)
         self.save()
         report.write(self.outdir, self.state)
+
+    def _root_failure(self) -> str:
+        root = self.by_id.get("root", {})
+        return f"the parent could not be trained and scored ({root.get('reason', 'no result')}); nothing to search from"
 
     def _plan(self, r: int, kept: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], Any]]:
         """The round's candidates: (id, parent, the morphs or why none applied); the same on every rerun.
@@ -347,8 +350,9 @@ class _Run:
 
     def finish(self) -> SearchResult:
         document = report.write(self.outdir, self.state)
+        if document["best"] is None:
+            raise UsageError(self._root_failure())
         best = self.by_id[document["best"]]
         report.plot(self.state, self.outdir / "leaderboard.png")
-        shutil.copyfile(self.outdir / best["file"], self.outdir / ".best.onnx.tmp")
-        os.replace(self.outdir / ".best.onnx.tmp", self.outdir / "best.onnx")
+        mio.write_bytes_atomic(self.outdir / "best.onnx", (self.outdir / best["file"]).read_bytes())
         return SearchResult(self.outdir, best, self.by_id["root"], document["leaderboard"])
