@@ -20,6 +20,8 @@ from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
 from onnxmorph.passinfra import REGISTRY, MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
+from onnxmorph.search_cli import add_arguments as search_arguments
+from onnxmorph.search_cli import run_command as run_search
 from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
 from onnxmorph.version import __version__
 
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--html", metavar="OUT.html", help="also write the diff page of parent and child")
         _verification_options(p, "--verify-seed")
         p.set_defaults(pass_class=cls)
+
+    p = sub.add_parser("search", parents=[common], help="architecture search: morph, train briefly, keep the best")
+    search_arguments(p)
 
     p = sub.add_parser("apply", parents=[common], help="apply a recipe of morphs (JSON or YAML list of steps)")
     p.add_argument("model", metavar="MODEL")
@@ -309,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_diff(args)
         if args.command == "apply":
             return _cmd_apply(args)
+        if args.command == "search":
+            return run_search(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:
         as_json = getattr(args, "json", False)

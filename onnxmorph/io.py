@@ -133,6 +133,26 @@ def load(path: PathLike, *, normalize_model: bool = False) -> onnx.ModelProto:
     return model
 
 
+def load_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
+    """`load` for a model held in memory (no external data): checked, normalised, its digest that of `data`.
+
+    A search passes candidates between processes as bytes; the digest in a child's receipt must
+    then be the SHA-256 of the very bytes written to the candidate's file.
+    """
+    try:
+        model = onnx.load_model_from_string(data)
+        header, skipped = read_framing(memoryview(data))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError and friends
+        raise InvalidModelError(f"{name}: not an ONNX model ({one_line(exc)})") from exc
+    if any(True for _ in external_tensors(header)):
+        raise InvalidModelError(f"{name}: refers to external data; a model passed as bytes must hold its weights")
+    check_header(header, skipped, Path(name))
+    check_structure(model, name=name)
+    set_metadata(model, SOURCE_DIGEST_KEY, hashlib.sha256(data).hexdigest())
+    normalize_in_place(model)
+    return model
+
+
 def check(model: onnx.ModelProto | bytes, name: str = "model") -> None:
     """Run onnx.checker on `model` (or its serialised bytes), raising InvalidModelError with one line."""
     try:
