@@ -10,6 +10,8 @@ a dynamo export 7-17 s, so the default run exports with dynamo only where a test
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
@@ -134,7 +136,8 @@ def export(kind: str, dynamo: bool, folder: Path, seed: int = 0) -> HFModel:
     path = folder / f"{kind}_{'dynamo' if dynamo else 'torchscript'}.onnx"
     dynamic = {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", 1: "sequence"}) for n in names}
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    # The dynamo exporter prints its progress on stdout; keep it out of the tests' captured output.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "transformers", "onnxscript")]
         levels = [q.level for q in quiet]
