@@ -204,6 +204,24 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
     return result
 
 
+_CACHE: list[tuple[gs.Graph, onnx.ModelProto, list[Block]]] = []
+
+
+def model_blocks(graph: gs.Graph, model: onnx.ModelProto) -> list[Block]:
+    """`blocks(graph)` with `model`'s module paths, remembered for the last two (graph, model) pairs.
+
+    `inspect` asks once per layer; for an analysis view (`graph.read_view`, never edited) the
+    answer does not change.
+    """
+    for cached_graph, cached_model, found in _CACHE:
+        if cached_graph is graph and cached_model is model:
+            return found
+    found = blocks(graph, node_modules(model))
+    _CACHE.insert(0, (graph, model, found))
+    del _CACHE[2:]
+    return found
+
+
 # --------------------------------------------------------------------------- module paths
 
 

@@ -14,6 +14,7 @@ from onnxmorph import blocks as mblocks
 from onnxmorph import build
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
+from onnxmorph.graph import LayerInfo
 from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, register
 
 log = logging.getLogger("onnxmorph")
@@ -40,9 +41,12 @@ class Writer:
     biases: tuple[tuple[str, int], ...]
 
 
-def find_block(graph: gs.Graph, model: onnx.ModelProto, ref: str) -> mblocks.Block:
-    """The block named by `ref`: its index, its output tensor, its last residual Add or its module path."""
-    found = mblocks.blocks(graph, mblocks.node_modules(model))
+def find_block(graph: gs.Graph, model: onnx.ModelProto, ref: str, *, view: bool = True) -> mblocks.Block:
+    """The block named by `ref`: its index, its output tensor, its last residual Add or its module path.
+
+    `view`: `graph` is the model's analysis view (its blocks are remembered), not a graph being edited.
+    """
+    found = mblocks.model_blocks(graph, model) if view else mblocks.blocks(graph, mblocks.node_modules(model))
     if not found:
         raise NotApplicable("no transformer blocks found: no chain of residual Adds (x + f(x), f holding a "
                             "MatMul/Gemm/Conv layer) on a stream")
@@ -77,9 +81,10 @@ def _writer(block: mblocks.Block, sub: mblocks.Sublayer) -> Writer:
             )
 
 
-def plan(graph: gs.Graph, model: onnx.ModelProto, ref: str) -> tuple[mblocks.Block, list[Writer]]:
+def plan(graph: gs.Graph, model: onnx.ModelProto, ref: str, *,
+         view: bool = True) -> tuple[mblocks.Block, list[Writer]]:
     """The block after which to insert and the writers of its copy; NotApplicable with the reason otherwise."""
-    block = find_block(graph, model, ref)
+    block = find_block(graph, model, ref, view=view)
     name = f"block {block.index}" + (f" ({block.module})" if block.module else "")
     if block.kind != "pre-norm":
         raise NotApplicable(
@@ -191,6 +196,14 @@ class BlockPass(MorphPass):
         SEED,
     )
 
+    @classmethod
+    def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
+        """The block that holds `layer`, for `inspect` (None outside blocks)."""
+        for block in mblocks.model_blocks(mgraph.read_view(model), model):
+            if any(n.name == layer.name for n in block.nodes):
+                return cls(after=block.index)
+        return None
+
     def requires(self, model: onnx.ModelProto) -> None:
         plan(mgraph.read_view(model), model, str(self.after))
 
@@ -200,7 +213,7 @@ class BlockPass(MorphPass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         graph = mgraph.import_graph(model)
-        block, writers = plan(graph, model, str(self.after))
+        block, writers = plan(graph, model, str(self.after), view=False)
         namer = mgraph.Namer(graph)
         scope = build.fresh_scope(namer, f"{block.module or 'block_' + str(block.index)}/morph_block")
         readers = list(block.output.outputs)
