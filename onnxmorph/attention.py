@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmorph import blocks as mblocks
-from onnxmorph.graph import layer_info, tensor_shapes
+from onnxmorph.graph import layer_info, producer, tensor_shapes
 
 _SCORE_PATH = ("Add", "Mul", "Div", "Where", "Cast", "Softmax", "IsNaN", "Dropout", "Identity", "Sub")
 
@@ -28,10 +28,6 @@ class Projection:
     layer: str
     heads: int | None
     head_dim: int | None
-
-
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
 
 
 def _computed(node: gs.Node) -> list[gs.Tensor]:
@@ -48,7 +44,7 @@ def _score_matmuls(sub: mblocks.Sublayer) -> tuple[gs.Node, gs.Node] | None:
     while stack and scores is None:
         node = stack.pop()
         for tensor in _computed(node):
-            parent = _producer(tensor)
+            parent = producer(tensor)
             if parent is None or id(parent) not in members:
                 continue
             if parent.op == "MatMul" and len(_computed(parent)) == 2:
@@ -74,7 +70,7 @@ def _shape_entries(tensor: gs.Tensor) -> list[int | None]:
     """The entries of a Reshape target: constant, or a Concat of constant and computed pieces (None)."""
     if isinstance(tensor, gs.Constant):
         return [int(v) for v in np.asarray(tensor.values).ravel()]
-    node = _producer(tensor)
+    node = producer(tensor)
     if node is None or node.op != "Concat":
         return []
     entries: list[int | None] = []
@@ -93,7 +89,7 @@ def _trace(tensor: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> Proj
     seen: set[str] = set()
     while stack:
         current = stack.pop(0)
-        node = _producer(current)
+        node = producer(current)
         if node is None or id(node) not in members or current.name in seen:
             continue
         seen.add(current.name)
@@ -146,10 +142,10 @@ def attention_modules(model: onnx.ModelProto, graph: gs.Graph,
 
 def _writer_name(sub: mblocks.Sublayer) -> str | None:
     members = {id(n) for n in sub.nodes}
-    node = _producer(sub.branch)
+    node = producer(sub.branch)
     while node is not None and id(node) in members:
         if layer_info(node) is not None:
             return node.name
         computed = _computed(node)
-        node = _producer(computed[0]) if computed else None
+        node = producer(computed[0]) if computed else None
     return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph.graph import LAYER_OPS, layer_info
+from onnxmorph.graph import LAYER_OPS, layer_info, producer
 
 FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
                "SkipSimplifiedLayerNormalization")
@@ -62,14 +62,10 @@ def _index(graph: gs.Graph) -> dict[int, int]:
     return {id(n): k for k, n in enumerate(graph.nodes)}
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
-
-
 def _branch_nodes(stream: gs.Tensor, branch: gs.Tensor, order: dict[int, int]) -> list[gs.Node] | None:
     """Nodes on a path from `stream` to `branch`, in graph order; None when `branch` does not depend on `stream`."""
-    start = order[id(_producer(stream))] if _producer(stream) is not None else -1
-    first = _producer(branch)
+    start = order[id(producer(stream))] if producer(stream) is not None else -1
+    first = producer(branch)
     if first is None or order[id(first)] <= start:
         return None
     ancestors: dict[int, gs.Node] = {}
@@ -80,7 +76,7 @@ def _branch_nodes(stream: gs.Tensor, branch: gs.Tensor, order: dict[int, int]) -
             continue
         ancestors[id(node)] = node
         for tensor in node.inputs:
-            parent = _producer(tensor)
+            parent = producer(tensor)
             if parent is not None and order[id(parent)] > start and id(parent) not in ancestors:
                 stack.append(parent)
     reached = {stream.name}
@@ -135,10 +131,10 @@ def sublayers(graph: gs.Graph) -> list[Sublayer]:
 def _links_before(tensor: gs.Tensor) -> list[gs.Node]:
     """The Cast/Identity nodes that lead to `tensor` from the stream before them, first first."""
     links = []
-    node = _producer(tensor)
+    node = producer(tensor)
     while node is not None and node.op in _LINKS and len(node.inputs) == 1:
         links.append(node)
-        node = _producer(node.inputs[0])
+        node = producer(node.inputs[0])
     return links[::-1]
 
 

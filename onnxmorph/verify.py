@@ -192,22 +192,11 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception as exc:
-        raise UsageError(f"input type {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
+    return feeds.np_dtype(elem_type)
 
 
 def _declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
-    dims: list[int | str | None] = []
-    for d in info.type.tensor_type.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return dims
+    return feeds.declared_dims(info)
 
 
 def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
