@@ -228,7 +228,7 @@ def input_draws(model: onnx.ModelProto) -> dict[str, Draw]:
 def np_dtype(elem_type: int, name: str = "") -> np.dtype:
     """The numpy type of an ONNX element type; UsageError when numpy has none."""
     try:
-        return np.dtype(onnx.helper.tensor_dtype_tonp_dtype(elem_type))
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except Exception as exc:
         which = f"input '{name}' type" if name else "input type"
         raise UsageError(f"{which} {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
