@@ -49,7 +49,7 @@ class Block:
 
     index: int
     sublayers: list[Sublayer]
-    kind: str  # "pre-norm" or "post-norm"
+    kind: str  # "pre-norm", "post-norm" (a norm after the residual Add), or "no-norm"
     output: gs.Tensor  # the stream after the block (after the norm for post-norm)
     norms: list[str] = field(default_factory=list)
     module: str | None = None
@@ -180,6 +180,8 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
         groups: list[list[Sublayer]] = []
         use_attention = any(s.attention for s in chain)
         for s in chain:
+            if use_attention and not groups and not s.attention:
+                continue  # before the first attention: an embedding's residual (wav2vec2's positional conv)
             if not groups or (s.attention if use_attention else True):
                 groups.append([s])
             else:
@@ -187,15 +189,16 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
         for group in groups:
             pre = all(s.norm is not None for s in group)
             post = _norm_after(group[-1].output)
-            output = group[-1].output if pre or post is None else post.outputs[0]
+            kind = "post-norm" if post is not None and not pre else "pre-norm" if pre else "no-norm"
+            output = group[-1].output if kind != "post-norm" else post.outputs[0]
             norms = [s.norm or getattr(_norm_after(s.output), "op", "no norm") for s in group]
             members = {id(n): n for s in group for n in (*_links_before(s.stream), *s.nodes, s.add)}
-            if post is not None and not pre:
+            if kind == "post-norm":
                 members[id(post)] = post
             nodes = sorted(members.values(), key=lambda n: order[id(n)])
             # The layers and residual Adds name the module; the branch may hold helpers from elsewhere.
             named = [n.name for n in nodes if layer_info(n) is not None] + [s.add.name for s in group]
-            result.append(Block(len(result), group, "pre-norm" if pre else "post-norm", output, norms,
+            result.append(Block(len(result), group, kind, output, norms,
                                 common_module(named, modules or {}), _origin(group[0].stream), nodes))
     return result
 

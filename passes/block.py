@@ -86,7 +86,7 @@ def plan(graph: gs.Graph, model: onnx.ModelProto, ref: str, *,
     """The block after which to insert and the writers of its copy; NotApplicable with the reason otherwise."""
     block = find_block(graph, model, ref, view=view)
     name = f"block {block.index}" + (f" ({block.module})" if block.module else "")
-    if block.kind != "pre-norm":
+    if block.kind == "post-norm":
         raise NotApplicable(
             f"{name} is post-norm (a {' and a '.join(sorted(set(block.norms)))} after its residual Adds): a copy "
             "whose writers are zero computes norm(x), not x, so no new block after it starts as the identity"

@@ -18,9 +18,11 @@ EXPECTED = {  # kind -> (block kind, heads, head_dim, kv_heads, query layer modu
     "llama": ("pre-norm", 4, 8, 2, "model.model.layers.{}.self_attn.q_proj"),
     "bert": ("post-norm", 4, 8, 4, "model.bert.encoder.layer.{}.attention.self.query"),
     "vit": ("pre-norm", 4, 8, 4, "model.vit.encoder.layer.{}.attention.attention.query"),
+    "wav2vec2": ("pre-norm", 4, 8, 4, "model.wav2vec2.encoder.layers.{}.attention.q_proj"),
 }
-CASES = [(k, False) for k in EXPECTED] + [("llama", True)] + [
-    pytest.param(k, True, marks=pytest.mark.slow) for k in ("gpt2", "bert", "vit")]
+CASES = [(k, False) for k in EXPECTED if k != "wav2vec2"] + [("llama", True)] + [
+    pytest.param(k, dynamo, marks=pytest.mark.slow)
+    for k, dynamo in (("gpt2", True), ("bert", True), ("vit", True), ("wav2vec2", False), ("wav2vec2", True))]
 
 
 @pytest.mark.parametrize(("kind", "dynamo"), CASES)
