@@ -114,6 +114,8 @@ def attention_modules(model: onnx.ModelProto, graph: gs.Graph,
     """One entry per attention sublayer: the layers (names `widen`/`deepen` take), heads, head size, key/value heads."""
     modules = mblocks.node_modules(model)
     found = found if found is not None else mblocks.blocks(graph, modules)
+    if not any(sub.attention for block in found for sub in block.sublayers):
+        return []  # no shape inference for models without attention
     shapes = tensor_shapes(model)
     result = []
     for block in found:
