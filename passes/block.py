@@ -208,8 +208,8 @@ class BlockPass(MorphPass):
         plan(mgraph.read_view(model), model, str(self.after))
 
     def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        block, writers = plan(mgraph.read_view(model), model, str(self.after))
-        return {"block": block.index, "writers": [w.node for w in writers]}
+        block, _ = plan(mgraph.read_view(model), model, str(self.after))
+        return {"after": block.index}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         graph = mgraph.import_graph(model)
