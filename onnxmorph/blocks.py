@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph.graph import LAYER_OPS, layer_info, producer
+from onnxmorph.graph import LAYER_OPS, layer_info, producer, read_view
 
 FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
                "SkipSimplifiedLayerNormalization")
@@ -203,20 +203,21 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
     return result
 
 
-_CACHE: list[tuple[gs.Graph, onnx.ModelProto, list[Block]]] = []
+_CACHE: list[tuple[onnx.ModelProto, tuple[int, int], list[Block]]] = []
 
 
-def model_blocks(graph: gs.Graph, model: onnx.ModelProto) -> list[Block]:
-    """`blocks(graph)` with `model`'s module paths, remembered for the last two (graph, model) pairs.
+def model_blocks(model: onnx.ModelProto) -> list[Block]:
+    """The blocks of `model`'s analysis view (`graph.read_view`) with its module paths, remembered.
 
-    `inspect` asks once per layer; for an analysis view (`graph.read_view`, never edited) the
-    answer does not change.
+    `inspect` asks once per layer; asking the view each time costs a size check of the whole
+    model. The last two models are remembered by identity and node and weight counts.
     """
-    for cached_graph, cached_model, found in _CACHE:
-        if cached_graph is graph and cached_model is model:
+    stamp = (len(model.graph.node), len(model.graph.initializer))
+    for cached, cached_stamp, found in _CACHE:
+        if cached is model and cached_stamp == stamp:
             return found
-    found = blocks(graph, node_modules(model))
-    _CACHE.insert(0, (graph, model, found))
+    found = blocks(read_view(model), node_modules(model))
+    _CACHE.insert(0, (model, stamp, found))
     del _CACHE[2:]
     return found
 

@@ -58,7 +58,7 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
             "module": modules.get(info.name),
             "morphs": morphs,
         })
-    found = mblocks.blocks(view, modules)
+    found = mblocks.model_blocks(model)
     return {
         "ir_version": model.ir_version,
         "opsets": {(e.domain or "ai.onnx"): e.version for e in model.opset_import},

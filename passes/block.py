@@ -41,12 +41,12 @@ class Writer:
     biases: tuple[tuple[str, int], ...]
 
 
-def find_block(graph: gs.Graph, model: onnx.ModelProto, ref: str, *, view: bool = True) -> mblocks.Block:
+def find_block(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None) -> mblocks.Block:
     """The block named by `ref`: its index, its output tensor, its last residual Add or its module path.
 
-    `view`: `graph` is the model's analysis view (its blocks are remembered), not a graph being edited.
+    In `graph` (a graph being edited) when given, else in the model's analysis view.
     """
-    found = mblocks.model_blocks(graph, model) if view else mblocks.blocks(graph, mblocks.node_modules(model))
+    found = mblocks.model_blocks(model) if graph is None else mblocks.blocks(graph, mblocks.node_modules(model))
     if not found:
         raise NotApplicable("no transformer blocks found: no chain of residual Adds (x + f(x), f holding a "
                             "MatMul/Gemm/Conv layer) on a stream")
@@ -81,10 +81,9 @@ def _writer(block: mblocks.Block, sub: mblocks.Sublayer) -> Writer:
             )
 
 
-def plan(graph: gs.Graph, model: onnx.ModelProto, ref: str, *,
-         view: bool = True) -> tuple[mblocks.Block, list[Writer]]:
+def plan(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None) -> tuple[mblocks.Block, list[Writer]]:
     """The block after which to insert and the writers of its copy; NotApplicable with the reason otherwise."""
-    block = find_block(graph, model, ref, view=view)
+    block = find_block(model, ref, graph)
     name = f"block {block.index}" + (f" ({block.module})" if block.module else "")
     if block.kind == "post-norm":
         raise NotApplicable(
@@ -199,21 +198,21 @@ class BlockPass(MorphPass):
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
         """The block that holds `layer`, for `inspect` (None outside blocks)."""
-        for block in mblocks.model_blocks(mgraph.read_view(model), model):
+        for block in mblocks.model_blocks(model):
             if any(n.name == layer.name for n in block.nodes):
                 return cls(after=block.index)
         return None
 
     def requires(self, model: onnx.ModelProto) -> None:
-        plan(mgraph.read_view(model), model, str(self.after))
+        plan(model, str(self.after))
 
     def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        block, _ = plan(mgraph.read_view(model), model, str(self.after))
+        block, _ = plan(model, str(self.after))
         return {"after": block.index}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         graph = mgraph.import_graph(model)
-        block, writers = plan(graph, model, str(self.after), view=False)
+        block, writers = plan(model, str(self.after), graph)
         namer = mgraph.Namer(graph)
         scope = build.fresh_scope(namer, f"{block.module or 'block_' + str(block.index)}/morph_block")
         readers = list(block.output.outputs)
