@@ -173,17 +173,21 @@ def export(kind: str, dynamo: bool, folder: Path, seed: int = 0) -> HFModel:
     return HFModel(kind, dynamo, path, module, names, time.perf_counter() - start)
 
 
+# One export per model and exporter per process: each test module imports the fixture (so pytest
+# sees one fixture per module), and they all share this cache.
+_EXPORTS: dict[tuple[str, bool], HFModel] = {}
+
+
 @pytest.fixture(scope="session")
 def hf_export(tmp_path_factory: pytest.TempPathFactory):
-    """`hf_export(kind, dynamo)` -> HFModel, exported once per session."""
-    cache: dict[tuple[str, bool], HFModel] = {}
+    """`hf_export(kind, dynamo)` -> HFModel, exported once per test session."""
 
     def get(kind: str, dynamo: bool) -> HFModel:
         if dynamo:
             pytest.importorskip("onnxscript")
         key = (kind, dynamo)
-        if key not in cache:
-            cache[key] = export(kind, dynamo, tmp_path_factory.mktemp(f"hf_{kind}_{int(dynamo)}"))
-        return cache[key]
+        if key not in _EXPORTS or not _EXPORTS[key].path.is_file():
+            _EXPORTS[key] = export(kind, dynamo, tmp_path_factory.mktemp(f"hf_{kind}_{int(dynamo)}"))
+        return _EXPORTS[key]
 
     return get
