@@ -56,7 +56,7 @@ def _verification_options(parser: argparse.ArgumentParser, seed_flag: str) -> No
                        help="seed of the random inputs (default 0)")
     group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
                        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable; "
-                            "by default a dynamic batch dimension is 2)")
+                            "by default a dynamic batch dimension is 2 and a dynamic sequence axis 16)")
     group.add_argument("--inputs", metavar="X.npz", help="compare on these inputs (an .npz with one array per input)")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 

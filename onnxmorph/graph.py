@@ -125,6 +125,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(like.metadata_props)
     del model.functions[:]
     model.functions.extend(like.functions)
+    _keep_node_metadata(model, like)
     model.graph.name = like.graph.name
     model.graph.doc_string = like.graph.doc_string
     _restore_io_order(model, like)
@@ -161,6 +162,15 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     if placed != len(lazy):  # a stand-in went elsewhere (a subgraph): export the plain way
         return gs.export_onnx(graph, do_type_check=False)
     return model
+
+
+def _keep_node_metadata(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Nodes that keep their name keep the metadata the exporter gave them (module paths); graphsurgeon drops it."""
+    recorded = {n.name: n.metadata_props for n in like.graph.node if n.metadata_props and n.name}
+    if recorded:
+        for node in model.graph.node:
+            if node.name in recorded and not node.metadata_props:
+                node.metadata_props.extend(recorded[node.name])
 
 
 def _restore_io_order(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
