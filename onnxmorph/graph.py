@@ -389,6 +389,11 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
 
 
 
+def dtype_of(tensor: gs.Tensor) -> np.dtype:
+    """The element type of a tensor (float32 where the graph does not say)."""
+    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+
+
 def opset(model_or_graph: ModelOrAnalysis | gs.Graph) -> int:
     """The default-domain opset version of a model or graph."""
     if isinstance(model_or_graph, gs.Graph):
