@@ -258,19 +258,17 @@ class SkipPass(MorphPass):
         """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters."""
         nodes = {n.name: n for n in graph.nodes}
         rng = np.random.default_rng(0)
-        for (name, index), items in c.params_by_input().items():
-            node = nodes[name]
-            array = mgraph.values(node.inputs[index])
-            for param in items:
-                inserts = c.spaces[param.space].inserts
-                if param.role == "filter":
-                    # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
-                    array = wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
-                                                        offset=param.offset, block=param.block)
-                else:
-                    array = wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
-                                                 block=param.block)
-            mgraph.set_input_constant(node, index, array)
+
+        def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
+            inserts = c.spaces[param.space].inserts
+            if param.role == "filter":
+                # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
+                return wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
+                                                   offset=param.offset, block=param.block)
+            return wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
+                                        block=param.block)
+
+        channels.grow_params(graph, c, extend)
         for change in c.groups:
             node = nodes[change.node]
             node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups

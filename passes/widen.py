@@ -115,8 +115,10 @@ class WidenPass(MorphPass):
                 except NotApplicable:
                     raise grouped from None
         else:
-            inserts = [(old, added)]
-            coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
+            # where the new channels go is ours to choose: a grouped reader or a channel shuffle may ask
+            # for them spread over its groups
+            coupling, inserts = channels.analyze_placements(view, node.outputs[0].name, axis, [(old, added)],
+                                                            shapes, old=old)
         for name in coupling.layers + [p.node for p in coupling.params]:
             n = mgraph.find_node(view, name)
             for t in n.inputs[1:]:
@@ -134,15 +136,22 @@ class WidenPass(MorphPass):
                     f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
                     f"({self.method} cannot be exact; use --method netmorph)"
                 )
-            if derived:
+            if derived and derived[0].kind == "groups":
                 raise NotApplicable(
                     f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
                     f"({self.method} cannot be exact; use --method netmorph)"
                 )
+            if coupling.copy_blockers or derived:
+                where = (coupling.copy_blockers or [s.derived_from for s in derived] or [self.layer])[0]
+                raise NotApplicable(
+                    f"'{where}' re-arranges the widened channels, so a copy would not sit where its original "
+                    f"is read ({self.method} cannot be exact; use --method netmorph)"
+                )
             modes[0] = "copy"
             rng = np.random.default_rng([self.seed, 1])
-            producer_groups = max([p.groups for p in coupling.producers] or [1])
-            sources[0] = wsolve.replication_sources(old, inserts, rng, producer_groups)
+            # a spread placement puts new channels at the end of each group: each copies one of its group
+            groups = producer_groups(coupling) if producer_groups(coupling) > 1 else len(inserts)
+            sources[0] = wsolve.replication_sources(old, inserts, rng, groups)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
             for space in coupling.spaces:
@@ -220,23 +229,18 @@ class WidenPass(MorphPass):
                 elif guard and np.any(b != 0):
                     raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 
-        for (name, index), items in c.params_by_input().items():
-            node = nodes[name]
-            array = mgraph.values(node.inputs[index])
-            for param in items:
-                space = c.spaces[param.space]
-                src = sources_of(space.id)
-                if param.role == "filter":
-                    mode = "copy" if src is not None else "random"
-                    array = wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
-                                                        offset=param.offset, block=param.block)
-                else:
-                    value = FILL.get(param.role)
-                    if param.role == "slope":
-                        value = float(np.mean(array))
-                    array = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src,
-                                                 offset=param.offset, block=param.block)
-            mgraph.set_input_constant(node, index, array)
+        def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
+            space = c.spaces[param.space]
+            src = sources_of(space.id)
+            if param.role == "filter":
+                mode = "copy" if src is not None else "random"
+                return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
+                                                   offset=param.offset, block=param.block)
+            value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
+            return wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
+                                        block=param.block)
+
+        channels.grow_params(graph, c, extend)
 
         for change in c.groups:
             node = nodes[change.node]
@@ -293,6 +297,10 @@ class WidenPass(MorphPass):
                 noise=self.noise, random_first=plan.guards.get(space.id, 0) if g == 0 else 0))
             start += count
         return np.concatenate(parts, axis=0)
+
+
+def producer_groups(coupling: channels.Coupling) -> int:
+    return max([p.groups for p in coupling.producers] or [1])
 
 
 def _expand_block(first: np.ndarray, block: int) -> np.ndarray:

@@ -1,0 +1,360 @@
+"""Channel rules of the ops that move channels around: concat, reshapes, shuffles, slices, gathers, expands, pads.
+
+Each rule is registered for its op types in `onnxmorph.channels.RULES`; see that module for the
+vocabulary (spaces, slots, visits) and `onnxmorph.channel_rules` for the per-channel ops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxmorph.channels import (
+    Analysis,
+    Misfit,
+    ShapeFix,
+    SplitFix,
+    Visit,
+    constant_ints,
+    insert_positions,
+    map_reshape,
+    rule,
+)
+from onnxmorph.errors import NotApplicable
+
+
+def _part_of(at: int, bounds: list[tuple[int, int]]) -> int:
+    """Which part [start, end) an insertion at entry `at` joins: the one it ends (the first at 0)."""
+    for k, (start, end) in enumerate(bounds):
+        if start < at <= end or at == start == 0:
+            return k
+    raise NotApplicable(f"insertion at {at} is outside the parts {bounds}")
+
+
+def _follow_parts(a: Analysis, v: Visit, bounds: list[tuple[int, int]], targets: list[gs.Tensor | None],
+                  axis: int) -> list[int]:
+    """Give each part [start, end) of the widened axis the new channels that fall in it; their counts.
+
+    When one part holds all the slot's old channels it takes all the new ones (the slot moves
+    there); otherwise each part gets a derived space with the new channels that fall in it.
+    """
+    slot = v.slot
+    space = a.space(slot.space)
+    lo, hi = slot.offset, slot.offset + space.old * slot.block
+    counts = [0] * len(bounds)
+    whole = next((k for k, (start, end) in enumerate(bounds) if start <= lo and hi <= end), None)
+    if whole is not None:
+        counts[whole] = space.added * slot.block
+        if targets[whole] is not None:
+            a.add_slot(targets[whole], axis, lo - bounds[whole][0], slot.block, slot.space, v.where)
+        return counts
+    a.copy_blocker(v.node)  # a new channel may land apart from the old one it would copy
+    found: dict[int, list[tuple[int, int]]] = {}
+    for at, count in insert_positions(space, slot):
+        k = _part_of(at, bounds)
+        counts[k] += count
+        found.setdefault(k, []).append((at - bounds[k][0], count))
+    for k, inserts in found.items():
+        target = targets[k]
+        if target is None:
+            continue
+        if slot.block != 1 or isinstance(target, gs.Constant):
+            raise NotApplicable(f"{v.where}: the channels of '{v.tensor.name}' span several of its parts")
+        derived = a.derive(v.node, bounds[k][1] - bounds[k][0], inserts, "part")
+        a.add_slot(target, axis, 0, 1, derived.id, v.where)
+    return counts
+
+
+@rule("Concat")
+def concat(a: Analysis, v: Visit) -> None:
+    """Along another axis every input carries the channels (a constant one grows: a class token);
+    along the channel axis each input's channels sit at its offset."""
+    node, slot = v.node, v.slot
+    out = node.outputs[0]
+    rank = a.rank(out)
+    axis = int(node.attrs.get("axis", 1))
+    if rank is not None:
+        axis %= rank
+    if axis != slot.axis:
+        for k, t in enumerate(node.inputs):
+            if t is not v.tensor:
+                a.carry(node, k, slot.axis, slot.offset, slot.block, slot.space)
+        if out is not v.tensor:
+            a.add_slot(out, slot.axis, slot.offset, slot.block, slot.space, v.where)
+        return
+    bounds = []
+    start = 0
+    for t in node.inputs:
+        shape = a.shape(t)
+        if shape is None or shape[axis] is None:
+            raise NotApplicable(f"{v.where}: the size of '{t.name}' on the concat axis is unknown")
+        bounds.append((start, start + int(shape[axis])))
+        start += int(shape[axis])
+    if v.backward:
+        # each input that receives new channels widens; one whose new channels span several inputs splits
+        _follow_parts(a, v, bounds, list(node.inputs), axis)
+        return
+    for k, t in enumerate(node.inputs):
+        if t is v.tensor:
+            a.add_slot(out, axis, bounds[k][0] + slot.offset, slot.block, slot.space, v.where)
+
+
+@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def reshape(a: Analysis, v: Visit) -> None:
+    """The channels stay whole blocks of one axis (each owning H*W columns after a Flatten, say)."""
+    node, slot = v.node, v.slot
+    src, dst = (node.outputs[0], node.inputs[0]) if v.backward else (node.inputs[0], node.outputs[0])
+    s_shape, d_shape = a.shape(src), a.shape(dst)
+    if s_shape is None or d_shape is None:
+        raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
+    mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
+    if mapped is None:
+        if node.op == "Reshape" and not v.backward:
+            shuffle(a, v, s_shape, d_shape)
+            return
+        raise NotApplicable(f"{v.where} splits the channel axis of '{src.name}' (e.g. a channel shuffle)")
+    axis, offset, block = mapped
+    if node.op == "Reshape":
+        out_axis = axis if not v.backward else slot.axis
+        _grow_target(a, v, out_axis, out_axis, None)
+    a.add_slot(dst, axis, offset, block, slot.space, v.where)
+
+
+def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
+    """The shape constant (input 1) of a Reshape or Expand: its entry for the channels grows."""
+    node = v.node
+    values = constant_ints(node, 1)
+    if values is None:
+        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
+    position -= a.rank(node.outputs[0]) - len(values) if a.rank(node.outputs[0]) else 0
+    if position < 0 or values[position] in (-1, 1) and node.op == "Expand" or values[position] == -1:
+        return
+    if values[position] == 0 and not int(node.attrs.get("allowzero", 0)):
+        raise NotApplicable(f"{v.where}: its target copies the channel count (0), cannot follow it")
+    a.add_fix(ShapeFix(node.name, 1, position, node.outputs[0].name, out_axis, delta))
+
+
+def _sole_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
+    readers = list(tensor.outputs)
+    if len(readers) == 1 and readers[0].op == op and tensor.name not in a.outputs:
+        return readers[0]
+    return None
+
+
+def shuffle(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> None:
+    """A channel shuffle, Reshape [.., C, ..] -> [.., g, C/g, ..] -> Transpose(g, C/g) -> Reshape back.
+
+    Old channel i*n + j (n = C/g) goes to j*g + i. With the same number of new channels at the end
+    of each of the g groups, the old channels keep their places and the new ones come out last.
+    """
+    node, slot, ax = v.node, v.slot, v.slot.axis
+    where = f"{v.where} splits the channel axis of '{v.tensor.name}'"
+    split = len(d_shape) == len(s_shape) + 1 and tuple(d_shape[:ax]) == tuple(s_shape[:ax]) and tuple(
+        d_shape[ax + 2:]) == tuple(s_shape[ax + 1:]) and d_shape[ax] and d_shape[ax + 1]
+    transpose = _sole_reader(a, node.outputs[0], "Transpose") if split else None
+    perm = list(range(len(d_shape)))
+    perm[ax], perm[ax + 1] = ax + 1, ax
+    if transpose is None or [int(p) for p in transpose.attrs.get("perm", [])] != perm:
+        raise NotApplicable(f"{where} (e.g. a channel shuffle)")
+    back = _sole_reader(a, transpose.outputs[0], "Reshape")
+    if back is None or tuple(a.shape(back.outputs[0]) or ()) != tuple(s_shape) or slot.block != 1:
+        raise NotApplicable(f"{where} (e.g. a channel shuffle)")
+    g, n = int(d_shape[ax]), int(d_shape[ax + 1])
+    space = a.space(slot.space)
+    added = space.added
+    merged: dict[int, int] = {}
+    for at, count in insert_positions(space, slot):
+        merged[at] = merged.get(at, 0) + count
+    want = {(k + 1) * n: added // g for k in range(g)}
+    if added % g or merged != want:
+        spread = [(at - slot.offset, added // g) for at in want if 0 <= at - slot.offset <= space.old]
+        fits = not added % g and len(spread) == g
+        raise Misfit(f"{where} into {g} groups (a channel shuffle): the new channels must be spread evenly "
+                     f"over the groups (a multiple of {g})", slot.space, spread if fits else None)
+    _grow_target(a, Visit(node, slot, v.tensor, False), ax + 1, ax + 1, added // g)
+    _grow_target(a, Visit(back, slot, transpose.outputs[0], False), ax, ax, added)
+    a.result.stale += [node.outputs[0].name, transpose.outputs[0].name]
+    a.copy_blocker(node)
+    derived = a.derive(back, g * n, [(g * n, added)], "shuffle")
+    a.add_slot(back.outputs[0], ax, 0, 1, derived.id, v.where)
+
+
+@rule("Transpose")
+def transpose(a: Analysis, v: Visit) -> None:
+    """The channels move to the permuted axis."""
+    node = v.node
+    perm = node.attrs.get("perm")
+    if perm is None:
+        rank = a.rank(node.inputs[0])
+        if rank is None:
+            raise NotApplicable(f"{v.where}: unknown rank, cannot follow the channels")
+        perm = list(range(rank))[::-1]
+    perm = [int(p) for p in perm]
+    if v.backward:
+        a.carry(node, 0, perm[v.slot.axis], v.slot.offset, v.slot.block, v.slot.space)
+    else:
+        a.add_slot(node.outputs[0], perm.index(v.slot.axis), v.slot.offset, v.slot.block, v.slot.space, v.where)
+
+
+@rule("Pad")
+def pad(a: Analysis, v: Visit) -> None:
+    """Padding off the channel axis; a non-zero constant value stops new zero channels being zero."""
+    node, slot = v.node, v.slot
+    if "pads" in node.attrs:
+        pads = [int(p) for p in node.attrs["pads"]]
+        value = float(node.attrs.get("value", 0.0))
+    elif len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        pads = constant_ints(node, 1) or []
+        value = 0.0
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size:
+            value = float(np.asarray(node.inputs[2].values).reshape(-1)[0])
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            raise NotApplicable(f"{v.where}: padding with explicit axes is not supported")
+    else:
+        raise NotApplicable(f"{v.where}: its pads are computed")
+    rank = len(pads) // 2
+    shape = a.shape(node.inputs[0])
+    if shape is not None and len(shape) != rank:
+        raise NotApplicable(f"{v.where}: unexpected pads length")
+    if pads[slot.axis] or pads[slot.axis + rank]:
+        raise NotApplicable(f"{v.where} pads the channel axis")
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "constant" and value != 0.0:
+        a.blocker(node, slot.space)
+    a.through(v)
+
+
+@rule("Resize", "Upsample")
+def resize(a: Analysis, v: Visit) -> None:
+    """Resizing off the channel axis; constant output sizes grow with the channels."""
+    node, slot = v.node, v.slot
+    if "scales" in node.attrs:
+        if float(node.attrs["scales"][slot.axis]) != 1.0:
+            raise NotApplicable(f"{v.where} resizes the channel axis")
+        a.through(v)
+        return
+    scale_index = 1 if node.op == "Upsample" or a.graph.opset < 11 else 2
+    scales = node.inputs[scale_index] if len(node.inputs) > scale_index else None
+    sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 else None
+    if scales is not None and scales.name and isinstance(scales, gs.Constant) and scales.values.size:
+        if float(np.asarray(scales.values).reshape(-1)[slot.axis]) != 1.0:
+            raise NotApplicable(f"{v.where} resizes the channel axis")
+    elif sizes is not None and isinstance(sizes, gs.Constant) and sizes.values.size:
+        if "axes" in node.attrs:
+            raise NotApplicable(f"{v.where}: sizes with explicit axes are not supported")
+        a.add_fix(ShapeFix(node.name, 3, slot.axis, node.outputs[0].name, slot.axis))
+    else:
+        raise NotApplicable(f"{v.where}: its scales or sizes are computed")
+    a.through(v)
+
+
+@rule("Slice")
+def slice_(a: Analysis, v: Visit) -> None:
+    """Slicing other axes passes the channels; on the channel axis the new channels inside the slice go along."""
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    legacy = "starts" in node.attrs
+    starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
+    if v.tensor is not node.inputs[0] and v.tensor is not node.outputs[0]:
+        raise NotApplicable(f"{v.where}: the channels reach its parameter '{v.tensor.name}'")
+    if starts is None or ends is None or rank is None:
+        raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
+    axes = [x % rank for x in (constant_ints(node, 3, "axes") or range(len(starts)))]
+    steps = constant_ints(node, 4) or [1] * len(axes)
+    if slot.axis not in axes:
+        a.through(v)
+        return
+    i = axes.index(slot.axis)
+    dim = (a.shape(node.inputs[0]) or [None] * rank)[slot.axis]
+    if v.backward or steps[i] != 1 or starts[i] < 0 or ends[i] < 0 or dim is None:
+        raise NotApplicable(f"{v.where} slices the channel axis of '{v.tensor.name}' (backward, with a step, from "
+                            "the end or of unknown size): not supported")
+    start, end = min(starts[i], dim), min(ends[i], dim)
+    head = [(0, start)] if start > 0 else []
+    counts = _follow_parts(a, v, head + [(start, end), (end, dim)], [None] * len(head) + [node.outputs[0], None],
+                           slot.axis)
+    before, inside = (counts[0], counts[1]) if head else (0, counts[0])
+    if before:
+        a.add_fix(ShapeFix(node.name, 1, i, node.outputs[0].name, slot.axis, before, "starts" if legacy else None))
+    if before + inside and ends[i] < dim + sum(counts):
+        a.add_fix(ShapeFix(node.name, 2, i, node.outputs[0].name, slot.axis, before + inside,
+                           "ends" if legacy else None))
+
+
+@rule("Split")
+def split(a: Analysis, v: Visit) -> None:
+    """Splitting other axes passes the channels to every part; on the channel axis each part takes its new ones."""
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    axis = int(node.attrs.get("axis", 0)) % rank if rank else None
+    if v.tensor is not node.inputs[0] and v.tensor not in node.outputs:
+        raise NotApplicable(f"{v.where}: the channels reach its parameter '{v.tensor.name}'")
+    if axis is None:
+        raise NotApplicable(f"{v.where}: the rank of its input is unknown")
+    if axis != slot.axis:
+        for t in [node.inputs[0], *node.outputs]:
+            if t is not v.tensor:
+                a.add_slot(t, slot.axis, slot.offset, slot.block, slot.space, v.where)
+        return
+    dim = (a.shape(node.inputs[0]) or [None] * rank)[axis]
+    sizes = constant_ints(node, 1, "split")
+    if sizes is None and dim is not None and not (len(node.inputs) > 1 and node.inputs[1].name):
+        each = -(-dim // len(node.outputs))
+        sizes = [min(each, dim - k * each) for k in range(len(node.outputs))]
+    if v.backward or sizes is None:
+        raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' (backward or with computed "
+                            "sizes): not supported")
+    bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
+    counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
+    if any(counts):
+        a.add_fix(SplitFix(node.name, tuple(s + c for s, c in zip(sizes, counts))))
+
+
+@rule("Gather")
+def gather(a: Analysis, v: Visit) -> None:
+    """Gathering along another axis passes the channels (shifted by the indices' rank)."""
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    idx = a.rank(node.inputs[1]) if not isinstance(node.inputs[1], gs.Constant) else node.inputs[1].values.ndim
+    if rank is None or idx is None and not isinstance(node.inputs[1], gs.Constant):
+        raise NotApplicable(f"{v.where}: the ranks around it are unknown, cannot follow the channels")
+    idx = idx or 0
+    axis = int(node.attrs.get("axis", 0)) % rank
+    if v.tensor is node.inputs[1]:
+        raise NotApplicable(f"{v.where}: the channels reach its indices")
+    if not v.backward:
+        if slot.axis == axis:
+            raise NotApplicable(f"{v.where} gathers along the channel axis of '{v.tensor.name}': not supported")
+        out_axis = slot.axis if slot.axis < axis else slot.axis + idx - 1
+        a.add_slot(node.outputs[0], out_axis, slot.offset, slot.block, slot.space, v.where)
+        return
+    if axis <= slot.axis < axis + idx:
+        raise NotApplicable(f"{v.where}: its channel axis comes from the indices")
+    in_axis = slot.axis if slot.axis < axis else slot.axis - idx + 1
+    a.carry(node, 0, in_axis, slot.offset, slot.block, slot.space)
+
+
+@rule("Expand", "Tile")
+def expand(a: Analysis, v: Visit) -> None:
+    """Broadcasting or tiling other axes: the channels pass (a constant input grows, a shape constant too)."""
+    node, slot = v.node, v.slot
+    out_rank, in_rank = a.rank(node.outputs[0]), a.rank(node.inputs[0])
+    if v.tensor is not node.inputs[0] and v.tensor is not node.outputs[0]:
+        raise NotApplicable(f"{v.where}: the channels reach its shape input")
+    if out_rank is None or in_rank is None:
+        raise NotApplicable(f"{v.where}: the ranks around it are unknown, cannot follow the channels")
+    out_axis = slot.axis + (out_rank - in_rank) if not v.backward else slot.axis
+    in_axis = out_axis - (out_rank - in_rank)
+    if node.op == "Tile":
+        repeats = constant_ints(node, 1)
+        if repeats is None or repeats[in_axis] != 1:
+            raise NotApplicable(f"{v.where} repeats the channel axis (or its repeats are computed)")
+    else:
+        _grow_target(a, v, out_axis, out_axis, None)
+    if not v.backward:
+        a.add_slot(node.outputs[0], out_axis, slot.offset, slot.block, slot.space, v.where)
+    elif in_axis >= 0 and (a.shape(node.inputs[0]) or [None] * in_rank)[in_axis] != 1:
+        a.carry(node, 0, in_axis, slot.offset, slot.block, slot.space)
+    else:
+        a.blocker(node, slot.space)  # the new channels are copies of one broadcast value
