@@ -109,8 +109,8 @@ def reshape(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
-        if node.op == "Reshape" and not v.backward:
-            shuffle(a, v, s_shape, d_shape)
+        if node.op == "Reshape":
+            (unshuffle if v.backward else shuffle)(a, v)
             return
         raise NotApplicable(f"{v.where} splits the channel axis of '{src.name}' (e.g. a channel shuffle)")
     axis, offset, block = mapped
@@ -141,42 +141,90 @@ def _sole_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
     return None
 
 
-def shuffle(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> None:
-    """A channel shuffle, Reshape [.., C, ..] -> [.., g, C/g, ..] -> Transpose(g, C/g) -> Reshape back.
+def _shuffle_around(a: Analysis, first: gs.Node, ax: int) -> tuple[gs.Node, gs.Node, int, int] | None:
+    """(Transpose, last Reshape, g, n) when `first` starts a channel shuffle of axis `ax` into g groups of n."""
+    src, dst = a.shape(first.inputs[0]), a.shape(first.outputs[0])
+    if src is None or dst is None or len(dst) != len(src) + 1 or not dst[ax] or not dst[ax + 1]:
+        return None
+    if tuple(dst[:ax]) != tuple(src[:ax]) or tuple(dst[ax + 2:]) != tuple(src[ax + 1:]):
+        return None
+    transpose = _sole_reader(a, first.outputs[0], "Transpose")
+    perm = list(range(len(dst)))
+    perm[ax], perm[ax + 1] = ax + 1, ax
+    if transpose is None or [int(p) for p in transpose.attrs.get("perm", [])] != perm:
+        return None
+    back = _sole_reader(a, transpose.outputs[0], "Reshape")
+    if back is None or tuple(a.shape(back.outputs[0]) or ()) != tuple(src):
+        return None
+    return transpose, back, int(dst[ax]), int(dst[ax + 1])
 
-    Old channel i*n + j (n = C/g) goes to j*g + i. With the same number of new channels at the end
-    of each of the g groups, the old channels keep their places and the new ones come out last.
+
+def _shuffle_grows(a: Analysis, v: Visit, first: gs.Node, pattern: tuple[gs.Node, gs.Node, int, int],
+                   per_group: int) -> None:
+    """The shuffle takes `per_group` new channels at the end of each group: its shape constants grow."""
+    transpose, back, g, _n = pattern
+    ax = v.slot.axis
+    if a.memo.setdefault(("shuffle", first.name), v.slot) != v.slot:
+        raise NotApplicable(f"{v.where}: two widened tensors reach the channel shuffle at '{first.name}'")
+    _grow_target(a, Visit(first, v.slot, first.inputs[0], False), ax + 1, ax + 1, per_group)
+    _grow_target(a, Visit(back, v.slot, transpose.outputs[0], False), ax, ax, per_group * g)
+    a.result.stale += [first.outputs[0].name, transpose.outputs[0].name]
+    a.copy_blocker(first)
+
+
+def shuffle(a: Analysis, v: Visit) -> None:
+    """A channel shuffle, Reshape [.., C, ..] -> [.., g, n, ..] -> Transpose(g, n) -> Reshape back (C = g*n).
+
+    Old channel i*n + j goes to j*g + i. With k new channels at the end of each of the g groups,
+    the old channels keep their places and the g*k new ones come out last. Groups outside the
+    slot get k new channels of their own (a derived space: their producers get new filters).
     """
     node, slot, ax = v.node, v.slot, v.slot.axis
     where = f"{v.where} splits the channel axis of '{v.tensor.name}'"
-    split = len(d_shape) == len(s_shape) + 1 and tuple(d_shape[:ax]) == tuple(s_shape[:ax]) and tuple(
-        d_shape[ax + 2:]) == tuple(s_shape[ax + 1:]) and d_shape[ax] and d_shape[ax + 1]
-    transpose = _sole_reader(a, node.outputs[0], "Transpose") if split else None
-    perm = list(range(len(d_shape)))
-    perm[ax], perm[ax + 1] = ax + 1, ax
-    if transpose is None or [int(p) for p in transpose.attrs.get("perm", [])] != perm:
+    pattern = _shuffle_around(a, node, ax)
+    if pattern is None or slot.block != 1:
         raise NotApplicable(f"{where} (e.g. a channel shuffle)")
-    back = _sole_reader(a, transpose.outputs[0], "Reshape")
-    if back is None or tuple(a.shape(back.outputs[0]) or ()) != tuple(s_shape) or slot.block != 1:
-        raise NotApplicable(f"{where} (e.g. a channel shuffle)")
-    g, n = int(d_shape[ax]), int(d_shape[ax + 1])
+    _transpose, back, g, n = pattern
     space = a.space(slot.space)
-    added = space.added
+    lo, hi = slot.offset, slot.offset + space.old
     merged: dict[int, int] = {}
     for at, count in insert_positions(space, slot):
         merged[at] = merged.get(at, 0) + count
-    want = {(k + 1) * n: added // g for k in range(g)}
-    if added % g or merged != want:
-        spread = [(at - slot.offset, added // g) for at in want if 0 <= at - slot.offset <= space.old]
-        fits = not added % g and len(spread) == g
-        raise Misfit(f"{where} into {g} groups (a channel shuffle): the new channels must be spread evenly "
-                     f"over the groups (a multiple of {g})", slot.space, spread if fits else None)
-    _grow_target(a, Visit(node, slot, v.tensor, False), ax + 1, ax + 1, added // g)
-    _grow_target(a, Visit(back, slot, transpose.outputs[0], False), ax, ax, added)
-    a.result.stale += [node.outputs[0].name, transpose.outputs[0].name]
-    a.copy_blocker(node)
-    derived = a.derive(back, g * n, [(g * n, added)], "shuffle")
+    inside = [(i + 1) * n for i in range(g) if lo <= (i + 1) * n <= hi]
+    k = next(iter(merged.values()))
+    if sorted(merged) != inside or len(set(merged.values())) != 1:
+        per = space.added // len(inside) if inside and not space.added % len(inside) else 0
+        raise Misfit(f"{where} into {g} groups (a channel shuffle): the new channels must be spread evenly over "
+                     f"the groups (a multiple of {g})", slot.space, [(at - lo, per) for at in inside] if per else None)
+    _shuffle_grows(a, v, node, pattern, k)
+    for i in range(g):
+        if not lo <= (i + 1) * n <= hi:
+            companion = a.derive(node, n, [(n, k)], "shuffle")
+            a.add_slot(node.inputs[0], ax, i * n, 1, companion.id, v.where)
+    derived = a.derive(back, g * n, [(g * n, g * k)], "shuffle")
     a.add_slot(back.outputs[0], ax, 0, 1, derived.id, v.where)
+
+
+def unshuffle(a: Analysis, v: Visit) -> None:
+    """Backwards through a channel shuffle: new channels at the end of its output come from the end of each group."""
+    back, slot, ax = v.node, v.slot, v.slot.axis
+    where = f"{v.where} merges the channel axis of '{v.tensor.name}'"
+    transpose = back.inputs[0].inputs[0] if back.inputs[0].inputs else None
+    first = transpose.inputs[0].inputs[0] if transpose is not None and transpose.inputs[0].inputs else None
+    pattern = _shuffle_around(a, first, ax) if first is not None and first.op == "Reshape" else None
+    if pattern is None or pattern[1] is not back or slot.block != 1:
+        raise NotApplicable(f"{where} (e.g. a channel shuffle), cannot follow the channels back")
+    g, n = pattern[2], pattern[3]
+    space = a.space(slot.space)
+    positions = insert_positions(space, slot)
+    if space.added % g or any(at != g * n for at, _ in positions):
+        fits = slot.offset == 0 and space.old == g * n and not space.added % g
+        raise Misfit(f"{where} (a channel shuffle of {g} groups): new channels must come last, a multiple of {g}",
+                     slot.space, [(space.old, space.added)] if fits else None)
+    k = space.added // g
+    _shuffle_grows(a, Visit(first, slot, first.inputs[0], False), first, pattern, k)
+    derived = a.derive(first, g * n, [((i + 1) * n, k) for i in range(g)], "shuffle")
+    a.add_slot(first.inputs[0], ax, 0, 1, derived.id, v.where)
 
 
 @rule("Transpose")
@@ -302,13 +350,30 @@ def split(a: Analysis, v: Visit) -> None:
     if sizes is None and dim is not None and not (len(node.inputs) > 1 and node.inputs[1].name):
         each = -(-dim // len(node.outputs))
         sizes = [min(each, dim - k * each) for k in range(len(node.outputs))]
-    if v.backward or sizes is None:
-        raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' (backward or with computed "
-                            "sizes): not supported")
+    if sizes is None or dim is None:
+        raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
+                            "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
-    counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
+    if v.backward:
+        counts = _split_backward(a, v, bounds, dim)
+    else:
+        counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
     if any(counts):
         a.add_fix(SplitFix(node.name, tuple(s + c for s, c in zip(sizes, counts))))
+
+
+def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
+    """New channels in one part of a Split come from the same place of its input (a derived space there)."""
+    k = next(i for i, t in enumerate(v.node.outputs) if t is v.tensor)
+    if v.slot.block != 1:
+        raise NotApplicable(f"{v.where}: the channels of '{v.tensor.name}' split its parts")
+    positions = insert_positions(a.space(v.slot.space), v.slot)
+    derived = a.derive(v.node, dim, [(bounds[k][0] + at, c) for at, c in positions], "part")
+    a.copy_blocker(v.node)
+    a.add_slot(v.node.inputs[0], v.slot.axis, 0, 1, derived.id, v.where)
+    counts = [0] * len(bounds)
+    counts[k] = derived.added
+    return counts
 
 
 @rule("Gather")

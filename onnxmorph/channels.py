@@ -397,6 +397,8 @@ class Analysis:
 
     def add_fix(self, fix: ShapeFix | SplitFix) -> None:
         target = self.result.split_fixes if isinstance(fix, SplitFix) else self.result.shape_fixes
+        if isinstance(fix, SplitFix) and any(f.node == fix.node and f != fix for f in self.result.split_fixes):
+            raise NotApplicable(f"Split '{fix.node}' would take new channels from two sides")
         if fix not in target:
             target.append(fix)
 

@@ -34,6 +34,9 @@ class _Plan:
     sources: dict[int, np.ndarray]
     guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
 
+    def sources_of(self, space: int) -> np.ndarray | None:
+        return self.sources.get(space) if self.modes[space] == "copy" else None
+
 
 def _out_channels(node: gs.Node, shapes: channels.Shapes) -> tuple[int, int, int]:
     """(channel axis of the output, channel count, groups) of layer `node`."""
@@ -94,59 +97,14 @@ class WidenPass(MorphPass):
         where = f"layer '{self.layer}'"
         if self.width <= old:
             raise NotApplicable(f"{where} has {old} output channels already; --width must be larger")
-        added = self.width - old
         if self.noise and self.method != "net2net":
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
-        if node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1:
-            # new channels go at the end of every group; when what follows needs them after all the
-            # old channels (an LRN), the conv becomes dense instead (its compute grows `groups` times)
-            per = old // groups
-            try:
-                if added % groups:
-                    raise NotApplicable(
-                        f"{where} has {groups} groups: --width must grow it by a multiple of {groups}")
-                inserts = [((g + 1) * per, added // groups) for g in range(groups)]
-                coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
-            except NotApplicable as grouped:
-                inserts = [(old, added)]
-                try:
-                    coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old,
-                                                ungroup=[node.name])
-                except NotApplicable:
-                    raise grouped from None
-        else:
-            # where the new channels go is ours to choose: a grouped reader or a channel shuffle may ask
-            # for them spread over its groups
-            coupling, inserts = channels.analyze_placements(view, node.outputs[0].name, axis, [(old, added)],
-                                                            shapes, old=old)
-        for name in coupling.layers + [p.node for p in coupling.params]:
-            n = mgraph.find_node(view, name)
-            for t in n.inputs[1:]:
-                if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
-                    raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
-            if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
-                kind = n.inputs[1].values.dtype
-                raise NotApplicable(f"{n.op} '{n.name}': its weight type {kind} is not a float type")
+        coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
+        _check_types(view, coupling)
         modes: dict[int, str] = {}
         sources: dict[int, np.ndarray] = {}
-        derived = [s for s in coupling.spaces if s.derived_from]
         if self.method != "netmorph":
-            if coupling.lrn:
-                raise NotApplicable(
-                    f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
-                    f"({self.method} cannot be exact; use --method netmorph)"
-                )
-            if derived and derived[0].kind == "groups":
-                raise NotApplicable(
-                    f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
-                    f"({self.method} cannot be exact; use --method netmorph)"
-                )
-            if coupling.copy_blockers or derived:
-                where = (coupling.copy_blockers or [s.derived_from for s in derived] or [self.layer])[0]
-                raise NotApplicable(
-                    f"'{where}' re-arranges the widened channels, so a copy would not sit where its original "
-                    f"is read ({self.method} cannot be exact; use --method netmorph)"
-                )
+            self._check_copies(coupling)
             modes[0] = "copy"
             rng = np.random.default_rng([self.seed, 1])
             # a spread placement puts new channels at the end of each group: each copies one of its group
@@ -165,6 +123,51 @@ class WidenPass(MorphPass):
                 modes[space.id] = "random"
         guards = {k: min(v, coupling.spaces[k].added) for k, v in coupling.lrn_guard.items()}
         return _Plan(coupling, modes, sources, guards)
+
+    def _couple(self, view: gs.Graph, node: gs.Node, shapes: channels.Shapes, axis: int, old: int,
+                groups: int) -> tuple[channels.Coupling, Any]:
+        """The coupling of the widened channels and where the new ones go (the insertions)."""
+        added = self.width - old
+        tensor = node.outputs[0].name
+        if not (node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1):
+            # where the new channels go is ours to choose: a grouped reader or a channel shuffle may ask
+            # for them spread over its groups
+            return channels.analyze_placements(view, tensor, axis, [(old, added)], shapes, old=old)
+        # new channels go at the end of every group; when what follows needs them after all the
+        # old channels (an LRN), the conv becomes dense instead (its compute grows `groups` times)
+        per = old // groups
+        try:
+            if added % groups:
+                raise NotApplicable(
+                    f"layer '{self.layer}' has {groups} groups: --width must grow it by a multiple of {groups}")
+            inserts = [((g + 1) * per, added // groups) for g in range(groups)]
+            return channels.analyze(view, tensor, axis, inserts, shapes, old=old), inserts
+        except NotApplicable as grouped:
+            inserts = [(old, added)]
+            try:
+                return channels.analyze(view, tensor, axis, inserts, shapes, old=old, ungroup=[node.name]), inserts
+            except NotApplicable:
+                raise grouped from None
+
+    def _check_copies(self, coupling: channels.Coupling) -> None:
+        """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
+        if coupling.lrn:
+            raise NotApplicable(
+                f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
+                f"({self.method} cannot be exact; use --method netmorph)"
+            )
+        derived = [s for s in coupling.spaces if s.derived_from]
+        if derived and derived[0].kind == "groups":
+            raise NotApplicable(
+                f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
+                f"({self.method} cannot be exact; use --method netmorph)"
+            )
+        if coupling.copy_blockers or derived:
+            where = (coupling.copy_blockers or [s.derived_from for s in derived])[0]
+            raise NotApplicable(
+                f"'{where}' re-arranges the widened channels, so a copy would not sit where its original "
+                f"is read ({self.method} cannot be exact; use --method netmorph)"
+            )
 
     def _check_grouped_copies(self, view: gs.Graph, coupling: channels.Coupling, sources: np.ndarray) -> None:
         for consumer in coupling.consumers:
@@ -206,32 +209,12 @@ class WidenPass(MorphPass):
         graph = mgraph.import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
         rng = np.random.default_rng([self.seed, 2])
-
-        def sources_of(space: int) -> np.ndarray | None:
-            return plan.sources.get(space) if plan.modes[space] == "copy" else None
-
         for p in c.producers:
-            node = nodes[p.node]
-            space = c.spaces[p.slot.space]
-            mode = plan.modes[space.id]
-            w = mgraph.values(node.inputs[1])
-            if p.ungroup:
-                w = wsolve.ungroup_weight(w, p.ungroup)
-                node.attrs["group"] = 1
-            guard = plan.guards.get(space.id, 0)
-            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, p.weight_axis, space.inserts, rng, mode=mode, sources=sources_of(space.id), zero_first=guard))
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-                b = mgraph.values(node.inputs[2])
-                if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
-                    mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                        b, -1, space.inserts, 0.0, sources=sources_of(space.id)))
-                elif guard and np.any(b != 0):
-                    raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
+            _grow_producer(nodes[p.node], p, plan, rng)
 
         def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
             space = c.spaces[param.space]
-            src = sources_of(space.id)
+            src = plan.sources_of(space.id)
             if param.role == "filter":
                 mode = "copy" if src is not None else "random"
                 return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
@@ -241,19 +224,8 @@ class WidenPass(MorphPass):
                                         block=param.block)
 
         channels.grow_params(graph, c, extend)
-
         for change in c.groups:
-            node = nodes[change.node]
-            node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-            if change.derived is None:
-                continue
-            w = mgraph.values(node.inputs[1])
-            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-                mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                    mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
-
+            _grow_groups(nodes[change.node], change, plan, rng)
         by_consumer: dict[str, list[channels.Consumer]] = {}
         for consumer in c.consumers:
             by_consumer.setdefault(consumer.node, []).append(consumer)
@@ -263,7 +235,6 @@ class WidenPass(MorphPass):
             for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
                 w = self._outgoing(node, w, consumer, c, plan, rng)
             mgraph.set_input_constant(node, 1, w)
-
         channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
@@ -297,6 +268,49 @@ class WidenPass(MorphPass):
                 noise=self.noise, random_first=plan.guards.get(space.id, 0) if g == 0 else 0))
             start += count
         return np.concatenate(parts, axis=0)
+
+
+def _check_types(view: gs.Graph, coupling: channels.Coupling) -> None:
+    for name in coupling.layers + [p.node for p in coupling.params]:
+        n = mgraph.find_node(view, name)
+        for t in n.inputs[1:]:
+            if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
+                raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
+        if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
+            raise NotApplicable(f"{n.op} '{n.name}': its weight type {n.inputs[1].values.dtype} is not a float type")
+
+
+def _grow_producer(node: gs.Node, p: channels.Producer, plan: _Plan, rng: np.random.Generator) -> None:
+    """New filters (and bias entries) for a layer writing the channels."""
+    space = plan.coupling.spaces[p.slot.space]
+    w = mgraph.values(node.inputs[1])
+    if p.ungroup:
+        w = wsolve.ungroup_weight(w, p.ungroup)
+        node.attrs["group"] = 1
+    guard = plan.guards.get(space.id, 0)
+    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+        w, p.weight_axis, space.inserts, rng, mode=plan.modes[space.id], sources=plan.sources_of(space.id),
+        zero_first=guard))
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        b = mgraph.values(node.inputs[2])
+        if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
+            mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id)))
+        elif guard and np.any(b != 0):
+            raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
+
+
+def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: np.random.Generator) -> None:
+    """More groups for a depthwise or grouped Conv; a grouped one gets the new groups' filters."""
+    node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
+    if change.derived is None:
+        return
+    w = mgraph.values(node.inputs[1])
+    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+        w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+            mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
 
 
 def producer_groups(coupling: channels.Coupling) -> int:

@@ -15,14 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx
+import torch  # the test modules importorskip torch before importing this one
+from torch import nn
 
 import onnxmorph
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.verify import Verifier
-
-import torch  # noqa: E402  (the test modules importorskip torch before importing this one)
-from torch import nn  # noqa: E402
 
 F = nn.functional
 
@@ -248,6 +247,29 @@ def _googlenet() -> nn.Module:
     return Classifier(nn.Sequential(conv_bn(3, 16, 3, 2), nn.MaxPool2d(3, 2, 1), Inception(16, 8, (8, 12), (4, 6), 6),
                                     Inception(32, 12, (8, 16), (4, 8), 8), nn.MaxPool2d(3, 2, 1),
                                     Inception(44, 16, (12, 16), (4, 8), 8)), 48, pool="adaptive")
+
+
+class Patterns(nn.Module):
+    """One small net with every pattern the rule table added: mean pooling and squeeze-and-excitation, a grouped
+    conv, a channel shuffle after a split, a per-channel scale read twice, and a class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.mb = InvertedResidual(16, 16, 2, 1, nn.Hardswish, "v3")
+        self.reg = RegNetBlock(16, 16, 1)
+        self.shuffle = ShuffleUnit(16, 16, 1)
+        self.a, self.b = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 16)), nn.Parameter(torch.randn(1, 65, 16) * 0.1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shuffle(self.reg(self.mb(self.stem(x))))
+        x = x + self.scale * self.a(x) + self.scale * self.b(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.fc(t.mean(1))
 
 
 ARCHITECTURES = {
