@@ -296,7 +296,10 @@ def _group_growth(a: Analysis, node: gs.Node, where: str, groups: int, per_group
     space = a.space(space_id)
     k = space.added // groups if space.added % groups == 0 else 0
     expected = tuple(((g + 1) * per_group, k) for g in range(groups))
-    if not k or space.inserts != expected:
+    if k and space.inserts != expected:
+        raise Misfit(f"{where} has {groups} groups: its new channels must sit at the end of each group",
+                     space_id, expected)
+    if not k:
         old = space.old
         lower, upper = old + max(space.added // groups, 1) * groups, old + math.ceil(space.added / groups) * groups
         near = f"{lower}" if lower == upper else f"{lower} or {upper}"

@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 
 import cnn_zoo  # noqa: E402  (needs torch)
 
+import onnxmorph  # noqa: E402
+
 EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
 
 
@@ -54,6 +56,15 @@ def test_every_pattern_widens_exactly(dynamo: bool) -> None:
         # the TorchScript exporter computes the shuffle's and the class token's shapes with Shape: those refuse
         assert len(verified) >= 8, result.refused
         assert all("Shape" in r or "shuffle" in r or "size of" in r for r in result.refused.values()), result.refused
+
+
+def test_inspect_says_per_layer_whether_widen_applies() -> None:
+    info = onnxmorph.inspect(_patterns(False))
+    verdicts = {layer["name"]: layer["morphs"]["widen"] for layer in info["layers"]}
+    assert verdicts["/mb/body/body.0/body.0.0/Conv"]["applies"]  # through hardswish, SE and a residual
+    assert "graph output" in verdicts["/fc/Gemm"]["reason"]
+    refused = [v["reason"] for v in verdicts.values() if not v["applies"]]
+    assert any(r.startswith("Shape '/shuffle/Shape' reads the channel count") for r in refused), refused
 
 
 SAMPLE = {"shufflenet_v2": 8, "regnet": 6}
