@@ -39,6 +39,7 @@ POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool
 REDUCE_KEEPS_ZERO = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
                      "ReduceProd")
 REDUCE_OTHER = ("ReduceLogSum", "ReduceLogSumExp")
+UNIFORM_REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin")  # unchanged over an axis whose channels are tiled
 # opsets from which each reduction takes its axes as an input instead of an attribute
 AXES_INPUT_FROM = {"ReduceSum": 13}
 
@@ -119,15 +120,36 @@ def norm(a: Analysis, v: Visit) -> None:
     a.through(v)
 
 
-@rule("LayerNormalization", keeps_zero=False)
+def covers_axis(a: Analysis, v: Visit) -> bool:
+    """Whether the slot is the whole of its tensor's axis (a stream widened as a whole, e.g. a hidden size)."""
+    shape = a.shape(v.tensor)
+    size = shape[v.slot.axis] if shape else None
+    return v.slot.offset == 0 and v.slot.block == 1 and size is not None and a.space(v.slot.space).old == size
+
+
+@rule("LayerNormalization", "RMSNormalization", keeps_zero=False)
 def layer_norm(a: Analysis, v: Visit) -> None:
-    """Normalises the axes from `axis` on: exact only when the channels are not among them."""
-    rank = a.rank(v.node.inputs[0])
-    axis = int(v.node.attrs.get("axis", -1))
-    if rank is None or v.slot.axis >= axis % rank or v.tensor is not v.node.inputs[0] and (
-            v.tensor is not v.node.outputs[0]):
+    """Normalises the axes from `axis` on: the channels pass when they are not among them.
+
+    When the channels are the one normalised axis, the norm is exact if the stream is tiled (every
+    channel copied equally: same mean, variance and mean square) with gamma and beta copied alike.
+    """
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    axis = int(node.attrs.get("axis", -1)) % rank if rank else None
+    if rank is None or v.tensor is not node.inputs[0] and v.tensor is not node.outputs[0]:
         raise NotApplicable(f"{v.where} normalises over the widened axis: widening '{v.tensor.name}' cannot "
                             "preserve the function")
+    if slot.axis < axis:
+        a.through(v)
+        return
+    params = [k for k in (1, 2) if len(node.inputs) > k and node.inputs[k].name]
+    if axis != rank - 1 or not covers_axis(a, v) or any(not isinstance(node.inputs[k], gs.Constant) for k in params):
+        raise NotApplicable(f"{v.where} normalises over the widened axis: widening '{v.tensor.name}' cannot "
+                            "preserve the function")
+    a.uniform(node)
+    for k in params:
+        a.add_param(node, k, -1, 0, 1, slot.space, "scale" if k == 1 else "shift")
     a.through(v)
 
 
@@ -215,6 +237,9 @@ def reduce(a: Analysis, v: Visit) -> None:
     if not v.backward:
         if v.tensor is not node.inputs[0]:
             raise NotApplicable(f"{v.where}: the channels reach its axes input")
+        if slot.axis in axes and node.op in UNIFORM_REDUCE and covers_axis(a, v):
+            a.uniform(node)  # the mean (max, min) over a tiled axis is the old one: nothing widens after it
+            return
         if slot.axis in axes:
             raise NotApplicable(f"{v.where} reduces over the channel axis of '{v.tensor.name}': it cannot be "
                                 "preserved")

@@ -174,6 +174,8 @@ class Coupling:
     zero_blockers: dict[int, list[str]] = field(default_factory=dict)
     # ops that separate a new channel from the old one it would copy (net2net/lemon cannot be exact)
     copy_blockers: list[str] = field(default_factory=list)
+    # ops exact only when every channel is copied equally (norms and means over the widened axis: tiling)
+    uniform: list[str] = field(default_factory=list)
     # tensors whose shape changes although no slot names them (inside a channel shuffle)
     stale: list[str] = field(default_factory=list)
 
@@ -383,6 +385,10 @@ class Analysis:
         self.result.zero_blockers.setdefault(space, [])
         if node.name not in self.result.zero_blockers[space]:
             self.result.zero_blockers[space].append(node.name)
+
+    def uniform(self, node: gs.Node) -> None:
+        if node.name not in self.result.uniform:
+            self.result.uniform.append(node.name)
 
     def copy_blocker(self, node: gs.Node) -> None:
         if node.name not in self.result.copy_blockers:

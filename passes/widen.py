@@ -101,6 +101,8 @@ class WidenPass(MorphPass):
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
         coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
         _check_types(view, coupling)
+        if coupling.uniform:
+            self._check_tiling(view, coupling, old)
         modes: dict[int, str] = {}
         sources: dict[int, np.ndarray] = {}
         if self.method != "netmorph":
@@ -148,6 +150,14 @@ class WidenPass(MorphPass):
                 return channels.analyze(view, tensor, axis, inserts, shapes, old=old, ungroup=[node.name]), inserts
             except NotApplicable:
                 raise grouped from None
+
+    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> None:
+        """A norm (or mean) over the widened channels is exact only when every channel is copied equally."""
+        norm = mgraph.find_node(view, coupling.uniform[0])
+        if self.method == "netmorph" or (self.width - old) % old:
+            raise NotApplicable(
+                f"{norm.op} '{norm.name}' normalises over the widened axis: exact only when the channels are tiled "
+                f"(--method net2net or lemon, --width a multiple of {old})")
 
     def _check_copies(self, coupling: channels.Coupling) -> None:
         """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
