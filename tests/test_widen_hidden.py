@@ -1,0 +1,172 @@
+"""Hidden (residual-stream) width through LayerNorm, RMSNorm and their decomposed forms by tiling, and gated FFNs.
+
+Tiling: net2net and lemon at an integer factor copy every channel of the stream equally, so each
+norm sees the copy's mean, variance and mean square; gamma and beta are copied alike and the
+readers share each channel's weights among its copies. Every child is verified in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import numpy_helper
+
+import onnxmorph
+from onnxmorph.errors import NotApplicable
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm as its modelling code writes it (exported decomposed: Pow, ReduceMean, Add, Sqrt, Div)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class TinyLM(nn.Module):
+    """A pre-norm decoder block: embeddings, attention, a gated (SwiGLU) FFN, a final norm and a head."""
+
+    def __init__(self, d: int = 16, heads: int = 2, ff: int = 24, vocab: int = 40, rms: bool = False) -> None:
+        super().__init__()
+        norm = RMSNorm if rms else nn.LayerNorm
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, 8, d) * 0.1)
+        self.ln1, self.ln2, self.lnf = norm(d), norm(d), norm(d)
+        self.qkv, self.o, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+        self.gate, self.up, self.down = nn.Linear(d, ff), nn.Linear(d, ff), nn.Linear(ff, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids) + self.pos
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.qkv(self.ln1(x)).split(d, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        y = self.ln2(x)
+        x = x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
+        return self.head(self.lnf(x))
+
+
+def _export(module: nn.Module, dynamo: bool) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    module.eval()
+    ids = torch.randint(0, 40, (2, 8))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            pytest.importorskip("onnxscript")
+            model = torch.onnx.export(module, (ids,), dynamo=True, verbose=False).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(module, (ids,), buffer, dynamo=False, opset_version=17)
+            model = onnx.load_from_string(buffer.getvalue())
+    return onnxmorph.normalize(model)
+
+
+def _layer(model: onnx.ModelProto, weight_name: str) -> str:
+    """The MatMul/Gemm layer whose weight was the torch parameter `weight_name` (names differ per exporter)."""
+    from onnxmorph import graph as mgraph
+
+    view = mgraph.read_view(model)
+    for info in mgraph.layers(view):
+        if weight_name in info.name or weight_name in info.weight or weight_name.replace(".", "/") in info.name:
+            return info.name
+    raise AssertionError(f"no layer for {weight_name}: {[i.name for i in mgraph.layers(view)]}")
+
+
+def _widened(model: onnx.ModelProto, layer: str, width: int, method: str) -> onnx.ModelProto:
+    child = onnxmorph.widen(model, layer=layer, width=width, method=method, verify=False)
+    report = onnxmorph.verify(model, child, trials=2)
+    assert report, report.summary()
+    return child
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_hidden_width_tiles_the_stream(rms: bool) -> None:
+    torch.manual_seed(1)
+    module = TinyLM(rms=rms)
+    model = _export(module, dynamo=False)
+    writer = _layer(model, "/o/")  # the attention output projection writes the residual stream
+    for method in ("net2net", "lemon"):
+        child = _widened(model, writer, 32, method)
+        arrays = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
+        assert any(a.shape == (40, 32) for a in arrays.values())  # the embedding table is tiled
+    # the child's logits are the torch model's own on the same ids
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(0, 40, size=(2, 8))
+    session = ort.InferenceSession(child.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids})[0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotApplicable, match="exact only when the channels are tiled"):
+        onnxmorph.get_pass("widen")(layer=writer, width=24).requires(model)
+    with pytest.raises(NotApplicable, match="a multiple of 16"):
+        onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_gated_ffn_and_hidden_width_on_both_exporters(dynamo: bool) -> None:
+    torch.manual_seed(2)
+    model = _export(TinyLM(), dynamo=dynamo)
+    from onnxmorph import graph as mgraph
+
+    names = [info.name for info in mgraph.layers(mgraph.read_view(model))]
+    gate, up, down = names[2], names[3], names[4]  # after qkv and o: the FFN's gate, up and down projections
+    for layer in (gate, up):  # the gate and up projections grow together (their product is elementwise)
+        child = _widened(model, layer, 36, "netmorph")
+        dims = sorted(tuple(t.dims) for t in child.graph.initializer if len(t.dims) == 2)
+        assert dims.count((16, 36)) == 2 and (36, 16) in dims
+    _widened(model, down, 48, "net2net")  # the FFN's writer: the whole stream triples
+
+
+def test_convnext_widens_every_layer_by_tiling() -> None:
+    """ConvNeXt's LayerNorm over the channels refuses netmorph; tiling (net2net x2) verifies on every layer."""
+    import cnn_zoo
+    from onnxmorph import graph as mgraph
+
+    model = cnn_zoo.build("convnext", dynamo=False)
+    widen = onnxmorph.get_pass("widen")
+    verified = 0
+    for info in mgraph.layers(mgraph.read_view(model))[:-1]:  # the last is the classifier
+        old = info.weight_shape[0] if info.op == "Conv" else info.weight_shape[-1]
+        child = widen(layer=info.name, width=2 * old, method="net2net", seed=1).call(model).model
+        report = onnxmorph.verify(model, child, trials=1)
+        assert report, (info.name, report.summary())
+        verified += 1
+    assert verified == 11
+
+
+def test_layer_norm_text_model_with_embedding() -> None:
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[2, 5] ids) => (float[2, 5, 7] y) {
+    e = Gather(table, ids)
+    h = MatMul(e, w1)
+    s = Add(e, h)
+    n = LayerNormalization<axis=-1, epsilon=0.001>(s, gamma, beta)
+    y = MatMul(n, head)
+    }"""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(3)
+    arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "gamma": rng.random(6) + 0.5,
+              "beta": rng.normal(size=6), "head": rng.normal(size=(6, 7))}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
+    for node in model.graph.node:
+        node.name = node.output[0]
+    model = onnxmorph.normalize(model)
+    for width, method in ((12, "net2net"), (18, "lemon")):
+        child = _widened(model, "h", width, method)
+        grown = {t.name: tuple(t.dims) for t in child.graph.initializer}
+        assert grown["table"] == (11, width) and grown["gamma"] == (width,) and grown["head"] == (width, 7)
