@@ -135,6 +135,7 @@ def test_gated_ffn_and_hidden_width_on_both_exporters(dynamo: bool) -> None:
 def test_convnext_widens_every_layer_by_tiling() -> None:
     """ConvNeXt's LayerNorm over the channels refuses netmorph; tiling (net2net x2) verifies on every layer."""
     import cnn_zoo
+
     from onnxmorph import graph as mgraph
 
     model = cnn_zoo.build("convnext", dynamo=False)
