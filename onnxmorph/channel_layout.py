@@ -109,6 +109,8 @@ def reshape(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
+        if not v.backward and regroup(a, v, s_shape, d_shape):
+            return
         if node.op == "Reshape":
             (unshuffle if v.backward else shuffle)(a, v)
             return
@@ -118,6 +120,29 @@ def reshape(a: Analysis, v: Visit) -> None:
         out_axis = axis if not v.backward else slot.axis
         _grow_target(a, v, out_axis, out_axis, None)
     a.add_slot(dst, axis, offset, block, slot.space, v.where)
+
+
+def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """A reshape that splits the channel axis into blocks of k (attention heads of size k): when the new
+    channels are whole blocks, the blocks are followed as channels (a derived space, one channel per head)."""
+    slot = v.slot
+    space = a.space(slot.space)
+    size = s_shape[slot.axis]
+    positions = insert_positions(space, slot)
+    if slot.block != 1 or size is None:
+        return False
+    for k in range(2, size + 1):
+        if size % k or slot.offset % k or space.old % k or any(at % k or c % k for at, c in positions):
+            continue
+        mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, k)
+        if mapped is None:
+            continue
+        derived = a.derive(v.node, space.old // k, [((at - slot.offset) // k, c // k) for at, c in positions], "heads")
+        if v.node.op == "Reshape":
+            _grow_target(a, v, mapped[0], mapped[0], None)
+        a.add_slot(v.node.outputs[0], mapped[0], mapped[1], mapped[2], derived.id, v.where)
+        return True
+    return False
 
 
 def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
@@ -183,6 +208,10 @@ def shuffle(a: Analysis, v: Visit) -> None:
     where = f"{v.where} splits the channel axis of '{v.tensor.name}'"
     pattern = _shuffle_around(a, node, ax)
     if pattern is None or slot.block != 1:
+        d_shape = a.shape(node.outputs[0]) or ()
+        if len(d_shape) > ax + 1 and d_shape[ax + 1] and len(d_shape) == (a.rank(v.tensor) or 0) + 1:
+            raise NotApplicable(f"{where} into blocks of {d_shape[ax + 1]} (attention heads, say): the new channels "
+                                f"must be whole blocks (a multiple of {d_shape[ax + 1]})")
         raise NotApplicable(f"{where} (e.g. a channel shuffle)")
     _transpose, back, g, n = pattern
     space = a.space(slot.space)
@@ -365,8 +394,14 @@ def split(a: Analysis, v: Visit) -> None:
 def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
     """New channels in one part of a Split come from the same place of its input (a derived space there)."""
     k = next(i for i, t in enumerate(v.node.outputs) if t is v.tensor)
-    if v.slot.block != 1:
-        raise NotApplicable(f"{v.where}: the channels of '{v.tensor.name}' split its parts")
+    root = [s for s in a.seen if s.tensor == v.node.inputs[0].name and s.space == 0]
+    if root:
+        # the widened layer writes the whole split: spread its new channels over every part (fused Q, K, V)
+        added = a.space(0).added
+        spread = [(end, added // len(bounds)) for _, end in bounds]
+        fits = not added % len(bounds) and root[0].offset == 0 and root[0].block == 1
+        raise Misfit(f"{v.where}: new channels in one of its parts need new channels in the others", 0,
+                     spread if fits else None)
     positions = insert_positions(a.space(v.slot.space), v.slot)
     derived = a.derive(v.node, dim, [(bounds[k][0] + at, c) for at, c in positions], "part")
     a.copy_blocker(v.node)

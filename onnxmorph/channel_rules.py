@@ -280,9 +280,10 @@ def layer(a: Analysis, v: Visit) -> None:
     node, where = v.node, v.where
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if not isinstance(weight, gs.Constant):
-        if v.tensor is not node.inputs[0] or node.op != "MatMul":
-            raise NotApplicable(f"{where}: its weight is computed, cannot widen it")
-        raise NotApplicable(f"{where} multiplies two computed tensors; cannot widen them")
+        if node.op == "MatMul":
+            batched_matmul(a, v)
+            return
+        raise NotApplicable(f"{where}: its weight is computed, cannot widen it")
     if v.tensor is weight:
         raise NotApplicable(f"{where}: the channels reach its weight input")
     _shared("weight", where, weight, node)
@@ -337,7 +338,7 @@ def producer(a: Analysis, v: Visit, wshape: tuple[int, ...]) -> None:
     space = a.space(slot.space)
     if space.kind == "groups":
         raise NotApplicable(f"{where} writes into the new groups of grouped Conv '{space.derived_from}'")
-    if slot.offset != 0 or slot.block != 1:
+    if slot.offset != 0 or slot.block != 1 and (node.op not in ("MatMul", "Gemm") or space.kind == "groups"):
         raise NotApplicable(f"{where}: only part of its outputs carry the channels")
     groups, ungroup = 1, 0
     if node.op == "Conv":
@@ -362,7 +363,7 @@ def producer(a: Analysis, v: Visit, wshape: tuple[int, ...]) -> None:
         rank = a.rank(node.outputs[0])
         if rank is None or slot.axis != rank - 1:
             raise NotApplicable(f"{where}: the channels are not its output columns")
-    if wshape[axis] != space.old:
+    if wshape[axis] != space.old * slot.block:
         raise NotApplicable(f"{where}: its {wshape[axis]} outputs do not match the {space.old} channels")
     _check_bias(node, where)
     entry = Producer(node.name, node.op, slot, axis, groups, ungroup)
@@ -448,3 +449,22 @@ def depthwise(a: Analysis, v: Visit, wshape: tuple[int, ...]) -> None:
         a.add_param(node, 2, 0, inner.offset * m, inner.block * m, slot.space, "bias")
     a.add_slot(node.inputs[0], 1, inner.offset, inner.block, slot.space, where)
     a.add_slot(node.outputs[0], 1, inner.offset * m, inner.block * m, slot.space, where)
+
+
+def batched_matmul(a: Analysis, v: Visit) -> None:
+    """A product of two computed tensors (attention): channels on a batch axis (heads) pass to both and the result."""
+    node, slot = v.node, v.slot
+    tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
+    ranks = [a.rank(t) for t in tensors]
+    k = next(i for i, t in enumerate(tensors) if t is v.tensor)
+    if None in ranks:
+        raise NotApplicable(f"{v.where}: the ranks around it are unknown, cannot follow the channels")
+    from_right = ranks[k] - slot.axis
+    if from_right <= 2:
+        raise NotApplicable(f"{v.where} multiplies two computed tensors; cannot widen them")
+    for i, t in enumerate(tensors):
+        axis = ranks[i] - from_right
+        if i == k or axis < 0 or (a.shape(t) or [None] * ranks[i])[axis] == 1:
+            continue
+        a.carry(node, i, axis, slot.offset, slot.block, slot.space) if i < 2 else a.add_slot(
+            t, axis, slot.offset, slot.block, slot.space, v.where)

@@ -353,7 +353,7 @@ class Analysis:
         if rank is not None:
             axis %= rank
         slot = Slot(tensor.name, axis, offset, block, space)
-        if slot in self.seen:
+        if slot in self.seen or self._same_layout(slot):
             return
         for other in self.seen:
             if other.tensor != slot.tensor:
@@ -371,6 +371,13 @@ class Analysis:
         self.seen.add(slot)
         self.result.slots.append(slot)
         self.queue.append((slot, origin))
+
+    def _same_layout(self, slot: Slot) -> bool:
+        """Whether `tensor` already grows exactly so (another space with the same new entries: Q's and K's heads)."""
+        mine = (slot.axis, slot.offset, self.space(slot.space).old * slot.block,
+                insert_positions(self.space(slot.space), slot))
+        return any(other.tensor == slot.tensor and mine == (other.axis, other.offset, self.space(
+            other.space).old * other.block, insert_positions(self.space(other.space), other)) for other in self.seen)
 
     def carry(self, node: gs.Node, index: int, axis: int, offset: int, block: int, space: int,
               role: str = "shift") -> None:

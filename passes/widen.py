@@ -298,14 +298,15 @@ def _grow_producer(node: gs.Node, p: channels.Producer, plan: _Plan, rng: np.ran
         w = wsolve.ungroup_weight(w, p.ungroup)
         node.attrs["group"] = 1
     guard = plan.guards.get(space.id, 0)
+    block = p.slot.block  # > 1: each channel is a block of outputs (an attention head of a projection)
     mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
         w, p.weight_axis, space.inserts, rng, mode=plan.modes[space.id], sources=plan.sources_of(space.id),
-        zero_first=guard))
+        zero_first=guard, block=block))
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         b = mgraph.values(node.inputs[2])
-        if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
+        if b.ndim >= 1 and b.shape[-1] == space.old * block and b.size >= space.old * block:
             mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id)))
+                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id), block=block))
         elif guard and np.any(b != 0):
             raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 

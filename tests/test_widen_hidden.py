@@ -1,4 +1,5 @@
-"""Hidden (residual-stream) width through LayerNorm, RMSNorm and their decomposed forms by tiling, and gated FFNs.
+"""Transformer width: hidden (residual-stream) width through LayerNorm, RMSNorm and their decomposed forms by
+tiling, more attention heads, and gated FFNs.
 
 Tiling: net2net and lemon at an integer factor copy every channel of the stream equally, so each
 norm sees the copy's mean, variance and mean square; gamma and beta are copied alike and the
@@ -37,20 +38,23 @@ class RMSNorm(nn.Module):
 class TinyLM(nn.Module):
     """A pre-norm decoder block: embeddings, attention, a gated (SwiGLU) FFN, a final norm and a head."""
 
-    def __init__(self, d: int = 16, heads: int = 2, ff: int = 24, vocab: int = 40, rms: bool = False) -> None:
+    def __init__(self, d: int = 16, heads: int = 2, ff: int = 24, vocab: int = 40, rms: bool = False,
+                 fused: bool = True) -> None:
         super().__init__()
         norm = RMSNorm if rms else nn.LayerNorm
         self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, 8, d) * 0.1)
         self.ln1, self.ln2, self.lnf = norm(d), norm(d), norm(d)
-        self.qkv, self.o, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+        self.qkv = nn.Linear(d, 3 * d) if fused else nn.ModuleList([nn.Linear(d, d) for _ in range(3)])
+        self.o, self.heads = nn.Linear(d, d), heads
         self.gate, self.up, self.down = nn.Linear(d, ff), nn.Linear(d, ff), nn.Linear(ff, d)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.emb(ids) + self.pos
         b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for z in self.qkv(self.ln1(x)).split(d, -1))
+        y = self.ln1(x)
+        qkv = self.qkv(y).split(d, -1) if isinstance(self.qkv, nn.Linear) else [f(y) for f in self.qkv]
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in qkv)
         a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1) @ v
         x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
         y = self.ln2(x)
@@ -171,3 +175,34 @@ def test_layer_norm_text_model_with_embedding() -> None:
         child = _widened(model, "h", width, method)
         grown = {t.name: tuple(t.dims) for t in child.graph.initializer}
         assert grown["table"] == (11, width) and grown["gamma"] == (width,) and grown["head"] == (width, 7)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
+    """Widening the fused QKV projection by whole heads: one new head each for Q, K and V (head size 8); the
+    reshapes that split and merge the heads are rewritten and the output projection reads the new head with 0."""
+    torch.manual_seed(3)
+    model = _export(TinyLM(), dynamo=dynamo)
+    from onnxmorph import graph as mgraph
+
+    layers = mgraph.layers(mgraph.read_view(model))
+    qkv, out = layers[0].name, layers[1]
+    child = _widened(model, qkv, 72, "netmorph")
+    w_out = next(numpy_helper.to_array(t) for t in child.graph.initializer if t.name == out.weight)
+    assert w_out.shape == (24, 16) and not w_out[16:].any()
+    with pytest.raises(NotApplicable, match="a multiple of 8"):
+        onnxmorph.get_pass("widen")(layer=qkv, width=60).requires(model)
+
+
+def test_attention_heads_grow_with_separate_projections() -> None:
+    """Widening Q by a head gives K and V the same head (scores and values are per head): all three grow."""
+    torch.manual_seed(4)
+    model = _export(TinyLM(fused=False, heads=4, d=16), dynamo=False)
+    from onnxmorph import graph as mgraph
+
+    layers = mgraph.layers(mgraph.read_view(model))
+    q, k, v, out = layers[0], layers[1], layers[2], layers[3]
+    child = _widened(model, q.name, 20, "netmorph")  # head size 4: one new head
+    dims = {t.name: tuple(t.dims) for t in child.graph.initializer}
+    assert dims[k.weight] == (16, 20) and dims[v.weight] == (16, 20) and dims[out.weight] == (20, 16)
+    _widened(model, v.name, 24, "netmorph")
