@@ -109,7 +109,8 @@ def reshape(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
-        if not v.backward and regroup(a, v, s_shape, d_shape):
+        shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
+        if not v.backward and not shuffled and regroup(a, v, s_shape, d_shape):
             return
         if node.op == "Reshape":
             (unshuffle if v.backward else shuffle)(a, v)

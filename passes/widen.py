@@ -154,9 +154,10 @@ class WidenPass(MorphPass):
     def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> None:
         """A norm (or mean) over the widened channels is exact only when every channel is copied equally."""
         norm = mgraph.find_node(view, coupling.uniform[0])
+        what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
         if self.method == "netmorph" or (self.width - old) % old:
             raise NotApplicable(
-                f"{norm.op} '{norm.name}' normalises over the widened axis: exact only when the channels are tiled "
+                f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled "
                 f"(--method net2net or lemon, --width a multiple of {old})")
 
     def _check_copies(self, coupling: channels.Coupling) -> None:

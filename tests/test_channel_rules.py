@@ -84,7 +84,12 @@ def test_reduce_over_other_axes_passes_the_channels(body: str, ints: dict, opset
 ])
 def test_reduce_over_the_channels_is_refused_with_the_reason(body: str, ints: dict, opset: int) -> None:
     model = _model(CONV + body, CONV_W, ints, y="float[2, 6, 6]", opset=opset)
-    assert "ReduceMean 'm' reduces over the channel axis of 'h'" in _refusal(model, "h", 12)
+    assert "ReduceMean 'm' reduces over the channel axis" in _refusal(model, "h", 12)
+    # the mean over a tiled axis is the old mean: net2net at twice the width keeps it
+    _widen(model, "h", 16, "net2net")
+    if "axes=" not in body:  # ReduceSum takes its axes as an input from opset 13
+        sums = _model(CONV + body.replace("ReduceMean", "ReduceSum"), CONV_W, ints, y="float[2, 6, 6]", opset=opset)
+        assert "ReduceSum 'm' reduces over the channel axis of 'h'" in _refusal(sums, "h", 16, "net2net")
 
 
 def test_squeeze_and_excitation_widens_with_its_gate() -> None:
