@@ -149,7 +149,7 @@ def layer_norm(a: Analysis, v: Visit) -> None:
                             "preserve the function")
     a.uniform(node)
     for k in params:
-        a.add_param(node, k, -1, 0, 1, slot.space, "scale" if k == 1 else "shift")
+        a.add_param(node, k, -1, 0, 1, slot.space, "norm-scale" if k == 1 else "shift")
     a.through(v)
 
 

@@ -176,6 +176,8 @@ class Coupling:
     copy_blockers: list[str] = field(default_factory=list)
     # ops exact only when every channel is copied equally (norms and means over the widened axis: tiling)
     uniform: list[str] = field(default_factory=list)
+    # every node a slot reached, in order (what average expansion must check is linear)
+    touched: list[str] = field(default_factory=list)
     # tensors whose shape changes although no slot names them (inside a channel shuffle)
     stale: list[str] = field(default_factory=list)
 
@@ -459,6 +461,8 @@ class Analysis:
             raise NotApplicable(f"{v.where} is in the way of the channels of '{v.tensor.name}' (not supported)")
         if v.node.op not in KEEPS_ZERO:
             self.blocker(v.node, v.slot.space)
+        if v.node.name not in self.result.touched:
+            self.result.touched.append(v.node.name)
         fn(self, v)
 
 

@@ -17,7 +17,11 @@ from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import LayerInfo
 from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
 
-FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+# ops that keep "a new channel is the mean of the old ones" (average expansion): linear and channel-blind
+AVERAGE_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+               "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "LayerNormalization", "MatMul",
+               "Gemm", "Conv"}
 
 
 def non_negative_float(value: Any) -> float:
@@ -33,6 +37,7 @@ class _Plan:
     modes: dict[int, str]  # space id -> "random" (zero-outgoing) or "copy"
     sources: dict[int, np.ndarray]
     guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
+    average: float | None = None  # average expansion: the variance scale s = q*old/width of its norms
 
     def sources_of(self, space: int) -> np.ndarray | None:
         return self.sources.get(space) if self.modes[space] == "copy" else None
@@ -101,8 +106,7 @@ class WidenPass(MorphPass):
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
         coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
         _check_types(view, coupling)
-        if coupling.uniform:
-            self._check_tiling(view, coupling, old)
+        average = self._check_tiling(view, coupling, old) if coupling.uniform else None
         modes: dict[int, str] = {}
         sources: dict[int, np.ndarray] = {}
         if self.method != "netmorph":
@@ -112,6 +116,8 @@ class WidenPass(MorphPass):
             # a spread placement puts new channels at the end of each group: each copies one of its group
             groups = producer_groups(coupling) if producer_groups(coupling) > 1 else len(inserts)
             sources[0] = wsolve.replication_sources(old, inserts, rng, groups)
+            if average is not None:
+                sources[0] = wsolve.average_sources(old, self.width - old, rng)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
             for space in coupling.spaces:
@@ -124,7 +130,7 @@ class WidenPass(MorphPass):
                     )
                 modes[space.id] = "random"
         guards = {k: min(v, coupling.spaces[k].added) for k, v in coupling.lrn_guard.items()}
-        return _Plan(coupling, modes, sources, guards)
+        return _Plan(coupling, modes, sources, guards, average)
 
     def _couple(self, view: gs.Graph, node: gs.Node, shapes: channels.Shapes, axis: int, old: int,
                 groups: int) -> tuple[channels.Coupling, Any]:
@@ -151,14 +157,33 @@ class WidenPass(MorphPass):
             except NotApplicable:
                 raise grouped from None
 
-    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> None:
-        """A norm (or mean) over the widened channels is exact only when every channel is copied equally."""
+    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> float | None:
+        """A norm (or mean) over the widened channels is exact when every channel is copied equally (tiling,
+        None), or, at other widths, with copies and mean channels through LayerNorms only (average expansion:
+        the variance scale s)."""
         norm = mgraph.find_node(view, coupling.uniform[0])
         what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
-        if self.method == "netmorph" or (self.width - old) % old:
-            raise NotApplicable(
-                f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled "
-                f"(--method net2net or lemon, --width a multiple of {old})")
+        tiled = f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled"
+        if self.method == "netmorph":
+            raise NotApplicable(f"{tiled} or averaged (--method net2net or lemon; tiling at a multiple of {old})")
+        if not (self.width - old) % old:
+            return None
+        for name in coupling.uniform:
+            node = mgraph.find_node(view, name)
+            if node.op != "LayerNormalization":
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' has no epsilon "
+                                    "to rescale for average expansion")
+            if any(n.op not in ("MatMul", "Gemm") for n in node.outputs[0].outputs):
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
+                                    "not only read by layers (post-norm), so average expansion cannot keep it")
+        roles = {(p.node, p.role) for p in coupling.params}
+        for name in coupling.touched:
+            node = mgraph.find_node(view, name)
+            scaled = any(n == name and r not in ("shift", "norm-scale") for n, r in roles)
+            if node.op not in AVERAGE_OPS or scaled or int(node.attrs.get("group", 1)) > 1:
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' does not keep a "
+                                    "channel that is the mean of the others, as average expansion needs")
+        return (self.width // old) * old / self.width
 
     def _check_copies(self, coupling: channels.Coupling) -> None:
         """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
@@ -191,6 +216,8 @@ class WidenPass(MorphPass):
             space = coupling.spaces[consumer.slot.space]
             for g, (_pos, count) in enumerate(space.inserts):
                 for src in sources[start:start + count]:
+                    if src < 0:
+                        continue
                     first = consumer.offset + int(src) * consumer.block
                     if first // per_in != g:
                         raise NotApplicable(
@@ -231,10 +258,17 @@ class WidenPass(MorphPass):
                 return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
                                                    offset=param.offset, block=param.block)
             value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
-            return wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
-                                        block=param.block)
+            grown = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
+                                         block=param.block, old=space.old)
+            if param.role == "norm-scale" and plan.average is not None:
+                grown = grown * np.sqrt(plan.average)  # the stream's variance shrank by s, so did the norm's
+            return grown
 
         channels.grow_params(graph, c, extend)
+        if plan.average is not None:
+            for name in c.uniform:
+                node = nodes[name]
+                node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * plan.average
         for change in c.groups:
             _grow_groups(nodes[change.node], change, plan, rng)
         by_consumer: dict[str, list[channels.Consumer]] = {}
@@ -302,12 +336,12 @@ def _grow_producer(node: gs.Node, p: channels.Producer, plan: _Plan, rng: np.ran
     block = p.slot.block  # > 1: each channel is a block of outputs (an attention head of a projection)
     mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
         w, p.weight_axis, space.inserts, rng, mode=plan.modes[space.id], sources=plan.sources_of(space.id),
-        zero_first=guard, block=block))
+        zero_first=guard, block=block, old=space.old))
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         b = mgraph.values(node.inputs[2])
         if b.ndim >= 1 and b.shape[-1] == space.old * block and b.size >= space.old * block:
             mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id), block=block))
+                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id), block=block, old=space.old))
         elif guard and np.any(b != 0):
             raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 

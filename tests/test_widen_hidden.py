@@ -117,8 +117,11 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(NotApplicable, match="exact only when the channels are tiled"):
         onnxmorph.get_pass("widen")(layer=writer, width=24).requires(model)
-    with pytest.raises(NotApplicable, match="a multiple of 16"):
-        onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
+    if rms:  # a decomposed norm has no epsilon attribute to rescale: tiling only
+        with pytest.raises(NotApplicable, match="a multiple of 16"):
+            onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
+    else:  # 1.5x: average expansion (the new channels carry the stream's mean)
+        _widened(model, writer, 24, "net2net")
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
@@ -171,10 +174,42 @@ def test_layer_norm_text_model_with_embedding() -> None:
     for node in model.graph.node:
         node.name = node.output[0]
     model = onnxmorph.normalize(model)
-    for width, method in ((12, "net2net"), (18, "lemon")):
+    for width, method in ((12, "net2net"), (18, "lemon"), (9, "net2net"), (16, "lemon")):
         child = _widened(model, "h", width, method)
-        grown = {t.name: tuple(t.dims) for t in child.graph.initializer}
-        assert grown["table"] == (11, width) and grown["gamma"] == (width,) and grown["head"] == (width, 7)
+        grown = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
+        assert grown["table"].shape == (11, width) and grown["head"].shape == (width, 7)
+        s = width // 6 * 6 / width  # average expansion scales the variance by s: gamma by sqrt(s), epsilon by s
+        np.testing.assert_allclose(grown["gamma"][:6], arrays["gamma"] * np.sqrt(s), rtol=1e-6)
+        eps = next(a.f for n in child.graph.node if n.op_type == "LayerNormalization" for a in n.attribute
+                   if a.name == "epsilon")
+        assert eps == pytest.approx(0.001 * s)
+
+
+def test_post_norm_stream_tiles_but_does_not_average() -> None:
+    """BERT's post-norm blocks: the stream is a LayerNorm's output, so its mean channels would not stay means."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[2, 5] ids) => (float[2, 5, 7] y) {
+    e = Gather(table, ids)
+    h = MatMul(e, w1)
+    s = Add(e, h)
+    n = LayerNormalization<axis=-1>(s, gamma, beta)
+    h2 = MatMul(n, w2)
+    s2 = Add(n, h2)
+    n2 = LayerNormalization<axis=-1>(s2, gamma2, beta2)
+    y = MatMul(n2, head)
+    }"""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(4)
+    arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "w2": rng.normal(size=(6, 6)),
+              "gamma": rng.random(6) + 0.5, "beta": rng.normal(size=6), "gamma2": rng.random(6) + 0.5,
+              "beta2": rng.normal(size=6), "head": rng.normal(size=(6, 7))}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
+    for node in model.graph.node:
+        node.name = node.output[0]
+    model = onnxmorph.normalize(model)
+    _widened(model, "h", 12, "net2net")
+    with pytest.raises(NotApplicable, match="post-norm"):
+        onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
