@@ -110,7 +110,7 @@ def reshape(a: Analysis, v: Visit) -> None:
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
-        if not v.backward and not shuffled and regroup(a, v, s_shape, d_shape):
+        if not shuffled and regroup(a, v, s_shape, d_shape):
             return
         if node.op == "Reshape":
             (unshuffle if v.backward else shuffle)(a, v)
@@ -124,8 +124,9 @@ def reshape(a: Analysis, v: Visit) -> None:
 
 
 def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
-    """A reshape that splits the channel axis into blocks of k (attention heads of size k): when the new
-    channels are whole blocks, the blocks are followed as channels (a derived space, one channel per head)."""
+    """A reshape that splits the channel axis into blocks of k (attention heads of size k; backwards, query heads
+    merged from groups of k repeated key/value heads): when the new channels are whole blocks, the blocks are
+    followed as channels (a derived space, one channel per block)."""
     slot = v.slot
     space = a.space(slot.space)
     size = s_shape[slot.axis]
@@ -140,8 +141,10 @@ def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
             continue
         derived = a.derive(v.node, space.old // k, [((at - slot.offset) // k, c // k) for at, c in positions], "heads")
         if v.node.op == "Reshape":
-            _grow_target(a, v, mapped[0], mapped[0], None)
-        a.add_slot(v.node.outputs[0], mapped[0], mapped[1], mapped[2], derived.id, v.where)
+            out_axis = slot.axis if v.backward else mapped[0]
+            _grow_target(a, v, out_axis, out_axis, None)
+        target = v.node.inputs[0] if v.backward else v.node.outputs[0]
+        a.add_slot(target, mapped[0], mapped[1], mapped[2], derived.id, v.where)
         return True
     return False
 
@@ -243,6 +246,10 @@ def unshuffle(a: Analysis, v: Visit) -> None:
     first = transpose.inputs[0].inputs[0] if transpose is not None and transpose.inputs[0].inputs else None
     pattern = _shuffle_around(a, first, ax) if first is not None and first.op == "Reshape" else None
     if pattern is None or pattern[1] is not back or slot.block != 1:
+        d_shape = a.shape(back.inputs[0]) or ()
+        if len(d_shape) == (a.rank(v.tensor) or 0) + 1 and d_shape[ax + 1]:
+            raise NotApplicable(f"{where} from blocks of {d_shape[ax + 1]} (query heads sharing a key/value head, "
+                                f"say): the new channels must be whole blocks (a multiple of {d_shape[ax + 1]})")
         raise NotApplicable(f"{where} (e.g. a channel shuffle), cannot follow the channels back")
     g, n = pattern[2], pattern[3]
     space = a.space(slot.space)

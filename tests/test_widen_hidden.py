@@ -241,3 +241,42 @@ def test_attention_heads_grow_with_separate_projections() -> None:
     dims = {t.name: tuple(t.dims) for t in child.graph.initializer}
     assert dims[k.weight] == (16, 20) and dims[v.weight] == (16, 20) and dims[out.weight] == (20, 16)
     _widened(model, v.name, 24, "netmorph")
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama's attention with 4 query heads sharing 2 key/value heads (repeat_kv: expand and reshape)."""
+
+    def __init__(self, d: int = 16, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv_heads, d // heads
+        self.q, self.o = nn.Linear(d, heads * self.hd), nn.Linear(heads * self.hd, d)
+        self.k, self.v = nn.Linear(d, kv_heads * self.hd), nn.Linear(d, kv_heads * self.hd)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.hd).transpose(1, 2) for f in (self.k, self.v))
+        k, v = (z[:, :, None].expand(b, self.kv, self.h // self.kv, t, self.hd).reshape(b, self.h, t, self.hd)
+                for z in (k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.hd ** 0.5, -1) @ v
+        return self.fc(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_grouped_query_attention_grows_whole_groups() -> None:
+    """New query heads come in whole groups with one new key/value head; a new key/value head brings its group."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(5)
+    module = GroupedQueryAttention().eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model = onnxmorph.normalize(torch.onnx.export(module, (torch.randn(2, 6, 16),), dynamo=True).model_proto)
+    from onnxmorph import graph as mgraph
+
+    q, k, v = (info for info in mgraph.layers(mgraph.read_view(model))[:3])
+    child = _widened(model, q.name, 24, "netmorph")  # 2 new query heads: one new group
+    dims = {t.name: tuple(t.dims) for t in child.graph.initializer}
+    assert dims[k.weight][-1] == dims[v.weight][-1] == 12
+    _widened(model, k.name, 12, "netmorph")
+    with pytest.raises(NotApplicable, match="a multiple of 2"):
+        onnxmorph.get_pass("widen")(layer=q.name, width=20).requires(model)
