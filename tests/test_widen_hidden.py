@@ -102,6 +102,7 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
     module = TinyLM(rms=rms)
     model = _export(module, dynamo=False)
     writer = _layer(model, "/o/")  # the attention output projection writes the residual stream
+    onnxmorph.widen(model, layer=writer, width=32, method="net2net", noise=0.1)  # symmetry broken, still exact
     for method in ("net2net", "lemon"):
         child = _widened(model, writer, 32, method)
         arrays = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
