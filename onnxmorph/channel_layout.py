@@ -402,7 +402,7 @@ def split(a: Analysis, v: Visit) -> None:
 def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
     """New channels in one part of a Split come from the same place of its input (a derived space there)."""
     k = next(i for i, t in enumerate(v.node.outputs) if t is v.tensor)
-    root = [s for s in a.seen if s.tensor == v.node.inputs[0].name and s.space == 0]
+    root = [s for s in a.by_tensor.get(v.node.inputs[0].name, []) if s.space == 0]
     if root:
         # the widened layer writes the whole split: spread its new channels over every part (fused Q, K, V)
         added = a.space(0).added

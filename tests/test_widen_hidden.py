@@ -8,6 +8,7 @@ readers share each channel's weights among its copies. Every child is verified i
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -60,6 +61,13 @@ class TinyLM(nn.Module):
         y = self.ln2(x)
         x = x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
         return self.head(self.lnf(x))
+
+
+@functools.cache
+def _tiny(dynamo: bool, **options: object) -> onnx.ModelProto:
+    """TinyLM(**options), seeded, exported once per session."""
+    torch.manual_seed(2)
+    return _export(TinyLM(**options), dynamo=dynamo)
 
 
 def _export(module: nn.Module, dynamo: bool) -> onnx.ModelProto:
@@ -127,8 +135,7 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_gated_ffn_and_hidden_width_on_both_exporters(dynamo: bool) -> None:
-    torch.manual_seed(2)
-    model = _export(TinyLM(), dynamo=dynamo)
+    model = _tiny(dynamo)
     from onnxmorph import graph as mgraph
 
     names = [info.name for info in mgraph.layers(mgraph.read_view(model))]
@@ -217,8 +224,7 @@ def test_post_norm_stream_tiles_but_does_not_average() -> None:
 def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
     """Widening the fused QKV projection by whole heads: one new head each for Q, K and V (head size 8); the
     reshapes that split and merge the heads are rewritten and the output projection reads the new head with 0."""
-    torch.manual_seed(3)
-    model = _export(TinyLM(), dynamo=dynamo)
+    model = _tiny(dynamo)
     from onnxmorph import graph as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
@@ -232,8 +238,7 @@ def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
 
 def test_attention_heads_grow_with_separate_projections() -> None:
     """Widening Q by a head gives K and V the same head (scores and values are per head): all three grow."""
-    torch.manual_seed(4)
-    model = _export(TinyLM(fused=False, heads=4, d=16), dynamo=False)
+    model = _tiny(False, fused=False, heads=4)
     from onnxmorph import graph as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
