@@ -153,6 +153,39 @@ def layer_norm(a: Analysis, v: Visit) -> None:
     a.through(v)
 
 
+SKIP_NORMS = {"SkipLayerNormalization": {2: "norm-scale", 3: "shift", 4: "shift"},
+              "SkipSimplifiedLayerNormalization": {2: "norm-scale", 3: "shift"}}
+
+
+@rule(*SKIP_NORMS, keeps_zero=False, domain="com.microsoft")
+def skip_norm(a: Analysis, v: Visit) -> None:
+    """onnxruntime's fused residual add and norm over the last axis: output 0 the norm, output 3 the sum."""
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    if rank is None or any(v.tensor is t for t in node.inputs[2:]):
+        raise NotApplicable(f"{v.where}: the channels reach its parameters or its rank is unknown")
+    used = [t.name for t in node.outputs[1:3] if t.outputs or t.name in a.outputs]
+    if used:
+        raise NotApplicable(f"{v.where}: its statistics output '{used[0]}' is used (not supported)")
+    if slot.axis == rank - 1:
+        if not covers_axis(a, v):
+            raise NotApplicable(f"{v.where} normalises over the widened axis: widening '{v.tensor.name}' cannot "
+                                "preserve the function")
+        a.uniform(node)
+        for k, role in SKIP_NORMS[node.op].items():
+            if len(node.inputs) > k and node.inputs[k].name:
+                if not isinstance(node.inputs[k], gs.Constant):
+                    raise NotApplicable(f"{v.where}: its parameter '{node.inputs[k].name}' is computed")
+                a.add_param(node, k, -1, 0, 1, slot.space, role)
+    for k in (0, 1):
+        if node.inputs[k] is not v.tensor:
+            a.carry(node, k, slot.axis, slot.offset, slot.block, slot.space)
+    for k in (0, 3):
+        t = node.outputs[k] if len(node.outputs) > k else None
+        if t is not None and t is not v.tensor and (t.outputs or t.name in a.outputs):
+            a.add_slot(t, slot.axis, slot.offset, slot.block, slot.space, v.where)
+
+
 @rule(*POOLS)
 def pool(a: Analysis, v: Visit) -> None:
     if v.slot.axis != 1:

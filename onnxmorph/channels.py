@@ -233,13 +233,19 @@ RULES: dict[str, Rule] = {}
 KEEPS_ZERO: set[str] = set()
 
 
-def rule(*ops: str, keeps_zero: bool = True) -> Callable[[Rule], Rule]:
+# ops of onnxruntime's com.microsoft domain that have a rule (fused norms written by its optimiser)
+CONTRIB: set[str] = set()
+
+
+def rule(*ops: str, keeps_zero: bool = True, domain: str = "") -> Callable[[Rule], Rule]:
     """Register `fn` as the channel rule of `ops` (see the module docstring)."""
     def register(fn: Rule) -> Rule:
         for op in ops:
             RULES[op] = fn
             if keeps_zero:
                 KEEPS_ZERO.add(op)
+            if domain == "com.microsoft":
+                CONTRIB.add(op)
         return fn
     return register
 
@@ -336,7 +342,11 @@ class Analysis:
         return self.result.spaces[k]
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
-        return shape_of(self.shapes, tensor)
+        shape = shape_of(self.shapes, tensor)
+        producer = tensor.inputs[0] if shape is None and tensor.inputs else None
+        if producer is not None and producer.op in CONTRIB and producer.inputs:
+            return self.shape(producer.inputs[0])  # ONNX shape inference skips them; their outputs are shaped alike
+        return shape
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         return len(self.shape(tensor) or ()) or None
@@ -454,7 +464,8 @@ class Analysis:
         self.done.add(key)
         if self.space(v.slot.space).derived_from == v.node.name:
             return  # the node that re-arranged these channels: it has been followed already
-        if v.node.domain not in ("", "ai.onnx", None):
+        contrib = v.node.domain == "com.microsoft" and v.node.op in CONTRIB
+        if v.node.domain not in ("", "ai.onnx", None) and not contrib:
             raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")
         fn = RULES.get(v.node.op)
         if fn is None:

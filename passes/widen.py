@@ -21,7 +21,7 @@ FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 
 # ops that keep "a new channel is the mean of the old ones" (average expansion): linear and channel-blind
 AVERAGE_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
                "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "LayerNormalization", "MatMul",
-               "Gemm", "Conv"}
+               "Gemm", "Conv", "SkipLayerNormalization"}
 
 
 def non_negative_float(value: Any) -> float:
@@ -170,9 +170,9 @@ class WidenPass(MorphPass):
             return None
         for name in coupling.uniform:
             node = mgraph.find_node(view, name)
-            if node.op != "LayerNormalization":
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' has no epsilon "
-                                    "to rescale for average expansion")
+            if node.op not in ("LayerNormalization", "SkipLayerNormalization"):
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' is not a "
+                                    "LayerNormalization, which average expansion needs (its mean channels)")
             if any(n.op not in ("MatMul", "Gemm") for n in node.outputs[0].outputs):
                 raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
                                     "not only read by layers (post-norm), so average expansion cannot keep it")

@@ -126,7 +126,7 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(NotApplicable, match="exact only when the channels are tiled"):
         onnxmorph.get_pass("widen")(layer=writer, width=24).requires(model)
-    if rms:  # a decomposed norm has no epsilon attribute to rescale: tiling only
+    if rms:  # average expansion keeps LayerNorms only (a decomposed RMSNorm: tiling only)
         with pytest.raises(NotApplicable, match="a multiple of 16"):
             onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
     else:  # 1.5x: average expansion (the new channels carry the stream's mean)
@@ -286,3 +286,31 @@ def test_grouped_query_attention_grows_whole_groups() -> None:
     _widened(model, k.name, 12, "netmorph")
     with pytest.raises(NotApplicable, match="a multiple of 2"):
         onnxmorph.get_pass("widen")(layer=q.name, width=20).requires(model)
+
+
+def test_onnxruntime_fused_skip_norms_tile() -> None:
+    """SkipLayerNormalization and SkipSimplifiedLayerNormalization (com.microsoft, written by onnxruntime's
+    transformer optimiser): the residual sum (output 3) is the stream, output 0 its norm."""
+    text = """<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (int64[2, 5] ids) => (float[2, 5, 7] y) <float[2, 5, 6] n, float[2, 5, 6] s, float[2, 5, 6] r> {
+    e = Gather(table, ids)
+    h = MatMul(e, w1)
+    n, mu, inv, s = com.microsoft.SkipLayerNormalization<epsilon=0.001>(e, h, gamma, beta)
+    h2 = MatMul(n, w2)
+    r, mu2, inv2, s2 = com.microsoft.SkipSimplifiedLayerNormalization<epsilon=0.001>(s, h2, gamma2)
+    y = MatMul(r, head)
+    }"""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(5)
+    arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "w2": rng.normal(size=(6, 6)),
+              "gamma": rng.random(6) + 0.5, "beta": rng.normal(size=6), "gamma2": rng.random(6) + 0.5,
+              "head": rng.normal(size=(6, 7))}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
+    for node in model.graph.node:
+        node.name = node.output[0]
+    model = onnxmorph.normalize(model)
+    for layer in ("h", "h2"):
+        _widened(model, layer, 12, "net2net")
+        _widened(model, layer, 18, "lemon")
+    with pytest.raises(NotApplicable, match="SkipSimplifiedLayerNormalization 'r' is not a LayerNormalization"):
+        onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
