@@ -78,7 +78,7 @@ def unary(a: Analysis, v: Visit) -> None:
 
 
 @rule(*ELEMENTWISE)
-@rule("Div", "Pow", keeps_zero=False)
+@rule("Div", "Pow", "Where", keeps_zero=False)
 def broadcast(a: Analysis, v: Visit) -> None:
     """Numpy broadcasting: every input with the channel axis (not of size 1) carries the slot."""
     node, slot = v.node, v.slot

@@ -173,7 +173,7 @@ class WidenPass(MorphPass):
             if node.op not in ("LayerNormalization", "SkipLayerNormalization"):
                 raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' is not a "
                                     "LayerNormalization, which average expansion needs (its mean channels)")
-            if any(n.op not in ("MatMul", "Gemm") for n in node.outputs[0].outputs):
+            if not _read_by_layers_only(node.outputs[0]):
                 raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
                                     "not only read by layers (post-norm), so average expansion cannot keep it")
         roles = {(p.node, p.role) for p in coupling.params}
@@ -357,6 +357,18 @@ def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: 
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         mgraph.set_input_constant(node, 2, wsolve.fill_channels(
             mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
+
+
+def _read_by_layers_only(tensor: gs.Tensor) -> bool:
+    """Whether `tensor` reaches only layers (through reshapes): a pre-norm LayerNorm's output, not the stream."""
+    stack = [tensor]
+    while stack:
+        for node in stack.pop().outputs:
+            if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"):
+                stack.append(node.outputs[0])
+            elif node.op not in channels.LAYERS:
+                return False
+    return True
 
 
 def producer_groups(coupling: channels.Coupling) -> int:
