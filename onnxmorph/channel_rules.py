@@ -30,7 +30,8 @@ UNARY = (
     "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Softsign", "Identity", "Abs", "Neg", "Erf", "Gelu",
     "HardSwish", "Mish", "Cast", "Floor", "Ceil", "Round", "Sign", "Sin", "ThresholdedRelu", "Dropout", "Shrink",
 )
-UNARY_NOT_ZERO = ("Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Sqrt", "Reciprocal", "Cos")
+UNARY_NOT_ZERO = ("Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Sqrt", "Reciprocal", "Cos", "IsNaN", "IsInf",
+                  "Not")
 # Elementwise ops with numpy broadcasting between any number of inputs.
 ELEMENTWISE = ("Add", "Sub", "Mul", "Sum", "Max", "Min", "Mean", "PRelu")
 ROLES = {"Add": "shift", "Sub": "shift", "Mul": "scale", "Div": "scale", "PRelu": "slope", "Pow": "scale"}

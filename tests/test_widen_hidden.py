@@ -314,3 +314,38 @@ def test_onnxruntime_fused_skip_norms_tile() -> None:
         _widened(model, layer, 18, "lemon")
     with pytest.raises(NotApplicable, match="SkipSimplifiedLayerNormalization 'r' is not a LayerNormalization"):
         onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
+
+
+class BatchedHeadsAttention(nn.Module):
+    """Attention as exporters decompose scaled_dot_product_attention: heads merged with the batch for bmm."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.h, self.hd).transpose(1, 2).reshape(b * self.h, t, self.hd)
+                   for f in (self.q, self.k, self.v))
+        a = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) / self.hd ** 0.5, -1), v)
+        a = a.reshape(b, self.h, t, self.hd).transpose(1, 2).reshape(b, t, d)
+        return self.fc(x + self.o(a))
+
+
+@pytest.mark.parametrize("width", [20, 32])
+def test_heads_merged_with_the_batch_grow(width: int) -> None:
+    """[B, H, T, d] -> [B*H, T, d]: the new heads repeat in every batch element of the merged axis."""
+    torch.manual_seed(6)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BatchedHeadsAttention().eval(), (torch.randn(2, 6, 16),), buffer, dynamo=False)
+    model = onnxmorph.normalize(onnx.load_from_string(buffer.getvalue()))
+    from onnxmorph import graph as mgraph
+
+    q, k, v = (info for info in mgraph.layers(mgraph.read_view(model))[:3])
+    child = _widened(model, q.name, width, "netmorph")
+    dims = {t.name: tuple(t.dims) for t in child.graph.initializer}
+    assert dims[k.weight][-1] == dims[v.weight][-1] == width
