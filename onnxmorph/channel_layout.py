@@ -165,9 +165,9 @@ def fold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
     attention's batched products; [B, kv, rep, T, d] -> [B*kv*rep, T, d] for grouped-query heads) or splits such an
     axis apart again: the new channels repeat in every period of the merged axis."""
     slot, ax = v.slot, v.slot.axis
-    if slot.block != 1 or None in s_shape or None in d_shape:
+    if None in s_shape or None in d_shape:
         return False
-    positions = insert_positions(a.space(slot.space), slot)
+    positions = insert_positions(a.space(slot.space), slot)  # in entries: a channel may own a block of them
     grown = sum(c for _, c in positions)
     for j in range(ax + 1):
         for k in range(ax, len(s_shape)):
@@ -186,7 +186,8 @@ def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: li
     """The inverse of a merge: the channel axis splits into several; the one whose periods repeat the new channels
     carries them."""
     ax = v.slot.axis
-    if v.slot.offset != 0 or a.space(v.slot.space).old != s_shape[ax] or tuple(d_shape[:ax]) != tuple(s_shape[:ax]):
+    space = a.space(v.slot.space)
+    if v.slot.offset != 0 or space.old * v.slot.block != s_shape[ax] or tuple(d_shape[:ax]) != tuple(s_shape[:ax]):
         return False
     for k in range(ax + 1, len(d_shape)):
         if int(np.prod(d_shape[ax:k + 1])) != s_shape[ax] or tuple(d_shape[k + 1:]) != tuple(s_shape[ax + 1:]):
