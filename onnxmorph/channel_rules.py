@@ -78,8 +78,8 @@ def unary(a: Analysis, v: Visit) -> None:
     a.through(v)
 
 
-@rule(*ELEMENTWISE)
-@rule("Div", "Pow", "Where", keeps_zero=False)
+@rule(*ELEMENTWISE, "Div", "Pow")
+@rule("Where", keeps_zero=False)
 def broadcast(a: Analysis, v: Visit) -> None:
     """Numpy broadcasting: every input with the channel axis (not of size 1) carries the slot."""
     node, slot = v.node, v.slot
@@ -87,7 +87,9 @@ def broadcast(a: Analysis, v: Visit) -> None:
     rank = len(full) if full else slot.axis + 1
     from_right = rank - slot.axis
     size = full[slot.axis] if full else None
-    if node.op in ("Div", "Pow") and v.tensor is not node.inputs[0]:
+    exponent = node.inputs[1] if node.op == "Pow" else None
+    if node.op in ("Div", "Pow") and any(v.tensor is t for t in node.inputs[1:]) or exponent is not None and not (
+            isinstance(exponent, gs.Constant) and np.all(np.asarray(exponent.values) > 0)):
         a.blocker(node, slot.space)  # 1/0 and c**0 are not 0
     for k, t in enumerate(node.inputs):
         if t is v.tensor or not t.name:

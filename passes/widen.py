@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import channels
+from onnxmorph import averaging, channels
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
@@ -18,10 +18,7 @@ from onnxmorph.graph import LayerInfo
 from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
 
 FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
-# ops that keep "a new channel is the mean of the old ones" (average expansion): linear and channel-blind
-AVERAGE_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-               "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "LayerNormalization", "MatMul",
-               "Gemm", "Conv", "SkipLayerNormalization"}
+
 
 
 def non_negative_float(value: Any) -> float:
@@ -37,7 +34,7 @@ class _Plan:
     modes: dict[int, str]  # space id -> "random" (zero-outgoing) or "copy"
     sources: dict[int, np.ndarray]
     guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
-    average: float | None = None  # average expansion: the variance scale s = q*old/width of its norms
+    average: averaging.Average | None = None  # average expansion of a normalised stream
 
     def sources_of(self, space: int) -> np.ndarray | None:
         return self.sources.get(space) if self.modes[space] == "copy" else None
@@ -117,7 +114,7 @@ class WidenPass(MorphPass):
             groups = producer_groups(coupling) if producer_groups(coupling) > 1 else len(inserts)
             sources[0] = wsolve.replication_sources(old, inserts, rng, groups)
             if average is not None:
-                sources[0] = wsolve.average_sources(old, self.width - old, rng)
+                sources[0] = wsolve.average_sources(old, self.width - old, rng, -2 if average.zero else -1)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
             for space in coupling.spaces:
@@ -157,10 +154,9 @@ class WidenPass(MorphPass):
             except NotApplicable:
                 raise grouped from None
 
-    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> float | None:
+    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> averaging.Average | None:
         """A norm (or mean) over the widened channels is exact when every channel is copied equally (tiling,
-        None), or, at other widths, with copies and mean channels through LayerNorms only (average expansion:
-        the variance scale s)."""
+        None), or, at other widths, by average expansion (see onnxmorph.averaging)."""
         norm = mgraph.find_node(view, coupling.uniform[0])
         what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
         tiled = f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled"
@@ -168,22 +164,7 @@ class WidenPass(MorphPass):
             raise NotApplicable(f"{tiled} or averaged (--method net2net or lemon; tiling at a multiple of {old})")
         if not (self.width - old) % old:
             return None
-        for name in coupling.uniform:
-            node = mgraph.find_node(view, name)
-            if node.op not in ("LayerNormalization", "SkipLayerNormalization"):
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' is not a "
-                                    "LayerNormalization, which average expansion needs (its mean channels)")
-            if not _read_by_layers_only(node.outputs[0]):
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
-                                    "not only read by layers (post-norm), so average expansion cannot keep it")
-        roles = {(p.node, p.role) for p in coupling.params}
-        for name in coupling.touched:
-            node = mgraph.find_node(view, name)
-            scaled = any(n == name and r not in ("shift", "norm-scale") for n, r in roles)
-            if node.op not in AVERAGE_OPS or scaled or int(node.attrs.get("group", 1)) > 1:
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' does not keep a "
-                                    "channel that is the mean of the others, as average expansion needs")
-        return (self.width // old) * old / self.width
+        return averaging.plan_average(view, coupling, old, self.width, tiled)
 
     def _check_copies(self, coupling: channels.Coupling) -> None:
         """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
@@ -260,15 +241,14 @@ class WidenPass(MorphPass):
             value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
             grown = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
                                          block=param.block, old=space.old)
-            if param.role == "norm-scale" and plan.average is not None:
-                grown = grown * np.sqrt(plan.average)  # the stream's variance shrank by s, so did the norm's
+            average = plan.average
+            if average is not None and (param.role == "norm-scale" or (param.node, param.index) in average.weights):
+                grown = grown * np.sqrt(average.scale)  # the stream's variance shrank by s, so did the norm's
             return grown
 
         channels.grow_params(graph, c, extend)
         if plan.average is not None:
-            for name in c.uniform:
-                node = nodes[name]
-                node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * plan.average
+            _rescale_epsilons(graph, nodes, plan.average)
         for change in c.groups:
             _grow_groups(nodes[change.node], change, plan, rng)
         by_consumer: dict[str, list[channels.Consumer]] = {}
@@ -359,16 +339,14 @@ def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: 
             mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
 
 
-def _read_by_layers_only(tensor: gs.Tensor) -> bool:
-    """Whether `tensor` reaches only layers (through reshapes): a pre-norm LayerNorm's output, not the stream."""
-    stack = [tensor]
-    while stack:
-        for node in stack.pop().outputs:
-            if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"):
-                stack.append(node.outputs[0])
-            elif node.op not in channels.LAYERS:
-                return False
-    return True
+def _rescale_epsilons(graph: gs.Graph, nodes: dict[str, gs.Node], average: averaging.Average) -> None:
+    """Average expansion: every norm's epsilon scales with the stream's variance (by s)."""
+    for name in average.epsilon_attrs:
+        node = nodes[name]
+        node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * average.scale
+    for name, index in average.epsilon_inputs:
+        node = nodes[name]
+        channels.private_constant(graph, node, index, mgraph.values(node.inputs[index]) * average.scale)
 
 
 def producer_groups(coupling: channels.Coupling) -> int:

@@ -126,11 +126,13 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(NotApplicable, match="exact only when the channels are tiled"):
         onnxmorph.get_pass("widen")(layer=writer, width=24).requires(model)
-    if rms:  # average expansion keeps LayerNorms only (a decomposed RMSNorm: tiling only)
-        with pytest.raises(NotApplicable, match="a multiple of 16"):
-            onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
-    else:  # 1.5x: average expansion (the new channels carry the stream's mean)
-        _widened(model, writer, 24, "net2net")
+    # 1.5x: average expansion (the new channels carry the stream's mean under LayerNorm, 0 under RMSNorm)
+    child = _widened(model, writer, 24, "net2net")
+    _widened(model, writer, 40, "lemon")
+    if rms:  # the decomposed RMSNorm's epsilon (an Add constant) scaled by s = 16/24
+        eps = sorted(float(numpy_helper.to_array(t).reshape(-1)[0]) for t in child.graph.initializer
+                     if numpy_helper.to_array(t).size == 1)
+        assert any(e == pytest.approx(1e-6 * 16 / 24) for e in eps), eps
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
@@ -312,7 +314,7 @@ def test_onnxruntime_fused_skip_norms_tile() -> None:
     for layer in ("h", "h2"):
         _widened(model, layer, 12, "net2net")
         _widened(model, layer, 18, "lemon")
-    with pytest.raises(NotApplicable, match="SkipSimplifiedLayerNormalization 'r' is not a LayerNormalization"):
+    with pytest.raises(NotApplicable, match="SkipSimplifiedLayerNormalization 'r' is neither a LayerNorm"):
         onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
 
 
