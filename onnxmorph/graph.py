@@ -419,7 +419,12 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | N
     """
     # Inference needs the weights' dims, not their data (a copy of which costs the model's size).
     probe = skeleton(model)
+    # declared shapes are dropped (they may be stale), except those of what onnx cannot infer: the
+    # outputs of other domains' ops (onnxruntime's fused norms), which inference continues from
+    foreign = {name for node in probe.graph.node if node.domain not in ("", "ai.onnx") for name in node.output}
+    kept = [info for info in probe.graph.value_info if info.name in foreign]
     del probe.graph.value_info[:]
+    probe.graph.value_info.extend(kept)
     for info in probe.graph.input:
         dims = info.type.tensor_type.shape.dim
         if len(dims) and not dims[0].HasField("dim_value"):
