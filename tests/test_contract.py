@@ -104,3 +104,17 @@ def test_ensures_accepts_an_honest_no_op() -> None:
     model = reference_model("mlp_relu")
     result = _Broken("unmodified").apply(model)
     assert result.modified is False
+
+
+def test_one_widen_analyses_its_channels_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxmorph import channels
+
+    analyses = _counting(monkeypatch, channels, "analyze")
+    model = reference_model("resnet_mini")
+    onnxmorph.widen(model, layer="s1b1_conv1", width=24, verify=False)
+    assert analyses[0] == 1
+    analyses[0] = 0
+    info = onnxmorph.inspect(model)
+    probed = sum(1 for layer in info["layers"] if "widen" in layer["morphs"])
+    # once per layer that widen is asked about (the concat skip is not asked per layer)
+    assert analyses[0] <= probed
