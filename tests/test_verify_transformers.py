@@ -14,7 +14,8 @@ import onnxmorph
 from onnxmorph import cli, feeds
 from onnxmorph.verify import Verifier, read_model_file
 
-TEXT_MODELS = [("gpt2", False), ("bert", False), ("llama", False), ("llama", True)]
+TEXT_MODELS = [("gpt2", False), ("bert", False), ("llama", False), ("llama", True),
+               pytest.param("gpt2", True, marks=pytest.mark.slow), pytest.param("bert", True, marks=pytest.mark.slow)]
 
 
 def _perturbed(path: Path, out: Path) -> Path:
