@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmorph import blocks as mblocks
-from onnxmorph.graph import layer_info, producer, tensor_shapes
+from onnxmorph.graph import ModelOrAnalysis, layer_info, model_of, producer, tensor_shapes
 
 _SCORE_PATH = ("Add", "Mul", "Div", "Where", "Cast", "Softmax", "IsNaN", "Dropout", "Identity", "Sub")
 
@@ -109,10 +108,10 @@ def _trace(tensor: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> Proj
     return None
 
 
-def attention_modules(model: onnx.ModelProto, graph: gs.Graph,
+def attention_modules(model: ModelOrAnalysis, graph: gs.Graph,
                       found: list[mblocks.Block] | None = None) -> list[dict[str, Any]]:
     """One entry per attention sublayer: the layers (names `widen`/`deepen` take), heads, head size, key/value heads."""
-    modules = mblocks.node_modules(model)
+    modules = mblocks.node_modules(model_of(model))
     found = found if found is not None else mblocks.blocks(graph, modules)
     if not any(sub.attention for block in found for sub in block.sublayers):
         return []  # no shape inference for models without attention

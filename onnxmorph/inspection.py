@@ -57,7 +57,7 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
             "module": modules.get(info.name),
             "morphs": morphs,
         })
-    found = mblocks.model_blocks(model)
+    found = mblocks.model_blocks(analysis)
     return {
         "ir_version": model.ir_version,
         "opsets": {(e.domain or "ai.onnx"): e.version for e in model.opset_import},
@@ -68,7 +68,7 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
         "layers": layers,
         "blocks": [{"after": b.index, "kind": b.kind, "norms": b.norms, "module": b.module, "output": b.output.name}
                    for b in found],
-        "attention": mattention.attention_modules(model, analysis.view, found),
+        "attention": mattention.attention_modules(analysis, analysis.view, found),
         "history": receipt.history(model),
     }
 
