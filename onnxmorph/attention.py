@@ -10,6 +10,7 @@ piece) and the head count H (the width entering the Reshape over d).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,35 +34,34 @@ def _computed(node: gs.Node) -> list[gs.Tensor]:
     return [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
 
 
+def _nearest_product(start: gs.Node, members: set[int], neighbours: Callable[[gs.Node], list[gs.Node]]
+                     ) -> gs.Node | None:
+    """The first MatMul of two computed tensors reached from `start` through score-path ops, inside the sublayer."""
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for near in neighbours(node):
+            if id(near) not in members:
+                continue
+            if near.op == "MatMul" and len(_computed(near)) == 2:
+                return near
+            if near.op in _SCORE_PATH:
+                stack.append(near)
+    return None
+
+
+def _producers(node: gs.Node) -> list[gs.Node]:
+    return [p for p in (producer(t) for t in _computed(node)) if p is not None]
+
+
 def _score_matmuls(sub: mblocks.Sublayer) -> tuple[gs.Node, gs.Node] | None:
     """(scores MatMul, probabilities-times-values MatMul) around the first Softmax of `sub`."""
     members = {id(n) for n in sub.nodes}
     softmax = next((n for n in sub.nodes if n.op == "Softmax"), None)
     if softmax is None:
         return None
-    scores, stack = None, [softmax]
-    while stack and scores is None:
-        node = stack.pop()
-        for tensor in _computed(node):
-            parent = producer(tensor)
-            if parent is None or id(parent) not in members:
-                continue
-            if parent.op == "MatMul" and len(_computed(parent)) == 2:
-                scores = parent
-                break
-            if parent.op in _SCORE_PATH:
-                stack.append(parent)
-    values, frontier = None, [softmax]
-    while frontier and values is None:
-        node = frontier.pop()
-        for reader in node.outputs[0].outputs:
-            if id(reader) not in members:
-                continue
-            if reader.op == "MatMul" and len(_computed(reader)) == 2:
-                values = reader
-                break
-            if reader.op in _SCORE_PATH:
-                frontier.append(reader)
+    scores = _nearest_product(softmax, members, _producers)
+    values = _nearest_product(softmax, members, lambda node: list(node.outputs[0].outputs))
     return (scores, values) if scores is not None and values is not None else None
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmorph import graph as mgraph
-from onnxmorph.channels import Coupling, Param, ints
+from onnxmorph.channels import Consumer, Coupling, Param, ints
 
 
 def private_constant(graph: gs.Graph, node: gs.Node, index: int, array: np.ndarray,
@@ -89,3 +89,18 @@ def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
         tensor = tensors.get(name)
         if isinstance(tensor, gs.Variable):
             tensor.shape = None
+
+
+def grow_consumers(nodes: dict[str, gs.Node], coupling: Coupling,
+                   outgoing: Callable[[gs.Node, np.ndarray, Consumer], np.ndarray]) -> None:
+    """Give every consumer layer its weights on the new channels: `outgoing(node, weight, consumer)`
+    fills one slot at a time, the last offset first so that earlier offsets stay where they are."""
+    by_consumer: dict[str, list[Consumer]] = {}
+    for consumer in coupling.consumers:
+        by_consumer.setdefault(consumer.node, []).append(consumer)
+    for name, items in by_consumer.items():
+        node = nodes[name]
+        w = mgraph.values(node.inputs[1])
+        for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
+            w = outgoing(node, w, consumer)
+        mgraph.set_input_constant(node, 1, w)

@@ -528,4 +528,9 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
 
 # the rules register themselves in RULES when imported; the rewriting helpers live beside them
 from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401
-from onnxmorph.channel_edits import apply_shape_fixes, grow_params, private_constant  # noqa: E402,F401
+from onnxmorph.channel_edits import (  # noqa: E402,F401
+    apply_shape_fixes,
+    grow_consumers,
+    grow_params,
+    private_constant,
+)

@@ -274,16 +274,8 @@ class SkipPass(MorphPass):
         for change in c.groups:
             node = nodes[change.node]
             node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-        by_consumer: dict[str, list[channels.Consumer]] = {}
-        for consumer in c.consumers:
-            by_consumer.setdefault(consumer.node, []).append(consumer)
-        for name, items in by_consumer.items():
-            node = nodes[name]
-            w = mgraph.values(node.inputs[1])
-            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
-                w = wsolve.solve_widen_outgoing(w, consumer.weight_axis, c.spaces[consumer.slot.space].inserts, rng,
-                                                method="netmorph", offset=consumer.offset, block=consumer.block)
-            mgraph.set_input_constant(node, 1, w)
+        channels.grow_consumers(nodes, c, lambda node, w, q: wsolve.solve_widen_outgoing(
+            w, q.weight_axis, c.spaces[q.slot.space].inserts, rng, method="netmorph", offset=q.offset, block=q.block))
         channels.apply_shape_fixes(graph, c)
 
     def _redirect(self, graph: gs.Graph, namer: mgraph.Namer, scope: str,

@@ -13,22 +13,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnxmorph.passes.deepen import DeepenPass
 
-from onnxmorph import build, splitting
+from onnxmorph import build, passinfra, splitting
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import (
-    SEED,
-    MorphPass,
-    Param,
-    PassResult,
-    dims,
-    int_list,
-    layer_name,
-    new_layer_bytes,
-    positive_int,
-    register,
-)
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, int_list, layer_name, positive_int, register
 
 log = logging.getLogger("onnxmorph")
 
@@ -170,7 +159,7 @@ class SubnetPass(MorphPass):
         depth = self.depth or 2
         layers = depth * branches if self.kind == "parallel" else depth if self.kind == "sequential" else 3
         kernel = tuple(self.kernel or ()) + tuple(self.kernels or ())
-        return new_layer_bytes(model, self.layer, self.width, kernel, count=layers), layers
+        return passinfra.new_layer_bytes(model, self.layer, self.width, kernel, count=layers), layers
 
     # ------------------------------------------------------------------ checks
 

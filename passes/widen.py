@@ -258,15 +258,7 @@ class WidenPass(MorphPass):
             _rescale_epsilons(graph, nodes, plan.average)
         for change in c.groups:
             _grow_groups(nodes[change.node], change, plan, rng)
-        by_consumer: dict[str, list[channels.Consumer]] = {}
-        for consumer in c.consumers:
-            by_consumer.setdefault(consumer.node, []).append(consumer)
-        for name, items in by_consumer.items():
-            node = nodes[name]
-            w = mgraph.values(node.inputs[1])
-            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
-                w = self._outgoing(node, w, consumer, c, plan, rng)
-            mgraph.set_input_constant(node, 1, w)
+        channels.grow_consumers(nodes, c, lambda node, w, q: self._outgoing(node, w, q, c, plan, rng))
         channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
