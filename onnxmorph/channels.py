@@ -292,10 +292,15 @@ def map_reshape(src: Sequence[int | None], dst: Sequence[int | None], axis: int,
     """
     before, rest = prod(src[:axis]), prod(src[axis:])
     inner = prod(src[axis + 1:])
-    if before is None or rest is None or inner is None:
+    if rest is None or inner is None:
         return None
     for a in range(len(dst)):
-        if prod(dst[:a]) != before or prod(dst[a:]) != rest or dst[a] == 1 and a + 1 < len(dst):
+        # A reshape keeps the element count, so a tail of `rest` entries leaves a head of `before`:
+        # unknown leading sizes ([B*T, C] -> [B, T, C] with T dynamic) need not be known to match.
+        head = prod(dst[:a])
+        if prod(dst[a:]) != rest or (before is not None and head is not None and head != before):
+            continue
+        if dst[a] == 1 and a + 1 < len(dst):
             continue
         inner_dst = prod(dst[a + 1:])
         if inner_dst is None or inner_dst == 0:

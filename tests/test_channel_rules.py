@@ -295,3 +295,12 @@ def test_channel_axis_gathers_and_strided_slices_are_refused(body: str, ints: di
     floats = CONV_W | {"fc": _w(8 if "Gather" in body else 4, 3)}
     model = _model(CONV + body, floats, ints)
     assert message in _refusal(model, "h", 12)
+
+
+def test_a_reshape_with_unknown_leading_sizes_keeps_the_channel_axis() -> None:
+    # [B*T, C] -> [B, T, C] with T dynamic (a flattened Gemm restored): the element count is kept, so a tail
+    # of C entries leaves the rest in the head whatever its sizes.
+    assert channels.map_reshape((None, 8), (2, None, 8), 1, 3, 1) == (2, 3, 1)
+    assert channels.map_reshape((None, 8), (None, 2, 4), 1, 4, 4) == (1, 1, 1)  # heads of 4: whole blocks only
+    assert channels.map_reshape((None, 8), (None, 2, 4), 1, 2, 1) is None
+    assert channels.map_reshape((6, 8), (4, 12), 1, 0, 1) is None  # the channels spread over two axes
