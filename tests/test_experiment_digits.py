@@ -63,11 +63,23 @@ def test_p_activations_start_linear_and_move_while_fine_tuning(quick_run) -> Non
     _, results, _ = quick_run
     deep = [entries for family in results["families"] for label, entries in family["runs"].items()
             if label.startswith("deeper") and label.endswith("(morph)")]
-    assert len(deep) == 3
+    assert len(deep) == 5
     for entries in deep:
         for entry in entries:
             a = entry["curve"]["a"]
             assert a[0] == 1.0 and a[-1] != 1.0
+
+
+def test_annealed_p_activations_end_at_zero(quick_run) -> None:
+    _, results, _ = quick_run
+    annealed = [(label, entries) for family in results["families"] for label, entries in family["runs"].items()
+                if "a annealed" in label]
+    assert len(annealed) == 4  # CNN and MLP, morph and scratch
+    for label, entries in annealed:
+        for entry in entries:
+            a = entry["curve"]["a"]
+            assert a[0] == (1.0 if label.endswith("(morph)") else 0.0)
+            assert a[-1] == 0.0, label
 
 
 def test_scratch_initialisation_keeps_the_graph_and_zeroes_a() -> None:

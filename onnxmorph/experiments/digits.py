@@ -67,6 +67,9 @@ class Child:
     label: str
     morph: str
     params: dict[str, Any] = field(default_factory=dict)
+    # Fraction of the fine-tuning steps over which the P-activations' `a` is pulled to 0
+    # (onnxmorph.train.fit's anneal_activations); 0 leaves `a` to the optimiser.
+    anneal: float = 0.0
 
 
 CNN_CHILDREN = (
@@ -76,9 +79,13 @@ CNN_CHILDREN = (
     # Without noise, Net2Net's copies get identical gradients and never become different units.
     Child("wider, net2net", "widen", {"layer": "conv2", "width": 16, "method": "net2net", "noise": 0.1}),
     Child("subnet, residual", "subnet", {"layer": "conv2", "kind": "residual"}),
+    Child("deeper, netmorph, a annealed", "deepen",
+          {"layer": "conv2", "kernel": 3, "activation": "relu", "method": "netmorph"}, anneal=0.5),
 )
 MLP_CHILDREN = (
     Child("deeper, netmorph, P-tanh", "deepen", {"layer": "fc1", "activation": "tanh", "method": "netmorph"}),
+    Child("deeper, netmorph, P-tanh, a annealed", "deepen",
+          {"layer": "fc1", "activation": "tanh", "method": "netmorph"}, anneal=0.5),
 )
 
 
@@ -188,8 +195,11 @@ def _mean_a(net: ot.OnnxModule) -> float | None:
 
 
 def run_training(model: onnx.ModelProto, data: tuple[np.ndarray, ...], steps: int, seed: int,
-                 config: Config) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Train `model` for `steps`; returns the trained model and its curve (test accuracy, mean a)."""
+                 config: Config, anneal: int | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Train `model` for `steps`; returns the trained model and its curve (test accuracy, mean a).
+
+    `anneal`: steps over which the P-activations' `a` is pulled to 0 (None: `a` is free).
+    """
     x_train, x_test, y_train, y_test = data
     net = ot.to_torch(model)
     curve = {"step": [0], "accuracy": [_accuracy(net, x_test, y_test)], "a": [_mean_a(net)]}
@@ -201,7 +211,7 @@ def run_training(model: onnx.ModelProto, data: tuple[np.ndarray, ...], steps: in
             curve["a"].append(_mean_a(net))
 
     ot.fit(net, x_train, y_train, loss="cross_entropy", optimizer=lambda p: torch.optim.Adam(p, lr=config.lr),
-           steps=steps, batch_size=config.batch_size, seed=seed, callback=record)
+           steps=steps, batch_size=config.batch_size, seed=seed, callback=record, anneal_activations=anneal)
     return ot.to_onnx(net), curve
 
 
@@ -255,13 +265,15 @@ def run_seed(family_name: str, seed: int, config: Config) -> dict[str, dict[str,
         log.info("%s, seed %d: %s", family.name, seed, child.label)
         morphed = getattr(onnxmorph, child.morph)(parent, seed=seed, **child.params)
         gap = float(np.abs(_logits(morphed, data[1]) - parent_logits).max())
-        _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config)
+        anneal = max(1, round(child.anneal * config.finetune_steps)) if child.anneal else None
+        _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config, anneal)
         runs[f"{child.label} (morph)"] = {
             "seed": seed, "curve": curve, "offset": config.parent_steps, "parent_accuracy": parent_acc,
             "max_logit_gap_at_step_0": gap, "parameters": _count(morphed),
             "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
         scratch = initialise(morphed, seed + 2000, family.gain)
-        _, curve = run_training(scratch, data, total, seed + 2000, config)
+        # From scratch `a` starts at 0; annealing then holds it there (the plain activation throughout).
+        _, curve = run_training(scratch, data, total, seed + 2000, config, anneal)
         runs[f"{child.label} (scratch)"] = {
             "seed": seed, "curve": curve, "offset": 0, "parent_accuracy": parent_acc,
             "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
