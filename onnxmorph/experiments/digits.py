@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxmorph
 from onnxmorph import train as ot
 from onnxmorph.build import P_ACTIVATION_SUFFIX
+from onnxmorph.experiments import run_jobs
 
 log = logging.getLogger("onnxmorph.experiments.digits")
 
@@ -287,19 +288,9 @@ def _worker_init() -> None:
 
 def run_families(config: Config, workers: int = 1) -> list[dict[str, Any]]:
     """Every (family, seed) job, in `workers` processes; results are the same for any number of workers."""
-    jobs = [(family.name, seed) for family in FAMILIES for seed in config.seeds]
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = [pool.submit(run_seed, name, seed, config) for name, seed in jobs]
-            results = [f.result() for f in futures]
-    else:
-        results = [run_seed(name, seed, config) for name, seed in jobs]
-    by_job = dict(zip(jobs, results))
+    jobs = [(family.name, seed, config) for family in FAMILIES for seed in config.seeds]
+    results = run_jobs(run_seed, jobs, workers, _worker_init)
+    by_job = dict(zip([job[:2] for job in jobs], results))
     families = []
     for family in FAMILIES:
         missing = [c.label for c in family.children if c not in _available(family)]
