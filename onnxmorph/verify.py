@@ -28,6 +28,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
+from onnxmorph import feeds
 from onnxmorph import io as mio
 from onnxmorph.errors import InvalidModelError, UsageError
 
@@ -36,8 +37,8 @@ log = logging.getLogger("onnxmorph")
 ModelLike = Union[onnx.ModelProto, str, os.PathLike, "ModelFile"]
 
 DEFAULT_TRIALS = 3
-DEFAULT_BATCH = 2
-INPUT_RANGE = (-1.0, 1.0)
+DEFAULT_BATCH = feeds.DEFAULT_BATCH
+INPUT_RANGE = feeds.INPUT_RANGE
 
 _TOLERANCES = {
     np.dtype(np.float32): (1e-5, 1e-4),
@@ -210,82 +211,20 @@ def _declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-    """Concrete input shapes: declared static dims, then `shapes`, then batch DEFAULT_BATCH."""
-    shapes = dict(shapes or {})
-    inputs = mio.true_inputs(model)
-    names = {i.name for i in inputs}
-    unknown = sorted(set(shapes) - names)
-    if unknown:
-        raise UsageError(
-            f"--shape names input '{unknown[0]}', which the model does not have "
-            f"(inputs: {', '.join(sorted(names))})"
-        )
-    resolved: dict[str, list[int]] = {}
-    for info in inputs:
-        if not info.type.HasField("tensor_type"):
-            raise UsageError(f"input '{info.name}' is not a tensor; verification needs --inputs")
-        declared = _declared_dims(info)
-        if info.name in shapes:
-            given = list(shapes[info.name])
-            if len(given) != len(declared) and info.type.tensor_type.HasField("shape"):
-                raise UsageError(
-                    f"--shape {info.name}: {len(given)} dimensions given, the input has {len(declared)}"
-                )
-            for axis, (want, have) in enumerate(zip(declared, given)):
-                if isinstance(want, int) and want != have:
-                    raise UsageError(
-                        f"--shape {info.name}: dimension {axis} is fixed at {want}, not {have}"
-                    )
-            resolved[info.name] = given
-            continue
-        dims = []
-        for axis, d in enumerate(declared):
-            if isinstance(d, int):
-                dims.append(d)
-            elif axis == 0:
-                dims.append(DEFAULT_BATCH)
-            else:
-                raise UsageError(
-                    f"input '{info.name}' has a dynamic dimension {d or '?'} at axis {axis}; "
-                    f"give its shape with --shape {info.name}:" + "x".join(
-                        str(x) if isinstance(x, int) else "N" for x in declared)
-                )
-        resolved[info.name] = dims
-    return resolved
+    """Concrete input shapes: declared static dims, then `shapes`, then the defaults `onnxmorph.feeds` states."""
+    return feeds.resolve_shapes(model, shapes)
 
 
 def _integer_bounds(model: onnx.ModelProto, name: str) -> tuple[int, int]:
-    """A valid range for an integer input: the table size when it indexes a Gather."""
-    weights = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-            table = weights.get(node.input[0])
-            if table is not None:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                return 0, max(1, int(table.dims[axis]))
-    return 0, 10
+    """A valid range for an integer input: the table size when it indexes a Gather (also through Reshape/Cast)."""
+    return feeds.integer_bounds(model, name)
 
 
 def random_inputs(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """One feed of seeded inputs: floats symmetric around 0, integers in a valid range."""
-    feed = {}
-    for info in mio.true_inputs(model):
-        dtype = _np_dtype(info.type.tensor_type.elem_type)
-        shape = tuple(shapes[info.name])
-        # A declared or --shape size can be absurd; refuse it rather than let numpy try.
-        mio.check_allocation(math.prod(shape) * max(dtype.itemsize, 8), f"input '{info.name}' of shape {list(shape)}")
-        if dtype.kind == "f":
-            feed[info.name] = rng.uniform(*INPUT_RANGE, size=shape).astype(dtype)
-        elif dtype.kind in "iu":
-            low, high = _integer_bounds(model, info.name)
-            feed[info.name] = rng.integers(low, high, size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[info.name] = rng.random(size=shape) < 0.5
-        else:
-            raise UsageError(f"input '{info.name}' of type {dtype} needs --inputs")
-    return feed
+    """One feed of seeded inputs: floats symmetric around 0, token ids in their vocabulary, masks of ones."""
+    return feeds.random_inputs(model, shapes, rng)
 
 
 def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -564,11 +503,12 @@ class Verifier:
             self.input_source = "user's"
         else:
             resolved = resolve_shapes(self.parent_header, shapes)
+            draws = feeds.input_draws(self.parent_header)
             self.feeds = [
-                random_inputs(self.parent_header, resolved, np.random.default_rng([seed, t]))
+                feeds.random_inputs(self.parent_header, resolved, np.random.default_rng([seed, t]), draws)
                 for t in range(trials)
             ]
-            self.input_source = f"uniform {list(INPUT_RANGE)}"
+            self.input_source = feeds.describe_inputs(self.parent_header, resolved, draws)
         log.info("running the parent (%d trial(s))", len(self.feeds))
         try:
             session = _Session(parent, "parent")

@@ -1,6 +1,7 @@
 """The morph passes, one module per morph type; importing this fills onnxmorph's registry."""
 
 from onnxmorph.passes import (
+    block,  # noqa: F401
     deepen,  # noqa: F401
     kernel,  # noqa: F401
     skip,  # noqa: F401

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
-from onnxmorph.verify import OutputCheck, _compare, default_tolerances, read_model_file
+from onnxmorph.verify import OutputCheck, _compare, default_tolerances, parse_shape, read_model_file
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -160,15 +160,23 @@ def test_integer_inputs_stay_in_the_table_range() -> None:
     assert verifier.check(model)
 
 
-def test_dynamic_non_batch_dimension_needs_a_shape() -> None:
+def test_dynamic_sequence_axis_has_a_default_and_other_axes_a_suggestion_that_parses() -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(UsageError, match="--shape x:NxN"):
-        onnxmorph.verify(model, model)
+    assert onnxmorph.verify(model, model).inputs == {"x": [2, 16]}
     assert onnxmorph.verify(model, model, shapes={"x": [3, 9]}).inputs == {"x": [3, 9]}
+    image = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+    model = helper.make_model(image, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UsageError, match="--shape x:2x3x32x32") as refusal:
+        onnxmorph.verify(model, model)
+    suggested = str(refusal.value).rsplit("--shape ", 1)[1]
+    assert onnxmorph.verify(model, model, shapes=dict([parse_shape(suggested)])).inputs == {"x": [2, 3, 32, 32]}
 
 
 def test_cli_verify_exit_codes(tmp_path: Path, mlp: onnx.ModelProto) -> None:
