@@ -10,10 +10,10 @@ GELU MLP, final LayerNorm), exported to ONNX with the TorchScript exporter.
 from __future__ import annotations
 
 import hashlib
-import warnings
 import io
 import math
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,31 +76,49 @@ def windows(data: np.ndarray, context: int, count: int | None = None) -> tuple[n
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Shape of the decoder."""
+    """Shape of the decoder. `attention` (the Q/K/V width) and `mlp` default to width and 4 x width.
+
+    Growing the residual stream by tiling keeps the attention and MLP widths (its readers take the
+    copies' mean), so a width-grown child is a GPT whose stream is wider than its attention.
+    """
 
     layers: int = 2
     width: int = 64
     heads: int = 4
     context: int = 64
-    mlp_ratio: int = 4
+    attention: int | None = None
+    mlp: int | None = None
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention or self.width
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp or 4 * self.width
 
 
 class _Block(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.heads = c.heads
+        self.scale = 1 / math.sqrt(c.attention_width // c.heads)
         self.ln1, self.ln2 = nn.LayerNorm(c.width), nn.LayerNorm(c.width)
-        self.qkv, self.proj = nn.Linear(c.width, 3 * c.width), nn.Linear(c.width, c.width)
-        self.fc, self.out = nn.Linear(c.width, c.mlp_ratio * c.width), nn.Linear(c.mlp_ratio * c.width, c.width)
+        self.q, self.k, self.v = (nn.Linear(c.width, c.attention_width) for _ in range(3))
+        self.proj = nn.Linear(c.attention_width, c.width)
+        self.fc, self.out = nn.Linear(c.width, c.mlp_width), nn.Linear(c.mlp_width, c.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (t.reshape(batch, length, self.heads, width // self.heads).transpose(1, 2)
-                   for t in self.qkv(self.ln1(x)).split(width, dim=2))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(width // self.heads)
+        h = self.ln1(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        # Sizes are read from q, not from the stream x, and the head size is left to Reshape (-1): nothing
+        # in the graph reads the stream's width as a number, so growing the stream needs no rewrite here.
+        batch, length, _ = q.shape
+        q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) * self.scale
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         attention = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        x = x + self.proj((attention @ v).transpose(1, 2).reshape(batch, length, width))
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(batch, length, -1))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -89,9 +88,10 @@ def parent_config(config: Config) -> lm.GPTConfig:
 
 def child_config(arm: str, config: Config) -> lm.GPTConfig:
     """The architecture an arm grows the parent into (and scratch trains)."""
+    parent = parent_config(config)
     layers = config.layers + (config.new_blocks if arm in ("blocks", "both") else 0)
     width = config.width * (config.width_factor if arm in ("width", "both") else 1)
-    return lm.GPTConfig(layers, width, config.heads, config.context)
+    return lm.GPTConfig(layers, width, config.heads, config.context, parent.attention_width, parent.mlp_width)
 
 
 # --------------------------------------------------------------------------- growth

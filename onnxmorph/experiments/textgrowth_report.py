@@ -1,4 +1,4 @@
-"""The growth experiment's figures: compute saved to reach scratch's loss, losses at equal steps and compute; table and plot."""
+"""Figures of the growth experiment: compute saved to reach scratch's loss, losses at equal steps and compute."""
 
 from __future__ import annotations
 
