@@ -166,6 +166,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, len(arms), figsize=(4.6 * len(arms), 6.4), squeeze=False)
     parents = {g["seed"]: g["parent"] for g in results["grown"]}
     blues = ("tab:blue", "tab:cyan", "tab:purple", "tab:green")
+    # Zoom on where the runs differ: from a little above the parent's loss at the first growth point.
+    starts = [c["curve"]["loss"][0] for g in results["grown"] for c in g["children"]]
+    top = max(starts) + 0.3 if starts else None
 
     def steps(run: dict[str, Any], x: np.ndarray) -> np.ndarray:
         return x
@@ -189,12 +192,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 if grown:
                     _band(ax, grown, x_of, blues[k % len(blues)], f"grown at step {at}")
             ax.set_title(f"{arm}", fontsize=9)
+            if top is not None:
+                ax.set_ylim(top=top)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel("validation loss (nats/byte)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         axes[0, column].legend(fontsize=7)
-    fig.suptitle("onnxmorph on a byte-level GPT: grown children vs the same architecture from scratch "
+    fig.suptitle("byte-level GPT grown by onnxmorph vs the same architecture from scratch\n"
                  "(lines: mean, bands: min-max over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
