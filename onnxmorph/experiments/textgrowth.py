@@ -50,7 +50,7 @@ class Config:
     """Budgets, shapes and optimiser settings of one run."""
 
     steps: int = 1000  # the whole budget: parent + child steps, and scratch's steps
-    growth: tuple[float, ...] = (0.25, 0.5)  # growth points, as shares of the budget
+    growth: tuple[float, ...] = (0.25, 0.5, 0.75)  # growth points, as shares of the budget
     batch: int = 16
     context: int = 64
     layers: int = 2
@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2, quick: 1)")
     parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per process (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--name", default=None, help="file name stem (default: textgrowth, quick: textgrowth-quick)")
     args = parser.parse_args(argv)
     if not log.handlers:
         _log_to_stderr()
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Config(**{**asdict(config), **overrides})
     workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
     results = run(config, workers)
-    stem = "textgrowth-quick" if args.quick else "textgrowth"
+    stem = args.name or ("textgrowth-quick" if args.quick else "textgrowth")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     table = markdown(results)

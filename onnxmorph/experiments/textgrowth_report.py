@@ -45,7 +45,8 @@ def _seed_figures(child: dict[str, Any], parent: dict[str, Any], scratch: dict[s
     spent = at * f_parent + (budget - at) * f_child  # the grown run's whole compute
     equal = float(np.interp(spent / f_scratch, scratch["curve"]["step"], scratch["curve"]["loss"]))
     figures = {"step0_difference": abs(child["curve"]["loss"][0] - child["parent_loss"]),
-               "final": final, "scratch_final": target, "equal_steps": final - target, "equal_compute": final - equal,
+               "final": final, "minus_parent": final - parent["curve"]["loss"][-1], "scratch_final": target,
+               "equal_steps": final - target, "equal_compute": final - equal,
                "compute_share": spent / (budget * f_scratch), "reached": reached}
     if reached is not None:
         figures["steps_saved"] = 1 - reached / budget
@@ -66,6 +67,7 @@ def _row(arm: str, at: int, pairs: list[tuple[dict, dict, dict]], budget: int) -
         "scratch_final": _stats([f["scratch_final"] for f in figures]),
         "minus_scratch_equal_steps": _paired([f["equal_steps"] for f in figures]),
         "minus_scratch_equal_compute": _paired([f["equal_compute"] for f in figures]),
+        "minus_parent": _paired([f["minus_parent"] for f in figures]),
         "compute_share": _stats([f["compute_share"] for f in figures]),
         "reached": len(got),
         "steps_to_scratch_loss": _stats([f["reached"] for f in got]),
@@ -106,8 +108,9 @@ def _ms(s: dict[str, float] | None, scale: float = 1.0, digits: int = 3, sign: s
 def _row_text(row: dict[str, Any]) -> str:
     if "minus_scratch_equal_steps" not in row:
         return (f"| {row['model']} | {row['parameters']} | {row['flops_per_step'] / 1e9:.2f} | | "
-                f"{_ms(row['loss_final'])} | | | | | |")
+                f"{_ms(row['loss_final'])} | | | | | | |")
     eq_steps, eq_compute = row["minus_scratch_equal_steps"], row["minus_scratch_equal_compute"]
+    parent = row["minus_parent"]
     reached = f"{row['reached']}/{row['seeds']}"
     if row["reached"]:
         reached += f" at step {_ms(row['steps_to_scratch_loss'], digits=0)}"
@@ -116,6 +119,7 @@ def _row_text(row: dict[str, Any]) -> str:
             f"| {_ms(eq_steps, sign='+')} ({eq_steps['ahead']}/{eq_steps['seeds']}) "
             f"| {_ms(eq_compute, sign='+')} ({eq_compute['ahead']}/{eq_compute['seeds']}) at "
             f"{100 * row['compute_share']['mean']:.0f}% "
+            f"| {_ms(parent, sign='+')} ({parent['ahead']}/{parent['seeds']}) "
             f"| {reached} | {_ms(row['steps_saved'], 100, 1)} | {_ms(row['flops_saved'], 100, 1)} |")
 
 
@@ -131,18 +135,19 @@ def markdown(results: dict[str, Any]) -> str:
         f"Adam (0.9, 0.95), lr {cfg['lr']}, warmup {cfg['warmup']:.0%}, cosine to {cfg['floor']:.0%}; a grown model "
         f"re-warms over {cfg['rewarm']} steps. {len(cfg['seeds'])} seed(s); mean ± sample std; validation loss in "
         f"nats per byte over {cfg['validation_windows']} windows, evaluated every {cfg['eval_every']} steps. "
-        "Differences are grown minus scratch, paired by seed (seeds where growing was ahead in brackets); equal "
-        "compute compares with scratch at the FLOPs the grown run spent in all (its share of scratch's in %). "
+        "Differences are grown minus scratch (or minus the parent trained on without growing, over the same "
+        "steps), paired by seed (seeds where growing was ahead in brackets); equal compute compares with scratch "
+        "at the FLOPs the grown run spent in all (its share of scratch's in %). "
         "Saved: the share of scratch's steps and FLOPs that the grown run (parent and child together) did not need "
         "to reach scratch's final loss.",
         "",
         "| model | params | GFLOPs/step | step-0 loss − parent's | final loss | − scratch, equal steps "
-        "| − scratch, equal compute | reached scratch's loss | steps saved % | FLOPs saved % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| − scratch, equal compute | − parent, no growth | reached scratch's loss | steps saved % | FLOPs saved % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [_row_text(row) for row in results["rows"]]
     for arm, reason in results["arms_not_run"].items():
-        lines.append(f"| {arm}: not run ({reason}) | | | | | | | | | |")
+        lines.append(f"| {arm}: not run ({reason}) | | | | | | | | | | |")
     lines.append("")
     lines.append(f"Run time: {results['seconds']:.0f} s with {results['workers']} worker(s) on {cfg['device']}.")
     return "\n".join(lines) + "\n"
@@ -163,7 +168,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = sorted({s["arm"] for s in results["scratch"]}, key=_ORDER.index) or ["(none)"]
-    fig, axes = plt.subplots(2, len(arms), figsize=(4.6 * len(arms), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(arms), figsize=(max(6.4, 4.6 * len(arms)), 6.4), squeeze=False)
     parents = {g["seed"]: g["parent"] for g in results["grown"]}
     blues = ("tab:blue", "tab:cyan", "tab:purple", "tab:green")
     # Zoom on where the runs differ: from a little above the parent's loss at the first growth point.
