@@ -149,7 +149,8 @@ def markdown(results: dict[str, Any]) -> str:
     for arm, reason in results["arms_not_run"].items():
         lines.append(f"| {arm}: not run ({reason}) | | | | | | | | | | |")
     lines.append("")
-    lines.append(f"Run time: {results['seconds']:.0f} s with {results['workers']} worker(s) on {cfg['device']}.")
+    lines.append(f"Run time: {results['seconds']:.0f} s with {results['workers']} worker(s) on {cfg['device']}; "
+                 f"the training jobs used {results.get('cpu_seconds', 0):.0f} s of CPU time.")
     return "\n".join(lines) + "\n"
 
 
