@@ -7,11 +7,20 @@ Concat offsets, Flatten/Reshape blocks and the consumers' weights. `analyze` fol
 both directions through the graph and returns a `Coupling` listing all of them, or raises
 NotApplicable with one line naming the op in the way.
 
+The traversal here is generic; what each op does with the channel axis is a *rule* registered for
+its op types in `onnxmorph.channel_rules` (per-channel ops, norms, reductions, layers) and
+`onnxmorph.channel_layout` (concat, reshapes, shuffles, slices, expands). A rule gets the analysis
+and a `Visit` (the node, the slot that reached it, from which tensor, in which direction) and
+either continues the slot onto the node's other tensors (`carry`, `through`), records what must
+grow (`add_param`, `shape_fixes`, producers, consumers, group changes), or raises NotApplicable.
+
 Vocabulary. A *space* is a set of `old` channels that grows by `inserts`: `(pos, count)` means
 `count` new channels placed after old channel `pos - 1`. A *slot* says where a space sits in a
 tensor: on `axis`, starting at `offset`, each channel owning `block` consecutive entries (a
-Flatten gives each channel H*W columns; a depthwise conv with multiplier m gives it m). A grouped
-(not depthwise) conv that reads a space gets new groups: their outputs are a *derived* space.
+Flatten gives each channel H*W columns; a depthwise conv with multiplier m gives it m). Some ops
+re-arrange the channels (a grouped conv's new groups, a channel shuffle, a Split or a Concat
+that spreads them over several tensors): what comes out is a *derived* space, named after the
+node that made it.
 
     coupling = analyze(graph, "conv2_out", axis=1, inserts=[(32, 16)], shapes=tensor_shapes(model))
     coupling.producers      # layers writing the channels (new filters: incoming side)
@@ -22,7 +31,7 @@ Flatten gives each channel H*W columns; a depthwise conv with multiplier m gives
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,44 +41,18 @@ from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 
 Shapes = dict[str, "tuple[int | None, ...] | None"]
-
-# Ops applied channel by channel with one data input (index 0); other inputs are constants.
-UNARY = {
-    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh", "Softplus", "Softsign",
-    "Identity", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "HardSwish", "Mish", "Cast",
-    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Dropout", "Clip", "Shrink",
-}
-# Elementwise ops with numpy broadcasting between any number of inputs.
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu"}
-POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
-RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-# Ops that map a zero channel to zero given the new parameters onnxmorph gives it (0 bias/shift,
-# unit scale, BN mean 0 var 1): a channel that is 0 at the producer stays 0 through them.
-ZERO_PRESERVING = {
-    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Softsign", "Identity", "Abs", "Neg", "Erf", "Gelu",
-    "HardSwish", "Mish", "Cast", "Floor", "Ceil", "Round", "Sign", "Sin", "ThresholdedRelu", "Dropout", "Shrink",
-    "Add", "Sub", "Mul", "Sum", "Max", "Min", "Mean", "PRelu", "BatchNormalization", "InstanceNormalization",
-    "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "LRN", "Concat",
-    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Resize", "Upsample", "Pad",
-    "Conv", "ConvTranspose", "Gemm", "MatMul",
-}
-REFUSED = {
-    "LayerNormalization": "normalises over the widened axis",
-    "Softmax": "mixes the channels", "LogSoftmax": "mixes the channels", "Hardmax": "mixes the channels",
-    "Shape": "reads the channel count", "Size": "reads the channel count",
-}
 
 
 @dataclass(frozen=True)
 class Space:
-    """A set of `old` channels growing by `inserts`; `derived_from` names the grouped conv that made it."""
+    """A set of `old` channels growing by `inserts`; `derived_from` names the node that made it."""
 
     id: int
     old: int
     inserts: tuple[tuple[int, int], ...]
     derived_from: str | None = None
+    kind: str = ""  # of a derived space: "groups" (a grouped conv's new groups), "shuffle", "part"
 
     @property
     def added(self) -> int:
@@ -137,13 +120,39 @@ class GroupChange:
 
 @dataclass(frozen=True)
 class ShapeFix:
-    """A constant shape input (Reshape target, Resize sizes) whose entry `position` follows `tensor`'s `axis`."""
+    """A constant that spells a size: entry `position` of input `index` (or of attribute `attr`) grows.
+
+    By `delta` entries, or, when None, by what `tensor`'s `axis` gains (a Reshape target, Resize sizes).
+    """
 
     node: str
     index: int
     position: int
     tensor: str
     axis: int
+    delta: int | None = None
+    attr: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitFix:
+    """A Split on the channel axis whose output sizes become `sizes` (written explicitly)."""
+
+    node: str
+    sizes: tuple[int, ...]
+
+
+class Misfit(NotApplicable):
+    """A refusal that a different placement of the new channels would avoid.
+
+    `inserts` is that placement for space `space` (e.g. spread evenly over the groups of a grouped
+    conv or of a channel shuffle); a pass that chooses where the new channels go may retry with it.
+    """
+
+    def __init__(self, message: str, space: int, inserts: Sequence[tuple[int, int]] | None) -> None:
+        super().__init__(message)
+        self.space = space
+        self.inserts = tuple(inserts) if inserts else None
 
 
 @dataclass
@@ -157,11 +166,20 @@ class Coupling:
     params: list[Param] = field(default_factory=list)
     groups: list[GroupChange] = field(default_factory=list)
     shape_fixes: list[ShapeFix] = field(default_factory=list)
+    split_fixes: list[SplitFix] = field(default_factory=list)
     lrn: list[str] = field(default_factory=list)
     # per space id: how many of its first new channels must be exactly 0 (inside an old channel's LRN window)
     lrn_guard: dict[int, int] = field(default_factory=dict)
     # per space id: the ops between producers and consumers that do not map 0 to 0
     zero_blockers: dict[int, list[str]] = field(default_factory=dict)
+    # ops that separate a new channel from the old one it would copy (net2net/lemon cannot be exact)
+    copy_blockers: list[str] = field(default_factory=list)
+    # ops exact only when every channel is copied equally (norms and means over the widened axis: tiling)
+    uniform: list[str] = field(default_factory=list)
+    # every node a slot reached, in order (what average expansion must check is linear)
+    touched: list[str] = field(default_factory=list)
+    # tensors whose shape changes although no slot names them (inside a channel shuffle)
+    stale: list[str] = field(default_factory=list)
 
     def added(self, tensor: str, axis: int) -> int:
         """How many entries `tensor`'s `axis` gains."""
@@ -192,7 +210,45 @@ class Coupling:
         return names
 
 
-def _shape(shapes: Shapes, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
+# ---------------------------------------------------------------------------- the rule table
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One step of the traversal: `slot` (on `tensor`) reached `node`, from its output when `backward`."""
+
+    node: gs.Node
+    slot: Slot
+    tensor: gs.Tensor
+    backward: bool
+
+    @property
+    def where(self) -> str:
+        return f"{self.node.op} '{self.node.name}'"
+
+
+Rule = Callable[["Analysis", Visit], None]
+RULES: dict[str, Rule] = {}
+# Ops that map a zero channel to zero given the new parameters onnxmorph gives it (0 bias/shift,
+# unit scale, BN mean 0 var 1): a channel that is 0 at the producer stays 0 through them (LRN guard).
+KEEPS_ZERO: set[str] = set()
+
+
+def rule(*ops: str, keeps_zero: bool = True) -> Callable[[Rule], Rule]:
+    """Register `fn` as the channel rule of `ops` (see the module docstring)."""
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+            if keeps_zero:
+                KEEPS_ZERO.add(op)
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------------------- helpers for rules
+
+
+def shape_of(shapes: Shapes, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
     if isinstance(tensor, gs.Constant):
         return tuple(int(d) for d in tensor.values.shape)
     shape = shapes.get(tensor.name)
@@ -201,11 +257,11 @@ def _shape(shapes: Shapes, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
     return shape
 
 
-def _ints(value: object) -> list[int]:
+def ints(value: object) -> list[int]:
     return [int(v) for v in np.asarray(value).reshape(-1)]
 
 
-def _prod(dims: Sequence[int | None]) -> int | None:
+def prod(dims: Sequence[int | None]) -> int | None:
     out = 1
     for d in dims:
         if d is None:
@@ -214,20 +270,29 @@ def _prod(dims: Sequence[int | None]) -> int | None:
     return out
 
 
+def constant_ints(node: gs.Node, index: int, attr: str | None = None) -> list[int] | None:
+    """Integers given by attribute `attr` or by constant input `index`; None when absent or computed."""
+    if attr is not None and attr in node.attrs:
+        return ints(node.attrs[attr])
+    if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
+        return ints(node.inputs[index].values)
+    return None
+
+
 def map_reshape(src: Sequence[int | None], dst: Sequence[int | None], axis: int, offset: int,
                 block: int) -> tuple[int, int, int] | None:
     """Where a channel slot on `src`'s `axis` lands after reshaping to `dst`: (axis, offset, block).
 
     None when the channels do not stay whole blocks of one axis (a channel shuffle splits them).
     """
-    before, rest = _prod(src[:axis]), _prod(src[axis:])
-    inner = _prod(src[axis + 1:])
+    before, rest = prod(src[:axis]), prod(src[axis:])
+    inner = prod(src[axis + 1:])
     if before is None or rest is None or inner is None:
         return None
     for a in range(len(dst)):
-        if _prod(dst[:a]) != before or _prod(dst[a:]) != rest or dst[a] == 1 and a + 1 < len(dst):
+        if prod(dst[:a]) != before or prod(dst[a:]) != rest or dst[a] == 1 and a + 1 < len(dst):
             continue
-        inner_dst = _prod(dst[a + 1:])
+        inner_dst = prod(dst[a + 1:])
         if inner_dst is None or inner_dst == 0:
             return None
         if inner % inner_dst == 0:
@@ -241,7 +306,17 @@ def map_reshape(src: Sequence[int | None], dst: Sequence[int | None], axis: int,
     return None
 
 
-class _Analysis:
+def insert_positions(space: Space, slot: Slot) -> list[tuple[int, int]]:
+    """The insertions of `slot`'s space in entries of its tensor: (index, count)."""
+    return [(slot.offset + pos * slot.block, count * slot.block) for pos, count in space.inserts]
+
+
+# ---------------------------------------------------------------------------- traversal
+
+
+class Analysis:
+    """The state of one traversal: the slots found so far, the queue, and what must grow."""
+
     def __init__(self, graph: gs.Graph, shapes: Shapes, *, allow_backward: bool,
                  ungroup: frozenset[str] = frozenset()) -> None:
         self.graph = graph
@@ -252,23 +327,35 @@ class _Analysis:
         self.seen: set[Slot] = set()
         self.queue: deque[tuple[Slot, str]] = deque()
         self.done: set[tuple[str, Slot]] = set()
-        self.depthwise_done: set[tuple[str, Slot]] = set()
         self.outputs = {t.name for t in graph.outputs}
         self.inputs = {t.name for t in graph.inputs}
-
-    # ---------------------------------------------------------------- bookkeeping
+        self.tensors = graph.tensors()
+        self.memo: dict[object, object] = {}  # for rules that must act once per node
 
     def space(self, k: int) -> Space:
         return self.result.spaces[k]
 
+    def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
+        return shape_of(self.shapes, tensor)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        return len(self.shape(tensor) or ()) or None
+
+    def derive(self, node: gs.Node, old: int, inserts: Sequence[tuple[int, int]], kind: str) -> Space:
+        """A new space made by `node` (its channels are the same new channels, re-arranged)."""
+        space = Space(len(self.result.spaces), int(old), tuple((int(p), int(c)) for p, c in inserts),
+                      derived_from=node.name, kind=kind)
+        self.result.spaces.append(space)
+        return space
+
     def add_slot(self, tensor: gs.Tensor, axis: int, offset: int, block: int, space: int, origin: str) -> None:
         if isinstance(tensor, gs.Constant):
             raise NotApplicable(f"constant '{tensor.name}' would need to carry the channels ({origin})")
-        rank = len(_shape(self.shapes, tensor) or ()) or None
+        rank = self.rank(tensor)
         if rank is not None:
             axis %= rank
         slot = Slot(tensor.name, axis, offset, block, space)
-        if slot in self.seen:
+        if slot in self.seen or self._same_layout(slot):
             return
         for other in self.seen:
             if other.tensor != slot.tensor:
@@ -287,489 +374,96 @@ class _Analysis:
         self.result.slots.append(slot)
         self.queue.append((slot, origin))
 
+    def _same_layout(self, slot: Slot) -> bool:
+        """Whether `tensor` already grows exactly so (another space with the same new entries: Q's and K's heads)."""
+        mine = (slot.axis, slot.offset, self.space(slot.space).old * slot.block,
+                insert_positions(self.space(slot.space), slot))
+        return any(other.tensor == slot.tensor and mine == (other.axis, other.offset, self.space(
+            other.space).old * other.block, insert_positions(self.space(other.space), other)) for other in self.seen)
+
+    def carry(self, node: gs.Node, index: int, axis: int, offset: int, block: int, space: int,
+              role: str = "shift") -> None:
+        """Input `index` of `node` carries the slot: a computed tensor widens, a constant grows (`role`)."""
+        tensor = node.inputs[index]
+        if isinstance(tensor, gs.Constant):
+            self.add_param(node, index, axis, offset, block, space, role)
+        else:
+            self.add_slot(tensor, axis, offset, block, space, f"{node.op} '{node.name}'")
+
     def blocker(self, node: gs.Node, space: int) -> None:
         self.result.zero_blockers.setdefault(space, [])
         if node.name not in self.result.zero_blockers[space]:
             self.result.zero_blockers[space].append(node.name)
 
+    def uniform(self, node: gs.Node) -> None:
+        if node.name not in self.result.uniform:
+            self.result.uniform.append(node.name)
+
+    def copy_blocker(self, node: gs.Node) -> None:
+        if node.name not in self.result.copy_blockers:
+            self.result.copy_blockers.append(node.name)
+
     def add_param(self, node: gs.Node, index: int, axis: int, offset: int, block: int, space: int, role: str) -> None:
-        const = node.inputs[index]
-        others = [n for n in const.outputs if n is not node]
-        if others:
-            raise NotApplicable(
-                f"{node.op} '{node.name}': its constant '{const.name}' is shared with '{others[0].name}'"
-            )
-        param = Param(node.name, node.op, index, axis, offset, block, space, role)
+        """Constant input `index` of `node` grows on `axis`; shared constants are resolved by `grow_params`."""
+        rank = len(node.inputs[index].values.shape)
+        param = Param(node.name, node.op, index, axis % rank if rank else axis, offset, block, space, role)
         if param not in self.result.params:
             self.result.params.append(param)
 
-    # ---------------------------------------------------------------- traversal
-
-    def run(self) -> Coupling:
-        while self.queue:
-            slot, origin = self.queue.popleft()
-            tensor = self.graph_tensors[slot.tensor]
-            if tensor.inputs and self.allow_backward:
-                self.visit(tensor.inputs[0], slot, tensor, backward=True)
-            for node in list(tensor.outputs):
-                self.visit(node, slot, tensor, backward=False)
-        return self.result
-
-    def visit(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, *, backward: bool) -> None:
-        key = (node.name + ("<" if backward else ">") + tensor.name, slot)
-        if key in self.done:
-            return
-        self.done.add(key)
-        if backward and self.space(slot.space).derived_from == node.name:
-            return  # the grouped conv whose new groups made this space: already handled
-        op = node.op
-        where = f"{op} '{node.name}'"
-        if node.domain not in ("", "ai.onnx", None):
-            raise NotApplicable(f"{where} (domain {node.domain}) is in the way of the channels")
-        if op in REFUSED:
-            if op in ("Softmax", "LogSoftmax", "Hardmax"):
-                self.softmax(node, slot, tensor)
-                return
-            raise NotApplicable(f"{where} {REFUSED[op]}: widening '{tensor.name}' cannot preserve the function")
-        if op not in ZERO_PRESERVING:
-            self.blocker(node, slot.space)
-        if op in LAYERS:
-            self.layer(node, slot, tensor, backward)
-        elif op in UNARY or op in ELEMENTWISE:
-            self.elementwise(node, slot, tensor)
-        elif op in NORMS:
-            self.norm(node, slot, tensor)
-        elif op in POOLS:
-            self.pool(node, slot, tensor)
-        elif op == "LRN":
-            self.lrn(node, slot, tensor)
-        elif op == "Concat":
-            self.concat(node, slot, tensor, backward)
-        elif op in RESHAPES:
-            self.reshape(node, slot, tensor, backward)
-        elif op == "Transpose":
-            self.transpose(node, slot, tensor, backward)
-        elif op == "Pad":
-            self.pad(node, slot, tensor)
-        elif op in ("Resize", "Upsample"):
-            self.resize(node, slot, tensor)
-        else:
-            raise NotApplicable(f"{where} is in the way of the channels of '{tensor.name}' (not supported)")
+    def add_fix(self, fix: ShapeFix | SplitFix) -> None:
+        target = self.result.split_fixes if isinstance(fix, SplitFix) else self.result.shape_fixes
+        if isinstance(fix, SplitFix) and any(f.node == fix.node and f != fix for f in self.result.split_fixes):
+            raise NotApplicable(f"Split '{fix.node}' would take new channels from two sides")
+        if fix not in target:
+            target.append(fix)
 
     def data_outputs(self, node: gs.Node) -> list[gs.Tensor]:
         return [t for t in node.outputs if t.outputs or t.name in self.outputs]
 
-    def through(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, axis: int | None = None,
-                offset: int | None = None, block: int | None = None) -> None:
+    def through(self, v: Visit, axis: int | None = None, offset: int | None = None, block: int | None = None) -> None:
         """The slot continues, unchanged unless told, on the node's first input and first output."""
-        axis = slot.axis if axis is None else axis
-        offset = slot.offset if offset is None else offset
-        block = slot.block if block is None else block
-        where = f"{node.op} '{node.name}'"
-        extra = self.data_outputs(node)[1:]
+        slot = v.slot
+        extra = self.data_outputs(v.node)[1:]
         if extra:
-            raise NotApplicable(f"{where}: its extra output '{extra[0].name}' is used (not supported)")
-        for t in (node.inputs[0], node.outputs[0]):
-            if t is not tensor:
-                self.add_slot(t, axis, offset, block, slot.space, where)
-
-    # ---------------------------------------------------------------- op rules
-
-    def elementwise(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        where = f"{node.op} '{node.name}'"
-        rank = len(_shape(self.shapes, tensor) or ()) or (slot.axis + 1)
-        from_right = rank - slot.axis
-        full = _shape(self.shapes, tensor)
-        size = full[slot.axis] if full else None
-        data_inputs = [0] if node.op in UNARY else range(len(node.inputs))
-        if node.op == "Dropout":
-            extra = [t for t in node.outputs[1:] if t.outputs or t.name in self.outputs]
-            if extra:
-                raise NotApplicable(f"{where}: its mask output '{extra[0].name}' is used (not supported)")
-        if node.op == "Clip":
-            for k in (1, 2):
-                if len(node.inputs) > k and node.inputs[k].name and not isinstance(node.inputs[k], gs.Constant):
-                    raise NotApplicable(f"{where}: its bound '{node.inputs[k].name}' is computed")
-                if len(node.inputs) > k and isinstance(node.inputs[k], gs.Constant) and node.inputs[k].values.size > 1:
-                    raise NotApplicable(f"{where}: its bound '{node.inputs[k].name}' is not a scalar")
-            lo = node.attrs.get("min", None)
-            hi = node.attrs.get("max", None)
-            if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size:
-                lo = float(np.asarray(node.inputs[1].values).reshape(-1)[0])
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size:
-                hi = float(np.asarray(node.inputs[2].values).reshape(-1)[0])
-            if (lo is not None and lo > 0) or (hi is not None and hi < 0):
-                self.blocker(node, slot.space)
-        if node.op in ("Div", "Pow") and tensor is not node.inputs[0]:
-            self.blocker(node, slot.space)  # 1/0 and c**0 are not 0
-        for k in data_inputs:
-            t = node.inputs[k]
-            if t is tensor or not t.name:
+            raise NotApplicable(f"{v.where}: its extra output '{extra[0].name}' is used (not supported)")
+        for k, t in ((0, v.node.inputs[0]), (None, v.node.outputs[0])):
+            if t is v.tensor:
                 continue
-            shape = _shape(self.shapes, t)
-            r = len(shape) if shape is not None else rank
-            a = r - from_right
-            if a < 0:
-                continue
-            dim = shape[a] if shape is not None else size
-            if dim == 1 and size != 1:
-                continue
-            if isinstance(t, gs.Constant):
-                role = {"Add": "shift", "Sub": "shift", "Mul": "scale", "Div": "scale", "PRelu": "slope",
-                        "Pow": "scale"}.get(node.op, "copy-only")
-                if node.op in ("Max", "Min", "Mean", "Sum"):
-                    self.blocker(node, slot.space)
-                self.add_param(node, k, a, slot.offset, slot.block, slot.space, role)
+            axis_t = slot.axis if axis is None else axis
+            offset_t = slot.offset if offset is None else offset
+            block_t = slot.block if block is None else block
+            if k is None:
+                self.add_slot(t, axis_t, offset_t, block_t, slot.space, v.where)
             else:
-                self.add_slot(t, a, slot.offset, slot.block, slot.space, where)
-        if node.op in UNARY:
-            for k in range(1, len(node.inputs)):
-                t = node.inputs[k]
-                if t.name and not isinstance(t, gs.Constant) and node.op != "Dropout":
-                    raise NotApplicable(f"{where}: its input '{t.name}' is computed")
-        out = node.outputs[0]
-        if out is not tensor:
-            shape = _shape(self.shapes, out)
-            r = len(shape) if shape is not None else rank
-            self.add_slot(out, r - from_right, slot.offset, slot.block, slot.space, where)
+                self.carry(v.node, k, axis_t, offset_t, block_t, slot.space)
 
-    def norm(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        where = f"{node.op} '{node.name}'"
-        if slot.axis != 1 or tensor is not node.inputs[0] and tensor is not node.outputs[0]:
-            raise NotApplicable(f"{where} normalises axis 1, the channels are on axis {slot.axis}")
-        for k in NORMS[node.op]:
-            if len(node.inputs) <= k or not isinstance(node.inputs[k], gs.Constant):
-                raise NotApplicable(f"{where}: its parameter {k} is not a constant")
-            role = {1: "scale", 2: "shift", 3: "shift", 4: "var"}[k]
-            self.add_param(node, k, 0, slot.offset, slot.block, slot.space, role)
-        self.through(node, slot, tensor)
+    def run(self) -> Coupling:
+        while self.queue:
+            slot, _origin = self.queue.popleft()
+            tensor = self.tensors[slot.tensor]
+            if tensor.inputs and self.allow_backward:
+                self.visit(Visit(tensor.inputs[0], slot, tensor, True))
+            for node in list(tensor.outputs):
+                self.visit(Visit(node, slot, tensor, False))
+        return self.result
 
-    def pool(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        if slot.axis != 1:
-            raise NotApplicable(f"{node.op} '{node.name}' pools over the widened axis {slot.axis}")
-        self.through(node, slot, tensor)
-
-    def lrn(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        if slot.axis != 1:
-            raise NotApplicable(f"LRN '{node.name}' works on axis 1, the channels are on axis {slot.axis}")
-        # LRN sums a window of neighbouring channels by position: new channels are harmless only after
-        # the last old channel (in between they would shift the old channels' windows), and the first
-        # ceil((size - 1) / 2) of them, which the last old channels' windows reach, must be exactly 0
-        shape = _shape(self.shapes, tensor)
-        size = shape[1] if shape else None
-        for pos, _count in self.space(slot.space).inserts:
-            if size is None or slot.offset + pos * slot.block != size:
-                raise NotApplicable(
-                    f"LRN '{node.name}' sums neighbouring channels: new channels would sit between old ones "
-                    f"of '{tensor.name}' and change their sums"
-                )
-        reach = int(node.attrs.get("size", 1)) // 2  # ceil((size - 1) / 2)
-        guard = -(-reach // slot.block)
-        self.result.lrn_guard[slot.space] = max(self.result.lrn_guard.get(slot.space, 0), guard)
-        if node.name not in self.result.lrn:
-            self.result.lrn.append(node.name)
-        self.through(node, slot, tensor)
-
-    def softmax(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        shape = _shape(self.shapes, tensor)
-        rank = len(shape) if shape else None
-        axis = int(node.attrs.get("axis", -1 if self.graph.opset >= 13 else 1))
-        if rank is not None:
-            axis %= rank
-            covers = slot.axis == axis if self.graph.opset >= 13 else slot.axis >= axis
-            if not covers:
-                self.through(node, slot, tensor)
-                return
-        raise NotApplicable(f"{node.op} '{node.name}' mixes the channels of '{tensor.name}': it cannot be preserved")
-
-    def concat(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, backward: bool) -> None:
-        where = f"Concat '{node.name}'"
-        out = node.outputs[0]
-        rank = len(_shape(self.shapes, out) or ()) or None
-        axis = int(node.attrs.get("axis", 1))
-        if rank is not None:
-            axis %= rank
-        if axis != slot.axis:
-            for t in [*node.inputs, out]:
-                if t is not tensor:
-                    self.add_slot(t, slot.axis, slot.offset, slot.block, slot.space, where)
+    def visit(self, v: Visit) -> None:
+        key = (v.node.name + ("<" if v.backward else ">") + v.tensor.name, v.slot)
+        if key in self.done:
             return
-        starts = []
-        start = 0
-        for t in node.inputs:
-            shape = _shape(self.shapes, t)
-            if shape is None or shape[axis] is None:
-                raise NotApplicable(f"{where}: the size of '{t.name}' on the concat axis is unknown")
-            starts.append(start)
-            start += int(shape[axis])
-        span = self.space(slot.space).old * slot.block
-        if backward:
-            for k, t in enumerate(node.inputs):
-                size = _shape(self.shapes, t)[axis]
-                if starts[k] <= slot.offset and slot.offset + span <= starts[k] + size:
-                    self.add_slot(t, axis, slot.offset - starts[k], slot.block, slot.space, where)
-                    return
-            raise NotApplicable(f"{where}: the channels of '{out.name}' span several of its inputs")
-        for k, t in enumerate(node.inputs):
-            if t is tensor:
-                self.add_slot(out, axis, starts[k] + slot.offset, slot.block, slot.space, where)
-
-    def reshape(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, backward: bool) -> None:
-        where = f"{node.op} '{node.name}'"
-        src, dst = node.inputs[0], node.outputs[0]
-        if backward:
-            src, dst = dst, src
-        s_shape, d_shape = _shape(self.shapes, src), _shape(self.shapes, dst)
-        if s_shape is None or d_shape is None:
-            raise NotApplicable(f"{where}: the shapes around it are unknown, cannot follow the channels")
-        mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
-        if mapped is None:
-            raise NotApplicable(f"{where} splits the channel axis of '{src.name}' (e.g. a channel shuffle)")
-        axis, offset, block = mapped
-        if node.op == "Reshape":
-            target = node.inputs[1] if len(node.inputs) > 1 else None
-            if not isinstance(target, gs.Constant):
-                raise NotApplicable(f"{where}: its target shape is computed, cannot resize it")
-            values = _ints(target.values)
-            out_axis = axis if not backward else slot.axis
-            if values[out_axis] == 0:
-                raise NotApplicable(f"{where}: its target copies the channel count (0), cannot follow it")
-            if values[out_axis] != -1:
-                fix = ShapeFix(node.name, 1, out_axis, node.outputs[0].name, out_axis)
-                if fix not in self.result.shape_fixes:
-                    others = [n for n in target.outputs if n is not node]
-                    if others:
-                        raise NotApplicable(f"{where}: its target shape is shared with '{others[0].name}'")
-                    self.result.shape_fixes.append(fix)
-        self.add_slot(dst, axis, offset, block, slot.space, where)
-
-    def transpose(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, backward: bool) -> None:
-        shape = _shape(self.shapes, node.inputs[0])
-        perm = node.attrs.get("perm")
-        if perm is None:
-            if shape is None:
-                raise NotApplicable(f"Transpose '{node.name}': unknown rank, cannot follow the channels")
-            perm = list(range(len(shape)))[::-1]
-        perm = [int(p) for p in perm]
-        if backward:
-            self.add_slot(node.inputs[0], perm[slot.axis], slot.offset, slot.block, slot.space,
-                          f"Transpose '{node.name}'")
-        else:
-            self.add_slot(node.outputs[0], perm.index(slot.axis), slot.offset, slot.block, slot.space,
-                          f"Transpose '{node.name}'")
-
-    def pad(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        where = f"Pad '{node.name}'"
-        shape = _shape(self.shapes, node.inputs[0])
-        if "pads" in node.attrs:
-            pads = _ints(node.attrs["pads"])
-            value = float(node.attrs.get("value", 0.0))
-        elif len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-            pads = _ints(node.inputs[1].values)
-            value = 0.0
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size:
-                value = float(np.asarray(node.inputs[2].values).reshape(-1)[0])
-            if len(node.inputs) > 3 and node.inputs[3].name:
-                raise NotApplicable(f"{where}: padding with explicit axes is not supported")
-        else:
-            raise NotApplicable(f"{where}: its pads are computed")
-        rank = len(pads) // 2
-        if shape is not None and len(shape) != rank:
-            raise NotApplicable(f"{where}: unexpected pads length")
-        if pads[slot.axis] or pads[slot.axis + rank]:
-            raise NotApplicable(f"{where} pads the channel axis")
-        mode = node.attrs.get("mode", "constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode == "constant" and value != 0.0:
-            self.blocker(node, slot.space)
-        self.through(node, slot, tensor)
-
-    def resize(self, node: gs.Node, slot: Slot, tensor: gs.Tensor) -> None:
-        where = f"{node.op} '{node.name}'"
-        if "scales" in node.attrs:
-            scales = [float(s) for s in node.attrs["scales"]]
-            if scales[slot.axis] != 1.0:
-                raise NotApplicable(f"{where} resizes the channel axis")
-            self.through(node, slot, tensor)
-            return
-        scale_index = 1 if node.op == "Upsample" or self.graph.opset < 11 else 2
-        scales = node.inputs[scale_index] if len(node.inputs) > scale_index else None
-        sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 else None
-        if scales is not None and scales.name and isinstance(scales, gs.Constant) and scales.values.size:
-            if float(np.asarray(scales.values).reshape(-1)[slot.axis]) != 1.0:
-                raise NotApplicable(f"{where} resizes the channel axis")
-        elif sizes is not None and isinstance(sizes, gs.Constant) and sizes.values.size:
-            if "axes" in node.attrs:
-                raise NotApplicable(f"{where}: sizes with explicit axes are not supported")
-            self.result.shape_fixes.append(ShapeFix(node.name, 3, slot.axis, node.outputs[0].name, slot.axis))
-        else:
-            raise NotApplicable(f"{where}: its scales or sizes are computed")
-        self.through(node, slot, tensor)
-
-    def layer(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, backward: bool) -> None:
-        where = f"{node.op} '{node.name}'"
-        space = self.space(slot.space)
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
-        if not isinstance(weight, gs.Constant):
-            if tensor is not node.inputs[0] or node.op != "MatMul":
-                raise NotApplicable(f"{where}: its weight is computed, cannot widen it")
-            raise NotApplicable(f"{where} multiplies two computed tensors; cannot widen them")
-        if tensor is weight:
-            raise NotApplicable(f"{where}: the channels reach its weight input")
-        others = [n for n in weight.outputs if n is not node]
-        if others:
-            raise NotApplicable(f"{where}: its weight '{weight.name}' is shared with '{others[0].name}'")
-        wshape = weight.values.shape
-        out_shape = _shape(self.shapes, node.outputs[0])
-        if node.op == "Conv" and self.is_depthwise(node, wshape):
-            self.depthwise(node, slot, tensor, wshape, backward)
-            return
-        if backward or tensor is node.outputs[0]:
-            self.producer(node, slot, wshape, out_shape)
-            return
-        if tensor is not node.inputs[0]:
-            raise NotApplicable(f"{where}: the channels reach its input '{tensor.name}', which is not its data input")
-        if node.op == "Gemm":
-            if int(node.attrs.get("transA", 0)) or slot.axis != 1:
-                raise NotApplicable(f"{where} reads the channels on its transposed side")
-            axis = 1 if int(node.attrs.get("transB", 0)) else 0
-            self.result.consumers.append(Consumer(node.name, node.op, slot, axis, slot.offset, slot.block))
-        elif node.op == "MatMul":
-            rank = len(_shape(self.shapes, tensor) or ()) or None
-            if rank is None or slot.axis != rank - 1 or len(wshape) < 2:
-                raise NotApplicable(f"{where} reads the channels on an axis it does not contract")
-            self.result.consumers.append(Consumer(node.name, node.op, slot, len(wshape) - 2, slot.offset, slot.block))
-        elif node.op == "ConvTranspose":
-            if slot.axis != 1 or int(node.attrs.get("group", 1)) != 1:
-                raise NotApplicable(f"{where}: grouped transposed convolutions are not supported")
-            self.result.consumers.append(Consumer(node.name, node.op, slot, 0, slot.offset, slot.block))
-        else:
-            self.conv_consumer(node, slot, tensor, wshape)
-        del space
-
-    def producer(self, node: gs.Node, slot: Slot, wshape: tuple[int, ...], out_shape) -> None:
-        where = f"{node.op} '{node.name}'"
-        space = self.space(slot.space)
-        if space.derived_from is not None:
-            raise NotApplicable(f"{where} writes into the new groups of grouped Conv '{space.derived_from}'")
-        if slot.offset != 0 or slot.block != 1:
-            raise NotApplicable(f"{where}: only part of its outputs carry the channels")
-        groups = 1
-        ungroup = 0
-        if node.op == "Conv":
-            axis = 0
-            groups = int(node.attrs.get("group", 1))
-            if slot.axis != 1:
-                raise NotApplicable(f"{where}: the channels are not its output channels")
-            if groups > 1 and node.name in self.ungroup:
-                groups, ungroup = 1, groups  # made dense: its new filters read every input channel
-            elif groups > 1:
-                per_group = wshape[0] // groups
-                k = space.added // groups if space.added % groups == 0 else 0
-                expected = tuple(((g + 1) * per_group, k) for g in range(groups))
-                if not k or space.inserts != expected:
-                    raise NotApplicable(
-                        f"{where} has {groups} groups: each group must grow equally (width a multiple of {groups})"
-                    )
-        elif node.op == "ConvTranspose":
-            axis = 1
-            if int(node.attrs.get("group", 1)) != 1 or slot.axis != 1:
-                raise NotApplicable(f"{where}: grouped transposed convolutions are not supported")
-        elif node.op == "Gemm":
-            axis = 0 if int(node.attrs.get("transB", 0)) else 1
-            if slot.axis != 1:
-                raise NotApplicable(f"{where}: the channels are not its output units")
-        else:
-            axis = len(wshape) - 1
-            rank = len(out_shape) if out_shape else None
-            if rank is None or slot.axis != rank - 1:
-                raise NotApplicable(f"{where}: the channels are not its output columns")
-        if wshape[axis] != space.old:
-            raise NotApplicable(f"{where}: its {wshape[axis]} outputs do not match the {space.old} channels")
-        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-            raise NotApplicable(f"{where}: its bias '{node.inputs[2].name}' is computed")
-        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-            bias = node.inputs[2]
-            others = [n for n in bias.outputs if n is not node]
-            if others:
-                raise NotApplicable(f"{where}: its bias '{bias.name}' is shared with '{others[0].name}'")
-        entry = Producer(node.name, node.op, slot, axis, groups, ungroup)
-        if entry not in self.result.producers:
-            self.result.producers.append(entry)
-
-    def conv_consumer(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, wshape: tuple[int, ...]) -> None:
-        where = f"Conv '{node.name}'"
-        if slot.axis != 1:
-            raise NotApplicable(f"{where} reads the channels on axis {slot.axis}, not its channel axis")
-        groups = int(node.attrs.get("group", 1))
-        space = self.space(slot.space)
-        if groups == 1:
-            self.result.consumers.append(Consumer(node.name, node.op, slot, 1, slot.offset, slot.block))
-            return
-        in_shape = _shape(self.shapes, tensor)
-        cin = in_shape[1] if in_shape else None
-        per_in = wshape[1]
-        per_out = wshape[0] // groups
-        if cin is None or cin != groups * per_in:
-            raise NotApplicable(f"{where}: the size of its input channels is unknown")
-        positions = [(slot.offset + p * slot.block, c * slot.block) for p, c in space.inserts]
-        if len(positions) == groups and all(c == positions[0][1] for _, c in positions):
-            rel = [at - g * per_in for g, (at, _) in enumerate(positions)]
-            if all(0 < r <= per_in for r in rel) and len(set(rel)) == 1:
-                # every group grows by the same channels at the same place: its weight grows on axis 1
-                self.result.consumers.append(Consumer(node.name, node.op, slot, 1, slot.offset, slot.block))
-                return
-        if all(at % per_in == 0 and c % per_in == 0 for at, c in positions):
-            if any(g.node == node.name for g in self.result.groups):
-                raise NotApplicable(f"{where}: two widened inputs would give it new groups")
-            new_filters = tuple((at // per_in * per_out, c // per_in * per_out) for at, c in positions)
-            derived = Space(len(self.result.spaces), wshape[0], new_filters, derived_from=node.name)
-            self.result.spaces.append(derived)
-            self.result.groups.append(GroupChange(node.name, sum(c for _, c in positions) // per_in, derived.id,
-                                                  new_filters))
-            if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-                raise NotApplicable(f"{where}: its bias is computed")
-            self.add_slot(node.outputs[0], 1, 0, 1, derived.id, where)
-            return
-        raise NotApplicable(
-            f"{where} has {groups} groups of {per_in} channels: the new channels fit neither its groups nor new ones"
-        )
-
-    def is_depthwise(self, node: gs.Node, wshape: tuple[int, ...]) -> bool:
-        groups = int(node.attrs.get("group", 1))
-        in_shape = _shape(self.shapes, node.inputs[0])
-        return groups > 1 and wshape[1] == 1 and in_shape is not None and in_shape[1] == groups
-
-    def depthwise(self, node: gs.Node, slot: Slot, tensor: gs.Tensor, wshape: tuple[int, ...],
-                  backward: bool) -> None:
-        """A depthwise conv carries each channel to its own `m` outputs: the space goes through it."""
-        where = f"Conv '{node.name}'"
-        if slot.axis != 1:
-            raise NotApplicable(f"{where} reads the channels on axis {slot.axis}, not its channel axis")
-        m = wshape[0] // int(node.attrs["group"])
-        if backward:
-            if slot.offset % m or slot.block % m:
-                raise NotApplicable(f"{where}: the channels split its depthwise filters")
-            inner = Slot(node.inputs[0].name, 1, slot.offset // m, slot.block // m, slot.space)
-        else:
-            inner = slot
-        if (node.name, inner) in self.depthwise_done:
-            return
-        self.depthwise_done.add((node.name, inner))
-        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-            raise NotApplicable(f"{where}: its bias is computed")
-        self.result.groups.append(GroupChange(node.name, self.space(slot.space).added * inner.block))
-        self.add_param(node, 1, 0, inner.offset * m, inner.block * m, slot.space, "filter")
-        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-            self.add_param(node, 2, 0, inner.offset * m, inner.block * m, slot.space, "bias")
-        self.add_slot(node.inputs[0], 1, inner.offset, inner.block, slot.space, where)
-        self.add_slot(node.outputs[0], 1, inner.offset * m, inner.block * m, slot.space, where)
-
-    @property
-    def graph_tensors(self) -> dict[str, gs.Tensor]:
-        if not hasattr(self, "_tensors"):
-            self._tensors = self.graph.tensors()
-        return self._tensors
+        self.done.add(key)
+        if self.space(v.slot.space).derived_from == v.node.name:
+            return  # the node that re-arranged these channels: it has been followed already
+        if v.node.domain not in ("", "ai.onnx", None):
+            raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")
+        fn = RULES.get(v.node.op)
+        if fn is None:
+            raise NotApplicable(f"{v.where} is in the way of the channels of '{v.tensor.name}' (not supported)")
+        if v.node.op not in KEEPS_ZERO:
+            self.blocker(v.node, v.slot.space)
+        if v.node.name not in self.result.touched:
+            self.result.touched.append(v.node.name)
+        fn(self, v)
 
 
 def analyze(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int, int]], shapes: Shapes, *,
@@ -782,15 +476,15 @@ def analyze(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int
     go up into producers (for a new tensor spliced in, e.g. a concatenated skip). The grouped
     Convs named in `ungroup` are treated as dense producers (the pass rewrites them with
     block-diagonal weights and group 1), so new channels may go after all the old ones. Raises
-    NotApplicable naming the op in the way when the function cannot be preserved.
+    NotApplicable naming the op in the way when the function cannot be preserved (a `Misfit`
+    when another placement of the new channels would do).
     """
-    analysis = _Analysis(graph, shapes, allow_backward=backward, ungroup=frozenset(ungroup))
-    tensors = analysis.graph_tensors
-    if tensor not in tensors:
+    analysis = Analysis(graph, shapes, allow_backward=backward, ungroup=frozenset(ungroup))
+    if tensor not in analysis.tensors:
         raise NotApplicable(f"no tensor '{tensor}' in the graph")
-    t = tensors[tensor]
+    t = analysis.tensors[tensor]
     if old is None:
-        shape = _shape(shapes, t)
+        shape = analysis.shape(t)
         if shape is None or shape[axis] is None:
             raise NotApplicable(f"the channel count of '{tensor}' is unknown")
         old = int(shape[axis]) // block
@@ -802,19 +496,104 @@ def analyze(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int
     return analysis.run()
 
 
+def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequence[tuple[int, int]], shapes: Shapes,
+                       **options: object) -> tuple[Coupling, tuple[tuple[int, int], ...]]:
+    """`analyze`, retrying with the placement a `Misfit` asks for: (coupling, the inserts it used).
+
+    For a pass that chooses where its new channels go (widen does; the concat skip does not).
+    When no placement works, the first refusal is raised.
+    """
+    tried = [tuple(inserts)]
+    first: Misfit | None = None
+    while True:
+        try:
+            return analyze(graph, tensor, axis, tried[-1], shapes, **options), tried[-1]  # type: ignore[arg-type]
+        except Misfit as misfit:
+            first = first or misfit
+            if misfit.space != 0 or misfit.inserts is None or misfit.inserts in tried or len(tried) > 3:
+                raise first from None
+            tried.append(misfit.inserts)
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+
+def private_constant(graph: gs.Graph, node: gs.Node, index: int, array: np.ndarray,
+                     namer: mgraph.Namer | None = None) -> gs.Constant:
+    """Set input `index` of `node` to `array`; a constant other nodes also read gets a copy of its own."""
+    old = node.inputs[index]
+    others = [n for n in old.outputs if n is not node]
+    name = None
+    if others:
+        name = (namer or mgraph.Namer(graph))(old.name, "widened")
+    return mgraph.set_input_constant(node, index, array, name=name)
+
+
+def grow_params(graph: gs.Graph, coupling: Coupling, extend: Callable[[Param, np.ndarray], np.ndarray]) -> None:
+    """Grow every per-channel constant: `extend(param, array)` adds one slot's channels.
+
+    A constant read by several nodes grows once when every reader needs the same growth (layer
+    scale read twice, say); otherwise each widened reader gets a grown copy and the others keep it.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    namer = mgraph.Namer(graph)
+    by_input = coupling.params_by_input()
+    by_constant: dict[str, list[tuple[str, int]]] = {}
+    for name, index in by_input:
+        by_constant.setdefault(nodes[name].inputs[index].name, []).append((name, index))
+    for readers in by_constant.values():
+        first = nodes[readers[0][0]].inputs[readers[0][1]]
+        plans = {tuple((p.axis, p.offset, p.block, p.space, p.role) for p in by_input[r]) for r in readers}
+        uses = {(n.name, k) for n in first.outputs for k, t in enumerate(n.inputs) if t is first}
+        together = len(plans) == 1 and uses == set(readers)
+        for k, (name, index) in enumerate(readers):
+            node = nodes[name]
+            if together and k:
+                node.inputs[index] = nodes[readers[0][0]].inputs[readers[0][1]]
+                continue
+            array = mgraph.values(node.inputs[index])
+            for param in by_input[(name, index)]:
+                array = extend(param, array)
+            if together:
+                mgraph.set_input_constant(node, index, array)
+            else:
+                private_constant(graph, node, index, array, namer)
+
+
 def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
     """After the channels grew: grow the constants that spell a shape, and forget stale shapes.
 
     Shared by every pass that adds channels (widen, concat-skip) so the bookkeeping lives once.
     """
     nodes = {node.name: node for node in graph.nodes}
+    namer = mgraph.Namer(graph)
     for fix in coupling.shape_fixes:
         node = nodes[fix.node]
+        delta = coupling.added(fix.tensor, fix.axis) if fix.delta is None else fix.delta
+        if fix.attr is not None:
+            values = ints(node.attrs[fix.attr])
+            values[fix.position] += delta
+            node.attrs[fix.attr] = values
+            continue
         shape = mgraph.values(node.inputs[fix.index]).copy()
-        shape[fix.position] += coupling.added(fix.tensor, fix.axis)
-        mgraph.set_input_constant(node, fix.index, shape)
+        shape.reshape(-1)[fix.position] += delta
+        private_constant(graph, node, fix.index, shape, namer)
+    for split in coupling.split_fixes:
+        node = nodes[split.node]
+        node.attrs.pop("num_outputs", None)
+        if graph.opset < 13:
+            node.attrs["split"] = list(split.sizes)
+        elif len(node.inputs) > 1 and node.inputs[1].name:
+            private_constant(graph, node, 1, np.asarray(split.sizes, dtype=np.int64), namer)
+        else:
+            sizes = mgraph.constant(namer(node.name, "split"), np.asarray(split.sizes), np.int64)
+            node.inputs = [node.inputs[0], sizes]
     tensors = graph.tensors()
-    for name in coupling.tensors:
+    for name in coupling.tensors + coupling.stale:
         tensor = tensors.get(name)
         if isinstance(tensor, gs.Variable):
             tensor.shape = None
+
+
+# the rules register themselves in RULES when imported
+from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401

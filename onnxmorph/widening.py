@@ -49,6 +49,32 @@ def insert_channels(array: np.ndarray, axis: int, offset: int, block: int, inser
     return out
 
 
+def source_entries(array: np.ndarray, axis: int, offset: int, block: int, sources: Sequence[int],
+                   old: int | None = None) -> np.ndarray:
+    """The entries along `axis` of new channels that copy `sources`; a source of -1 is the mean of the `old`
+    channels (average expansion: a new channel that carries the mean of a stream)."""
+    ax = axis % array.ndim
+    sources = np.asarray(sources, dtype=np.int64)
+    picked = _take(array, ax, channel_index(offset, block, np.maximum(sources, 0)))
+    if not (sources < 0).any():
+        return picked
+    if old is None:
+        raise ValueError("a mean channel needs the number of old channels")
+    entries = np.moveaxis(_take(array, ax, np.arange(offset, offset + old * block)), ax, 0).astype(np.float64)
+    mean = entries.reshape(old, block, *entries.shape[1:]).mean(axis=0)
+    moved = np.moveaxis(picked, ax, 0).copy()
+    for i in np.nonzero(sources < 0)[0]:
+        moved[i * block:(i + 1) * block] = mean
+    return np.moveaxis(moved, 0, ax)
+
+
+def average_sources(old: int, added: int, rng: np.random.Generator) -> np.ndarray:
+    """Average expansion to `old + added` channels: whole copies of every channel, then mean channels (-1)."""
+    copies = added // old
+    whole = [rng.permutation(old) for _ in range(copies)]
+    return np.concatenate(whole + [np.full(added - copies * old, -1)]).astype(np.int64)
+
+
 def new_count(inserts: Insertions) -> int:
     return int(sum(count for _, count in inserts))
 
@@ -95,7 +121,7 @@ def ungroup_weight(w: np.ndarray, groups: int) -> np.ndarray:
 
 def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
                          mode: str, sources: np.ndarray | None = None, offset: int = 0,
-                         block: int = 1, zero_first: int = 0) -> np.ndarray:
+                         block: int = 1, zero_first: int = 0, old: int | None = None) -> np.ndarray:
     """New filters of a widened producer along `axis` (output channels).
 
     mode `random`: Gaussian with the std of the existing filters (netmorph), except the first
@@ -108,7 +134,7 @@ def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     shape = list(w.shape)
     shape[ax] = n
     if mode == "copy":
-        new = _take(w, ax, channel_index(offset, block, sources))
+        new = source_entries(w, ax, offset, block, sources, old)
     elif mode == "random":
         fan_in = int(np.prod(shape)) // max(n, 1)
         new = rng.normal(0.0, _scale(w, fan_in), size=shape)
@@ -119,11 +145,11 @@ def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
 
 
 def fill_channels(p: np.ndarray, axis: int, inserts: Insertions, value: float, *, sources: np.ndarray | None = None,
-                  offset: int = 0, block: int = 1) -> np.ndarray:
+                  offset: int = 0, block: int = 1, old: int | None = None) -> np.ndarray:
     """A per-channel parameter extended with `value` (or, with `sources`, with the copied channels' values)."""
     if sources is not None:
         return solve_widen_incoming(p, axis, inserts, np.random.default_rng(0), mode="copy", sources=sources,
-                                    offset=offset, block=block)
+                                    offset=offset, block=block, old=old)
     shape = list(p.shape)
     shape[axis % p.ndim] = new_count(inserts) * block
     return insert_channels(p, axis, offset, block, inserts, np.full(shape, value, dtype=p.dtype))
@@ -153,9 +179,12 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     if method not in ("net2net", "lemon"):
         raise ValueError(f"unknown method {method!r}")
     old = w.astype(np.float64)
-    src_index = channel_index(offset, block, sources)
+    sources = np.asarray(sources, dtype=np.int64)
+    # mean channels (source -1, average expansion) are read with weight 0; copies share their original's weight
+    live = np.repeat(sources >= 0, block)
+    src_index = channel_index(offset, block, np.maximum(sources, 0))
     counts = np.ones(w.shape[ax], dtype=np.float64)
-    np.add.at(counts, src_index, 1.0)
+    np.add.at(counts, src_index[live], 1.0)
     bshape = [1] * w.ndim
     bshape[ax] = -1
     if method == "net2net":
@@ -163,14 +192,16 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
         new = _take(old, ax, src_index)
         if noise > 0.0:
             eps = rng.normal(0.0, noise * _scale(w, w.shape[ax]), size=new.shape)
+            np.moveaxis(eps, ax, 0)[~live] = 0.0
             new = new + eps
             correction = np.zeros_like(old)
-            np.add.at(np.moveaxis(correction, ax, 0), src_index, np.moveaxis(eps, ax, 0))
+            np.add.at(np.moveaxis(correction, ax, 0), src_index[live], np.moveaxis(eps, ax, 0)[live])
             old = old - correction
     else:
         new = rng.normal(0.0, _scale(w, w.shape[ax]), size=shape)
         # the copies' weights are subtracted from the original so the sum over copies is the old weight
         correction = np.zeros_like(old)
-        np.add.at(np.moveaxis(correction, ax, 0), src_index, np.moveaxis(new, ax, 0))
+        np.add.at(np.moveaxis(correction, ax, 0), src_index[live], np.moveaxis(new, ax, 0)[live])
         old = old - correction
+    np.moveaxis(new, ax, 0)[~live] = 0.0
     return insert_channels(old.astype(w.dtype), axis, offset, block, inserts, new.astype(w.dtype))

@@ -19,7 +19,7 @@ from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name, regist
 MODES = ("add", "concat")
 # Values given to per-channel parameters (batch-norm and the like) for A's channels: any finite value is
 # exact, since the consumers' weights on those channels are zero; these keep the values tame.
-FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0, "slope": 1.0}
+FILL = {"norm-scale": 1.0, "scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0, "slope": 1.0}
 
 
 def match_strides(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -184,6 +184,9 @@ class SkipPass(MorphPass):
                                 "concatenation), which would need A's channels too; use --mode add")
         if coupling.lrn:
             raise NotApplicable(f"{where}: LRN '{coupling.lrn[0]}' would mix A's channels into B's; use --mode add")
+        if coupling.uniform:
+            raise NotApplicable(f"{where}: '{coupling.uniform[0]}' normalises over B's channels, A's would change "
+                                "it; use --mode add")
         # Forward only: every widened tensor must get A's channels from B, none from a stream of its own
         # (the other operand of a residual Add, say), which would need new channels there too.
         widened = set(coupling.tensors) | {b.name}
@@ -258,19 +261,17 @@ class SkipPass(MorphPass):
         """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters."""
         nodes = {n.name: n for n in graph.nodes}
         rng = np.random.default_rng(0)
-        for (name, index), items in c.params_by_input().items():
-            node = nodes[name]
-            array = mgraph.values(node.inputs[index])
-            for param in items:
-                inserts = c.spaces[param.space].inserts
-                if param.role == "filter":
-                    # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
-                    array = wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
-                                                        offset=param.offset, block=param.block)
-                else:
-                    array = wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
-                                                 block=param.block)
-            mgraph.set_input_constant(node, index, array)
+
+        def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
+            inserts = c.spaces[param.space].inserts
+            if param.role == "filter":
+                # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
+                return wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
+                                                   offset=param.offset, block=param.block)
+            return wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
+                                        block=param.block)
+
+        channels.grow_params(graph, c, extend)
         for change in c.groups:
             node = nodes[change.node]
             node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups

@@ -17,7 +17,11 @@ from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import LayerInfo
 from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
 
-FILL = {"scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+# ops that keep "a new channel is the mean of the old ones" (average expansion): linear and channel-blind
+AVERAGE_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+               "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "LayerNormalization", "MatMul",
+               "Gemm", "Conv"}
 
 
 def non_negative_float(value: Any) -> float:
@@ -33,6 +37,10 @@ class _Plan:
     modes: dict[int, str]  # space id -> "random" (zero-outgoing) or "copy"
     sources: dict[int, np.ndarray]
     guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
+    average: float | None = None  # average expansion: the variance scale s = q*old/width of its norms
+
+    def sources_of(self, space: int) -> np.ndarray | None:
+        return self.sources.get(space) if self.modes[space] == "copy" else None
 
 
 def _out_channels(node: gs.Node, shapes: channels.Shapes) -> tuple[int, int, int]:
@@ -94,55 +102,22 @@ class WidenPass(MorphPass):
         where = f"layer '{self.layer}'"
         if self.width <= old:
             raise NotApplicable(f"{where} has {old} output channels already; --width must be larger")
-        added = self.width - old
         if self.noise and self.method != "net2net":
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
-        if node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1:
-            # new channels go at the end of every group; when what follows needs them after all the
-            # old channels (an LRN), the conv becomes dense instead (its compute grows `groups` times)
-            per = old // groups
-            try:
-                if added % groups:
-                    raise NotApplicable(
-                        f"{where} has {groups} groups: --width must grow it by a multiple of {groups}")
-                inserts = [((g + 1) * per, added // groups) for g in range(groups)]
-                coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
-            except NotApplicable as grouped:
-                inserts = [(old, added)]
-                try:
-                    coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old,
-                                                ungroup=[node.name])
-                except NotApplicable:
-                    raise grouped from None
-        else:
-            inserts = [(old, added)]
-            coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
-        for name in coupling.layers + [p.node for p in coupling.params]:
-            n = mgraph.find_node(view, name)
-            for t in n.inputs[1:]:
-                if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
-                    raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
-            if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
-                kind = n.inputs[1].values.dtype
-                raise NotApplicable(f"{n.op} '{n.name}': its weight type {kind} is not a float type")
+        coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
+        _check_types(view, coupling)
+        average = self._check_tiling(view, coupling, old) if coupling.uniform else None
         modes: dict[int, str] = {}
         sources: dict[int, np.ndarray] = {}
-        derived = [s for s in coupling.spaces if s.derived_from]
         if self.method != "netmorph":
-            if coupling.lrn:
-                raise NotApplicable(
-                    f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
-                    f"({self.method} cannot be exact; use --method netmorph)"
-                )
-            if derived:
-                raise NotApplicable(
-                    f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
-                    f"({self.method} cannot be exact; use --method netmorph)"
-                )
+            self._check_copies(coupling)
             modes[0] = "copy"
             rng = np.random.default_rng([self.seed, 1])
-            producer_groups = max([p.groups for p in coupling.producers] or [1])
-            sources[0] = wsolve.replication_sources(old, inserts, rng, producer_groups)
+            # a spread placement puts new channels at the end of each group: each copies one of its group
+            groups = producer_groups(coupling) if producer_groups(coupling) > 1 else len(inserts)
+            sources[0] = wsolve.replication_sources(old, inserts, rng, groups)
+            if average is not None:
+                sources[0] = wsolve.average_sources(old, self.width - old, rng)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
             for space in coupling.spaces:
@@ -155,7 +130,80 @@ class WidenPass(MorphPass):
                     )
                 modes[space.id] = "random"
         guards = {k: min(v, coupling.spaces[k].added) for k, v in coupling.lrn_guard.items()}
-        return _Plan(coupling, modes, sources, guards)
+        return _Plan(coupling, modes, sources, guards, average)
+
+    def _couple(self, view: gs.Graph, node: gs.Node, shapes: channels.Shapes, axis: int, old: int,
+                groups: int) -> tuple[channels.Coupling, Any]:
+        """The coupling of the widened channels and where the new ones go (the insertions)."""
+        added = self.width - old
+        tensor = node.outputs[0].name
+        if not (node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1):
+            # where the new channels go is ours to choose: a grouped reader or a channel shuffle may ask
+            # for them spread over its groups
+            return channels.analyze_placements(view, tensor, axis, [(old, added)], shapes, old=old)
+        # new channels go at the end of every group; when what follows needs them after all the
+        # old channels (an LRN), the conv becomes dense instead (its compute grows `groups` times)
+        per = old // groups
+        try:
+            if added % groups:
+                raise NotApplicable(
+                    f"layer '{self.layer}' has {groups} groups: --width must grow it by a multiple of {groups}")
+            inserts = [((g + 1) * per, added // groups) for g in range(groups)]
+            return channels.analyze(view, tensor, axis, inserts, shapes, old=old), inserts
+        except NotApplicable as grouped:
+            inserts = [(old, added)]
+            try:
+                return channels.analyze(view, tensor, axis, inserts, shapes, old=old, ungroup=[node.name]), inserts
+            except NotApplicable:
+                raise grouped from None
+
+    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> float | None:
+        """A norm (or mean) over the widened channels is exact when every channel is copied equally (tiling,
+        None), or, at other widths, with copies and mean channels through LayerNorms only (average expansion:
+        the variance scale s)."""
+        norm = mgraph.find_node(view, coupling.uniform[0])
+        what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
+        tiled = f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled"
+        if self.method == "netmorph":
+            raise NotApplicable(f"{tiled} or averaged (--method net2net or lemon; tiling at a multiple of {old})")
+        if not (self.width - old) % old:
+            return None
+        for name in coupling.uniform:
+            node = mgraph.find_node(view, name)
+            if node.op != "LayerNormalization":
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' has no epsilon "
+                                    "to rescale for average expansion")
+            if any(n.op not in ("MatMul", "Gemm") for n in node.outputs[0].outputs):
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
+                                    "not only read by layers (post-norm), so average expansion cannot keep it")
+        roles = {(p.node, p.role) for p in coupling.params}
+        for name in coupling.touched:
+            node = mgraph.find_node(view, name)
+            scaled = any(n == name and r not in ("shift", "norm-scale") for n, r in roles)
+            if node.op not in AVERAGE_OPS or scaled or int(node.attrs.get("group", 1)) > 1:
+                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' does not keep a "
+                                    "channel that is the mean of the others, as average expansion needs")
+        return (self.width // old) * old / self.width
+
+    def _check_copies(self, coupling: channels.Coupling) -> None:
+        """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
+        if coupling.lrn:
+            raise NotApplicable(
+                f"LRN '{coupling.lrn[0]}' sums neighbouring channels: copies change its sums "
+                f"({self.method} cannot be exact; use --method netmorph)"
+            )
+        derived = [s for s in coupling.spaces if s.derived_from]
+        if derived and derived[0].kind == "groups":
+            raise NotApplicable(
+                f"Conv '{derived[0].derived_from}' would get new groups that copy nothing "
+                f"({self.method} cannot be exact; use --method netmorph)"
+            )
+        if coupling.copy_blockers or derived:
+            where = (coupling.copy_blockers or [s.derived_from for s in derived])[0]
+            raise NotApplicable(
+                f"'{where}' re-arranges the widened channels, so a copy would not sit where its original "
+                f"is read ({self.method} cannot be exact; use --method netmorph)"
+            )
 
     def _check_grouped_copies(self, view: gs.Graph, coupling: channels.Coupling, sources: np.ndarray) -> None:
         for consumer in coupling.consumers:
@@ -168,6 +216,8 @@ class WidenPass(MorphPass):
             space = coupling.spaces[consumer.slot.space]
             for g, (_pos, count) in enumerate(space.inserts):
                 for src in sources[start:start + count]:
+                    if src < 0:
+                        continue
                     first = consumer.offset + int(src) * consumer.block
                     if first // per_in != g:
                         raise NotApplicable(
@@ -197,59 +247,30 @@ class WidenPass(MorphPass):
         graph = mgraph.import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
         rng = np.random.default_rng([self.seed, 2])
-
-        def sources_of(space: int) -> np.ndarray | None:
-            return plan.sources.get(space) if plan.modes[space] == "copy" else None
-
         for p in c.producers:
-            node = nodes[p.node]
-            space = c.spaces[p.slot.space]
-            mode = plan.modes[space.id]
-            w = mgraph.values(node.inputs[1])
-            if p.ungroup:
-                w = wsolve.ungroup_weight(w, p.ungroup)
-                node.attrs["group"] = 1
-            guard = plan.guards.get(space.id, 0)
-            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, p.weight_axis, space.inserts, rng, mode=mode, sources=sources_of(space.id), zero_first=guard))
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-                b = mgraph.values(node.inputs[2])
-                if b.ndim >= 1 and b.shape[-1] == space.old and b.size >= space.old:
-                    mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                        b, -1, space.inserts, 0.0, sources=sources_of(space.id)))
-                elif guard and np.any(b != 0):
-                    raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
+            _grow_producer(nodes[p.node], p, plan, rng)
 
-        for (name, index), items in c.params_by_input().items():
-            node = nodes[name]
-            array = mgraph.values(node.inputs[index])
-            for param in items:
-                space = c.spaces[param.space]
-                src = sources_of(space.id)
-                if param.role == "filter":
-                    mode = "copy" if src is not None else "random"
-                    array = wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
-                                                        offset=param.offset, block=param.block)
-                else:
-                    value = FILL.get(param.role)
-                    if param.role == "slope":
-                        value = float(np.mean(array))
-                    array = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src,
-                                                 offset=param.offset, block=param.block)
-            mgraph.set_input_constant(node, index, array)
+        def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
+            space = c.spaces[param.space]
+            src = plan.sources_of(space.id)
+            if param.role == "filter":
+                mode = "copy" if src is not None else "random"
+                return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
+                                                   offset=param.offset, block=param.block)
+            value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
+            grown = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
+                                         block=param.block, old=space.old)
+            if param.role == "norm-scale" and plan.average is not None:
+                grown = grown * np.sqrt(plan.average)  # the stream's variance shrank by s, so did the norm's
+            return grown
 
+        channels.grow_params(graph, c, extend)
+        if plan.average is not None:
+            for name in c.uniform:
+                node = nodes[name]
+                node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * plan.average
         for change in c.groups:
-            node = nodes[change.node]
-            node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-            if change.derived is None:
-                continue
-            w = mgraph.values(node.inputs[1])
-            mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-                w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-                mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-                    mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
-
+            _grow_groups(nodes[change.node], change, plan, rng)
         by_consumer: dict[str, list[channels.Consumer]] = {}
         for consumer in c.consumers:
             by_consumer.setdefault(consumer.node, []).append(consumer)
@@ -259,7 +280,6 @@ class WidenPass(MorphPass):
             for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
                 w = self._outgoing(node, w, consumer, c, plan, rng)
             mgraph.set_input_constant(node, 1, w)
-
         channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
@@ -293,6 +313,54 @@ class WidenPass(MorphPass):
                 noise=self.noise, random_first=plan.guards.get(space.id, 0) if g == 0 else 0))
             start += count
         return np.concatenate(parts, axis=0)
+
+
+def _check_types(view: gs.Graph, coupling: channels.Coupling) -> None:
+    for name in coupling.layers + [p.node for p in coupling.params]:
+        n = mgraph.find_node(view, name)
+        for t in n.inputs[1:]:
+            if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
+                raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
+        if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
+            raise NotApplicable(f"{n.op} '{n.name}': its weight type {n.inputs[1].values.dtype} is not a float type")
+
+
+def _grow_producer(node: gs.Node, p: channels.Producer, plan: _Plan, rng: np.random.Generator) -> None:
+    """New filters (and bias entries) for a layer writing the channels."""
+    space = plan.coupling.spaces[p.slot.space]
+    w = mgraph.values(node.inputs[1])
+    if p.ungroup:
+        w = wsolve.ungroup_weight(w, p.ungroup)
+        node.attrs["group"] = 1
+    guard = plan.guards.get(space.id, 0)
+    block = p.slot.block  # > 1: each channel is a block of outputs (an attention head of a projection)
+    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+        w, p.weight_axis, space.inserts, rng, mode=plan.modes[space.id], sources=plan.sources_of(space.id),
+        zero_first=guard, block=block, old=space.old))
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        b = mgraph.values(node.inputs[2])
+        if b.ndim >= 1 and b.shape[-1] == space.old * block and b.size >= space.old * block:
+            mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+                b, -1, space.inserts, 0.0, sources=plan.sources_of(space.id), block=block, old=space.old))
+        elif guard and np.any(b != 0):
+            raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
+
+
+def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: np.random.Generator) -> None:
+    """More groups for a depthwise or grouped Conv; a grouped one gets the new groups' filters."""
+    node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
+    if change.derived is None:
+        return
+    w = mgraph.values(node.inputs[1])
+    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+        w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+            mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
+
+
+def producer_groups(coupling: channels.Coupling) -> int:
+    return max([p.groups for p in coupling.producers] or [1])
 
 
 def _expand_block(first: np.ndarray, block: int) -> np.ndarray:
