@@ -150,7 +150,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {arm}: not run ({reason}) | | | | | | | | | | |")
     lines.append("")
     lines.append(f"Run time: {results['seconds']:.0f} s with {results['workers']} worker(s) on {cfg['device']}; "
-                 f"the training jobs used {results.get('cpu_seconds', 0):.0f} s of CPU time.")
+                 f"{results.get('cpu_seconds', 0):.0f} s of CPU time in all.")
     return "\n".join(lines) + "\n"
 
 
