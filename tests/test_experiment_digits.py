@@ -91,6 +91,10 @@ def test_scratch_initialisation_keeps_the_graph_and_zeroes_a() -> None:
     alphas = ot.activation_parameters(net)
     assert alphas and all(name.endswith(P_ACTIVATION_SUFFIX) for name in alphas)
     assert all(torch.all(a == 0) for a in alphas.values())
+    # The 1 of the P-tanh's 1 - a is a constant of the formula: a fresh start keeps it (with 0 the
+    # layer's output would be -a * tanh(x) + a * x, nothing at all while a is held at 0).
+    ones = [p for name, p in net.onnx_parameters().items() if p.numel() == 1 and name not in alphas]
+    assert ones and all(float(p) == 1.0 for p in ones)
     weights = {n: p.detach().numpy() for n, p in net.onnx_parameters().items() if p.dim() == 2}
     assert all(np.abs(w).sum() > 0 for w in weights.values())
     again = ot.to_torch(digits.initialise(child, 5, gain=1.0)).onnx_parameters()

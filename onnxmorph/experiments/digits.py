@@ -117,6 +117,9 @@ def _fan_in(node: onnx.NodeProto, shape: Sequence[int]) -> int:
 def initialise(model: onnx.ModelProto, seed: int, gain: float) -> onnx.ModelProto:
     """`model` with fresh weights: normal(0, gain / sqrt(fan_in)) weights, zero biases, `a` = 0.
 
+    Single numbers other than `a` are constants of the graph (onnxmorph.train freezes them too) and
+    are kept.
+
     The parents are built with it, and so are the children "from scratch" (every P-activation
     starts as its plain non-linearity, a = 0, as in an ordinary network of that shape).
     """
@@ -131,6 +134,8 @@ def initialise(model: onnx.ModelProto, seed: int, gain: float) -> onnx.ModelProt
         array = numpy_helper.to_array(init)
         if not np.issubdtype(array.dtype, np.floating):
             continue
+        if array.size == 1 and not init.name.endswith(P_ACTIVATION_SUFFIX):
+            continue  # a constant of the graph's formulas (the 1 of a P-activation's 1 - a), not a weight
         if init.name.endswith(P_ACTIVATION_SUFFIX):
             new = np.zeros_like(array)
         elif init.name in fan:
@@ -286,13 +291,14 @@ def _worker_init() -> None:
         _log_to_stderr()
 
 
-def run_families(config: Config, workers: int = 1) -> list[dict[str, Any]]:
+def run_families(config: Config, workers: int = 1, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every (family, seed) job, in `workers` processes; results are the same for any number of workers."""
-    jobs = [(family.name, seed, config) for family in FAMILIES for seed in config.seeds]
+    chosen = [f for f in FAMILIES if names is None or f.name in names]
+    jobs = [(family.name, seed, config) for family in chosen for seed in config.seeds]
     results = run_jobs(run_seed, jobs, workers, _worker_init)
     by_job = dict(zip([job[:2] for job in jobs], results))
     families = []
-    for family in FAMILIES:
+    for family in chosen:
         missing = [c.label for c in family.children if c not in _available(family)]
         for label in missing:
             log.warning("%s: onnxmorph has no such morph here; left out", label)
@@ -452,16 +458,29 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: Config, workers: int = 1) -> dict[str, Any]:
-    """The whole experiment; returns the results (curves, rows) as plain data."""
+def run(config: Config, workers: int = 1, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The whole experiment (or the families in `names`); returns the results (curves, rows) as plain data."""
     torch.set_num_threads(config.threads)
     data = load_data()
-    families = run_families(config, workers)
+    families = run_families(config, workers, names)
     for family in families:
         family["rows"] = summarise(family, config)
     return {"config": asdict(config), "data": {"train": len(data[0]), "test": len(data[1])},
             "versions": {"torch": torch.__version__, "onnxmorph": onnxmorph.__version__},
             "families": families}
+
+
+def _keep_other_families(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` (some families) completed with the other families of the run saved at `path`, same settings only."""
+    if not path.is_file():
+        return results
+    previous = json.loads(path.read_text())
+    if previous["config"] != json.loads(json.dumps(results["config"])):
+        raise SystemExit(f"{path} was made with other settings; rerun every family")
+    fresh = {f["name"]: f for f in results["families"]}
+    families = [fresh.pop(f["name"], f) for f in previous["families"]] + list(fresh.values())
+    rerun = sorted(set(previous.get("rerun", [])) | {f["name"] for f in results["families"]})
+    return {**results, "families": families, "rerun": rerun}
 
 
 def _log_to_stderr() -> None:
@@ -479,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes running seeds in parallel (default: 2, quick: 1)")
     parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads (default: 1)")
+    parser.add_argument("--family", choices=[f.name for f in FAMILIES], default=None,
+                        help="run this family only; the others are kept from the results already in --out")
     args = parser.parse_args(argv)
     # Progress of this run only; the morphs' own INFO logs would drown it.
     if not log.handlers:
@@ -490,9 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Config(**{**asdict(config), **overrides})
     start = time.perf_counter()
     workers = args.workers if args.workers is not None else (1 if args.quick else 2)
-    results = run(config, workers)
+    results = run(config, workers, None if args.family is None else [args.family])
     stem = "digits-quick" if args.quick else "digits"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.family is not None:
+        results = _keep_other_families(args.out / f"{stem}.json", results)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)
