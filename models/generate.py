@@ -303,6 +303,31 @@ def build_transformer_ff(width_multiplier: float = 1, seed: int = 0) -> onnx.Mod
                    [_tensor("input", seq, d_model)], [_tensor("output", seq, d_model)], opset=17)
 
 
+def build_transformer_prenorm(width_multiplier: float = 1, seed: int = 0) -> onnx.ModelProto:
+    """Two pre-norm residual feed-forward blocks (x + FF(LayerNorm(x))) and a final LayerNorm.
+
+    The stream every block reads and writes is what `block` grows: a new block after either one
+    starts as the identity.
+    """
+    b = _GraphBuilder(seed, width_multiplier)
+    seq, d_model, d_ff = 8, 16, b.width(32)
+    x = "input"
+    for k in range(2):
+        scale = b.const(f"b{k}.norm.scale", b.rng.uniform(0.6, 1.4, d_model))
+        bias = b.const(f"b{k}.norm.bias", b.normal((d_model,), 0.1))
+        h = b.node("LayerNormalization", f"b{k}_norm", [x, scale, bias], axis=-1, epsilon=1e-5)
+        h = b.matmul_add(f"b{k}_ff1", h, d_model, d_ff)
+        h = b.node("Relu", f"b{k}_relu", [h])
+        h = b.matmul_add(f"b{k}_ff2", h, d_ff, d_model, gain=1.0)
+        x = b.node("Add", f"b{k}_residual", [x, h])
+    scale = b.const("final_norm.scale", b.rng.uniform(0.6, 1.4, d_model))
+    bias = b.const("final_norm.bias", b.normal((d_model,), 0.1))
+    b.node("LayerNormalization", "final_norm", [x, scale, bias], "output", axis=-1, epsilon=1e-5)
+    return b.model("transformer_prenorm", "Two pre-norm residual feed-forward blocks 16-32-16 and a final "
+                   "LayerNorm; onnxmorph reference model.",
+                   [_tensor("input", seq, d_model)], [_tensor("output", seq, d_model)], opset=17)
+
+
 MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "mlp_relu": build_mlp_relu,
     "mlp_tanh": build_mlp_tanh,
@@ -312,6 +337,7 @@ MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "inception_mini": build_inception_mini,
     "mobilenet_mini": build_mobilenet_mini,
     "transformer_ff": build_transformer_ff,
+    "transformer_prenorm": build_transformer_prenorm,
 }
 
 

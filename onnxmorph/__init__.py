@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Any
 
-__version__ = "0.1.0"
+from onnxmorph.version import __version__ as __version__
 
 
 def _import_passes() -> None:
@@ -40,6 +40,7 @@ def _import_passes() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["onnxmorph.passes"] = module
         spec.loader.exec_module(module)
+        globals()["passes"] = module  # what the import system does for a subpackage it finds itself
 
 
 _import_passes()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph.graph import LAYER_OPS, layer_info
+from onnxmorph.graph import LAYER_OPS, Analysis, ModelOrAnalysis, layer_info, producer, read_view
 
 FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
                "SkipSimplifiedLayerNormalization")
@@ -49,7 +49,7 @@ class Block:
 
     index: int
     sublayers: list[Sublayer]
-    kind: str  # "pre-norm" or "post-norm"
+    kind: str  # "pre-norm", "post-norm" (a norm after the residual Add), or "no-norm"
     output: gs.Tensor  # the stream after the block (after the norm for post-norm)
     norms: list[str] = field(default_factory=list)
     module: str | None = None
@@ -62,14 +62,10 @@ def _index(graph: gs.Graph) -> dict[int, int]:
     return {id(n): k for k, n in enumerate(graph.nodes)}
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
-
-
 def _branch_nodes(stream: gs.Tensor, branch: gs.Tensor, order: dict[int, int]) -> list[gs.Node] | None:
     """Nodes on a path from `stream` to `branch`, in graph order; None when `branch` does not depend on `stream`."""
-    start = order[id(_producer(stream))] if _producer(stream) is not None else -1
-    first = _producer(branch)
+    start = order[id(producer(stream))] if producer(stream) is not None else -1
+    first = producer(branch)
     if first is None or order[id(first)] <= start:
         return None
     ancestors: dict[int, gs.Node] = {}
@@ -80,7 +76,7 @@ def _branch_nodes(stream: gs.Tensor, branch: gs.Tensor, order: dict[int, int]) -
             continue
         ancestors[id(node)] = node
         for tensor in node.inputs:
-            parent = _producer(tensor)
+            parent = producer(tensor)
             if parent is not None and order[id(parent)] > start and id(parent) not in ancestors:
                 stack.append(parent)
     reached = {stream.name}
@@ -135,10 +131,10 @@ def sublayers(graph: gs.Graph) -> list[Sublayer]:
 def _links_before(tensor: gs.Tensor) -> list[gs.Node]:
     """The Cast/Identity nodes that lead to `tensor` from the stream before them, first first."""
     links = []
-    node = _producer(tensor)
+    node = producer(tensor)
     while node is not None and node.op in _LINKS and len(node.inputs) == 1:
         links.append(node)
-        node = _producer(node.inputs[0])
+        node = producer(node.inputs[0])
     return links[::-1]
 
 
@@ -184,6 +180,8 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
         groups: list[list[Sublayer]] = []
         use_attention = any(s.attention for s in chain)
         for s in chain:
+            if use_attention and not groups and not s.attention:
+                continue  # before the first attention: an embedding's residual (wav2vec2's positional conv)
             if not groups or (s.attention if use_attention else True):
                 groups.append([s])
             else:
@@ -191,17 +189,28 @@ def blocks(graph: gs.Graph, modules: dict[str, str] | None = None) -> list[Block
         for group in groups:
             pre = all(s.norm is not None for s in group)
             post = _norm_after(group[-1].output)
-            output = group[-1].output if pre or post is None else post.outputs[0]
+            kind = "post-norm" if post is not None and not pre else "pre-norm" if pre else "no-norm"
+            output = group[-1].output if kind != "post-norm" else post.outputs[0]
             norms = [s.norm or getattr(_norm_after(s.output), "op", "no norm") for s in group]
             members = {id(n): n for s in group for n in (*_links_before(s.stream), *s.nodes, s.add)}
-            if post is not None and not pre:
+            if kind == "post-norm":
                 members[id(post)] = post
             nodes = sorted(members.values(), key=lambda n: order[id(n)])
             # The layers and residual Adds name the module; the branch may hold helpers from elsewhere.
             named = [n.name for n in nodes if layer_info(n) is not None] + [s.add.name for s in group]
-            result.append(Block(len(result), group, "pre-norm" if pre else "post-norm", output, norms,
+            result.append(Block(len(result), group, kind, output, norms,
                                 common_module(named, modules or {}), _origin(group[0].stream), nodes))
     return result
+
+
+def model_blocks(model: ModelOrAnalysis) -> list[Block]:
+    """The blocks of `model`'s analysis view with its module paths (found once per `graph.Analysis`).
+
+    `inspect` asks once per layer: an Analysis keeps the answer for the model it describes.
+    """
+    if isinstance(model, Analysis):
+        return model.memo("blocks", None, lambda: blocks(model.view, node_modules(model.model)))
+    return blocks(read_view(model), node_modules(model))
 
 
 # --------------------------------------------------------------------------- module paths

@@ -265,43 +265,44 @@ def p_activation(
     y = out if out is not None else _intermediate(base + "/out")
     namer.taken.add(y.name)
 
-    def tmp(tag: str) -> gs.Variable:
-        return _intermediate(namer(base, tag))
-
     native = dtype in _PRELU_DTYPES
     if kind == "relu" and native:
         return _node(graph, "PRelu", base, [x, a], y)
-    if kind == "relu":
-        phi = _node(graph, "Relu", namer(base, "phi"), [x], tmp("phi_out"))
-    elif kind == "leaky_relu" and native:
-        phi = _node(graph, "LeakyRelu", namer(base, "phi"), [x], tmp("phi_out"), alpha=LEAKY_RELU_ALPHA)
-    elif kind == "leaky_relu":
-        # max(x, alpha * x) is LeakyRelu for 0 < alpha < 1.
-        small = _node(graph, "Mul", namer(base, "leak"),
-                      [x, mgraph.constant(namer(base, "alpha"), np.array(LEAKY_RELU_ALPHA), dtype)], tmp("leak"))
-        phi = _node(graph, "Max", namer(base, "phi"), [x, small], tmp("phi_out"))
-    elif kind == "tanh":
-        phi = _node(graph, "Tanh", namer(base, "phi"), [x], tmp("phi_out"))
-    elif kind == "sigmoid":
-        phi = _node(graph, "Sigmoid", namer(base, "phi"), [x], tmp("phi_out"))
-    elif opset >= 20:
-        phi = _node(graph, "Gelu", namer(base, "phi"), [x], tmp("phi_out"))
-    else:
-        scaled = _node(graph, "Mul", namer(base, "erf_scale"),
-                       [x, mgraph.constant(namer(base, "inv_sqrt2"), np.array(1 / math.sqrt(2)), dtype)],
-                       tmp("erf_in"))
-        erf = _node(graph, "Erf", namer(base, "erf"), [scaled], tmp("erf_out"))
-        one_plus = _node(graph, "Add", namer(base, "erf_plus_one"),
-                         [erf, mgraph.constant(namer(base, "one_e"), np.array(1.0), dtype)], tmp("erf_plus_one"))
-        half_x = _node(graph, "Mul", namer(base, "half_x"),
-                       [x, mgraph.constant(namer(base, "half"), np.array(0.5), dtype)], tmp("half_x"))
-        phi = _node(graph, "Mul", namer(base, "phi"), [half_x, one_plus], tmp("phi_out"))
+    phi = _phi(graph, namer, base, x, kind, native, dtype, opset)
     one = mgraph.constant(namer(base, "one"), np.array(1.0), dtype)
-    one_minus_a = _node(graph, "Sub", namer(base, "one_minus_a"), [one, a], tmp("one_minus_a"))
+    one_minus_a = _node(graph, "Sub", namer(base, "one_minus_a"), [one, a], _intermediate(namer(base, "one_minus_a")))
     # At a = 1 the first product is exactly 0 and the second exactly x: the identity, bit for bit.
-    nonlinear = _node(graph, "Mul", namer(base, "mix_phi"), [one_minus_a, phi], tmp("mix_phi"))
-    linear = _node(graph, "Mul", namer(base, "mix_x"), [a, x], tmp("mix_x"))
+    nonlinear = _node(graph, "Mul", namer(base, "mix_phi"), [one_minus_a, phi], _intermediate(namer(base, "mix_phi")))
+    linear = _node(graph, "Mul", namer(base, "mix_x"), [a, x], _intermediate(namer(base, "mix_x")))
     return _node(graph, "Add", base, [nonlinear, linear], y)
+
+
+def _phi(graph: gs.Graph, namer: Namer, base: str, x: gs.Tensor, kind: str, native: bool, dtype: np.dtype,
+         opset: int) -> gs.Variable:
+    """The activation phi of a P-activation, on `x`: one node where the opset and dtype have it."""
+
+    def tmp(tag: str) -> gs.Variable:
+        return _intermediate(namer(base, tag))
+
+    def const(tag: str, value: float) -> gs.Constant:
+        return mgraph.constant(namer(base, tag), np.array(value), dtype)
+
+    single = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+    if kind in single:
+        return _node(graph, single[kind], namer(base, "phi"), [x], tmp("phi_out"))
+    if kind == "leaky_relu" and native:
+        return _node(graph, "LeakyRelu", namer(base, "phi"), [x], tmp("phi_out"), alpha=LEAKY_RELU_ALPHA)
+    if kind == "leaky_relu":
+        # max(x, alpha * x) is LeakyRelu for 0 < alpha < 1.
+        small = _node(graph, "Mul", namer(base, "leak"), [x, const("alpha", LEAKY_RELU_ALPHA)], tmp("leak"))
+        return _node(graph, "Max", namer(base, "phi"), [x, small], tmp("phi_out"))
+    if opset >= 20:
+        return _node(graph, "Gelu", namer(base, "phi"), [x], tmp("phi_out"))
+    scaled = _node(graph, "Mul", namer(base, "erf_scale"), [x, const("inv_sqrt2", 1 / math.sqrt(2))], tmp("erf_in"))
+    erf = _node(graph, "Erf", namer(base, "erf"), [scaled], tmp("erf_out"))
+    one_plus = _node(graph, "Add", namer(base, "erf_plus_one"), [erf, const("one_e", 1.0)], tmp("erf_plus_one"))
+    half_x = _node(graph, "Mul", namer(base, "half_x"), [x, const("half", 0.5)], tmp("half_x"))
+    return _node(graph, "Mul", namer(base, "phi"), [half_x, one_plus], tmp("phi_out"))
 
 
 def insert_layer_pair(

@@ -110,7 +110,7 @@ def reshape(a: Analysis, v: Visit) -> None:
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
-        if not shuffled and regroup(a, v, s_shape, d_shape):
+        if not shuffled and (fold(a, v, s_shape, d_shape) or regroup(a, v, s_shape, d_shape)):
             return
         if node.op == "Reshape":
             (unshuffle if v.backward else shuffle)(a, v)
@@ -147,6 +147,71 @@ def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
         a.add_slot(target, mapped[0], mapped[1], mapped[2], derived.id, v.where)
         return True
     return False
+
+
+def _periodic(positions: list[tuple[int, int]], repeats: int, size: int) -> list[tuple[int, int]] | None:
+    """The insertions of one period when every one of `repeats` periods of `size` entries has the same ones."""
+    periods: list[list[tuple[int, int]]] = [[] for _ in range(repeats)]
+    for at, count in positions:
+        r = max(at - 1, 0) // size
+        if r >= repeats:
+            return None
+        periods[r].append((at - r * size, count))
+    return periods[0] if periods[0] and all(p == periods[0] for p in periods) else None
+
+
+def fold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """A reshape that merges the channel axis with axes around it ([B, H, T, d] -> [B*H, T, d], as exporters write
+    attention's batched products; [B, kv, rep, T, d] -> [B*kv*rep, T, d] for grouped-query heads) or splits such an
+    axis apart again: the new channels repeat in every period of the merged axis."""
+    slot, ax = v.slot, v.slot.axis
+    if None in s_shape or None in d_shape:
+        return False
+    positions = insert_positions(a.space(slot.space), slot)  # in entries: a channel may own a block of them
+    grown = sum(c for _, c in positions)
+    for j in range(ax + 1):
+        for k in range(ax, len(s_shape)):
+            if (j, k) == (ax, ax) or tuple(s_shape[:j]) != tuple(d_shape[:j]) or tuple(s_shape[k + 1:]) != tuple(
+                    d_shape[j + 1:]) or d_shape[j] != int(np.prod(s_shape[j:k + 1])):
+                continue
+            repeats, size, inner = int(np.prod(s_shape[j:ax])), s_shape[ax], int(np.prod(s_shape[ax + 1:k + 1]))
+            inserts = sorted((r * size * inner + at * inner, c * inner) for r in range(repeats) for at, c in positions)
+            _fold_to(a, v, j, d_shape[j], inserts, (j, repeats * inner * grown) if not v.backward else (ax, grown))
+            return True
+    return _unfold(a, v, s_shape, d_shape, positions, grown)
+
+
+def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: list[tuple[int, int]],
+            grown: int) -> bool:
+    """The inverse of a merge: the channel axis splits into several; the one whose periods repeat the new channels
+    carries them."""
+    ax = v.slot.axis
+    space = a.space(v.slot.space)
+    if v.slot.offset != 0 or space.old * v.slot.block != s_shape[ax] or tuple(d_shape[:ax]) != tuple(s_shape[:ax]):
+        return False
+    for k in range(ax + 1, len(d_shape)):
+        if int(np.prod(d_shape[ax:k + 1])) != s_shape[ax] or tuple(d_shape[k + 1:]) != tuple(s_shape[ax + 1:]):
+            continue
+        for c in reversed(range(ax, k + 1)):  # the innermost axis whose periods all repeat the new channels
+            repeats, size, inner = int(np.prod(d_shape[ax:c])), d_shape[c], int(np.prod(d_shape[c + 1:k + 1]))
+            period = _periodic(positions, repeats, size * inner)
+            if period is None or any(at % inner or n % inner for at, n in period):
+                continue
+            period = [(at // inner, n // inner) for at, n in period]
+            growth = sum(n for _, n in period)
+            _fold_to(a, v, c, size, period, (c, growth) if not v.backward else (ax, grown))
+            return True
+    return False
+
+
+def _fold_to(a: Analysis, v: Visit, axis: int, size: int, inserts: list[tuple[int, int]],
+             fix: tuple[int, int]) -> None:
+    derived = a.derive(v.node, size, inserts, "fold")
+    a.copy_blocker(v.node)
+    if v.node.op == "Reshape":
+        _grow_target(a, v, fix[0], fix[0], fix[1])
+    target = v.node.inputs[0] if v.backward else v.node.outputs[0]
+    a.add_slot(target, axis, 0, 1, derived.id, v.where)
 
 
 def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
@@ -402,7 +467,7 @@ def split(a: Analysis, v: Visit) -> None:
 def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
     """New channels in one part of a Split come from the same place of its input (a derived space there)."""
     k = next(i for i, t in enumerate(v.node.outputs) if t is v.tensor)
-    root = [s for s in a.seen if s.tensor == v.node.inputs[0].name and s.space == 0]
+    root = [s for s in a.by_tensor.get(v.node.inputs[0].name, []) if s.space == 0]
     if root:
         # the widened layer writes the whole split: spread its new channels over every part (fused Q, K, V)
         added = a.space(0).added

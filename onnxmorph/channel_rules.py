@@ -30,7 +30,8 @@ UNARY = (
     "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Softsign", "Identity", "Abs", "Neg", "Erf", "Gelu",
     "HardSwish", "Mish", "Cast", "Floor", "Ceil", "Round", "Sign", "Sin", "ThresholdedRelu", "Dropout", "Shrink",
 )
-UNARY_NOT_ZERO = ("Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Sqrt", "Reciprocal", "Cos")
+UNARY_NOT_ZERO = ("Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Sqrt", "Reciprocal", "Cos", "IsNaN", "IsInf",
+                  "Not")
 # Elementwise ops with numpy broadcasting between any number of inputs.
 ELEMENTWISE = ("Add", "Sub", "Mul", "Sum", "Max", "Min", "Mean", "PRelu")
 ROLES = {"Add": "shift", "Sub": "shift", "Mul": "scale", "Div": "scale", "PRelu": "slope", "Pow": "scale"}
@@ -77,8 +78,8 @@ def unary(a: Analysis, v: Visit) -> None:
     a.through(v)
 
 
-@rule(*ELEMENTWISE)
-@rule("Div", "Pow", keeps_zero=False)
+@rule(*ELEMENTWISE, "Div", "Pow")
+@rule("Where", keeps_zero=False)
 def broadcast(a: Analysis, v: Visit) -> None:
     """Numpy broadcasting: every input with the channel axis (not of size 1) carries the slot."""
     node, slot = v.node, v.slot
@@ -86,7 +87,9 @@ def broadcast(a: Analysis, v: Visit) -> None:
     rank = len(full) if full else slot.axis + 1
     from_right = rank - slot.axis
     size = full[slot.axis] if full else None
-    if node.op in ("Div", "Pow") and v.tensor is not node.inputs[0]:
+    exponent = node.inputs[1] if node.op == "Pow" else None
+    if node.op in ("Div", "Pow") and any(v.tensor is t for t in node.inputs[1:]) or exponent is not None and not (
+            isinstance(exponent, gs.Constant) and np.all(np.asarray(exponent.values) > 0)):
         a.blocker(node, slot.space)  # 1/0 and c**0 are not 0
     for k, t in enumerate(node.inputs):
         if t is v.tensor or not t.name:
@@ -151,6 +154,39 @@ def layer_norm(a: Analysis, v: Visit) -> None:
     for k in params:
         a.add_param(node, k, -1, 0, 1, slot.space, "norm-scale" if k == 1 else "shift")
     a.through(v)
+
+
+SKIP_NORMS = {"SkipLayerNormalization": {2: "norm-scale", 3: "shift", 4: "shift"},
+              "SkipSimplifiedLayerNormalization": {2: "norm-scale", 3: "shift"}}
+
+
+@rule(*SKIP_NORMS, keeps_zero=False, domain="com.microsoft")
+def skip_norm(a: Analysis, v: Visit) -> None:
+    """onnxruntime's fused residual add and norm over the last axis: output 0 the norm, output 3 the sum."""
+    node, slot = v.node, v.slot
+    rank = a.rank(node.inputs[0])
+    if rank is None or any(v.tensor is t for t in node.inputs[2:]):
+        raise NotApplicable(f"{v.where}: the channels reach its parameters or its rank is unknown")
+    used = [t.name for t in node.outputs[1:3] if t.outputs or t.name in a.outputs]
+    if used:
+        raise NotApplicable(f"{v.where}: its statistics output '{used[0]}' is used (not supported)")
+    if slot.axis == rank - 1:
+        if not covers_axis(a, v):
+            raise NotApplicable(f"{v.where} normalises over the widened axis: widening '{v.tensor.name}' cannot "
+                                "preserve the function")
+        a.uniform(node)
+        for k, role in SKIP_NORMS[node.op].items():
+            if len(node.inputs) > k and node.inputs[k].name:
+                if not isinstance(node.inputs[k], gs.Constant):
+                    raise NotApplicable(f"{v.where}: its parameter '{node.inputs[k].name}' is computed")
+                a.add_param(node, k, -1, 0, 1, slot.space, role)
+    for k in (0, 1):
+        if node.inputs[k] is not v.tensor:
+            a.carry(node, k, slot.axis, slot.offset, slot.block, slot.space)
+    for k in (0, 3):
+        t = node.outputs[k] if len(node.outputs) > k else None
+        if t is not None and t is not v.tensor and (t.outputs or t.name in a.outputs):
+            a.add_slot(t, slot.axis, slot.offset, slot.block, slot.space, v.where)
 
 
 @rule(*POOLS)

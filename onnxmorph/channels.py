@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 
 Shapes = dict[str, "tuple[int | None, ...] | None"]
@@ -234,13 +233,19 @@ RULES: dict[str, Rule] = {}
 KEEPS_ZERO: set[str] = set()
 
 
-def rule(*ops: str, keeps_zero: bool = True) -> Callable[[Rule], Rule]:
+# ops of onnxruntime's com.microsoft domain that have a rule (fused norms written by its optimiser)
+CONTRIB: set[str] = set()
+
+
+def rule(*ops: str, keeps_zero: bool = True, domain: str = "") -> Callable[[Rule], Rule]:
     """Register `fn` as the channel rule of `ops` (see the module docstring)."""
     def register(fn: Rule) -> Rule:
         for op in ops:
             RULES[op] = fn
             if keeps_zero:
                 KEEPS_ZERO.add(op)
+            if domain == "com.microsoft":
+                CONTRIB.add(op)
         return fn
     return register
 
@@ -325,6 +330,7 @@ class Analysis:
         self.allow_backward = allow_backward
         self.result = Coupling()
         self.seen: set[Slot] = set()
+        self.by_tensor: dict[str, list[Slot]] = {}
         self.queue: deque[tuple[Slot, str]] = deque()
         self.done: set[tuple[str, Slot]] = set()
         self.outputs = {t.name for t in graph.outputs}
@@ -336,7 +342,11 @@ class Analysis:
         return self.result.spaces[k]
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
-        return shape_of(self.shapes, tensor)
+        shape = shape_of(self.shapes, tensor)
+        producer = tensor.inputs[0] if shape is None and tensor.inputs else None
+        if producer is not None and producer.op in CONTRIB and producer.inputs:
+            return self.shape(producer.inputs[0])  # ONNX shape inference skips them; their outputs are shaped alike
+        return shape
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         return len(self.shape(tensor) or ()) or None
@@ -357,9 +367,7 @@ class Analysis:
         slot = Slot(tensor.name, axis, offset, block, space)
         if slot in self.seen or self._same_layout(slot):
             return
-        for other in self.seen:
-            if other.tensor != slot.tensor:
-                continue
+        for other in self.by_tensor.get(slot.tensor, []):
             if other.axis != slot.axis:
                 raise NotApplicable(f"tensor '{slot.tensor}' would widen on two axes ({origin})")
             size = self.space(other.space).old * other.block
@@ -371,6 +379,7 @@ class Analysis:
         if tensor.name in self.inputs:
             raise NotApplicable(f"graph input '{tensor.name}' carries the channels ({origin})")
         self.seen.add(slot)
+        self.by_tensor.setdefault(slot.tensor, []).append(slot)
         self.result.slots.append(slot)
         self.queue.append((slot, origin))
 
@@ -378,8 +387,9 @@ class Analysis:
         """Whether `tensor` already grows exactly so (another space with the same new entries: Q's and K's heads)."""
         mine = (slot.axis, slot.offset, self.space(slot.space).old * slot.block,
                 insert_positions(self.space(slot.space), slot))
-        return any(other.tensor == slot.tensor and mine == (other.axis, other.offset, self.space(
-            other.space).old * other.block, insert_positions(self.space(other.space), other)) for other in self.seen)
+        return any(mine == (other.axis, other.offset, self.space(other.space).old * other.block,
+                            insert_positions(self.space(other.space), other))
+                   for other in self.by_tensor.get(slot.tensor, []))
 
     def carry(self, node: gs.Node, index: int, axis: int, offset: int, block: int, space: int,
               role: str = "shift") -> None:
@@ -454,7 +464,8 @@ class Analysis:
         self.done.add(key)
         if self.space(v.slot.space).derived_from == v.node.name:
             return  # the node that re-arranged these channels: it has been followed already
-        if v.node.domain not in ("", "ai.onnx", None):
+        contrib = v.node.domain == "com.microsoft" and v.node.op in CONTRIB
+        if v.node.domain not in ("", "ai.onnx", None) and not contrib:
             raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")
         fn = RULES.get(v.node.op)
         if fn is None:
@@ -515,85 +526,11 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
             tried.append(misfit.inserts)
 
 
-# ---------------------------------------------------------------------------- rewriting
-
-
-def private_constant(graph: gs.Graph, node: gs.Node, index: int, array: np.ndarray,
-                     namer: mgraph.Namer | None = None) -> gs.Constant:
-    """Set input `index` of `node` to `array`; a constant other nodes also read gets a copy of its own."""
-    old = node.inputs[index]
-    others = [n for n in old.outputs if n is not node]
-    name = None
-    if others:
-        name = (namer or mgraph.Namer(graph))(old.name, "widened")
-    return mgraph.set_input_constant(node, index, array, name=name)
-
-
-def grow_params(graph: gs.Graph, coupling: Coupling, extend: Callable[[Param, np.ndarray], np.ndarray]) -> None:
-    """Grow every per-channel constant: `extend(param, array)` adds one slot's channels.
-
-    A constant read by several nodes grows once when every reader needs the same growth (layer
-    scale read twice, say); otherwise each widened reader gets a grown copy and the others keep it.
-    """
-    nodes = {n.name: n for n in graph.nodes}
-    namer = mgraph.Namer(graph)
-    by_input = coupling.params_by_input()
-    by_constant: dict[str, list[tuple[str, int]]] = {}
-    for name, index in by_input:
-        by_constant.setdefault(nodes[name].inputs[index].name, []).append((name, index))
-    for readers in by_constant.values():
-        first = nodes[readers[0][0]].inputs[readers[0][1]]
-        plans = {tuple((p.axis, p.offset, p.block, p.space, p.role) for p in by_input[r]) for r in readers}
-        uses = {(n.name, k) for n in first.outputs for k, t in enumerate(n.inputs) if t is first}
-        together = len(plans) == 1 and uses == set(readers)
-        for k, (name, index) in enumerate(readers):
-            node = nodes[name]
-            if together and k:
-                node.inputs[index] = nodes[readers[0][0]].inputs[readers[0][1]]
-                continue
-            array = mgraph.values(node.inputs[index])
-            for param in by_input[(name, index)]:
-                array = extend(param, array)
-            if together:
-                mgraph.set_input_constant(node, index, array)
-            else:
-                private_constant(graph, node, index, array, namer)
-
-
-def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
-    """After the channels grew: grow the constants that spell a shape, and forget stale shapes.
-
-    Shared by every pass that adds channels (widen, concat-skip) so the bookkeeping lives once.
-    """
-    nodes = {node.name: node for node in graph.nodes}
-    namer = mgraph.Namer(graph)
-    for fix in coupling.shape_fixes:
-        node = nodes[fix.node]
-        delta = coupling.added(fix.tensor, fix.axis) if fix.delta is None else fix.delta
-        if fix.attr is not None:
-            values = ints(node.attrs[fix.attr])
-            values[fix.position] += delta
-            node.attrs[fix.attr] = values
-            continue
-        shape = mgraph.values(node.inputs[fix.index]).copy()
-        shape.reshape(-1)[fix.position] += delta
-        private_constant(graph, node, fix.index, shape, namer)
-    for split in coupling.split_fixes:
-        node = nodes[split.node]
-        node.attrs.pop("num_outputs", None)
-        if graph.opset < 13:
-            node.attrs["split"] = list(split.sizes)
-        elif len(node.inputs) > 1 and node.inputs[1].name:
-            private_constant(graph, node, 1, np.asarray(split.sizes, dtype=np.int64), namer)
-        else:
-            sizes = mgraph.constant(namer(node.name, "split"), np.asarray(split.sizes), np.int64)
-            node.inputs = [node.inputs[0], sizes]
-    tensors = graph.tensors()
-    for name in coupling.tensors + coupling.stale:
-        tensor = tensors.get(name)
-        if isinstance(tensor, gs.Variable):
-            tensor.shape = None
-
-
-# the rules register themselves in RULES when imported
+# the rules register themselves in RULES when imported; the rewriting helpers live beside them
 from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401
+from onnxmorph.channel_edits import (  # noqa: E402,F401
+    apply_shape_fixes,
+    grow_consumers,
+    grow_params,
+    private_constant,
+)

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import onnxmorph.passes  # noqa: F401  (fills the registry)
-from onnxmorph import __version__
 from onnxmorph import io as mio
+from onnxmorph import limits
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
 from onnxmorph.passinfra import REGISTRY, MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
+from onnxmorph.search_cli import add_arguments as search_arguments
+from onnxmorph.search_cli import run_command as run_search
 from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
+from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
 
@@ -31,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line, with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {_message(message)} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -53,7 +56,7 @@ def _verification_options(parser: argparse.ArgumentParser, seed_flag: str) -> No
                        help="seed of the random inputs (default 0)")
     group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
                        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable; "
-                            "by default a dynamic batch dimension is 2)")
+                            "by default a dynamic batch dimension is 2 and a dynamic sequence axis 16)")
     group.add_argument("--inputs", metavar="X.npz", help="compare on these inputs (an .npz with one array per input)")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
@@ -72,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", parents=[common], help="show a model's layers, which morphs apply, and its history")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("diff", parents=[common], help="show what changed from PARENT to CHILD")
+    p.add_argument("parent", metavar="PARENT")
+    p.add_argument("child", metavar="CHILD")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--html", metavar="OUT.html", help="write a self-contained page drawing the changed region")
+    p.add_argument("--model-explorer", metavar="OUT.json", help="write the node mapping for Model Explorer")
 
     p = sub.add_parser("verify", parents=[common], help="check that CHILD computes PARENT's function")
     p.add_argument("parent", metavar="PARENT")
@@ -95,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["help"] += f" (default {_show_default(param.default)})"
             group.add_argument(param.cli_flag, **kwargs)
         p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+        p.add_argument("--html", metavar="OUT.html", help="also write the diff page of parent and child")
         _verification_options(p, "--verify-seed")
         p.set_defaults(pass_class=cls)
+
+    p = sub.add_parser("search", parents=[common], help="architecture search: morph, train briefly, keep the best")
+    search_arguments(p)
 
     p = sub.add_parser("apply", parents=[common], help="apply a recipe of morphs (JSON or YAML list of steps)")
     p.add_argument("model", metavar="MODEL")
@@ -104,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")
     p.add_argument("--verify-each", action="store_true", help="verify after every step, naming the step that broke")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--html", metavar="OUT.html", help="also write the diff page of parent and child")
     _verification_options(p, "--verify-seed")
     return parser
 
@@ -140,23 +155,26 @@ def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOpt
 
 
 def _check_output(model: str, output: str) -> Path:
-    out = Path(output)
-    if out.exists() and Path(model).exists() and os.path.samefile(out, model):
-        raise UsageError(f"{output}: the output would overwrite the parent model; choose another path")
-    if out.is_dir():
-        raise UsageError(f"{output}: is a folder; give a file name for the output")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"{output}: folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{output}: folder '{folder}' is not writable")
-    # The child (or its weights file, OUT.data) must not replace the parent's external weights.
-    written = [p for p in (out, out.with_name(out.name + ".data")) if p.exists()]
-    if written and Path(model).is_file():
-        for data in mio.external_data_files(model):
-            if any(os.path.samefile(p, data) for p in written):
-                raise UsageError(f"{output}: writing it would overwrite the parent's weights in '{data.name}'; "
-                                 "choose another path")
+    """The output path, refused when writing it (or OUT.data beside it) would replace a file of the parent.
+
+    Every file of the parent is untouchable, through any path, link or hard link: the model
+    file itself and each of its external-data files.
+    """
+    out = mio.check_output_path(output)
+    parent = Path(model)
+    if not parent.is_file():
+        return out  # loading it says what is wrong
+    parent_files = [parent, *mio.external_data_files(parent)]
+    for written in (out, out.with_name(out.name + ".data")):
+        try:
+            if not written.exists():
+                continue
+        except OSError:  # a name too long to exist: saving says so if it is ever written
+            continue
+        for kept in parent_files:
+            if os.path.samefile(written, kept):
+                what = "the parent model" if kept is parent else f"the parent's weights in '{kept.name}'"
+                raise UsageError(f"{limits.quote(output)}: writing it would overwrite {what}; choose another path")
     return out
 
 
@@ -170,7 +188,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    model = mio.load(args.model)
+    model = mio.load(args.model, normalize_model=True)
     info = inspect(model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
@@ -190,9 +208,33 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_report(report, args.json, {"parent": args.parent, "child": args.child})
     if not report:
         if not args.json:
-            sys.stderr.write(f"onnxmorph: {report.summary()}\n")
+            sys.stderr.write(f"onnxmorph: {_message(report.summary())}\n")
         return EXIT_MISMATCH
     return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from onnxmorph.diff import diff
+    from onnxmorph.diffhtml import write_outputs
+
+    for target in (args.html, args.model_explorer):
+        for model in (args.parent, args.child) if target else ():
+            _check_output(model, target)
+    result = diff(args.parent, args.child)
+    write_outputs(result, html=args.html, model_explorer=args.model_explorer)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not args.quiet:
+        print(result)
+    return EXIT_OK
+
+
+def _check_page(args: argparse.Namespace, out: Path) -> None:
+    """A morph's --html target must be writable and neither the parent nor the child."""
+    if getattr(args, "html", None):
+        _check_output(args.model, args.html)
+        if Path(args.html).resolve() in (out.resolve(), out.resolve().with_name(out.name + ".data")):
+            raise UsageError(f"--html {args.html}: is the child's own file; choose another path")
 
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
@@ -200,6 +242,11 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
     mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
+    if getattr(args, "html", None):
+        from onnxmorph.diffhtml import write_diff_page
+
+        log.info("writing the diff page %s", args.html)
+        write_diff_page(args.model, out, args.html)
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
@@ -217,6 +264,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     params = {p.name: getattr(args, f"param_{p.name}") for p in cls.params}
     step = cls(**{k: v for k, v in params.items() if v is not None})
     out = _check_output(args.model, args.output)
+    _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
     outcome = run_passes(args.model, [step], options)
     return _finish_morph(args, outcome, out)
@@ -227,6 +275,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     passes = read_recipe(args.recipe)
     out = _check_output(args.model, args.output)
+    _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
     outcome = run_passes(args.model, passes, options, verify_each=args.verify_each)
     return _finish_morph(args, outcome, out)
@@ -237,29 +286,45 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+# An error line quotes values taken from the input (names, paths): bounded whatever they hold.
+MAX_MESSAGE = 600
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # main() may run inside another program (tests, notebooks): put the logger back afterwards.
     saved_logging = (list(log.handlers), log.level, log.propagate)
     _setup_logging(args)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGHUP (the terminal closed) and SIGTERM end the run like Ctrl-C: temporary files are removed.
+    previous = {sig: signal.signal(sig, _on_sigterm) for sig in _STOP_SIGNALS}
     try:
         if args.command == "inspect":
             return _cmd_inspect(args)
         if args.command == "verify":
             return _cmd_verify(args)
+        if args.command == "diff":
+            return _cmd_diff(args)
         if args.command == "apply":
             return _cmd_apply(args)
+        if args.command == "search":
+            return run_search(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:
         as_json = getattr(args, "json", False)
         if exc.report is not None and (as_json or not args.quiet):
             _print_report(exc.report, as_json)
-        sys.stderr.write(f"onnxmorph: verification failed, nothing written: {exc}\n")
+        sys.stderr.write(f"onnxmorph: verification failed, nothing written: {_message(exc)}\n")
         return EXIT_MISMATCH
     except OnnxMorphError as exc:
-        sys.stderr.write(f"onnxmorph: error: {exc}\n")
+        sys.stderr.write(f"onnxmorph: error: {_message(exc)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("onnxmorph: interrupted, nothing written\n")
@@ -276,11 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"onnxmorph: internal error: {type(exc).__name__}: {first} "
+        sys.stderr.write(f"onnxmorph: internal error: {type(exc).__name__}: {_message(first)} "
                          "(a bug in onnxmorph; rerun with -vv for the traceback)\n")
         return EXIT_BUG
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         log.handlers[:] = saved_logging[0]
         log.setLevel(saved_logging[1])
         log.propagate = saved_logging[2]

@@ -35,3 +35,9 @@ class VerificationFailed(OnnxMorphError):
     def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), type(exc).__name__)
+    return first if len(first) <= 300 else first[:297] + "..."

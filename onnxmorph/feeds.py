@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph.errors import UsageError
+from onnxmorph import limits
+from onnxmorph.errors import UnsafeModelError, UsageError
 
 DEFAULT_BATCH = 2
 DEFAULT_SEQUENCE = 16
@@ -63,7 +64,8 @@ class Draw:
         return f"integers in [{int(self.low)}, {int(self.high)})"
 
 
-def _declared(info: onnx.ValueInfoProto) -> list[int | str | None]:
+def declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
+    """An input's declared dims: sizes, dim names, or None where neither is given."""
     dims: list[int | str | None] = []
     for d in info.type.tensor_type.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:
@@ -103,7 +105,7 @@ def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] |
         if not info.type.HasField("tensor_type"):
             raise UsageError(f"input '{info.name}' is not a tensor; verification needs --inputs")
         if info.name in shapes:
-            declared = _declared(info)
+            declared = declared_dims(info)
             _check_given(info, declared, shapes[info.name])
             for axis, (d, size) in enumerate(zip(declared, shapes[info.name])):
                 if isinstance(d, str):
@@ -114,7 +116,7 @@ def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] |
         if info.name in shapes:
             resolved[info.name] = shapes[info.name]
             continue
-        declared = _declared(info)
+        declared = declared_dims(info)
         dims = []
         for axis, d in enumerate(declared):
             if isinstance(d, int):
@@ -207,7 +209,7 @@ def input_draws(model: onnx.ModelProto) -> dict[str, Draw]:
     uses = _Uses(model)
     draws = {}
     for info in mio.true_inputs(model):
-        dtype = _np_dtype(info.type.tensor_type.elem_type, info.name)
+        dtype = np_dtype(info.type.tensor_type.elem_type, info.name)
         masky = "mask" in info.name.lower()
         if dtype.kind == "f":
             draws[info.name] = Draw("float", *INPUT_RANGE)
@@ -224,11 +226,13 @@ def input_draws(model: onnx.ModelProto) -> dict[str, Draw]:
     return draws
 
 
-def _np_dtype(elem_type: int, name: str = "") -> np.dtype:
+def np_dtype(elem_type: int, name: str = "") -> np.dtype:
+    """The numpy type of an ONNX element type; UsageError when numpy has none."""
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except Exception as exc:
-        raise UsageError(f"input '{name}' type {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
+        which = f"input '{name}' type" if name else "input type"
+        raise UsageError(f"{which} {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
 
 
 def integer_bounds(model: onnx.ModelProto, name: str) -> tuple[int, int]:
@@ -245,19 +249,21 @@ def random_inputs(
     draws = draws if draws is not None else input_draws(model)
     feed = {}
     for info in mio.true_inputs(model):
-        dtype = _np_dtype(info.type.tensor_type.elem_type, info.name)
+        dtype = np_dtype(info.type.tensor_type.elem_type, info.name)
         shape = tuple(shapes[info.name])
         # A declared or --shape size can be absurd; refuse it rather than let numpy try.
-        mio.check_allocation(math.prod(shape) * max(dtype.itemsize, 8), f"input '{info.name}' of shape {list(shape)}")
+        limits.INPUT_BYTES.check(math.prod(shape) * max(dtype.itemsize, 8),
+                                 f"input '{info.name}' of shape {list(shape)}", UnsafeModelError)
         draw = draws[info.name]
+        # np.asarray: a 0-d draw is a numpy scalar, which onnxruntime does not take as a tensor.
         if draw.kind == "float":
-            feed[info.name] = rng.uniform(draw.low, draw.high, size=shape).astype(dtype)
+            feed[info.name] = np.asarray(rng.uniform(draw.low, draw.high, size=shape), dtype=dtype)
         elif draw.kind == "mask":
             feed[info.name] = np.ones(shape, dtype)
         elif draw.kind == "bool":
-            feed[info.name] = rng.random(size=shape) < 0.5
+            feed[info.name] = np.asarray(rng.random(size=shape) < 0.5)
         else:
-            feed[info.name] = rng.integers(int(draw.low), int(draw.high), size=shape).astype(dtype)
+            feed[info.name] = np.asarray(rng.integers(int(draw.low), int(draw.high), size=shape), dtype=dtype)
     return feed
 
 
@@ -267,7 +273,7 @@ def describe_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     draws = draws if draws is not None else input_draws(model)
     parts = []
     for info in mio.true_inputs(model):
-        dtype = _np_dtype(info.type.tensor_type.elem_type, info.name)
+        dtype = np_dtype(info.type.tensor_type.elem_type, info.name)
         shape = "x".join(map(str, shapes[info.name])) or "scalar"
         parts.append(f"{info.name} {dtype}[{shape}] {draws[info.name].describe(dtype)}")
     return "; ".join(parts)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import heapq
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -13,14 +16,24 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
-from onnxmorph.io import approx_size, is_normalized, list_initializers_as_inputs, normalize, skeleton
+from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize, skeleton
 
 log = logging.getLogger("onnxmorph")
 
-# onnx-graphsurgeon logs through its own logger; keep it quiet unless something is wrong.
-gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@contextlib.contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon logs through its own global logger: quiet it only while onnxmorph calls it."""
+    logger = gs.logger.G_LOGGER
+    saved = logger.severity
+    logger.severity = max(saved, logger.ERROR)
+    try:
+        yield
+    finally:
+        logger.severity = saved
 
 
 # --------------------------------------------------------------------------- import / export
@@ -35,38 +48,72 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     if not is_normalized(model):
         model = normalize(model)
     try:
-        return gs.import_onnx(model)
+        with _quiet_graphsurgeon():
+            return gs.import_onnx(model)
     except Exception as exc:
         raise InvalidModelError(f"cannot read the graph: {exc}") from exc
 
 
-_VIEW_CACHE: list[tuple[onnx.ModelProto, int, gs.Graph]] = []
+class Analysis:
+    """A model with what passes read of it, each computed once and only when asked.
+
+    The read-only graph view, the inferred tensor shapes and facts memoised by the passes (a
+    channel coupling, a solved factorisation) live here, not in module-level caches: whoever
+    analyses a model (`run_passes` per step, `inspect` per model) makes one and drops it with
+    the model. `counts` says how often each memoised fact was computed.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._view: gs.Graph | None = None
+        self._shapes: dict[str, tuple[int | None, ...] | None] | None = None
+        self._memo: dict[Any, Any] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def view(self) -> gs.Graph:
+        """A graph of the model for analysis only: never edit it (use `import_graph` for that)."""
+        if self._view is None:
+            self._view = import_graph(self.model)
+        return self._view
+
+    @property
+    def shapes(self) -> dict[str, tuple[int | None, ...] | None]:
+        if self._shapes is None:
+            self._shapes = infer_shapes(self.model)
+        return self._shapes
+
+    def memo(self, kind: str, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` the first time (`kind`, `key`) is asked for, the same value afterwards."""
+        if (kind, key) not in self._memo:
+            self.counts[kind] += 1
+            self._memo[(kind, key)] = compute()
+        return self._memo[(kind, key)]
 
 
-def read_view(model: onnx.ModelProto) -> gs.Graph:
-    """A graph of `model` for analysis only (cached: do not edit it)."""
-    # The size detects an edit of the model; ByteSize() would serialise it (seconds for 500 MB).
-    size = approx_size(model)
-    for cached, cached_size, graph in _VIEW_CACHE:
-        if cached is model and cached_size == size:
-            return graph
-    graph = import_graph(model)
-    _VIEW_CACHE.insert(0, (model, size, graph))
-    del _VIEW_CACHE[2:]
-    return graph
+ModelOrAnalysis = Union[onnx.ModelProto, Analysis]
 
 
-def forget_views() -> None:
-    """Drop the cached views and shapes, and with them the models they keep alive."""
-    _VIEW_CACHE.clear()
-    _SHAPE_CACHE.clear()
+def analysis(model: ModelOrAnalysis) -> Analysis:
+    """`model` itself when it is an Analysis, else a fresh one of it."""
+    return model if isinstance(model, Analysis) else Analysis(model)
+
+
+def model_of(model: ModelOrAnalysis) -> onnx.ModelProto:
+    return model.model if isinstance(model, Analysis) else model
+
+
+def read_view(model: ModelOrAnalysis) -> gs.Graph:
+    """A graph of `model` for analysis only: the Analysis's own, or a fresh import of a ModelProto."""
+    return model.view if isinstance(model, Analysis) else import_graph(model)
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` to a model that keeps `like`'s IR version, opsets, metadata and docs."""
     toposort(graph)
     try:
-        model = _export_copying_weights_once(graph)
+        with _quiet_graphsurgeon():
+            model = _export_copying_weights_once(graph)
     except Exception as exc:
         raise InvalidModelError(f"cannot export the graph: {exc}") from exc
     model.ir_version = like.ir_version
@@ -78,6 +125,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(like.metadata_props)
     del model.functions[:]
     model.functions.extend(like.functions)
+    _keep_node_metadata(model, like)
     model.graph.name = like.graph.name
     model.graph.doc_string = like.graph.doc_string
     _restore_io_order(model, like)
@@ -116,6 +164,15 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+def _keep_node_metadata(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Nodes that keep their name keep the metadata the exporter gave them (module paths); graphsurgeon drops it."""
+    recorded = {n.name: n.metadata_props for n in like.graph.node if n.metadata_props and n.name}
+    if recorded:
+        for node in model.graph.node:
+            if node.name in recorded and not node.metadata_props:
+                node.metadata_props.extend(recorded[node.name])
+
+
 def _restore_io_order(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     """Keep the parent's graph input/output declarations verbatim (names, types, shapes)."""
     parent_inputs = {i.name: i for i in like.graph.input}
@@ -131,7 +188,6 @@ def _restore_io_order(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
 def toposort(graph: gs.Graph) -> None:
     """Sort `graph.nodes` topologically, iteratively, keeping the original order where free."""
     nodes = list(graph.nodes)
-    index = {id(n): k for k, n in enumerate(nodes)}
     producer: dict[str, int] = {}
     for k, node in enumerate(nodes):
         for out in node.outputs:
@@ -164,7 +220,6 @@ def toposort(graph: gs.Graph) -> None:
     if len(order) != len(nodes):
         stuck = [nodes[k].name for k in range(len(nodes)) if indegree[k] > 0][:3]
         raise InvalidModelError(f"the graph has a cycle through {', '.join(stuck)}")
-    del index
     graph.nodes = [nodes[k] for k in order]
 
 
@@ -195,11 +250,7 @@ class LayerInfo:
 
 def weight_index(node: gs.Node) -> int | None:
     """Input index of the weight of a layer node, or None for ops that have none."""
-    if node.op in ("Conv", "ConvTranspose", "Gemm"):
-        return 1
-    if node.op == "MatMul":
-        return 1
-    return None
+    return 1 if node.op in LAYER_OPS else None
 
 
 def layer_info(node: gs.Node) -> LayerInfo | None:
@@ -292,8 +343,6 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -338,15 +387,18 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
     return new
 
 
+
+
 def dtype_of(tensor: gs.Tensor) -> np.dtype:
+    """The element type of a tensor (float32 where the graph does not say)."""
     return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
 
 
-def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
+def opset(model_or_graph: ModelOrAnalysis | gs.Graph) -> int:
     """The default-domain opset version of a model or graph."""
     if isinstance(model_or_graph, gs.Graph):
         return int(model_or_graph.opset)
-    for entry in model_or_graph.opset_import:
+    for entry in model_of(model_or_graph).opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return 1
@@ -354,22 +406,25 @@ def opset(model_or_graph: onnx.ModelProto | gs.Graph) -> int:
 
 # --------------------------------------------------------------------------- shapes
 
-_SHAPE_CACHE: list[tuple[onnx.ModelProto, int, dict[str, tuple[int | None, ...] | None]]] = []
+def tensor_shapes(model: ModelOrAnalysis) -> dict[str, tuple[int | None, ...] | None]:
+    """The Analysis's inferred shapes, or those of a ModelProto inferred now (see `infer_shapes`)."""
+    return model.shapes if isinstance(model, Analysis) else infer_shapes(model)
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
-    """Shapes of the model's tensors by onnx shape inference (cached; None dims are unknown).
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes of the model's tensors by onnx shape inference (None dims are unknown).
 
     A dynamic batch dimension (axis 0 of an input) is taken as 1 so that shape ops after it
     still infer; the spatial and channel dims that morphs need are not affected by it.
     """
-    size = approx_size(model)
-    for cached, cached_size, shapes in _SHAPE_CACHE:
-        if cached is model and cached_size == size:
-            return shapes
     # Inference needs the weights' dims, not their data (a copy of which costs the model's size).
     probe = skeleton(model)
+    # declared shapes are dropped (they may be stale), except those of what onnx cannot infer: the
+    # outputs of other domains' ops (onnxruntime's fused norms), which inference continues from
+    foreign = {name for node in probe.graph.node if node.domain not in ("", "ai.onnx") for name in node.output}
+    kept = [info for info in probe.graph.value_info if info.name in foreign]
     del probe.graph.value_info[:]
+    probe.graph.value_info.extend(kept)
     for info in probe.graph.input:
         dims = info.type.tensor_type.shape.dim
         if len(dims) and not dims[0].HasField("dim_value"):
@@ -388,8 +443,6 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | 
         shapes[info.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
     for tensor in inferred.graph.initializer:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
-    _SHAPE_CACHE.insert(0, (model, size, shapes))
-    del _SHAPE_CACHE[2:]
     return shapes
 
 

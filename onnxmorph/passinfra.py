@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import abc
+import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from onnxmorph.errors import UsageError
-from onnxmorph.graph import LayerInfo
+from onnxmorph.errors import OnnxMorphError, UsageError
+from onnxmorph.graph import LayerInfo, ModelOrAnalysis, find_node, model_of, opset, read_view, weight_index
+from onnxmorph.limits import quote
+from onnxmorph.verify import interface_problems
 
 REQUIRED = object()
 
@@ -48,9 +53,12 @@ class PassResult:
 class MorphPass(abc.ABC):
     """Base class of a morph: parameters in __init__, checks in requires(), work in call().
 
-    Subclasses declare `name`, `summary` and `params`; `requires(model)` raises NotApplicable
-    with a one-line reason naming the node or tensor in the way; `call(model)` never mutates
-    `model` and returns a PassResult with a new model.
+    The contract (after onnx-ir's pass infrastructure and onnxscript's rewrite rules):
+    `requires(model)` does every check and returns the plan, or raises NotApplicable with a
+    one-line reason naming the node or tensor in the way; `call(model, plan)` only applies the
+    plan: it never mutates `model` and returns a PassResult with a new model; `ensures` checks
+    the post-conditions. `model` may be an `Analysis` (graph.Analysis), which shares the graph
+    view, shapes and memoised facts among the passes that look at one model.
     """
 
     name: ClassVar[str] = ""
@@ -89,16 +97,48 @@ class MorphPass(abc.ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
 
-    def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027  (optional hook)
-        """Raise NotApplicable unless this pass can morph `model` exactly."""
+    @abc.abstractmethod
+    def requires(self, model: ModelOrAnalysis) -> Any:
+        """The plan of this morph on `model`; NotApplicable unless it can morph `model` exactly."""
 
     @abc.abstractmethod
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        """Morph a copy of `model`; `requires(model)` has passed."""
+    def call(self, model: ModelOrAnalysis, plan: Any) -> PassResult:
+        """Apply `plan` (from `requires(model)`) to a copy of `model`."""
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        self.requires(model)
-        return self.call(model)
+    def ensures(self, model: ModelOrAnalysis, result: PassResult) -> None:
+        """The post-conditions of every pass; a failure is a bug in onnxmorph, not bad input."""
+        parent = model_of(model)
+        if result.model is parent:
+            raise OnnxMorphError(f"{self!r} returned its input instead of a copy (a bug in onnxmorph)")
+        problems = interface_problems(parent, result.model)
+        if problems:
+            raise OnnxMorphError(f"{self!r} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
+        version = opset(parent)
+        for node in result.model.graph.node:
+            if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, version, ""):
+                raise OnnxMorphError(f"{self!r} made a {node.op_type} node, which opset {version} does not "
+                                     "have (a bug in onnxmorph)")
+        if result.modified != differs(parent, result.model):
+            raise OnnxMorphError(f"{self!r} said modified={result.modified} wrongly (a bug in onnxmorph)")
+
+    def apply(self, model: ModelOrAnalysis) -> PassResult:
+        """requires, call, ensures: the whole pass on `model`."""
+        plan = self.requires(model)
+        result = self.call(model, plan)
+        self.ensures(model, result)
+        return result
+
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        """(bytes, layers) this pass will add, sized from its parameters before anything is allocated.
+
+        `run_passes` refuses a pass over `limits.NEW_BYTES` or `limits.NEW_LAYERS` before its
+        `requires` runs: a width of 10^8 must be refused, not attempted. An estimate within a
+        small factor is enough; (0, 0) when the layer is not found (requires says why).
+        """
+        return 0, 0
+
+    def __call__(self, model: ModelOrAnalysis) -> PassResult:
+        return self.apply(model)
 
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
@@ -108,17 +148,48 @@ class MorphPass(abc.ABC):
         """
         return None
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        """Extra facts `inspect` shows when this pass applies (e.g. the coupled layers)."""
+    def describe(self, plan: Any) -> dict[str, Any]:
+        """Extra facts `inspect` shows when this pass applies, from its plan (e.g. the coupled layers)."""
         return {}
 
 
-@dataclass
-class Step:
-    """A pass with its parameters, as a recipe or receipt records it."""
+def differs(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
+    """Whether `after` computes with other nodes or weights than `before` (`modified`, computed)."""
+    if len(before.graph.node) != len(after.graph.node) or len(before.graph.initializer) != len(after.graph.initializer):
+        return True
+    if any(a != b for a, b in zip(before.graph.node, after.graph.node)):
+        return True
+    return any(a is not b and a != b for a, b in zip(before.graph.initializer, after.graph.initializer))
 
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+
+def layer_weight(model: onnx.ModelProto, layer: str) -> tuple[tuple[int, ...], int] | None:
+    """(shape, itemsize) of the weight of `layer`, or None when it is not a layer with a constant weight."""
+    try:
+        node = find_node(read_view(model), layer)
+    except Exception:
+        return None
+    k = weight_index(node)
+    if k is None or len(node.inputs) <= k or not isinstance(node.inputs[k], gs.Constant):
+        return None
+    weight = node.inputs[k]
+    return tuple(int(d) for d in weight.shape), np.dtype(weight.dtype).itemsize
+
+
+def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kernel: Sequence[int] | None,
+                    count: int = 1) -> int:
+    """An upper estimate of the bytes of `count` new layers of `width` channels beside `layer`.
+
+    Each new layer reads or writes the layer's input and output channels through `width`
+    channels with kernels no larger than the layer's or `kernel`: width * (in + out) * taps.
+    """
+    found = layer_weight(model, layer)
+    if found is None or len(found[0]) < 2:
+        return 0
+    (a, b, *k), itemsize = found
+    taps = max(math.prod(k), math.prod(kernel)) if k and kernel else math.prod(k)
+    return count * (width or max(a, b)) * (a + b) * taps * itemsize
+
+
 
 
 # name -> pass class; filled by onnxmorph.passes.
@@ -152,8 +223,8 @@ def positive_int(value: Any) -> int:
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
-        raise UsageError(f"expected a positive whole number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"expected a positive whole number, got {quote(repr(value), 60)}") from None
     if number <= 0:
         raise UsageError(f"expected a positive whole number, got {value!r}")
     return number

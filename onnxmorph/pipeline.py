@@ -7,17 +7,19 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import onnx
 
-from onnxmorph import __version__, receipt
 from onnxmorph import io as mio
-from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
-from onnxmorph.graph import forget_views
+from onnxmorph import limits, receipt
+from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
+from onnxmorph.graph import Analysis
 from onnxmorph.passinfra import MorphPass, get_pass
-from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier, interface_problems
+from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier
+from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
 
@@ -36,7 +38,7 @@ class VerifyOptions:
     shapes: Mapping[str, Sequence[int]] | None = None
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
 
-    def verifier(self, parent: onnx.ModelProto) -> Verifier:
+    def verifier(self, parent: onnx.ModelProto | str | os.PathLike) -> Verifier:
         return Verifier(parent, atol=self.atol, rtol=self.rtol, trials=self.trials, seed=self.seed,
                         shapes=self.shapes, inputs=self.inputs)
 
@@ -58,6 +60,19 @@ def as_model(model: ModelLike) -> onnx.ModelProto:
     return mio.load(model)
 
 
+def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
+    """(the parent normalised for morphing, the parent as the user gave it).
+
+    Verification runs the second: the normalisation (folding constants into weights) is only a
+    means to morph, and a mistake in it must show as a failed verification, not be compared
+    with itself. A file is handed to onnxruntime by path; a ModelProto is normalised in a copy.
+    """
+    if isinstance(parent, onnx.ModelProto):
+        return mio.normalize(parent), parent
+    log.info("loading %s", parent)
+    return mio.load(parent, normalize_model=True), Path(parent)
+
+
 def run_passes(
     parent: ModelLike,
     passes: Sequence[MorphPass],
@@ -71,25 +86,24 @@ def run_passes(
     child differs from the parent. `parent` is never modified.
     """
     options = options or VerifyOptions()
-    parent_model = as_model(parent)
-    verifier = options.verifier(parent_model) if options.enabled else None
+    parent_model, reference = _morphable(parent)
+    verifier = options.verifier(reference) if options.enabled else None
     child = parent_model
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
         log.info("morphing: %s", label)
+        analysis = Analysis(child)  # one per model state: what requires() reads, call() reuses
         try:
-            step.requires(child)
-            result = step.call(child)
+            new_bytes, new_layers = step.new_weights(analysis)
+            limits.NEW_BYTES.check(new_bytes, label)
+            limits.NEW_LAYERS.check(new_layers, label)
+            result = step.apply(analysis)
         except (NotApplicable, UsageError) as exc:
             if len(passes) == 1:
                 raise
             # A recipe names the step that does not apply (its layer may come from an earlier step).
             raise type(exc)(f"step {k} ({step.name}): {exc}") from exc
-        if result.model is child and result.modified:
-            raise OnnxMorphError(f"{label}: the pass modified its input in place (a bug in onnxmorph)")
-        problems = interface_problems(parent_model, result.model)
-        if problems:
-            raise OnnxMorphError(f"{label} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
+        del analysis
         child = result.model
         if verify_each and verifier is not None and k < len(passes):
             report = verifier.check(child)
@@ -108,10 +122,9 @@ def run_passes(
     else:
         # The pass wrote well-formed weights; checking the structure avoids serialising the child.
         mio.check_structure(child, name="child")
-    # The read views hold the parent alive, and so do the passes' graphs until the cycle collector
-    # runs (gs nodes and tensors refer to each other): free it now, a caller saving the child needs
-    # that memory (the parent's size: 550 MB for VGG16).
-    forget_views()
+    # The passes' graphs hold the parent alive until the cycle collector runs (gs nodes and tensors
+    # refer to each other): free it now, a caller saving the child needs that memory (the parent's
+    # size: 550 MB for VGG16).
     gc.collect()
     external = mio.had_external_data(parent_model)
     mio.strip_transient_metadata(child)

@@ -24,24 +24,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxmorph.orthogonal import (  # noqa: F401  (tests reach the structured factor through solvers)
+    _BlockDiagonal,
+    _idct_rows,
+    _MixedDCT,
+    _orthogonal_stack,
+    _orthogonal_stack_ops,
+    random_orthogonal,
+)
+
 __all__ = [
     "DepthSolution",
     "carry_bias",
     "compose",
     "random_orthogonal",
     "solve_deepen",
-    "split_parallel",
-    "split_residual",
     "target_kernel",
 ]
 
-# Above this size a Householder QR costs seconds (O(n^3) at LAPACK's QR speed); a
-# structured random orthogonal matrix (see _mixed_dct_orthogonal) costs O(n^2 * 64).
-_QR_MAX_DIM = 1024
 # Largest explicit convolution operator (in float64 entries, all groups together) that
 # the multi-tap solve may build before a cheaper exact plan is preferred.
 _MAX_OPERATOR_ENTRIES = 4_000_000
-_MIX_BLOCK = 64
 # Residual checks of more multiply-adds than this use a randomized sketch with this many
 # Gaussian probes (see _composite_residual) instead of the dense composition.
 _SKETCH_MIN_WORK = 2**30
@@ -128,184 +131,6 @@ def _pad_support(
         (o, f - o - s) for o, f, s in zip(offset, full, a.shape[lead:])
     ]
     return np.pad(a, widths)
-
-
-def _idct_rows(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``D.T @ u`` along axis 0, ``D`` the orthonormal n x n DCT-II matrix (so this is the
-    orthonormal DCT-III), via one inverse real FFT of length n and Makhoul's reordering.
-
-    ``D.T @ u = x`` has ``x[2p] = v[p]`` and ``x[2p + 1] = v[n - 1 - p]`` where ``v`` is the
-    inverse real FFT of ``V[m] = (u[m] - i u[n - m]) exp(i pi m / 2n) / s_m`` (``u[n] = 0``),
-    ``s_m`` the row scale of ``D``: a real ``v`` has ``V[n - m] = conj(V[m])``, which is why
-    coefficient ``n - m`` enters as the imaginary part. ``out`` (float64, not ``u``) may
-    receive the result.
-    """
-    n = u.shape[0]
-    h = n // 2 + 1
-    shape = (h,) + (1,) * (u.ndim - 1)
-    z = np.empty((h,) + u.shape[1:], dtype=np.complex128)
-    z.real = u[:h]
-    z.imag[0] = 0.0
-    z.imag[1:] = u[n - 1 : n - h : -1]
-    z.imag[1:] *= -1.0
-    z.real[0] *= math.sqrt(2.0)
-    z *= (math.sqrt(n / 2.0) * np.exp(0.5j * np.pi * np.arange(h) / n)).reshape(shape)
-    v = np.fft.irfft(z, n, axis=0)
-    del z
-    half = (n + 1) // 2
-    x = np.empty(u.shape) if out is None else out
-    x[::2] = v[:half]
-    x[1::2] = v[half:][::-1]
-    return x
-
-
-class _BlockDiagonal:
-    """Block-diagonal Haar-random orthogonal matrix: blocks of 64, plus a remainder block.
-
-    Products are batched as 64 x 64 x 64 pieces: OpenBLAS runs pieces that small on one
-    thread, several times faster on a busy 2-core machine than the threaded 64 x 64 x n
-    calls of a block-by-block loop, with the same result.
-    """
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        nb, rem = divmod(n, _MIX_BLOCK)
-        self.full = _haar_stack(nb, _MIX_BLOCK, _MIX_BLOCK, rng) if nb else None
-        self.rem = _haar_stack(1, rem, rem, rng)[0] if rem else None
-        self.main = nb * _MIX_BLOCK
-
-    def left(self, x: np.ndarray, transpose: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-        """``B @ x`` (or ``B.T @ x``) for a 2-D ``x``, into ``out`` (C-contiguous, not ``x``) if given."""
-        m = x.shape[1]
-        out = np.empty(x.shape) if out is None else out
-        if self.full is not None:
-            a = np.swapaxes(self.full, 1, 2) if transpose else self.full
-            nb, b, main = a.shape[0], _MIX_BLOCK, self.main
-            mc = m - m % b
-            if mc:
-                def pieces(v: np.ndarray) -> np.ndarray:
-                    return v[:main].reshape(nb, b, m)[:, :, :mc].reshape(nb, b, mc // b, b).swapaxes(1, 2)
-
-                np.matmul(a[:, None], pieces(x), out=pieces(out))
-            if mc < m:
-                np.matmul(a, x[:main, mc:].reshape(nb, b, m - mc), out=out[:main, mc:].reshape(nb, b, m - mc))
-        if self.rem is not None:
-            out[self.main :] = (self.rem.T if transpose else self.rem) @ x[self.main :]
-        return out
-
-    def right(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``x @ B`` for a 2-D ``x``, into ``out`` (C-contiguous, not ``x``) if given."""
-        m = x.shape[0]
-        out = np.empty(x.shape) if out is None else out
-        if self.full is not None:
-            nb, b, main = self.full.shape[0], _MIX_BLOCK, self.main
-            mc = m - m % b
-            if mc:
-                def pieces(v: np.ndarray) -> np.ndarray:
-                    return v[:mc, :main].reshape(mc // b, b, nb, b).transpose(2, 0, 1, 3)
-
-                np.matmul(pieces(x), self.full[:, None], out=pieces(out))
-            if mc < m:
-                def tail(v: np.ndarray) -> np.ndarray:
-                    return v[mc:, :main].reshape(m - mc, nb, b).swapaxes(0, 1)
-
-                np.matmul(tail(x), self.full, out=tail(out))
-        if self.rem is not None:
-            out[:, self.main :] = x[:, self.main :] @ self.rem
-        return out
-
-
-class _MixedDCT:
-    """Random orthogonal ``Q = L @ D[k][:, j] @ R`` and its fast application.
-
-    ``D`` is the orthonormal n x n DCT-II matrix, ``k`` and ``j`` random permutations of
-    its rows and columns, ``L`` and ``R`` block-diagonal with Haar-random orthogonal
-    blocks of 64 (plus a remainder). :meth:`dense` builds ``Q`` in O(n^2 * 64); every
-    entry is a random combination of thousands of cosines, so ``Q`` is dense and
-    unstructured enough for an initialisation, and orthogonal to rounding level.
-    :meth:`apply_t` multiplies by ``Q.T`` through the FFT in O(n^2 log n) instead of a
-    dense O(n^3) product.
-    """
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n = n
-        self.rows = rng.permutation(n)
-        self.cols = rng.permutation(n)
-        self.left = _BlockDiagonal(n, rng)
-        self.right = _BlockDiagonal(n, rng)
-
-    def dense(self) -> np.ndarray:
-        n = self.n
-        itype = np.int32 if 4 * n * n < 2**31 else np.int64
-        k = self.rows.astype(itype)[:, None]
-        j = self.cols.astype(itype)[None, :]
-        # The integer phase modulo the period indexes a table of 4n cosines: exact small
-        # arguments, and n^2 lookups instead of n^2 cos() calls.
-        table = np.cos(np.pi * np.arange(4 * n) / (2.0 * n)) * math.sqrt(2.0 / n)
-        phase = (2 * j + 1) * k
-        np.remainder(phase, 4 * n, out=phase)
-        c = np.take(table, phase)
-        del phase
-        c[k[:, 0] == 0] *= math.sqrt(0.5)  # the DC row of the orthonormal DCT-II
-        # Fresh n^2 buffers cost page faults (the kernel zeroes them): c is reused.
-        return self.right.right(self.left.left(c), out=c)
-
-    def apply_t(self, x: np.ndarray) -> np.ndarray:
-        """``Q.T @ x`` for ``x`` of shape ``[n, ...]``."""
-        # Two n^2 buffers take turns (fresh ones cost page faults, the kernel zeroes them).
-        a = self.left.left(x.reshape(self.n, -1), transpose=True)
-        b = np.empty_like(a)
-        b[self.rows] = a
-        _idct_rows(b, out=a)
-        np.take(a, self.cols, axis=0, out=b, mode="clip")
-        return self.right.left(b, transpose=True, out=a).reshape(x.shape)
-
-
-def _mixed_dct_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Dense random n x n orthogonal matrix in O(n^2 * 64) instead of O(n^3) (see :class:`_MixedDCT`)."""
-    return _MixedDCT(n, rng).dense()
-
-
-def _haar_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` Haar-distributed matrices with orthonormal rows (rows <= cols) or columns."""
-    tall = rows >= cols
-    shape = (n, rows, cols) if tall else (n, cols, rows)
-    q, r = np.linalg.qr(rng.standard_normal(shape))
-    # Fixing the signs of diag(R) makes the distribution exactly Haar.
-    d = np.sign(np.diagonal(r, axis1=-2, axis2=-1))
-    d[d == 0] = 1.0
-    q = q * d[:, None, :]
-    return q if tall else np.swapaxes(q, -1, -2)
-
-
-def _orthogonal_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    return _orthogonal_stack_ops(n, rows, cols, rng)[0]
-
-
-def _orthogonal_stack_ops(
-    n: int, rows: int, cols: int, rng: np.random.Generator
-) -> tuple[np.ndarray, list[_MixedDCT] | None]:
-    """``n`` random ``rows x cols`` matrices with orthonormal rows or columns, and, for the
-    structured ones (both sides above 1024), the fast operators whose leading block they are.
-    """
-    if min(rows, cols) <= _QR_MAX_DIM:
-        return _haar_stack(n, rows, cols, rng), None
-    ops = [_MixedDCT(max(rows, cols), rng) for _ in range(n)]
-    mats = [op.dense()[:rows, :cols] for op in ops]
-    stack = np.ascontiguousarray(mats[0][None]) if n == 1 else np.stack(mats)
-    return stack, ops
-
-
-def random_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random matrix with orthonormal rows (``rows <= cols``) or orthonormal columns.
-
-    QR of a Gaussian matrix with the sign fix that makes it Haar-distributed. When both
-    sides exceed 1024 a structured random orthogonal matrix (randomly permuted DCT mixed
-    by Haar blocks of 64) is returned instead: equally dense and orthonormal, but
-    O(n^2) to build where the QR of a 4096 x 4096 Gaussian takes seconds.
-    """
-    if rows < 1 or cols < 1:
-        raise ValueError(f"random_orthogonal needs a positive shape, got {rows} x {cols}")
-    return _orthogonal_stack(1, rows, cols, rng)[0]
 
 
 # ----------------------------------------------------------------- kernel algebra
@@ -652,6 +477,63 @@ def _lowrank_factors(
     return f1.reshape(n_g, cm_g, *gg.shape[2:]), basis
 
 
+def _identity_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tuple[int, ...], width: int,
+                       groups: int) -> DepthSolution:
+    """IdMorph: F1 = g padded with zero rows, F2 a one-hot identity at tap `lo` per axis."""
+    co, ci_g = g.shape[:2]
+    k = tuple(g.shape[2:])
+    co_g, cm_g = co // groups, width // groups
+    if cm_g < co_g:
+        raise ValueError(f"identity deepening needs width >= C_out ({co}) per group, got {width}")
+    lo, _ = _lo_hi(k2)
+    f1 = np.zeros((groups, cm_g, ci_g, *k))
+    f1[:, :co_g] = gg
+    f2 = np.zeros((groups, co_g, cm_g, *k2))
+    f2[(slice(None), np.arange(co_g), np.arange(co_g), *lo)] = 1.0
+    residual = _rel_error(target, _compose_grouped(f2, f1))
+    return DepthSolution(f1.reshape(width, ci_g, *k), f2.reshape(co, cm_g, *k2), residual, "identity", 1)
+
+
+def _netmorph_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tuple[int, ...], width: int,
+                       groups: int, rng: np.random.Generator, max_iter: int, tol: float
+                       ) -> tuple[np.ndarray, np.ndarray, float, str, int]:
+    """The paper's Algorithms 1 and 2 (then the low-rank 1x1 limit): (F1, F2, residual, algorithm, iterations)."""
+    co, ci_g = g.shape[:2]
+    k = tuple(g.shape[2:])
+    co_g, cm_g = co // groups, width // groups
+    plans, min_width = _choose_plans(k, k2, groups, co_g, ci_g, cm_g)
+    found = None
+    # One exact solve per plan, in order; alternation only if none of them is exact.
+    for plan in plans:
+        f1s, f2s, residual, iterations = _netmorph_factors(gg, target, plan, rng, cm_g, 1, tol)
+        if residual < tol:
+            found = plan, f1s, f2s, residual, iterations
+            break
+    if found is None and plans and max_iter > 1:
+        plan = plans[0]
+        f1s, f2s, residual, iterations = _netmorph_factors(gg, target, plan, rng, cm_g, max_iter, tol)
+        if residual < tol:
+            found = plan, f1s, f2s, residual, iterations
+    if found is not None:
+        plan, f1s, f2s, residual, iterations = found
+        if plan.name == "alg1":
+            algorithm = "alg1-exact" if iterations == 1 else "alg1-als"
+        else:
+            algorithm = plan.name
+        return _pad_support(f1s, plan.a1, k), _pad_support(f2s, plan.a2, k2), residual, algorithm, iterations
+    lowrank = _lowrank_factors(gg, rng, cm_g)
+    if lowrank is None:
+        raise ValueError(
+            f"width {width} is too narrow for an exact depth morph of a {g.shape} "
+            f"filter (groups={groups}, k2={k2}): need width >= {min_width * groups}"
+        )
+    f1, f2m = lowrank
+    lo, _ = _lo_hi(k2)
+    f2 = np.zeros((groups, co_g, cm_g, *k2))
+    f2[(..., *lo)] = f2m
+    return f1, f2, _rel_error(target, _compose_grouped(f2, f1)), "alg2-lowrank", 1
+
+
 def solve_deepen(
     g: np.ndarray,
     k2: Sequence[int],
@@ -694,171 +576,21 @@ def solve_deepen(
         raise ValueError(
             f"C_out={co} and width={width} must both be positive multiples of groups={groups}"
         )
-    co_g, cm_g = co // groups, width // groups
-    lo, _ = _lo_hi(k2)
     # With a 1x1 layer 2 the target is g itself: skip np.pad's copy (target is never written).
     target = _split_groups(g if math.prod(k2) == 1 else target_kernel(g, k2), groups)
     gg = _split_groups(g, groups)
 
     if method == "identity":
-        if cm_g < co_g:
-            raise ValueError(
-                f"identity deepening needs width >= C_out ({co}) per group, got {width}"
-            )
-        f1 = np.zeros((groups, cm_g, ci_g, *k))
-        f1[:, :co_g] = gg
-        f2 = np.zeros((groups, co_g, cm_g, *k2))
-        f2[(slice(None), np.arange(co_g), np.arange(co_g), *lo)] = 1.0
-        residual = _rel_error(target, _compose_grouped(f2, f1))
-        return DepthSolution(
-            f1.reshape(width, ci_g, *k), f2.reshape(co, cm_g, *k2), residual, "identity", 1
-        )
+        return _identity_solution(g, gg, target, k2, width, groups)
     if method != "netmorph":
         raise ValueError(f"unknown method {method!r}; expected 'netmorph' or 'identity'")
-
-    plans, min_width = _choose_plans(k, k2, groups, co_g, ci_g, cm_g)
-    found = None
-    # One exact solve per plan, in order; alternation only if none of them is exact.
-    for plan in plans:
-        f1s, f2s, residual, iterations = _netmorph_factors(gg, target, plan, rng, cm_g, 1, tol)
-        if residual < tol:
-            found = plan, f1s, f2s, residual, iterations
-            break
-    if found is None and plans and max_iter > 1:
-        plan = plans[0]
-        f1s, f2s, residual, iterations = _netmorph_factors(
-            gg, target, plan, rng, cm_g, max_iter, tol
-        )
-        if residual < tol:
-            found = plan, f1s, f2s, residual, iterations
-    if found is not None:
-        plan, f1s, f2s, residual, iterations = found
-        f1 = _pad_support(f1s, plan.a1, k)
-        f2 = _pad_support(f2s, plan.a2, k2)
-        if plan.name == "alg1":
-            algorithm = "alg1-exact" if iterations == 1 else "alg1-als"
-        else:
-            algorithm = plan.name
-    else:
-        lowrank = _lowrank_factors(gg, rng, cm_g)
-        if lowrank is None:
-            raise ValueError(
-                f"width {width} is too narrow for an exact depth morph of a {g.shape} "
-                f"filter (groups={groups}, k2={k2}): need width >= {min_width * groups}"
-            )
-        f1, f2m = lowrank
-        f2 = np.zeros((groups, co_g, cm_g, *k2))
-        f2[(..., *lo)] = f2m
-        residual = _rel_error(target, _compose_grouped(f2, f1))
-        algorithm, iterations = "alg2-lowrank", 1
-
+    f1, f2, residual, algorithm, iterations = _netmorph_solution(g, gg, target, k2, width, groups, rng,
+                                                                 max_iter, tol)
     r1, r2 = _rms(f1), _rms(f2)
     if r1 > 0.0 and r2 > 0.0:
         s = math.sqrt(r1 / r2)
         f1 /= s
         f2 *= s
     return DepthSolution(
-        f1.reshape(width, ci_g, *k), f2.reshape(co, cm_g, *k2), residual, algorithm, iterations
+        f1.reshape(width, ci_g, *k), f2.reshape(co, width // groups, *k2), residual, algorithm, iterations
     )
-
-
-# ------------------------------------------------------------ parallel / residual
-
-
-def split_parallel(
-    g: np.ndarray, kernels: Sequence[Sequence[int]], rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Branch filters (one per entry of ``kernels``) whose centred sum is exactly ``g``.
-
-    A branch of kernel ``k`` sits inside ``g``'s kernel ``K`` at offset ``off = (K - k) // 2``
-    per axis, so its conv takes the parent's pads reduced to ``P_begin - off`` and
-    ``P_end - (K - k - off)`` (times the dilation). All
-    branches but one are random with ``g``'s per-element RMS; the remainder is the last
-    branch having the largest kernel. If that kernel is smaller than ``K``, ``g`` must
-    vanish outside it. Channels and groups are those of ``g``.
-    """
-    g = np.asarray(g, dtype=np.float64)
-    k = tuple(g.shape[2:])
-    if not kernels:
-        raise ValueError("split_parallel needs at least one branch kernel")
-    ks = [_as_kernel(kk, len(k), f"branch kernel {n}") for n, kk in enumerate(kernels)]
-    for n, kk in enumerate(ks):
-        if any(a > b for a, b in zip(kk, k)):
-            raise ValueError(f"branch kernel {n} {kk} is larger than the parent kernel {k}")
-    biggest = tuple(max(kk[d] for kk in ks) for d in range(len(k)))
-    holders = [n for n, kk in enumerate(ks) if kk == biggest]
-    if not holders:
-        raise ValueError(
-            f"no branch kernel contains all others {ks}: the remainder branch must have "
-            f"the largest kernel on every axis"
-        )
-    rem = holders[-1]
-    offsets = [tuple((a - b) // 2 for a, b in zip(k, kk)) for kk in ks]
-    scale = _rms(g)
-    if scale == 0.0:
-        scale = 1.0 / math.sqrt(max(1, math.prod(g.shape[1:])))
-    branches: list[np.ndarray | None] = [None] * len(ks)
-    remainder = g.copy()
-    for n, kk in enumerate(ks):
-        if n == rem:
-            continue
-        b = rng.standard_normal((*g.shape[:2], *kk)) * scale
-        branches[n] = b
-        remainder -= _pad_support(b, offsets[n], k)
-    window = (slice(None), slice(None), *(slice(o, o + s) for o, s in zip(offsets[rem], ks[rem])))
-    inside = remainder[window].copy()
-    remainder[window] = 0.0
-    if remainder.any():
-        raise ValueError(
-            f"the largest branch kernel {ks[rem]} is smaller than the parent kernel {k} "
-            f"and the parent filter is non-zero outside it: give one branch kernel {k}"
-        )
-    branches[rem] = inside
-    return [b for b in branches if b is not None]
-
-
-def split_residual(
-    g: np.ndarray,
-    k_branch: Sequence[int],
-    width: int,
-    rng: np.random.Generator,
-    *,
-    groups: int = 1,
-    branch_fraction: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Residual module (Modularized Morphing): ``target_kernel(g, k_branch) == M + F2 (*) F1``.
-
-    Returns ``(main, branch_f1, branch_f2)``. The branch is layer 1 with ``g``'s kernel K
-    and ``width`` outputs, then layer 2 with kernel ``k_branch``; both dense random
-    (orthogonal, balanced RMS) and scaled so that the branch carries ``branch_fraction``
-    of ``g``'s norm. ``main`` is the dense remainder with kernel ``K + k_branch - 1`` and
-    ``g``'s channels; its conv takes the same pads as the branch's layer 1
-    (``P + lo`` / ``P + hi``). A P-activation with slope 1 may sit inside the branch.
-    """
-    g = np.asarray(g, dtype=np.float64)
-    co, ci_g = g.shape[:2]
-    k = tuple(g.shape[2:])
-    k_branch = _as_kernel(k_branch, len(k), "k_branch")
-    if groups < 1 or co % groups or width % groups or width < 1:
-        raise ValueError(
-            f"C_out={co} and width={width} must both be positive multiples of groups={groups}"
-        )
-    if not 0.0 < branch_fraction:
-        raise ValueError(f"branch_fraction must be positive, got {branch_fraction}")
-    cm_g = width // groups
-    f1 = _orthogonal_stack(groups, cm_g, ci_g * math.prod(k), rng)
-    f1 = f1.reshape(width, ci_g, *k)
-    f2 = _orthogonal_stack(groups, co // groups, cm_g * math.prod(k_branch), rng)
-    f2 = f2.reshape(co, cm_g, *k_branch)
-    target = target_kernel(g, k_branch)
-    path = compose(f2, f1, groups)
-    gnorm = float(np.linalg.norm(g))
-    if gnorm > 0.0:
-        # Scale the branch so its composite has the requested share of g's norm, then
-        # split that scale between the two layers so their per-element RMS match.
-        gain = branch_fraction * gnorm / float(np.linalg.norm(path))
-        s = math.sqrt(gain * _rms(f2) / _rms(f1))
-        f1 = f1 * s
-        f2 = f2 * (gain / s)
-        path = compose(f2, f1, groups)
-    return target - path, f1, f2

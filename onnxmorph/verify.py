@@ -1,36 +1,36 @@
 """Verification: onnxruntime runs parent and child on the same inputs and compares every output.
 
-Comparison follows Polygraphy's rule: an element fails only when its absolute error exceeds
-`atol` *and* its relative error exceeds `rtol`. Default tolerances depend on the output type:
-
-* float32: atol 1e-5, rtol 1e-4. A morph changes the order of float32 sums; each dot product
-  of fan-in n then differs by about sqrt(n) * 2**-24 relative to its terms (~1e-6 for n in the
-  thousands), and a few such layers stay below 1e-4 relative. A change of one weight tensor by
-  0.1% moves outputs by ~1e-3 relative, ten times the tolerance.
-* float16 / bfloat16: 1e-2 both (11 and 8 bits of mantissa).
-* float64: 1e-9 absolute, 1e-8 relative.
-* integer and bool outputs: exact.
+The report and the comparison rule (Polygraphy's, with the default tolerances) are in
+`onnxmorph.report`; the inputs are drawn as `onnxmorph.verify`'s input functions say.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import mmap
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import onnx
 
-from onnxmorph import feeds
+from onnxmorph import feeds, limits, saving
 from onnxmorph import io as mio
-from onnxmorph.errors import InvalidModelError, UsageError
+from onnxmorph.errors import InvalidModelError, UsageError, one_line
+from onnxmorph.report import (  # noqa: F401  (re-exported)
+    OutputCheck,
+    Report,
+    blind_spots,
+    compare,
+    default_tolerances,
+    output_scale,
+)
 
 log = logging.getLogger("onnxmorph")
 
@@ -39,139 +39,6 @@ ModelLike = Union[onnx.ModelProto, str, os.PathLike, "ModelFile"]
 DEFAULT_TRIALS = 3
 DEFAULT_BATCH = feeds.DEFAULT_BATCH
 INPUT_RANGE = feeds.INPUT_RANGE
-
-_TOLERANCES = {
-    np.dtype(np.float32): (1e-5, 1e-4),
-    np.dtype(np.float16): (1e-2, 1e-2),
-    np.dtype(np.float64): (1e-9, 1e-8),
-}
-
-
-def default_tolerances(dtype: np.dtype) -> tuple[float, float]:
-    """(atol, rtol) used for an output of `dtype` when the caller gives none."""
-    dtype = np.dtype(dtype)
-    if dtype in _TOLERANCES:
-        return _TOLERANCES[dtype]
-    if dtype.kind == "f" or dtype.name == "bfloat16":
-        return (1e-2, 1e-2)
-    return (0.0, 0.0)
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class OutputCheck:
-    """Comparison figures of one output over all trials."""
-
-    name: str
-    shape: list[int]
-    dtype: str
-    atol: float
-    rtol: float
-    max_abs_error: float = 0.0
-    max_rel_error: float = 0.0
-    needed_atol: float = 0.0
-    needed_rtol: float = 0.0
-    mismatched: int = 0
-    elements: int = 0
-    problem: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.problem is None and self.mismatched == 0
-
-
-@dataclass
-class Report:
-    """The result of a verification: truthy when the child computes the parent's function."""
-
-    outputs: list[OutputCheck] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    trials: int = 0
-    seed: int = 0
-    inputs: dict[str, list[int]] = field(default_factory=dict)
-    input_source: str = "random"
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and bool(self.outputs) and all(o.passed for o in self.outputs)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def max_abs_error(self) -> float:
-        return max((o.max_abs_error for o in self.outputs), default=0.0)
-
-    @property
-    def max_rel_error(self) -> float:
-        return max((o.max_rel_error for o in self.outputs), default=0.0)
-
-    def summary(self) -> str:
-        """One line: PASS/FAIL with the worst errors or the first problem."""
-        if self.passed:
-            return (
-                f"PASS: {len(self.outputs)} output(s) equal over {self.trials} trial(s) "
-                f"(max abs error {_fmt(self.max_abs_error)}, max rel error {_fmt(self.max_rel_error)})"
-            )
-        if self.problems:
-            return f"FAIL: {self.problems[0]}"
-        bad = next(o for o in self.outputs if not o.passed)
-        if bad.problem:
-            return f"FAIL: output '{bad.name}': {bad.problem}"
-        return (
-            f"FAIL: output '{bad.name}': {bad.mismatched} of {bad.elements} elements differ "
-            f"(max abs error {_fmt(bad.max_abs_error)} > atol {_fmt(bad.atol)}, "
-            f"max rel error {_fmt(bad.max_rel_error)} > rtol {_fmt(bad.rtol)})"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["passed"] = self.passed
-        for out, raw in zip(self.outputs, data["outputs"]):
-            raw["passed"] = out.passed
-            for key in ("max_abs_error", "max_rel_error", "needed_atol", "needed_rtol"):
-                raw[key] = _json_float(raw[key])
-        return data
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    def __str__(self) -> str:
-        header = ["output", "shape", "max abs err", "max rel err", "needed atol", "needed rtol",
-                  "atol", "rtol", "result"]
-        rows = [header]
-        for o in self.outputs:
-            rows.append([
-                o.name, "x".join(map(str, o.shape)) or "scalar", _fmt(o.max_abs_error),
-                _fmt(o.max_rel_error), _fmt(o.needed_atol), _fmt(o.needed_rtol), _fmt(o.atol),
-                _fmt(o.rtol), "PASS" if o.passed else "FAIL",
-            ])
-        widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
-        lines = [
-            f"verification: {'PASS' if self.passed else 'FAIL'} ({self.trials} trial(s), "
-            f"seed {self.seed}, inputs: {self.input_source}; an element fails when it exceeds "
-            "both atol and rtol)"
-        ]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        for o in self.outputs:
-            if o.problem:
-                lines.append(f"  output '{o.name}': {o.problem}")
-        lines += [f"  problem: {p}" for p in self.problems]
-        return "\n".join(lines)
-
-
-def _fmt(x: float) -> str:
-    if x == 0:
-        return "0"
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    return f"{x:.2e}"
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -192,22 +59,11 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception as exc:
-        raise UsageError(f"input type {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from exc
+    return feeds.np_dtype(elem_type)
 
 
 def _declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
-    dims: list[int | str | None] = []
-    for d in info.type.tensor_type.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return dims
+    return feeds.declared_dims(info)
 
 
 def resolve_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
@@ -233,14 +89,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"--inputs {path}: no such file")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except Exception as exc:
-            raise UsageError(f"--inputs {path}: not a readable .npz file ({mio._one_line(exc)})") from exc
+        arrays = _read_npz(Path(source), [i.name for i in mio.true_inputs(model)])
     inputs = mio.true_inputs(model)
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
@@ -272,6 +121,50 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
     return feed
 
 
+def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} from the .npy headers inside an .npz, nothing decompressed but them."""
+    members = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"member '{limits.quote(info.filename, 80)}' is not an .npy array")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise ValueError(f"array '{limits.quote(info.filename[:-4], 80)}' holds Python objects")
+            members[info.filename[:-4]] = (tuple(shape), dtype)
+    return members
+
+
+def _read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, after checking their names and declared sizes (an .npz can be a bomb)."""
+    label = f"--inputs {limits.quote(path)}"
+    if not path.is_file():
+        raise UsageError(f"{label}: no such file")
+    try:
+        members = _npz_members(path)
+    except Exception as exc:
+        raise UsageError(f"{label}: not a readable .npz file ({one_line(exc)})") from exc
+    missing = [n for n in names if n not in members]
+    if missing:
+        have = ", ".join(limits.quote(k, 60) for k in sorted(members)[:10]) or "nothing"
+        raise UsageError(f"{label}: no array for input '{missing[0]}' (it has: {have})")
+    extra = sorted(set(members) - set(names))
+    if extra:
+        raise UsageError(f"{label}: array '{limits.quote(extra[0], 60)}' matches no input (inputs: {', '.join(names)})")
+    declared = sum(math.prod(shape) * dtype.itemsize for shape, dtype in members.values())
+    limits.INPUT_BYTES.check(declared, label)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise UsageError(f"{label}: not a readable .npz file ({one_line(exc)})") from exc
+
+
 # --------------------------------------------------------------------------- model files
 
 
@@ -279,7 +172,7 @@ def load_inputs(model: onnx.ModelProto, source: str | os.PathLike | Mapping[str,
 class ModelFile:
     """A model file checked from its header; onnxruntime loads it by path, Python never holds its weights.
 
-    `header` is the model with every main-graph weight of at least `io._SKIPPED_BYTES` bytes left
+    `header` is the model with every main-graph weight of at least `framing.SKIPPED_BYTES` bytes left
     without data (its dims kept): enough for the interface, the inputs and the safety checks.
     """
 
@@ -317,7 +210,7 @@ def read_model_file(path: str | os.PathLike, *, check: bool = True) -> ModelFile
     except OSError as exc:
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
-        raise InvalidModelError(f"{path}: not an ONNX model ({mio._one_line(exc)})") from exc
+        raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
     mio.check_header(header, skipped, path)
     model_file = ModelFile(path=path, header=header, skipped=skipped)
     if check:
@@ -331,7 +224,7 @@ def _checkable(header: onnx.ModelProto, skipped: Mapping[int, int]) -> onnx.Mode
     out = onnx.ModelProto()
     out.CopyFrom(header)
     stubs = [t for k, t in enumerate(out.graph.initializer) if k in skipped]
-    stubs += [t for t in mio._all_tensors(out) if t.data_location == onnx.TensorProto.EXTERNAL]
+    stubs += [t for t in mio.all_tensors(out) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in stubs:
         del tensor.dims[:]
         tensor.dims.append(0)
@@ -360,26 +253,26 @@ class _Session:
                 # By path: onnxruntime parses the file once and resolves external data beside it.
                 source = str(model.path)
             elif isinstance(model, onnx.ModelProto):
-                if mio.approx_size(model) < mio.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
                     source = model.SerializeToString()
                 else:
                     self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
                     target = Path(self._tmp.name) / f"{role}.onnx"
-                    mio._write_with_external_data(model, target)
+                    mio.write_with_external_data(model, target)
                     source = str(target)
             else:
                 source = str(model)
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             self.close()
-            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {mio._one_line(exc)}") from exc
+            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {one_line(exc)}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: Mapping[str, np.ndarray], role: str) -> list[np.ndarray]:
         try:
             return self.session.run(None, dict(feed))
         except Exception as exc:
-            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {mio._one_line(exc)}") from exc
+            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {one_line(exc)}") from exc
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -392,44 +285,6 @@ class _RuntimeProblem(Exception):
 
 
 # --------------------------------------------------------------------------- comparison
-
-
-def _compare(check: OutputCheck, expected: np.ndarray, actual: np.ndarray) -> None:
-    if expected.shape != actual.shape:
-        check.problem = f"shape {list(actual.shape)} differs from the parent's {list(expected.shape)}"
-        return
-    if expected.dtype != actual.dtype:
-        check.problem = f"type {actual.dtype} differs from the parent's {expected.dtype}"
-        return
-    check.elements += expected.size
-    if expected.size == 0:
-        return
-    if expected.dtype.kind in "fc":
-        e = expected.astype(np.float64)
-        a = actual.astype(np.float64)
-        both_nan = np.isnan(e) & np.isnan(a)
-        same_inf = np.isinf(e) & (e == a)
-        diff = np.abs(a - e)
-        diff[both_nan | same_inf] = 0.0
-        diff[np.isnan(diff)] = np.inf
-        magnitude = np.abs(e)
-        magnitude[np.isnan(magnitude)] = 0.0
-    else:
-        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-        magnitude = np.abs(expected.astype(np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / magnitude)
-    # An infinite difference (NaN or infinity on one side only) fails whatever the tolerance.
-    rel[np.isinf(diff) | np.isnan(rel)] = np.inf
-    over_abs = diff > check.atol
-    over_rel = rel > check.rtol
-    check.mismatched += int(np.count_nonzero(over_abs & over_rel))
-    check.max_abs_error = max(check.max_abs_error, float(diff.max()))
-    check.max_rel_error = max(check.max_rel_error, float(rel.max()))
-    if over_rel.any():
-        check.needed_atol = max(check.needed_atol, float(diff[over_rel].max()))
-    if over_abs.any():
-        check.needed_rtol = max(check.needed_rtol, float(rel[over_abs].max()))
 
 
 def _io_signature(info: onnx.ValueInfoProto) -> tuple[str, int, tuple | None]:
@@ -519,6 +374,8 @@ class Verifier:
         except _RuntimeProblem as exc:
             raise InvalidModelError(str(exc)) from exc
         self.output_names = [o.name for o in self.parent_header.graph.output]
+        self.blind_spots = blind_spots(self.feeds, self.expected, self.output_names)
+        self.scales = [output_scale(trial[k] for trial in self.expected) for k in range(len(self.output_names))]
 
     def check(self, child: ModelLike) -> Report:
         """Compare `child` with the parent on every trial's inputs."""
@@ -534,18 +391,20 @@ class Verifier:
         source: ModelLike | bytes = child
         try:
             if isinstance(child, onnx.ModelProto):
-                if mio.approx_size(child) < mio.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD:
                     source = child.SerializeToString()
                 mio.check(source if isinstance(source, bytes) else child, name="child")
             elif not child.checked:
                 child.check()
         except InvalidModelError as exc:
             report.problems.append(str(exc))
-        for name, expected in zip(self.output_names, self.expected[0]):
+        report.problems.extend(self.blind_spots)
+        for name, expected, scale in zip(self.output_names, self.expected[0], self.scales):
             atol, rtol = default_tolerances(expected.dtype)
             report.outputs.append(OutputCheck(
                 name=name, shape=list(expected.shape), dtype=str(expected.dtype),
-                atol=atol if self.atol is None else self.atol,
+                # The default atol is for outputs of magnitude ~1; rounding grows with the magnitude.
+                atol=atol * max(1.0, scale) if self.atol is None else self.atol,
                 rtol=rtol if self.rtol is None else self.rtol,
             ))
         log.info("running the child (%d trial(s))", len(self.feeds))
@@ -561,7 +420,7 @@ class Verifier:
                     if check.name not in outputs:
                         check.problem = "missing from the child"
                         continue
-                    _compare(check, exp, outputs[check.name])
+                    compare(check, exp, outputs[check.name])
         except _RuntimeProblem as exc:
             report.problems.append(str(exc))
         finally:
@@ -569,23 +428,13 @@ class Verifier:
         return report
 
 
-def verify(
-    parent: ModelLike,
-    child: ModelLike,
-    *,
-    atol: float | None = None,
-    rtol: float | None = None,
-    trials: int = DEFAULT_TRIALS,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-) -> Report:
+def verify(parent: ModelLike, child: ModelLike, **options: Any) -> Report:
     """Run `parent` and `child` in onnxruntime on the same inputs and compare their outputs.
 
-    Models are ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for
-    safety from its header, its weights never read into Python, and handed to onnxruntime as it
-    is. Returns a Report, truthy when every output of the child equals the parent's within
+    `options` are those of `Verifier` (atol, rtol, trials, seed, shapes, inputs). Models are
+    ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for safety
+    from its header, its weights never read into Python, and handed to onnxruntime as it is.
+    Returns a Report, truthy when every output of the child equals the parent's within
     tolerance and the child keeps the parent's interface.
     """
-    verifier = Verifier(parent, atol=atol, rtol=rtol, trials=trials, seed=seed, shapes=shapes, inputs=inputs)
-    return verifier.check(child)
+    return Verifier(parent, **options).check(child)

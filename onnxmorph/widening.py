@@ -52,27 +52,32 @@ def insert_channels(array: np.ndarray, axis: int, offset: int, block: int, inser
 def source_entries(array: np.ndarray, axis: int, offset: int, block: int, sources: Sequence[int],
                    old: int | None = None) -> np.ndarray:
     """The entries along `axis` of new channels that copy `sources`; a source of -1 is the mean of the `old`
-    channels (average expansion: a new channel that carries the mean of a stream)."""
+    channels, -2 is zero (average expansion: a new channel that carries a stream's mean, or nothing)."""
     ax = axis % array.ndim
     sources = np.asarray(sources, dtype=np.int64)
     picked = _take(array, ax, channel_index(offset, block, np.maximum(sources, 0)))
-    if not (sources < 0).any():
+    if (sources == -2).any():
+        picked = np.moveaxis(picked, ax, 0).copy()
+        picked[np.repeat(sources == -2, block)] = 0
+        picked = np.moveaxis(picked, 0, ax)
+    if not (sources == -1).any():
         return picked
     if old is None:
         raise ValueError("a mean channel needs the number of old channels")
     entries = np.moveaxis(_take(array, ax, np.arange(offset, offset + old * block)), ax, 0).astype(np.float64)
     mean = entries.reshape(old, block, *entries.shape[1:]).mean(axis=0)
     moved = np.moveaxis(picked, ax, 0).copy()
-    for i in np.nonzero(sources < 0)[0]:
+    for i in np.nonzero(sources == -1)[0]:
         moved[i * block:(i + 1) * block] = mean
     return np.moveaxis(moved, 0, ax)
 
 
-def average_sources(old: int, added: int, rng: np.random.Generator) -> np.ndarray:
-    """Average expansion to `old + added` channels: whole copies of every channel, then mean channels (-1)."""
+def average_sources(old: int, added: int, rng: np.random.Generator, extra: int = -1) -> np.ndarray:
+    """Average expansion to `old + added` channels: whole copies of every channel, then `extra` channels (-1: the
+    mean, -2: zero)."""
     copies = added // old
     whole = [rng.permutation(old) for _ in range(copies)]
-    return np.concatenate(whole + [np.full(added - copies * old, -1)]).astype(np.int64)
+    return np.concatenate(whole + [np.full(added - copies * old, extra)]).astype(np.int64)
 
 
 def new_count(inserts: Insertions) -> int:

@@ -14,6 +14,7 @@ from onnxmorph import blocks as mblocks
 from onnxmorph import build
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
+from onnxmorph.graph import LayerInfo
 from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, register
 
 log = logging.getLogger("onnxmorph")
@@ -40,9 +41,12 @@ class Writer:
     biases: tuple[tuple[str, int], ...]
 
 
-def find_block(graph: gs.Graph, model: onnx.ModelProto, ref: str) -> mblocks.Block:
-    """The block named by `ref`: its index, its output tensor, its last residual Add or its module path."""
-    found = mblocks.blocks(graph, mblocks.node_modules(model))
+def find_block(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None) -> mblocks.Block:
+    """The block named by `ref`: its index, its output tensor, its last residual Add or its module path.
+
+    In `graph` (a graph being edited) when given, else in the model's analysis view.
+    """
+    found = mblocks.model_blocks(model) if graph is None else mblocks.blocks(graph, mblocks.node_modules(model))
     if not found:
         raise NotApplicable("no transformer blocks found: no chain of residual Adds (x + f(x), f holding a "
                             "MatMul/Gemm/Conv layer) on a stream")
@@ -77,11 +81,11 @@ def _writer(block: mblocks.Block, sub: mblocks.Sublayer) -> Writer:
             )
 
 
-def plan(graph: gs.Graph, model: onnx.ModelProto, ref: str) -> tuple[mblocks.Block, list[Writer]]:
+def plan(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None) -> tuple[mblocks.Block, list[Writer]]:
     """The block after which to insert and the writers of its copy; NotApplicable with the reason otherwise."""
-    block = find_block(graph, model, ref)
+    block = find_block(model, ref, graph)
     name = f"block {block.index}" + (f" ({block.module})" if block.module else "")
-    if block.kind != "pre-norm":
+    if block.kind == "post-norm":
         raise NotApplicable(
             f"{name} is post-norm (a {' and a '.join(sorted(set(block.norms)))} after its residual Adds): a copy "
             "whose writers are zero computes norm(x), not x, so no new block after it starts as the identity"
@@ -191,16 +195,25 @@ class BlockPass(MorphPass):
         SEED,
     )
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        plan(mgraph.read_view(model), model, str(self.after))
+    @classmethod
+    def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
+        """The block that holds `layer`, for `inspect` (None outside blocks)."""
+        for block in mblocks.model_blocks(model):
+            if any(n.name == layer.name for n in block.nodes):
+                return cls(after=block.index)
+        return None
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        block, writers = plan(mgraph.read_view(model), model, str(self.after))
-        return {"block": block.index, "writers": [w.node for w in writers]}
+    def requires(self, model: mgraph.ModelOrAnalysis) -> tuple[mblocks.Block, list[Writer]]:
+        return plan(mgraph.analysis(model), str(self.after))
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def describe(self, plan: tuple[mblocks.Block, list[Writer]]) -> dict[str, Any]:
+        return {"after": plan[0].index}
+
+    def call(self, model: mgraph.ModelOrAnalysis, planned: tuple[mblocks.Block, list[Writer]]) -> PassResult:
+        model = mgraph.model_of(model)
         graph = mgraph.import_graph(model)
-        block, writers = plan(graph, model, str(self.after))
+        # the plan was made on the read view; the same block is found again in the editable graph
+        block, writers = plan(model, str(planned[0].index), graph)
         namer = mgraph.Namer(graph)
         scope = build.fresh_scope(namer, f"{block.module or 'block_' + str(block.index)}/morph_block")
         readers = list(block.output.outputs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -16,7 +16,17 @@ from onnxmorph import build, solvers
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, layer_name, positive_int, register
+from onnxmorph.passinfra import (
+    SEED,
+    MorphPass,
+    Param,
+    PassResult,
+    dims,
+    layer_name,
+    new_layer_bytes,
+    positive_int,
+    register,
+)
 
 log = logging.getLogger("onnxmorph")
 
@@ -43,6 +53,7 @@ class DeepenPlan:
     groups: int
     dtype: np.dtype
     opset: int
+    solution: solvers.DepthSolution | None = None  # solved by requires() when only solving tells
     geometry: ConvGeometry | None = None
     trans_a: bool = False
     trans_b: bool = True
@@ -118,11 +129,6 @@ class DeepenPass(MorphPass):
         SEED,
     )
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # requires() may have solved already (narrow widths); call() on the same model reuses it.
-        self._solved: tuple[tuple, solvers.DepthSolution] | None = None
-
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
         if layer.op not in DEEPEN_OPS and layer.op != "ConvTranspose":
@@ -131,7 +137,7 @@ class DeepenPass(MorphPass):
 
     # ------------------------------------------------------------------ checks
 
-    def _plan(self, model: onnx.ModelProto) -> DeepenPlan:
+    def _plan(self, model: mgraph.Analysis) -> DeepenPlan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer, DEEPEN_OPS)
         label = f"layer '{self.layer}'"
@@ -172,7 +178,7 @@ class DeepenPass(MorphPass):
                                 f"the layer has {nd} spatial axes")
         return k2
 
-    def _conv_plan(self, model: onnx.ModelProto, node: gs.Node, w: np.ndarray, label: str,
+    def _conv_plan(self, model: mgraph.Analysis, node: gs.Node, w: np.ndarray, label: str,
                    version: int) -> DeepenPlan:
         nd = w.ndim - 2
         if nd < 1:
@@ -222,31 +228,26 @@ class DeepenPass(MorphPass):
             groups=1, dtype=w.dtype, opset=version,
         )
 
-    def _solve(self, model: onnx.ModelProto, plan: DeepenPlan) -> solvers.DepthSolution:
-        # requires() and call() both solve: the solution depends only on the weight and the
-        # settings, so those are the cache key (ModelProto.ByteSize() serialised the whole model)
-        weight = np.ascontiguousarray(plan.weight)
-        key = (plan.op, weight.shape, weight.dtype.str, hashlib.sha256(weight).hexdigest(), plan.alpha,
-               plan.trans_b, plan.k2, plan.width, plan.groups, self.method, self.seed)
-        if self._solved is not None and self._solved[0] == key:
-            return self._solved[1]
+    def _solve(self, plan: DeepenPlan) -> solvers.DepthSolution:
         try:
-            solution = solvers.solve_deepen(plan.g, plan.k2, plan.width, np.random.default_rng(self.seed),
-                                            groups=plan.groups, method=self.method)
+            return solvers.solve_deepen(plan.g, plan.k2, plan.width, np.random.default_rng(self.seed),
+                                        groups=plan.groups, method=self.method)
         except ValueError as exc:
             raise NotApplicable(f"layer '{self.layer}': {str(exc).splitlines()[0]}") from exc
-        self._solved = (key, solution)
-        return solution
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        plan = self._plan(model)
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        return new_layer_bytes(model, self.layer, self.width, self.kernel), 1
+
+    def requires(self, model: mgraph.ModelOrAnalysis) -> DeepenPlan:
+        plan = self._plan(mgraph.analysis(model))
         # With width >= C_out per group an exact solution always exists (the 1x1 limit of Algorithm 2,
-        # or the identity); narrower widths may have none, and only solving tells.
+        # or the identity); narrower widths may have none, and only solving tells: then the plan
+        # carries the solution, and call() does not solve again.
         if plan.width // plan.groups < plan.out_channels // plan.groups:
-            self._solve(model, plan)
+            plan = dataclasses.replace(plan, solution=self._solve(plan))
+        return plan
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: DeepenPlan) -> dict[str, Any]:
         facts: dict[str, Any] = {"method": self.method, "width": plan.width}
         if plan.op == "Conv":
             facts["kernel"] = f"{_shown(plan.kernel)} then {_shown(plan.k2)}"
@@ -258,9 +259,9 @@ class DeepenPass(MorphPass):
 
     # ------------------------------------------------------------------ rewrite
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
-        solution = self._solve(model, plan)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: DeepenPlan) -> PassResult:
+        model = mgraph.model_of(model)
+        solution = plan.solution or self._solve(plan)
         log.info("deepen '%s': %s, residual %.1e", self.layer, solution.algorithm, solution.residual)
         graph = mgraph.import_graph(model)
         node = mgraph.find_layer(graph, self.layer, DEEPEN_OPS)

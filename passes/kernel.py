@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import onnx
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, register
+from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight, register
 
 log = logging.getLogger("onnxmorph")
 
@@ -72,13 +73,21 @@ class KernelPass(MorphPass):
               metavar="K"),
     )
 
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        found = layer_weight(model, self.layer)
+        if found is None or len(found[0]) < 3:
+            return 0, 0
+        (co, ci, *kernel), itemsize = found
+        size = list(self.size) * len(kernel) if len(self.size) == 1 else list(self.size)
+        return co * ci * math.prod(size) * itemsize, 0
+
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
         if layer.op != "Conv" or len(layer.weight_shape) < 3:
             return None
         return cls(layer=layer.name, size=[k + 2 for k in layer.weight_shape[2:]])
 
-    def _plan(self, model: onnx.ModelProto) -> tuple[ConvGeometry, tuple[int, ...], bool]:
+    def _plan(self, model: mgraph.Analysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer, ("Conv",))
         mgraph.exclusive_constant(node, 1)
@@ -119,15 +128,16 @@ class KernelPass(MorphPass):
                 )
         return geometry, size, shrinking
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        geometry, size, _ = self._plan(model)
+    def describe(self, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> dict[str, Any]:
+        geometry, size, _ = plan
         return {"kernel": "x".join(map(str, geometry.kernel)) + " (grows to any larger size)"}
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        geometry, size, shrinking = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> PassResult:
+        model = mgraph.model_of(model)
+        geometry, size, shrinking = plan
         graph = mgraph.import_graph(model)
         node = mgraph.find_layer(graph, self.layer, ("Conv",))
         w = mgraph.values(node.inputs[1])

@@ -116,7 +116,7 @@ class SkipPass(MorphPass):
               default="add", choices=MODES),
     )
 
-    def _plan(self, model: onnx.ModelProto) -> SkipPlan:
+    def _plan(self, model: mgraph.Analysis) -> SkipPlan:
         view = mgraph.read_view(model)
         a = _tensor(view, self.source, "--from")
         b = _tensor(view, self.target, "--to")
@@ -162,7 +162,7 @@ class SkipPass(MorphPass):
         known = [np.dtype(t.dtype) for t in (a, b) if t.dtype is not None]
         if not known:
             known = [np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-                     for i in model.graph.input if i.type.tensor_type.elem_type]
+                     for i in mgraph.model_of(model).graph.input if i.type.tensor_type.elem_type]
         if not known or known[0].kind != "f" or any(k != known[0] for k in known):
             raise NotApplicable(f"{where}: needs float tensors of one type, found {[str(k) for k in known]}")
         return known[0]
@@ -213,15 +213,14 @@ class SkipPass(MorphPass):
                 raise NotApplicable(f"{where}: consumer '{node.name}' has a shared or computed weight")
         return coupling
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> SkipPlan:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: SkipPlan) -> dict[str, Any]:
         return {"mode": self.mode, "strides": "x".join(map(str, plan.strides)) or "none"}
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: SkipPlan) -> PassResult:
+        model = mgraph.model_of(model)
         graph = mgraph.import_graph(model)
         tensors = graph.tensors()
         a, b = tensors[plan.source], tensors[plan.target]
@@ -275,16 +274,8 @@ class SkipPass(MorphPass):
         for change in c.groups:
             node = nodes[change.node]
             node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-        by_consumer: dict[str, list[channels.Consumer]] = {}
-        for consumer in c.consumers:
-            by_consumer.setdefault(consumer.node, []).append(consumer)
-        for name, items in by_consumer.items():
-            node = nodes[name]
-            w = mgraph.values(node.inputs[1])
-            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
-                w = wsolve.solve_widen_outgoing(w, consumer.weight_axis, c.spaces[consumer.slot.space].inserts, rng,
-                                                method="netmorph", offset=consumer.offset, block=consumer.block)
-            mgraph.set_input_constant(node, 1, w)
+        channels.grow_consumers(nodes, c, lambda node, w, q: wsolve.solve_widen_outgoing(
+            w, q.weight_axis, c.spaces[q.slot.space].inserts, rng, method="netmorph", offset=q.offset, block=q.block))
         channels.apply_shape_fixes(graph, c)
 
     def _redirect(self, graph: gs.Graph, namer: mgraph.Namer, scope: str,

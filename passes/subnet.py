@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnxmorph.passes.deepen import DeepenPass
 
-from onnxmorph import build, solvers
+from onnxmorph import build, passinfra, splitting
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import ConvGeometry, LayerInfo
@@ -23,79 +23,11 @@ log = logging.getLogger("onnxmorph")
 
 KINDS = ("sequential", "parallel", "residual")
 SUBNET_OPS = ("Conv", "Gemm", "MatMul")
-# Share of the parent filter's norm that the residual branch carries at morph time.
-BRANCH_FRACTION = 0.5
-# Relative error of a solved split above which the morph is refused instead of written.
-MAX_SPLIT_ERROR = 1e-6
-
-
-# --------------------------------------------------------------------------- numpy
-
-
-def centred_offsets(kernel: Sequence[int], inner: Sequence[int]) -> tuple[int, ...]:
-    """Where a smaller kernel `inner` sits inside `kernel`: `(K - k) // 2` per axis (split_parallel's rule)."""
-    return tuple((a - b) // 2 for a, b in zip(kernel, inner))
-
-
-def chain_filters(g: np.ndarray, depth: int, k2: Sequence[int], width: int, rng: np.random.Generator,
-                  groups: int = 1) -> list[np.ndarray]:
-    """`depth` filters (first one with g's kernel, the others `k2`) whose chained composition is `g`.
-
-    Repeated NetMorph depth splits: g = F2 (*) F1, then F2 = F3 (*) F2', ... The first filter
-    has `width` outputs, the middle ones `width` in and out, the last g's outputs.
-    """
-    filters: list[np.ndarray] = []
-    rest = np.asarray(g, dtype=np.float64)
-    for _ in range(depth - 1):
-        solution = solvers.solve_deepen(rest, k2, width, rng, groups=groups)
-        if solution.residual > MAX_SPLIT_ERROR:
-            raise ValueError(f"the depth split is not exact (relative error {solution.residual:.1e})")
-        filters.append(solution.f1)
-        rest = solution.f2
-    filters.append(rest)
-    return filters
-
-
-def split_residual_centred(g: np.ndarray, k1: Sequence[int], width: int, rng: np.random.Generator,
-                           groups: int = 1, fraction: float = BRANCH_FRACTION
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`g == M + centred(F2 (*) F1)` with F1 of kernel `k1` (centred in g's kernel), F2 1x1.
-
-    Returns (M, F1, F2): F1 `[width, Ci/groups, *k1]` and F2 `[Co, width/groups, 1...]` are dense
-    random orthogonal, scaled so that the branch carries `fraction` of g's norm with equal
-    per-element RMS; M (g's kernel and channels) is the dense remainder.
-    """
-    g = np.asarray(g, dtype=np.float64)
-    co, ci_g = g.shape[:2]
-    k = tuple(g.shape[2:])
-    k1 = tuple(k1)
-    cm_g = width // groups
-    ones = (1,) * len(k)
-    f1 = np.concatenate([solvers.random_orthogonal(cm_g, ci_g * math.prod(k1), rng) for _ in range(groups)])
-    f1 = f1.reshape(width, ci_g, *k1)
-    f2 = np.concatenate([solvers.random_orthogonal(co // groups, cm_g, rng) for _ in range(groups)])
-    f2 = f2.reshape(co, cm_g, *ones)
-    path = solvers.compose(f2, f1, groups)
-    gnorm, pnorm = float(np.linalg.norm(g)), float(np.linalg.norm(path))
-    if gnorm > 0.0 and pnorm > 0.0:
-        gain = fraction * gnorm / pnorm
-        s = math.sqrt(gain * _rms(f2) / _rms(f1))
-        f1, f2 = f1 * s, f2 * (gain / s)
-        path = solvers.compose(f2, f1, groups)
-    off = centred_offsets(k, k1)
-    main = g.copy()
-    window = (slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, k1)))
-    main[window] -= path
-    return main, f1, f2
-
-
-def _rms(a: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0
 
 
 def inner_geometry(parent: ConvGeometry, inner: Sequence[int]) -> ConvGeometry:
     """Geometry of a conv with the smaller, centred kernel `inner` that reads what `parent`'s taps read."""
-    off = centred_offsets(parent.kernel, inner)
+    off = splitting.centred_offsets(parent.kernel, inner)
     d = parent.dilations
     begin = tuple(p - di * o for p, di, o in zip(parent.pads_begin, d, off))
     end = tuple(p - di * (k - s - o) for p, di, k, s, o in zip(parent.pads_end, d, parent.kernel, inner, off))
@@ -159,6 +91,7 @@ class SubnetPlan:
     op: str = "Conv"
     trans_a: bool = False
     trans_b: bool = True
+    bias_beta: float = 1.0  # the parent Gemm's beta, kept on a layer that reuses its computed bias tensor
 
     @property
     def groups(self) -> int:
@@ -215,19 +148,22 @@ class SubnetPass(MorphPass):
         SEED,
     )
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._beta = 1.0  # the parent Gemm's beta, kept on a layer that reuses its computed bias tensor
-
     @classmethod
     def probe(cls, model: onnx.ModelProto, layer: LayerInfo) -> MorphPass | None:
         if layer.op not in SUBNET_OPS:
             return None
         return cls(layer=layer.name, kind="residual")
 
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        branches = self.branches or (len(self.kernels) if self.kernels else 2)
+        depth = self.depth or 2
+        layers = depth * branches if self.kind == "parallel" else depth if self.kind == "sequential" else 3
+        kernel = tuple(self.kernel or ()) + tuple(self.kernels or ())
+        return passinfra.new_layer_bytes(model, self.layer, self.width, kernel, count=layers), layers
+
     # ------------------------------------------------------------------ checks
 
-    def _plan(self, model: onnx.ModelProto) -> SubnetPlan:
+    def _plan(self, model: mgraph.Analysis) -> SubnetPlan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer, SUBNET_OPS)
         label = f"layer '{self.layer}'"
@@ -271,13 +207,13 @@ class SubnetPass(MorphPass):
         kernels = self._kernels(geometry, label, nd)
         return SubnetPlan(np.asarray(w, dtype=np.float64), geometry, w.dtype, version, nd + 2, width, k2, kernels)
 
-    def _dense_plan(self, model: onnx.ModelProto, label: str) -> SubnetPlan:
+    def _dense_plan(self, model: mgraph.Analysis, label: str) -> SubnetPlan:
         """A Gemm or MatMul, parsed as the depth morph parses it (alpha folded in, canonical [Co, Ci])."""
         if self.kernel is not None and any(k != 1 for k in self.kernel):
             raise NotApplicable(f"{label}: --kernel is for Conv layers")
         if self.kernels is not None and any(k != 1 for k in self.kernels):
             raise NotApplicable(f"{label}: --kernels is for Conv layers")
-        dense = DeepenPass(layer=self.layer, width=self.width, activation=self.activation)._plan(model)
+        dense = DeepenPass(layer=self.layer, width=self.width, activation=self.activation).requires(model)
         if dense.width < dense.out_channels:
             raise NotApplicable(f"{label}: --width {dense.width} is narrower than its {dense.out_channels} outputs "
                                 "(an exact split is only guaranteed from C_out on)")
@@ -307,7 +243,7 @@ class SubnetPass(MorphPass):
             return build.LayerSpec("Conv", f, bias, geometry)
         if plan.op == "MatMul":
             return build.LayerSpec("MatMul", f)  # the parent's bias, an Add after it, stays in place
-        beta = self._beta if parent_bias and isinstance(bias, gs.Tensor) else 1.0
+        beta = plan.bias_beta if parent_bias and isinstance(bias, gs.Tensor) else 1.0
         if bias is None:
             bias = np.zeros(f.shape[0])  # Gemm needs C before opset 11
         return build.LayerSpec("Gemm", f, bias, trans_a=plan.trans_a and reads_input, trans_b=plan.trans_b,
@@ -358,11 +294,10 @@ class SubnetPass(MorphPass):
                                 f"(the remainder branch), got kernels {','.join(map(str, sizes))}")
         return branch_kernels
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> SubnetPlan:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: SubnetPlan) -> dict[str, Any]:
         if plan.geometry is None:
             return {"kind": self.kind, "module": f"{plan.op} + two-{plan.op} branch"}
         nd = len(plan.geometry.kernel)
@@ -371,18 +306,19 @@ class SubnetPass(MorphPass):
 
     # ------------------------------------------------------------------ rewrite
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: SubnetPlan) -> PassResult:
+        model = mgraph.model_of(model)
         rng = np.random.default_rng(self.seed)
         graph = mgraph.import_graph(model)
         node = mgraph.find_layer(graph, self.layer, SUBNET_OPS)
         x, y = node.inputs[0], node.outputs[0]
         bias = node.inputs[2] if node.op != "MatMul" and len(node.inputs) > 2 and node.inputs[2].name else None
-        self._beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
         if node.op == "Gemm" and isinstance(bias, gs.Constant):
             # Fold beta into a constant C (any broadcastable shape is kept), as the depth morph does.
-            bias = self._beta * np.asarray(bias.values, dtype=np.float64)
-            self._beta = 1.0
+            bias = beta * np.asarray(bias.values, dtype=np.float64)
+            beta = 1.0
+        plan = dataclasses.replace(plan, bias_beta=beta)
         node.inputs.clear()
         node.outputs.clear()
         graph.nodes.remove(node)
@@ -404,7 +340,7 @@ class SubnetPass(MorphPass):
                plan: SubnetPlan, g: np.ndarray, geometry: ConvGeometry | None, depth: int,
                bias: np.ndarray | gs.Tensor | None, rng: np.random.Generator, parent_bias: bool = False) -> gs.Variable:
         """Layers computing filter `g` (with `geometry`) on `x` in `depth` layers; the last writes `y`."""
-        filters = chain_filters(g, depth, plan.k2, plan.width, rng, plan.groups)
+        filters = splitting.chain_filters(g, depth, plan.k2, plan.width, rng, plan.groups)
         geometries = chain_geometries(geometry, depth, plan.k2) if geometry is not None else [None] * depth
         tag = plan.op.lower()
         h = x
@@ -421,8 +357,8 @@ class SubnetPass(MorphPass):
 
     def _parallel(self, graph: gs.Graph, namer: mgraph.Namer, scope: str, x: gs.Tensor, y: gs.Variable,
                   plan: SubnetPlan, bias: gs.Tensor | None, rng: np.random.Generator) -> None:
-        # split_parallel works on the [Co, Ci/groups] filter as is: every branch keeps L's groups.
-        parts = solvers.split_parallel(plan.g, plan.kernels, rng)
+        # splitting.split_parallel works on the [Co, Ci/groups] filter as is: every branch keeps L's groups.
+        parts = splitting.split_parallel(plan.g, plan.kernels, rng)
         outputs = []
         for b, (part, kernel) in enumerate(zip(parts, plan.kernels), 1):
             branch_x, geometry = x, None
@@ -442,15 +378,14 @@ class SubnetPass(MorphPass):
         branch_x = x
         main_geometry = g1 = g2 = None
         if plan.geometry is None:
-            main, f1, f2 = solvers.split_residual(plan.g, (), plan.width, rng, branch_fraction=BRANCH_FRACTION)
+            main, f1, f2 = splitting.split_residual(plan.g, (), plan.width, rng)
         elif any(k != 1 for k in kb):
-            main, f1, f2 = solvers.split_residual(plan.g, kb, plan.width, rng, groups=groups,
-                                                  branch_fraction=BRANCH_FRACTION)
+            main, f1, f2 = splitting.split_residual(plan.g, kb, plan.width, rng, groups=groups)
             g1, g2 = build.pair_geometries(plan.geometry, kb)
             main_geometry = ConvGeometry(main.shape[2:], g1.pads_begin, g1.pads_end, plan.geometry.strides,
                                          plan.geometry.dilations, groups)
         else:
-            main, f1, f2 = split_residual_centred(plan.g, k1, plan.width, rng, groups=groups)
+            main, f1, f2 = splitting.split_residual_centred(plan.g, k1, plan.width, rng, groups=groups)
             main_geometry = plan.geometry
             branch_x, g1 = crop_input(graph, namer, f"{scope}/branch", x, inner_geometry(plan.geometry, k1),
                                       plan.opset)

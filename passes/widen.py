@@ -10,18 +10,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import channels
+from onnxmorph import averaging, channels
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, positive_int, register
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int, register
 
 FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
-# ops that keep "a new channel is the mean of the old ones" (average expansion): linear and channel-blind
-AVERAGE_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-               "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "LayerNormalization", "MatMul",
-               "Gemm", "Conv"}
+
 
 
 def non_negative_float(value: Any) -> float:
@@ -37,7 +34,7 @@ class _Plan:
     modes: dict[int, str]  # space id -> "random" (zero-outgoing) or "copy"
     sources: dict[int, np.ndarray]
     guards: dict[int, int]  # space id -> its first new channels kept exactly 0 for an LRN (zero-incoming)
-    average: float | None = None  # average expansion: the variance scale s = q*old/width of its norms
+    average: averaging.Average | None = None  # average expansion of a normalised stream
 
     def sources_of(self, space: int) -> np.ndarray | None:
         return self.sources.get(space) if self.modes[space] == "copy" else None
@@ -94,7 +91,15 @@ class WidenPass(MorphPass):
         width = math.ceil(old * 1.5 / groups) * groups
         return cls(layer=layer.name, width=max(width, old + groups))
 
-    def _plan(self, model: onnx.ModelProto) -> _Plan:
+    def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
+        # The layer's new filters and as many new inputs of its consumers: about twice a filter each.
+        found = layer_weight(model, self.layer)
+        if found is None or len(found[0]) < 2:
+            return 0, 0
+        shape, itemsize = found
+        return 2 * self.width * math.prod(shape) // max(1, min(shape[:2])) * itemsize, 0
+
+    def _plan(self, model: mgraph.Analysis) -> _Plan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
         shapes = mgraph.tensor_shapes(model)
@@ -117,7 +122,7 @@ class WidenPass(MorphPass):
             groups = producer_groups(coupling) if producer_groups(coupling) > 1 else len(inserts)
             sources[0] = wsolve.replication_sources(old, inserts, rng, groups)
             if average is not None:
-                sources[0] = wsolve.average_sources(old, self.width - old, rng)
+                sources[0] = wsolve.average_sources(old, self.width - old, rng, -2 if average.zero else -1)
             self._check_grouped_copies(view, coupling, sources[0])
         else:
             for space in coupling.spaces:
@@ -157,10 +162,9 @@ class WidenPass(MorphPass):
             except NotApplicable:
                 raise grouped from None
 
-    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> float | None:
+    def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> averaging.Average | None:
         """A norm (or mean) over the widened channels is exact when every channel is copied equally (tiling,
-        None), or, at other widths, with copies and mean channels through LayerNorms only (average expansion:
-        the variance scale s)."""
+        None), or, at other widths, by average expansion (see onnxmorph.averaging)."""
         norm = mgraph.find_node(view, coupling.uniform[0])
         what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
         tiled = f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled"
@@ -168,22 +172,7 @@ class WidenPass(MorphPass):
             raise NotApplicable(f"{tiled} or averaged (--method net2net or lemon; tiling at a multiple of {old})")
         if not (self.width - old) % old:
             return None
-        for name in coupling.uniform:
-            node = mgraph.find_node(view, name)
-            if node.op != "LayerNormalization":
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' has no epsilon "
-                                    "to rescale for average expansion")
-            if any(n.op not in ("MatMul", "Gemm") for n in node.outputs[0].outputs):
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): the output of {node.op} '{name}' is "
-                                    "not only read by layers (post-norm), so average expansion cannot keep it")
-        roles = {(p.node, p.role) for p in coupling.params}
-        for name in coupling.touched:
-            node = mgraph.find_node(view, name)
-            scaled = any(n == name and r not in ("shift", "norm-scale") for n, r in roles)
-            if node.op not in AVERAGE_OPS or scaled or int(node.attrs.get("group", 1)) > 1:
-                raise NotApplicable(f"{tiled} (--width a multiple of {old}): {node.op} '{name}' does not keep a "
-                                    "channel that is the mean of the others, as average expansion needs")
-        return (self.width // old) * old / self.width
+        return averaging.plan_average(view, coupling, old, self.width, tiled)
 
     def _check_copies(self, coupling: channels.Coupling) -> None:
         """net2net and lemon copy channels: refused where a copy could not stand beside its original."""
@@ -225,11 +214,10 @@ class WidenPass(MorphPass):
                         )
                 start += count
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._plan(model)
+    def requires(self, model: mgraph.ModelOrAnalysis) -> _Plan:
+        return self._plan(mgraph.analysis(model))
 
-    def describe(self, model: onnx.ModelProto) -> dict[str, Any]:
-        plan = self._plan(model)
+    def describe(self, plan: _Plan) -> dict[str, Any]:
         c = plan.coupling
         others = [p.node for p in c.producers if p.node != self.layer]
         return {
@@ -241,8 +229,8 @@ class WidenPass(MorphPass):
 
     # ------------------------------------------------------------------ rewrite
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        plan = self._plan(model)
+    def call(self, model: mgraph.ModelOrAnalysis, plan: _Plan) -> PassResult:
+        model = mgraph.model_of(model)
         c = plan.coupling
         graph = mgraph.import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
@@ -260,26 +248,17 @@ class WidenPass(MorphPass):
             value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
             grown = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
                                          block=param.block, old=space.old)
-            if param.role == "norm-scale" and plan.average is not None:
-                grown = grown * np.sqrt(plan.average)  # the stream's variance shrank by s, so did the norm's
+            average = plan.average
+            if average is not None and (param.role == "norm-scale" or (param.node, param.index) in average.weights):
+                grown = grown * np.sqrt(average.scale)  # the stream's variance shrank by s, so did the norm's
             return grown
 
         channels.grow_params(graph, c, extend)
         if plan.average is not None:
-            for name in c.uniform:
-                node = nodes[name]
-                node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * plan.average
+            _rescale_epsilons(graph, nodes, plan.average)
         for change in c.groups:
             _grow_groups(nodes[change.node], change, plan, rng)
-        by_consumer: dict[str, list[channels.Consumer]] = {}
-        for consumer in c.consumers:
-            by_consumer.setdefault(consumer.node, []).append(consumer)
-        for name, items in by_consumer.items():
-            node = nodes[name]
-            w = mgraph.values(node.inputs[1])
-            for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
-                w = self._outgoing(node, w, consumer, c, plan, rng)
-            mgraph.set_input_constant(node, 1, w)
+        channels.grow_consumers(nodes, c, lambda node, w, q: self._outgoing(node, w, q, c, plan, rng))
         channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
@@ -357,6 +336,16 @@ def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: 
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         mgraph.set_input_constant(node, 2, wsolve.fill_channels(
             mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
+
+
+def _rescale_epsilons(graph: gs.Graph, nodes: dict[str, gs.Node], average: averaging.Average) -> None:
+    """Average expansion: every norm's epsilon scales with the stream's variance (by s)."""
+    for name in average.epsilon_attrs:
+        node = nodes[name]
+        node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * average.scale
+    for name, index in average.epsilon_inputs:
+        node = nodes[name]
+        channels.private_constant(graph, node, index, mgraph.values(node.inputs[index]) * average.scale)
 
 
 def producer_groups(coupling: channels.Coupling) -> int:

@@ -10,6 +10,7 @@ GoogLeNet's inception modules and SqueezeNet's fire modules.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -327,8 +328,8 @@ class Sweep:
         return len(self.verified) + len(self.refused) + len(self.wrong) + len(self.crashed)
 
     def reasons(self) -> Counter:
-        return Counter(reason.split(":")[0].split(" '")[0] + ": " + reason.split(": ")[-1][:60]
-                       for reason in self.refused.values())
+        """The refusals counted by kind (names left out)."""
+        return Counter(re.sub(r"'[^']*'", "'...'", reason) for reason in self.refused.values())
 
 
 def sweep(model: onnx.ModelProto, layers: list[str] | None = None) -> Sweep:
@@ -342,7 +343,7 @@ def sweep(model: onnx.ModelProto, layers: list[str] | None = None) -> Sweep:
         try:
             probe = widen.probe(model, info)
             probe.requires(model)
-            child = probe.call(model).model
+            child = probe.apply(model).model
         except NotApplicable as exc:
             target = result.excluded if "graph output" in str(exc) else None
             if target is not None:

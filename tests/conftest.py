@@ -39,7 +39,12 @@ def sample_layers(names: list[str], count: int, seed: int = 0) -> list[str]:
 
 @functools.cache
 def _reference(stem: str) -> onnx.ModelProto:
-    return onnxmorph.load(MODELS / f"{stem}.onnx")
+    return onnxmorph.load(MODELS / f"{stem}.onnx", normalize_model=True)
+
+
+def described(step: onnxmorph.MorphPass, model: onnx.ModelProto) -> dict:
+    """What inspect shows for `step` on `model`: its plan, described."""
+    return step.describe(step.requires(model))
 
 
 def reference_model(stem: str) -> onnx.ModelProto:
@@ -49,7 +54,7 @@ def reference_model(stem: str) -> onnx.ModelProto:
 
 @functools.lru_cache(maxsize=2)
 def _light(stem: str, seed: int) -> onnx.ModelProto:
-    model = randomize_weights(onnxmorph.load(LIGHT / f"{stem}.onnx"), seed)
+    model = randomize_weights(onnxmorph.load(LIGHT / f"{stem}.onnx", normalize_model=True), seed)
     # A saturated (ResNet-50) or flat (Inception) softmax squashes differences; compare logits.
     outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:

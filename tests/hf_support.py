@@ -26,7 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
-KINDS = ("bert", "gpt2", "llama", "vit")
+KINDS = ("bert", "gpt2", "llama", "vit", "wav2vec2")
 VOCAB = 100
 HIDDEN = 32
 LAYERS = 2
@@ -51,10 +51,12 @@ class HFModel:
         return f"{self.kind}-{'dynamo' if self.dynamo else 'torchscript'}"
 
     def feed(self, seed: int = 0, batch: int = 2, sequence: int = SEQUENCE) -> dict[str, np.ndarray]:
-        """Seeded inputs for the model: ids in the vocabulary, masks of ones, pixels in [-1, 1)."""
+        """Seeded inputs: ids in the vocabulary, masks of ones, pixels or 2*sequence audio samples in [-1, 1)."""
         rng = np.random.default_rng(seed)
         if self.kind == "vit":
             return {"pixel_values": rng.uniform(-1, 1, (batch, 3, IMAGE, IMAGE)).astype(np.float32)}
+        if self.kind == "wav2vec2":
+            return {"input_values": rng.uniform(-1, 1, (batch, 2 * sequence)).astype(np.float32)}
         feed = {"input_ids": rng.integers(0, VOCAB, (batch, sequence)).astype(np.int64),
                 "attention_mask": np.ones((batch, sequence), np.int64)}
         if "token_type_ids" in self.input_names:
@@ -85,6 +87,12 @@ def _config_and_class(kind: str):  # -> (config, model class)
     if kind == "vit":
         return tf.ViTConfig(image_size=IMAGE, patch_size=8, num_channels=3, num_labels=10, **common), \
             tf.ViTForImageClassification
+    if kind == "wav2vec2":
+        # The stable-layer-norm (pre-norm) encoder; convolutions small enough for 16 samples.
+        return tf.Wav2Vec2Config(vocab_size=20, conv_dim=(16, 16), conv_kernel=(4, 2), conv_stride=(2, 2),
+                                 num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+                                 do_stable_layer_norm=True, feat_extract_norm="layer", **common), \
+            tf.Wav2Vec2ForCTC
     raise ValueError(kind)
 
 
@@ -101,8 +109,9 @@ def build_module(kind: str, seed: int = 0):  # -> (torch.nn.Module, input names)
             if param.ndim == 1:
                 noise = torch.randn(param.shape, generator=generator) * 0.2
                 param.copy_((1.0 + noise) if "norm" in name.lower() and "weight" in name else noise)
-    if kind == "vit":
-        return _VisionLogits(model).eval(), ("pixel_values",)
+    if kind in ("vit", "wav2vec2"):
+        name = "pixel_values" if kind == "vit" else "input_values"
+        return _SignalLogits(model, name).eval(), (name,)
     names = ("input_ids", "attention_mask", "token_type_ids") if kind == "bert" else ("input_ids", "attention_mask")
     # eval() on the wrapper too: the TorchScript exporter restores the wrapper's mode on every submodule.
     return _TextLogits(model, len(names) == 3).eval(), names
@@ -118,13 +127,15 @@ class _TextLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
-class _VisionLogits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+class _SignalLogits(torch.nn.Module):
+    """An image or audio model: one float input."""
 
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, signal):
+        return self.model(**{self.name: signal}).logits
 
 
 def export(kind: str, dynamo: bool, folder: Path, seed: int = 0) -> HFModel:
@@ -135,6 +146,8 @@ def export(kind: str, dynamo: bool, folder: Path, seed: int = 0) -> HFModel:
     args = tuple(torch.from_numpy(example[n]) for n in names)
     path = folder / f"{kind}_{'dynamo' if dynamo else 'torchscript'}.onnx"
     dynamic = {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", 1: "sequence"}) for n in names}
+    if dynamo:  # dynamic_shapes are keyed by the forward's argument names
+        dynamic = {("signal" if n in ("pixel_values", "input_values") else n): axes for n, axes in dynamic.items()}
     start = time.perf_counter()
     # The dynamo exporter prints its progress on stdout; keep it out of the tests' captured output.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -160,17 +173,21 @@ def export(kind: str, dynamo: bool, folder: Path, seed: int = 0) -> HFModel:
     return HFModel(kind, dynamo, path, module, names, time.perf_counter() - start)
 
 
+# One export per model and exporter per process: each test module imports the fixture (so pytest
+# sees one fixture per module), and they all share this cache.
+_EXPORTS: dict[tuple[str, bool], HFModel] = {}
+
+
 @pytest.fixture(scope="session")
 def hf_export(tmp_path_factory: pytest.TempPathFactory):
-    """`hf_export(kind, dynamo)` -> HFModel, exported once per session."""
-    cache: dict[tuple[str, bool], HFModel] = {}
+    """`hf_export(kind, dynamo)` -> HFModel, exported once per test session."""
 
     def get(kind: str, dynamo: bool) -> HFModel:
         if dynamo:
             pytest.importorskip("onnxscript")
         key = (kind, dynamo)
-        if key not in cache:
-            cache[key] = export(kind, dynamo, tmp_path_factory.mktemp(f"hf_{kind}_{int(dynamo)}"))
-        return cache[key]
+        if key not in _EXPORTS or not _EXPORTS[key].path.is_file():
+            _EXPORTS[key] = export(kind, dynamo, tmp_path_factory.mktemp(f"hf_{kind}_{int(dynamo)}"))
+        return _EXPORTS[key]
 
     return get

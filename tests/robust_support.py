@@ -149,7 +149,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @functools.cache
 def _loaded(stem: str) -> onnx.ModelProto:
-    return onnxmorph.load(MODELS / f"{stem}.onnx")
+    return onnxmorph.load(MODELS / f"{stem}.onnx", normalize_model=True)
 
 
 def reference(stem: str) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
 
 PRE_NORM = [("gpt2", False), ("llama", False), ("vit", False), ("llama", True)]
-PRE_NORM_SLOW = [("gpt2", True), ("vit", True)]
+PRE_NORM_SLOW = [("gpt2", True), ("vit", True), ("wav2vec2", False), ("wav2vec2", True)]
 
 
 def _logits(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -27,10 +27,10 @@ def _logits(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _grow_every_block(hf) -> None:
-    parent = onnxmorph.load(hf.path)
+    parent = onnxmorph.load(hf.path, normalize_model=True)  # node counts compare with the morphed form
     found = mblocks.blocks(mgraph.read_view(parent))
     assert [b.kind for b in found] == ["pre-norm", "pre-norm"]
-    feed = hf.feed(seed=5, batch=3, sequence=7) if hf.kind != "vit" else hf.feed(seed=5, batch=3)
+    feed = hf.feed(seed=5, batch=3, sequence=9)
     expected = hf.logits(feed)
     for block in found:
         child, report = onnxmorph.morph(parent, "block", after=block.index)
@@ -85,7 +85,7 @@ def test_post_norm_bert_is_refused_with_the_reason(hf_export, tmp_path: Path, ca
 
 def test_init_options_names_and_bad_references(hf_export, tmp_path: Path, capsys) -> None:  # noqa: F811
     hf = hf_export("llama", False)
-    parent = onnxmorph.load(hf.path)
+    parent = onnxmorph.load(hf.path, normalize_model=True)  # node counts compare with the morphed form
     copied = onnxmorph.block(parent, after="model.model.layers.1")
     for init in ("random", "zero"):
         child, report = onnxmorph.morph(parent, "block", after=0, init=init, seed=3)
@@ -104,3 +104,49 @@ def test_init_options_names_and_bad_references(hf_export, tmp_path: Path, capsys
     out = tmp_path / "child.onnx"
     assert cli.main(["block", str(hf.path), "--after", "0", "--init", "random", "-o", str(out), "-q"]) == 0
     assert onnxmorph.verify(hf.path, out)
+
+
+def _prenorm_stack(final_norm: bool) -> onnx.ModelProto:
+    """Two pre-norm feed-forward blocks on a [N, 4, 8] stream; the last Add is the graph output unless `final_norm`."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights, nodes, x = [], [], "x"
+
+    def const(name: str, array: np.ndarray) -> str:
+        weights.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    for k in range(2):
+        nodes.append(helper.make_node("LayerNormalization", [x, const(f"g{k}", rng.uniform(0.5, 1.5, 8)),
+                                                             const(f"b{k}", rng.normal(0, 0.1, 8))], [f"n{k}"],
+                                      name=f"norm{k}", axis=-1))
+        nodes.append(helper.make_node("MatMul", [f"n{k}", const(f"w{k}", rng.normal(0, 0.3, (8, 8)))], [f"f{k}"],
+                                      name=f"ff{k}"))
+        nodes.append(helper.make_node("Add", [x, f"f{k}"], [f"r{k}"], name=f"res{k}"))
+        x = f"r{k}"
+    outputs = [x]
+    if final_norm:
+        nodes.append(helper.make_node("LayerNormalization", [x, "g0", "b0"], ["y"], name="final", axis=-1))
+        outputs = ["y"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4, 8]) for o in outputs],
+                              initializer=weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_block_after_the_last_one_keeps_the_graph_output_name() -> None:
+    parent = _prenorm_stack(final_norm=False)
+    assert [b.kind for b in mblocks.blocks(mgraph.import_graph(parent))] == ["pre-norm", "pre-norm"]
+    for after in (0, 1):
+        child, report = onnxmorph.morph(parent, "block", after=after)
+        assert report and [o.name for o in child.graph.output] == ["r1"]
+        assert len(child.graph.node) == len(parent.graph.node) + 3
+    # A block whose stream has no norm before its layer is still copied exactly (no norm after the Add).
+    bare = _prenorm_stack(final_norm=True)
+    for node in bare.graph.node:
+        if node.name == "norm0":
+            node.op_type, node.input[1:] = "Identity", []
+            del node.attribute[:]
+    assert [b.kind for b in mblocks.blocks(mgraph.import_graph(bare))] == ["no-norm", "pre-norm"]
+    assert onnxmorph.morph(bare, "block", after=0)[1]

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import described
 from onnx import numpy_helper
 
 import onnxmorph
@@ -193,7 +194,7 @@ def test_grouped_refusals_name_the_widths_that_work() -> None:
     with pytest.raises(NotApplicable, match=r"Conv 'gc' has 2 groups: .*width a multiple of 2, e\.g\. 10 or 12"):
         channels.analyze(view, "gc", 1, [(8, 3)], mgraph.tensor_shapes(model))
     # widen itself makes such a conv dense (block-diagonal old weights) rather than refuse
-    assert onnxmorph.get_pass("widen")(layer="gc", width=11).describe(model)["made_dense"] == ["gc"]
+    assert described(onnxmorph.get_pass("widen")(layer="gc", width=11), model)["made_dense"] == ["gc"]
 
 
 # ---------------------------------------------------------------- channel shuffle, split, concat partitions

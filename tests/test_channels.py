@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import described
 from onnx import numpy_helper
 
 import onnxmorph
@@ -14,6 +15,7 @@ from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 
 RNG = np.random.default_rng(7)
+
 
 
 def _model(body: str, inits: dict[str, np.ndarray], x: str = "float[N, 4, 6, 6]", y: str = "float[N, 3]",
@@ -160,8 +162,8 @@ def test_residual_sum_widens_every_producer_and_sub_operand() -> None:
     coupling = _analyze(model, "h")
     assert sorted(p.node for p in coupling.producers) == ["h", "j", "k"]
     assert sorted(c.node for c in coupling.consumers) == ["j", "y"]
-    described = onnxmorph.get_pass("widen")(layer="k", width=12).describe(model)
-    assert sorted(described["coupled"]) == ["h", "j"]
+    facts = described(onnxmorph.get_pass("widen")(layer="k", width=12), model)
+    assert sorted(facts["coupled"]) == ["h", "j"]
     for method in ("netmorph", "net2net", "lemon"):
         child = _widen_and_verify(model, "k", 12, method)
         dims = {t.name: list(t.dims) for t in child.graph.initializer}
@@ -230,7 +232,7 @@ def test_grouped_conv_before_lrn_becomes_dense(size: int) -> None:
     inits = {"w1": _w(8, 2, 3, 3), "b1": _w(8), "w2": _w(5, 8, 3, 3), "b2": _w(5), "fc": _w(5 * 36, 3)}
     model = _model(body, inits)
     widen = onnxmorph.get_pass("widen")
-    assert widen(layer="h", width=14).describe(model)["made_dense"] == ["h"]
+    assert described(widen(layer="h", width=14), model)["made_dense"] == ["h"]
     child = _widen_and_verify(model, "h", 14)
     node = next(n for n in child.graph.node if n.name == "h")
     assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "group")) == 1

@@ -130,9 +130,8 @@ def test_border_exactness_and_the_naive_placement_that_fails() -> None:
     """A 3x3 pad-1 Conv deepened by Algorithm 1 (both kernels dense 3x3) matches on the border ring."""
     parent = _conv_model((3, 3), (7, 7), ci=4, co=4, pads=[1, 1, 1, 1])
     step = DeepenPass(layer="conv", kernel=3, width=12)  # 12 * 4 * 9 >= 4 * 4 * 25: exact by counting
-    step.requires(parent)
-    child = step.call(parent).model
-    solution = step._solve(parent, step._plan(parent))
+    child = step.apply(parent).model
+    solution = step._solve(step.requires(parent))
     assert solution.algorithm.startswith("alg1")
     f1 = _weight(child, "conv/morph_deepen/conv_a/weight")
     f2 = _weight(child, "conv/morph_deepen/conv_b/weight")
@@ -256,7 +255,7 @@ def test_kernel_width_seed_and_method() -> None:
                         "base": dict(), "identity": dict(method="identity")}.items():
         step = DeepenPass(**{"layer": "s2b2_conv1", **params})
         step.requires(parent)
-        children[key] = step.call(parent).model
+        children[key] = step.apply(parent).model
         assert verifier.check(children[key]), key
     w = {k: _weight(c, ("s2b1_conv1" if k == "narrow" else "s2b2_conv1") + "/morph_deepen/conv_b/weight")
          for k, c in children.items()}
@@ -341,11 +340,15 @@ def test_narrow_width_solved_in_requires_is_reused() -> None:
         step.requires(model)
     model = _gemm_model(trans_b=1, k=4, n=9, c_shape=(9,))
     step = DeepenPass(layer="fc", width=6)  # narrower than the 9 outputs, not than the 4 inputs
-    step.requires(model)
-    solved = step._solved
-    assert solved is not None
-    child = step.call(model).model
-    assert step._solved is solved and onnxmorph.verify(model, child)
+    plan = step.requires(model)
+    assert plan.solution is not None
+
+    def no_second_solve(plan):  # type: ignore[no-untyped-def]
+        raise AssertionError("call() solved again")
+
+    step._solve = no_second_solve  # type: ignore[method-assign]
+    child = step.call(model, plan).model
+    assert onnxmorph.verify(model, child)
     assert _weight(child, "fc/morph_deepen/gemm_a/weight").shape == (6, 4)
 
 
@@ -367,7 +370,7 @@ def test_every_reference_layer(stem: str) -> None:
         for method in ("netmorph", "identity"):
             step = DeepenPass(layer=layer.name, method=method, activation="tanh" if method == "identity" else "relu")
             step.requires(parent)
-            child = step.call(parent).model
+            child = step.apply(parent).model
             report = verifier.check(child)
             assert report, f"{stem}/{layer.name}/{method}: {report.summary()}"
             assert len(child.graph.node) == len(parent.graph.node) + (2 if method == "netmorph" else 6)

@@ -19,6 +19,7 @@ from robust_support import PASSES, ROOT, assert_refused, cli_flags, first_use, l
 
 import onnxmorph
 from onnxmorph import io as mio
+from onnxmorph import saving
 
 # --------------------------------------------------------------------------- in-process faults
 
@@ -53,7 +54,7 @@ def test_a_failing_save_leaves_the_old_file_or_none(
             raise KeyboardInterrupt
         raise RuntimeError("a bug while saving")
 
-    monkeypatch.setattr(mio, "_write_bytes", failing_write)
+    monkeypatch.setattr(saving, "_write_bytes", failing_write)
     expected = {"disk-full": onnxmorph.UsageError, "interrupt": KeyboardInterrupt, "exception": RuntimeError}[fault]
     with pytest.raises(expected) as caught:
         onnxmorph.save(reference("mlp_relu"), target, external_data=external)
@@ -73,7 +74,7 @@ def test_a_failing_external_data_write_leaves_nothing(tmp_path: Path, monkeypatc
             f.write(b"\0" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(mio, "write_external_data_tensors", full_disk)
+    monkeypatch.setattr(saving, "write_external_data_tensors", full_disk)
     with pytest.raises(onnxmorph.UsageError, match="No space left"):
         onnxmorph.save(reference("mlp_relu"), target, external_data=True)
     assert list(tmp_path.iterdir()) == []
@@ -102,11 +103,11 @@ _SLOW_SAVE_DRIVER = r"""
 import os, sys, time
 from pathlib import Path
 from onnxmorph import cli
-from onnxmorph import io as mio
+from onnxmorph import saving
 
 marker = Path(os.environ["ONNXMORPH_TEST_MARKER"])
 if os.environ.get("ONNXMORPH_TEST_EXTERNAL") == "1":
-    mio.EXTERNAL_DATA_THRESHOLD = 0
+    saving.EXTERNAL_DATA_THRESHOLD = 0
 
 def slow_write(path, data):
     with open(path, "wb") as f:
@@ -116,7 +117,7 @@ def slow_write(path, data):
         time.sleep(120)
         f.write(data[len(data) // 2:])
 
-mio._write_bytes = slow_write
+saving._write_bytes = slow_write
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -146,6 +147,8 @@ def _start_slow_save(folder: Path, scratch: Path, external: bool) -> tuple[subpr
     (signal.SIGTERM, False, False),
     (signal.SIGINT, True, False),
     (signal.SIGTERM, True, True),
+    (signal.SIGHUP, False, True),
+    (signal.SIGHUP, True, False),
 ])
 def test_a_process_interrupted_mid_save_leaves_the_old_output_or_none(
     sig: int, external: bool, previous: bool, tmp_path: Path

@@ -194,5 +194,5 @@ def test_real_architectures_verify_or_refuse_in_one_line(stem: str) -> None:
         kernel = mgraph.find_layer(mgraph.read_view(model), name).inputs[1].shape[2:]
         step = KernelPass(layer=name, size=[k + 2 for k in kernel])
         step.requires(model)
-        report = verifier.check(step.call(model).model)
+        report = verifier.check(step.apply(model).model)
         assert report, f"{stem}/{name}: {report.summary()}"

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from robust_support import PASSES, ROOT, applicable, cli_flags
 
 import onnxmorph
-from onnxmorph import io as mio
+from onnxmorph import saving
 from onnxmorph.passinfra import REGISTRY
 
 LARGE = os.environ.get("ONNXMORPH_LARGE") == "1"
@@ -92,10 +92,10 @@ onnx.save_model(model, sys.argv[2], save_as_external_data=True, all_tensors_to_o
 _MEASURE = r"""
 import json, os, resource, sys, time
 from onnxmorph import cli
-from onnxmorph import io as mio
+from onnxmorph import saving
 threshold = os.environ.get("ONNXMORPH_TEST_THRESHOLD")
 if threshold:
-    mio.EXTERNAL_DATA_THRESHOLD = int(threshold)
+    saving.EXTERNAL_DATA_THRESHOLD = int(threshold)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 code = cli.main(sys.argv[2:])
@@ -191,6 +191,6 @@ def test_external_data_goes_beside_the_model_whatever_the_current_directory(
     onnxmorph.save(model, "child.onnx", external_data=True)
     onnxmorph.save(model, "child.onnx", external_data=True)  # over an earlier output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.onnx", "child.onnx.data", "parent.onnx.data"]
-    monkeypatch.setattr(mio, "EXTERNAL_DATA_THRESHOLD", 2**20)
+    monkeypatch.setattr(saving, "EXTERNAL_DATA_THRESHOLD", 2**20)
     assert onnxmorph.verify(model, onnxmorph.load("child.onnx"), trials=1)
     assert (tmp_path / "parent.onnx.data").read_bytes() == b"someone else's data"

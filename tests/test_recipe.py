@@ -119,7 +119,11 @@ class _Breaks(MorphPass):
     name = "test_breaks"
     params = (Param("layer", layer_name, "layer"),)
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def requires(self, model: onnx.ModelProto) -> None:
+        return None
+
+    def call(self, model: onnx.ModelProto, plan: None) -> PassResult:
+        model = mgraph.model_of(model)
         graph = mgraph.import_graph(model)
         node = mgraph.find_layer(graph, self.layer)
         mgraph.set_input_constant(node, 1, 2 * np.asarray(mgraph.values(node.inputs[1])))

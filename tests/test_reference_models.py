@@ -49,7 +49,7 @@ def _run(model: onnx.ModelProto, batch: int, seed: int = 0) -> list[np.ndarray]:
 def test_registry_lists_the_expected_models() -> None:
     assert set(generate.MODELS) == {
         "mlp_relu", "mlp_tanh", "cifar10_quick", "vgg_bn", "resnet_mini", "inception_mini",
-        "mobilenet_mini", "transformer_ff",
+        "mobilenet_mini", "transformer_ff", "transformer_prenorm",
     }
 
 
@@ -147,11 +147,11 @@ def test_width_multiplier_scales_cifar10_quick_channels() -> None:
         assert weights["fc2.weight"] == (10, 64 * width)
 
 
-def test_transformer_ff_uses_opset_17_and_others_13() -> None:
+def test_transformers_use_opset_17_and_others_13() -> None:
     for stem in STEMS:
         model = onnx.load(str(_path(stem)))
         opset = {o.domain: o.version for o in model.opset_import}[""]
-        assert opset == (17 if stem == "transformer_ff" else 13), stem
+        assert opset == (17 if stem.startswith("transformer_") else 13), stem
 
 
 def test_main_writes_identical_files(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ def test_a_huge_shape_option_is_refused(tmp_path: Path) -> None:
 
 def test_fills_are_budgeted_together(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each fill alone is under the limit; together they are over it.
-    monkeypatch.setattr(mio, "memory_limit", lambda: 2**20)
+    monkeypatch.setenv("ONNXMORPH_MAX_MODEL_BYTES", str(2**20))
     model = _constant_of_shape_model([200_000], [200_000])
     with pytest.raises(onnxmorph.UnsafeModelError, match="refused"):
         mio.normalize(model)

@@ -13,10 +13,9 @@ from onnxmorph.solvers import (
     compose,
     random_orthogonal,
     solve_deepen,
-    split_parallel,
-    split_residual,
     target_kernel,
 )
+from onnxmorph.splitting import split_parallel, split_residual
 
 
 def ref_conv(x, w, b=None, groups=1, pads=None):

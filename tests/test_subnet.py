@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import FULL_SWEEP, LIGHT, LIGHT_MODELS, light_model, reference_model, sample_layers
+from conftest import FULL_SWEEP, LIGHT, LIGHT_MODELS, described, light_model, reference_model, sample_layers
 from onnx import numpy_helper
-from onnxmorph.passes.subnet import SubnetPass, chain_filters, split_residual_centred
+from onnxmorph.passes.subnet import SubnetPass
 
 import onnxmorph
 from onnxmorph import graph as mgraph
 from onnxmorph import solvers
 from onnxmorph.errors import NotApplicable
+from onnxmorph.splitting import chain_filters, split_residual_centred
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -223,7 +224,7 @@ def test_refusals() -> None:
     with pytest.raises(NotApplicable, match="1x1 -> 1x1"):
         SubnetPass(layer="pw2", kind="residual", kernels="3,1").requires(reference_model("mobilenet_mini"))
     vgg = reference_model("vgg_bn")
-    assert SubnetPass(layer="conv1_1", kind="residual").describe(vgg)["module"] == "1c1"
+    assert described(SubnetPass(layer="conv1_1", kind="residual"), vgg)["module"] == "1c1"
 
 
 def _conv_names(model: onnx.ModelProto) -> list[str]:
@@ -270,5 +271,5 @@ def test_real_architectures_verify_or_refuse(stem: str) -> None:
         except NotApplicable as exc:
             assert "\n" not in str(exc)
             continue
-        report = verifier.check(step.call(model).model)
+        report = verifier.check(step.apply(model).model)
         assert report, f"{stem}/{name} {params}: {report.summary()}"

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
-from onnxmorph.verify import OutputCheck, _compare, default_tolerances, parse_shape, read_model_file
+from onnxmorph.report import OutputCheck, default_tolerances
+from onnxmorph.report import compare as _compare
+from onnxmorph.verify import parse_shape, read_model_file
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

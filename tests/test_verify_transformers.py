@@ -14,7 +14,8 @@ import onnxmorph
 from onnxmorph import cli, feeds
 from onnxmorph.verify import Verifier, read_model_file
 
-TEXT_MODELS = [("gpt2", False), ("bert", False), ("llama", False), ("llama", True)]
+TEXT_MODELS = [("gpt2", False), ("bert", False), ("llama", False), ("llama", True),
+               pytest.param("gpt2", True, marks=pytest.mark.slow), pytest.param("bert", True, marks=pytest.mark.slow)]
 
 
 def _perturbed(path: Path, out: Path) -> Path:
@@ -38,6 +39,15 @@ def test_verify_with_no_flags_passes_on_itself_and_fails_on_a_modified_copy(
     assert "attention_mask int64[2x16] ones" in header
     assert "uniform" not in header
     assert cli.main(["verify", str(hf.path), str(_perturbed(hf.path, tmp_path / "changed.onnx"))]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_verify_with_no_flags_on_an_audio_model(hf_export, dynamo: bool) -> None:  # noqa: F811
+    hf = hf_export("wav2vec2", dynamo)
+    report = onnxmorph.verify(hf.path, hf.path)
+    assert report and report.inputs == {"input_values": [2, 16]}
+    assert "input_values float32[2x16] uniform [-1, 1)" in report.input_source
 
 
 def test_token_ids_and_masks_as_drawn(hf_export) -> None:  # noqa: F811

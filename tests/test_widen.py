@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, light_model, reference_model, sample_layers
+from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, described, light_model, reference_model, sample_layers
 from onnx import numpy_helper
 
 import onnxmorph
@@ -24,6 +24,7 @@ METHODS = ("netmorph", "net2net", "lemon")
 
 @pytest.mark.parametrize("method", ["net2net", "lemon"])
 @pytest.mark.parametrize("block", [1, 4])
+
 def test_outgoing_weights_keep_the_sum_over_copies(method: str, block: int) -> None:
     rng = np.random.default_rng(0)
     c, added = 6, 5
@@ -89,7 +90,7 @@ def test_widen_reference_models(stem: str, layer: str, width: int, what: str, me
     parent = reference_model(stem)
     view = mgraph.read_view(parent)
     width = onnxmorph.get_pass("widen").probe(parent, mgraph.layer_info(mgraph.find_node(view, layer))).width
-    coupling_layers = onnxmorph.get_pass("widen")(layer=layer, width=width, method=method).describe(parent)
+    coupling_layers = described(onnxmorph.get_pass("widen")(layer=layer, width=width, method=method), parent)
     child = onnxmorph.widen(parent, layer=layer, width=width, method=method, seed=3, verify=False)
     if stem not in verifiers:
         verifiers[stem] = Verifier(parent, trials=1)
@@ -110,9 +111,9 @@ def test_widen_reference_models(stem: str, layer: str, width: int, what: str, me
 
 def test_residual_group_and_depthwise_structure() -> None:
     parent = reference_model("resnet_mini")
-    described = onnxmorph.get_pass("widen")(layer="s1b1_conv2", width=24).describe(parent)
-    assert sorted(described["coupled"]) == ["s1b2_conv2", "stem_conv"]
-    assert "s2b1_proj" in described["consumers"] and "s2b1_conv1" in described["consumers"]
+    facts = described(onnxmorph.get_pass("widen")(layer="s1b1_conv2", width=24), parent)
+    assert sorted(facts["coupled"]) == ["s1b2_conv2", "stem_conv"]
+    assert "s2b1_proj" in facts["consumers"] and "s2b1_conv1" in facts["consumers"]
     mobile = reference_model("mobilenet_mini")
     child = onnxmorph.widen(mobile, layer="pw1", width=48, verify=False)
     dw2 = next(n for n in child.graph.node if n.name == "dw2")
@@ -209,8 +210,8 @@ def test_alexnet_conv2_grouped_before_lrn_verifies() -> None:
     """AlexNet's conv2 has 2 groups and an LRN after it: it becomes dense and verifies (about 7 s)."""
     model = light_model("light_bvlc_alexnet")
     widen = onnxmorph.get_pass("widen")(layer="n4", width=384)
-    assert widen.describe(model)["made_dense"] == ["n4"]
-    child = widen.call(model).model
+    assert described(widen, model)["made_dense"] == ["n4"]
+    child = widen.apply(model).model
     node = next(n for n in child.graph.node if n.name == "n4")
     weights = {t.name: tuple(t.dims) for t in child.graph.initializer}
     assert weights[node.input[1]] == (384, 96, 5, 5)
@@ -241,5 +242,5 @@ def test_widen_real_architectures_verifies(stem: str, count: int) -> None:
         except NotApplicable:
             continue
         verifier = verifier or Verifier(model, trials=1)
-        report = verifier.check(probe.call(model).model)
+        report = verifier.check(probe.apply(model).model)
         assert report, f"{stem} {info.name}: {report.summary()}"

@@ -90,9 +90,9 @@ def test_sweep_sample_on_exported_architectures(name: str) -> None:
 def test_sweep_widens_90_percent_of_layers(dynamo: bool, capsys: pytest.CaptureFixture[str]) -> None:
     """Every Conv/Gemm/MatMul layer of the ten architectures, widened by 50% (about 2 minutes per exporter).
 
-    Measured (torch 2.x): default exporter 125 of 136 layers (the 8 refusals on ConvNeXt are its
-    LayerNorm over the channels, the 3 on ShuffleNet need new channels backwards through a shuffle);
-    dynamo=False 120 of 136 (ShuffleNet's chunk and shuffle computed from Shape).
+    Measured (torch 2.x): default exporter 128 of 136 layers (the 8 refusals are ConvNeXt's, at its
+    LayerNorm over the channels); dynamo=False 120 of 136 (ShuffleNet's chunk and shuffle computed
+    from Shape).
     """
     _exporter(dynamo)
     verified = counted = 0

@@ -8,6 +8,7 @@ readers share each channel's weights among its copies. Every child is verified i
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -60,6 +61,13 @@ class TinyLM(nn.Module):
         y = self.ln2(x)
         x = x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
         return self.head(self.lnf(x))
+
+
+@functools.cache
+def _tiny(dynamo: bool, **options: object) -> onnx.ModelProto:
+    """TinyLM(**options), seeded, exported once per session."""
+    torch.manual_seed(2)
+    return _export(TinyLM(**options), dynamo=dynamo)
 
 
 def _export(module: nn.Module, dynamo: bool) -> onnx.ModelProto:
@@ -118,17 +126,18 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(NotApplicable, match="exact only when the channels are tiled"):
         onnxmorph.get_pass("widen")(layer=writer, width=24).requires(model)
-    if rms:  # a decomposed norm has no epsilon attribute to rescale: tiling only
-        with pytest.raises(NotApplicable, match="a multiple of 16"):
-            onnxmorph.get_pass("widen")(layer=writer, width=24, method="net2net").requires(model)
-    else:  # 1.5x: average expansion (the new channels carry the stream's mean)
-        _widened(model, writer, 24, "net2net")
+    # 1.5x: average expansion (the new channels carry the stream's mean under LayerNorm, 0 under RMSNorm)
+    child = _widened(model, writer, 24, "net2net")
+    _widened(model, writer, 40, "lemon")
+    if rms:  # the decomposed RMSNorm's epsilon (an Add constant) scaled by s = 16/24
+        eps = sorted(float(numpy_helper.to_array(t).reshape(-1)[0]) for t in child.graph.initializer
+                     if numpy_helper.to_array(t).size == 1)
+        assert any(e == pytest.approx(1e-6 * 16 / 24) for e in eps), eps
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_gated_ffn_and_hidden_width_on_both_exporters(dynamo: bool) -> None:
-    torch.manual_seed(2)
-    model = _export(TinyLM(), dynamo=dynamo)
+    model = _tiny(dynamo)
     from onnxmorph import graph as mgraph
 
     names = [info.name for info in mgraph.layers(mgraph.read_view(model))]
@@ -151,7 +160,7 @@ def test_convnext_widens_every_layer_by_tiling() -> None:
     verified = 0
     for info in mgraph.layers(mgraph.read_view(model))[:-1]:  # the last is the classifier
         old = info.weight_shape[0] if info.op == "Conv" else info.weight_shape[-1]
-        child = widen(layer=info.name, width=2 * old, method="net2net", seed=1).call(model).model
+        child = widen(layer=info.name, width=2 * old, method="net2net", seed=1).apply(model).model
         report = onnxmorph.verify(model, child, trials=1)
         assert report, (info.name, report.summary())
         verified += 1
@@ -217,8 +226,7 @@ def test_post_norm_stream_tiles_but_does_not_average() -> None:
 def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
     """Widening the fused QKV projection by whole heads: one new head each for Q, K and V (head size 8); the
     reshapes that split and merge the heads are rewritten and the output projection reads the new head with 0."""
-    torch.manual_seed(3)
-    model = _export(TinyLM(), dynamo=dynamo)
+    model = _tiny(dynamo)
     from onnxmorph import graph as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
@@ -232,8 +240,7 @@ def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
 
 def test_attention_heads_grow_with_separate_projections() -> None:
     """Widening Q by a head gives K and V the same head (scores and values are per head): all three grow."""
-    torch.manual_seed(4)
-    model = _export(TinyLM(fused=False, heads=4, d=16), dynamo=False)
+    model = _tiny(False, fused=False, heads=4)
     from onnxmorph import graph as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
@@ -281,3 +288,66 @@ def test_grouped_query_attention_grows_whole_groups() -> None:
     _widened(model, k.name, 12, "netmorph")
     with pytest.raises(NotApplicable, match="a multiple of 2"):
         onnxmorph.get_pass("widen")(layer=q.name, width=20).requires(model)
+
+
+def test_onnxruntime_fused_skip_norms_tile() -> None:
+    """SkipLayerNormalization and SkipSimplifiedLayerNormalization (com.microsoft, written by onnxruntime's
+    transformer optimiser): the residual sum (output 3) is the stream, output 0 its norm."""
+    text = """<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (int64[2, 5] ids) => (float[2, 5, 7] y) <float[2, 5, 6] n, float[2, 5, 6] s, float[2, 5, 6] r> {
+    e = Gather(table, ids)
+    h = MatMul(e, w1)
+    n, mu, inv, s = com.microsoft.SkipLayerNormalization<epsilon=0.001>(e, h, gamma, beta)
+    h2 = MatMul(n, w2)
+    r, mu2, inv2, s2 = com.microsoft.SkipSimplifiedLayerNormalization<epsilon=0.001>(s, h2, gamma2)
+    y = MatMul(r, head)
+    }"""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(5)
+    arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "w2": rng.normal(size=(6, 6)),
+              "gamma": rng.random(6) + 0.5, "beta": rng.normal(size=6), "gamma2": rng.random(6) + 0.5,
+              "head": rng.normal(size=(6, 7))}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
+    for node in model.graph.node:
+        node.name = node.output[0]
+    model = onnxmorph.normalize(model)
+    for layer in ("h", "h2"):
+        _widened(model, layer, 12, "net2net")
+        _widened(model, layer, 18, "lemon")
+    with pytest.raises(NotApplicable, match="SkipSimplifiedLayerNormalization 'r' is neither a LayerNorm"):
+        onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
+
+
+class BatchedHeadsAttention(nn.Module):
+    """Attention as exporters decompose scaled_dot_product_attention: heads merged with the batch for bmm."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.h, self.hd).transpose(1, 2).reshape(b * self.h, t, self.hd)
+                   for f in (self.q, self.k, self.v))
+        a = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) / self.hd ** 0.5, -1), v)
+        a = a.reshape(b, self.h, t, self.hd).transpose(1, 2).reshape(b, t, d)
+        return self.fc(x + self.o(a))
+
+
+@pytest.mark.parametrize("width", [20, 32])
+def test_heads_merged_with_the_batch_grow(width: int) -> None:
+    """[B, H, T, d] -> [B*H, T, d]: the new heads repeat in every batch element of the merged axis."""
+    torch.manual_seed(6)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BatchedHeadsAttention().eval(), (torch.randn(2, 6, 16),), buffer, dynamo=False)
+    model = onnxmorph.normalize(onnx.load_from_string(buffer.getvalue()))
+    from onnxmorph import graph as mgraph
+
+    q, k, v = (info for info in mgraph.layers(mgraph.read_view(model))[:3])
+    child = _widened(model, q.name, width, "netmorph")
+    dims = {t.name: tuple(t.dims) for t in child.graph.initializer}
+    assert dims[k.weight][-1] == dims[v.weight][-1] == width

@@ -1,0 +1,106 @@
+"""Rewriting after a channel analysis: per-channel constants grown once or copied, shape constants and Splits resized.
+
+Shared by every pass that adds channels (widen, the concat skip) so the bookkeeping lives once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxmorph import graph as mgraph
+from onnxmorph.channels import Consumer, Coupling, Param, ints
+
+
+def private_constant(graph: gs.Graph, node: gs.Node, index: int, array: np.ndarray,
+                     namer: mgraph.Namer | None = None) -> gs.Constant:
+    """Set input `index` of `node` to `array`; a constant other nodes also read gets a copy of its own."""
+    old = node.inputs[index]
+    others = [n for n in old.outputs if n is not node]
+    name = None
+    if others:
+        name = (namer or mgraph.Namer(graph))(old.name, "widened")
+    return mgraph.set_input_constant(node, index, array, name=name)
+
+
+def grow_params(graph: gs.Graph, coupling: Coupling, extend: Callable[[Param, np.ndarray], np.ndarray]) -> None:
+    """Grow every per-channel constant: `extend(param, array)` adds one slot's channels.
+
+    A constant read by several nodes grows once when every reader needs the same growth (layer
+    scale read twice, say); otherwise each widened reader gets a grown copy and the others keep it.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    namer = mgraph.Namer(graph)
+    by_input = coupling.params_by_input()
+    by_constant: dict[str, list[tuple[str, int]]] = {}
+    for name, index in by_input:
+        by_constant.setdefault(nodes[name].inputs[index].name, []).append((name, index))
+    for readers in by_constant.values():
+        first = nodes[readers[0][0]].inputs[readers[0][1]]
+        plans = {tuple((p.axis, p.offset, p.block, p.space, p.role) for p in by_input[r]) for r in readers}
+        uses = {(n.name, k) for n in first.outputs for k, t in enumerate(n.inputs) if t is first}
+        together = len(plans) == 1 and uses == set(readers)
+        for k, (name, index) in enumerate(readers):
+            node = nodes[name]
+            if together and k:
+                node.inputs[index] = nodes[readers[0][0]].inputs[readers[0][1]]
+                continue
+            array = mgraph.values(node.inputs[index])
+            for param in by_input[(name, index)]:
+                array = extend(param, array)
+            if together:
+                mgraph.set_input_constant(node, index, array)
+            else:
+                private_constant(graph, node, index, array, namer)
+
+
+def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
+    """After the channels grew: grow the constants that spell a shape, and forget stale shapes.
+
+    Shared by every pass that adds channels (widen, concat-skip) so the bookkeeping lives once.
+    """
+    nodes = {node.name: node for node in graph.nodes}
+    namer = mgraph.Namer(graph)
+    for fix in coupling.shape_fixes:
+        node = nodes[fix.node]
+        delta = coupling.added(fix.tensor, fix.axis) if fix.delta is None else fix.delta
+        if fix.attr is not None:
+            values = ints(node.attrs[fix.attr])
+            values[fix.position] += delta
+            node.attrs[fix.attr] = values
+            continue
+        shape = mgraph.values(node.inputs[fix.index]).copy()
+        shape.reshape(-1)[fix.position] += delta
+        private_constant(graph, node, fix.index, shape, namer)
+    for split in coupling.split_fixes:
+        node = nodes[split.node]
+        node.attrs.pop("num_outputs", None)
+        if graph.opset < 13:
+            node.attrs["split"] = list(split.sizes)
+        elif len(node.inputs) > 1 and node.inputs[1].name:
+            private_constant(graph, node, 1, np.asarray(split.sizes, dtype=np.int64), namer)
+        else:
+            sizes = mgraph.constant(namer(node.name, "split"), np.asarray(split.sizes), np.int64)
+            node.inputs = [node.inputs[0], sizes]
+    tensors = graph.tensors()
+    for name in coupling.tensors + coupling.stale:
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Variable):
+            tensor.shape = None
+
+
+def grow_consumers(nodes: dict[str, gs.Node], coupling: Coupling,
+                   outgoing: Callable[[gs.Node, np.ndarray, Consumer], np.ndarray]) -> None:
+    """Give every consumer layer its weights on the new channels: `outgoing(node, weight, consumer)`
+    fills one slot at a time, the last offset first so that earlier offsets stay where they are."""
+    by_consumer: dict[str, list[Consumer]] = {}
+    for consumer in coupling.consumers:
+        by_consumer.setdefault(consumer.node, []).append(consumer)
+    for name, items in by_consumer.items():
+        node = nodes[name]
+        w = mgraph.values(node.inputs[1])
+        for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
+            w = outgoing(node, w, consumer)
+        mgraph.set_input_constant(node, 1, w)
