@@ -33,9 +33,9 @@ def test_quick_run_writes_table_json_and_plot(quick_run) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     table = (out / "textgrowth-quick.md").read_text()
     ran = [arm for arm in textgrowth.QUICK.arms if arm not in results["arms_not_run"]]
-    if "block" in onnxmorph.REGISTRY:
-        assert "blocks" in ran
-    assert ran, "no growth arm could run"
+    # This onnxmorph has the block morph and widens a transformer's residual stream by tiling.
+    assert "block" in onnxmorph.REGISTRY
+    assert ran == ["blocks", "width", "both"], results["arms_not_run"]
     for arm in ran:
         assert f"| {arm}, from scratch |" in table and f"| {arm}, grown at step 12 |" in table
     for arm, reason in results["arms_not_run"].items():
@@ -94,6 +94,7 @@ def test_compute_saved_is_counted_over_parent_and_child() -> None:
     assert row["compute_share"]["mean"] == pytest.approx(0.8)
     assert row["minus_scratch_equal_compute"]["mean"] == pytest.approx(0.8 - 1.16)
     assert row["minus_scratch_equal_steps"]["mean"] == pytest.approx(-0.2)
+    assert row["minus_parent"]["mean"] == pytest.approx(0.8 - 1.2)
 
 
 def test_corpus_windows_are_next_byte_pairs() -> None:
