@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 from onnxmorph.build import P_ACTIVATION_SUFFIX
 from onnxmorph.errors import UsageError
 from onnxmorph.io import normalize, true_inputs
+from onnxmorph.train_ops import OPS as _TENSOR_OPS
 
 __all__ = [
     "OnnxModule",
@@ -251,6 +252,9 @@ _OPS: dict[str, Callable[..., torch.Tensor]] = {
     "BatchNormalization": lambda n, a, i, o: _batchnorm(n, a, *i[:5]),
     "LayerNormalization": lambda n, a, i, o: _layernorm(n, a, *i[:3]),
 }
+# Shape, mask and indexing ops of exported language models (Gather, Where, Trilu, Range, ...);
+# their Div also truncates integer division, as ONNX does.
+_OPS.update(_TENSOR_OPS)
 
 SUPPORTED_OPS = frozenset(_OPS)
 
@@ -270,6 +274,25 @@ def _torch_key(name: str, taken: set[str]) -> str:
         key, k = f"{base}_{k}", k + 1
     taken.add(key)
     return key
+
+
+def _activation_names(nodes: Iterable[onnx.NodeProto], names: Iterable[str]) -> list[str]:
+    """Names of the P-activation parameters: PRelu slopes and initializers named with a P-activation suffix."""
+    found = [n.input[1] for n in nodes if n.op_type == "PRelu" and len(n.input) > 1]
+    found += [name for name in names if name.endswith(ACTIVATION_SUFFIXES)]
+    return list(dict.fromkeys(found))
+
+
+def _default_trainable(model: onnx.ModelProto) -> Callable[[str], bool]:
+    """Every float initializer except single numbers that are not P-activation parameters.
+
+    Single numbers are the constants of exported formulas (GELU's 0.5 and sqrt 2, the attention
+    scale, a mask's -inf) and the `1` of a P-activation's `1 - a`: training them would change what
+    the graph computes rather than fit its weights.
+    """
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    activations = set(_activation_names(model.graph.node, sizes))
+    return lambda name: sizes.get(name, 2) > 1 or name in activations
 
 
 class OnnxModule(torch.nn.Module):
@@ -297,19 +320,23 @@ class OnnxModule(torch.nn.Module):
         self.input_names = [i.name for i in true_inputs(model)]
         self.output_names = [o.name for o in graph.output]
         statistics = {n.input[k] for n in graph.node for k in _STATISTICS.get(n.op_type, ()) if k < len(n.input)}
+        if trainable is None:
+            trainable = _default_trainable(model)
         self.params = torch.nn.ParameterDict()
-        self._constants: dict[str, torch.Tensor] = {}
+        # Constants are non-persistent buffers, so that `module.to(device)` moves them with the weights.
+        self._constant_keys: dict[str, str] = {}
         self.onnx_names: dict[str, str] = {}
         taken: set[str] = set()
         for init in graph.initializer:
             array = numpy_helper.to_array(init)
+            key = _torch_key(init.name, taken)
             if init.data_type in _FLOAT_TYPES and init.name not in statistics:
-                key = _torch_key(init.name, taken)
                 data = torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype == np.float16 else array.dtype))
-                self.params[key] = torch.nn.Parameter(data, requires_grad=trainable is None or trainable(init.name))
+                self.params[key] = torch.nn.Parameter(data, requires_grad=trainable(init.name))
                 self.onnx_names[init.name] = key
             else:
-                self._constants[init.name] = torch.from_numpy(np.array(array))
+                self.register_buffer("const_" + key, torch.from_numpy(np.array(array)), persistent=False)
+                self._constant_keys[init.name] = "const_" + key
 
     def parameter(self, onnx_name: str) -> torch.nn.Parameter:
         """The parameter holding the ONNX initializer `onnx_name`."""
@@ -336,11 +363,15 @@ class OnnxModule(torch.nn.Module):
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise UsageError(f"missing model input(s): {', '.join(missing)}")
-        env.update(self._constants)
+        env.update({name: getattr(self, key) for name, key in self._constant_keys.items()})
         env.update({name: self.params[key] for name, key in self.onnx_names.items()})
         for node, attrs in self._nodes:
             inputs = [env[name] for name in node.input]
-            env[node.output[0]] = _OPS[node.op_type](node, attrs, inputs, self._opset)
+            result = _OPS[node.op_type](node, attrs, inputs, self._opset)
+            if isinstance(result, tuple):
+                env.update(zip(node.output, result))
+            else:
+                env[node.output[0]] = result
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -352,7 +383,9 @@ def to_torch(model: onnx.ModelProto | str, *, trainable: Callable[[str], bool] |
     """Load an ONNX model (ModelProto or path) as a trainable `OnnxModule`.
 
     Every float initializer becomes a parameter (BatchNormalization's running mean and variance
-    stay constants); `trainable(name)` may freeze some by returning False.
+    stay constants). By default single numbers are frozen (an exported formula's constants such as
+    GELU's 0.5, the `1` of a P-activation's `1 - a`) except P-activation parameters; `trainable(name)`
+    replaces that rule.
     """
     if not isinstance(model, onnx.ModelProto):
         from onnxmorph.io import load
@@ -386,10 +419,9 @@ def activation_parameters(module: OnnxModule) -> dict[str, torch.nn.Parameter]:
     (`ACTIVATION_SUFFIXES`); at morph time they are 1 (a linear activation), and training moves
     them toward 0 (the plain non-linearity).
     """
-    names = [n.input[1] for n, _ in module._nodes if n.op_type == "PRelu" and len(n.input) > 1]
-    names += [name for name in module.onnx_names if name.endswith(ACTIVATION_SUFFIXES)]
     params = module.onnx_parameters()
-    return {name: params[name] for name in dict.fromkeys(names) if name in params}
+    names = _activation_names((n for n, _ in module._nodes), module.onnx_names)
+    return {name: params[name] for name in names if name in params}
 
 
 def _loss_function(loss: LossLike) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -405,6 +437,36 @@ def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _make_optimizer(module: torch.nn.Module, optimizer: OptimizerLike) -> torch.optim.Optimizer:
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if optimizer is None:
+        return torch.optim.Adam(trainable, lr=1e-3)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    return optimizer(trainable)
+
+
+class _Annealer:
+    """Holds the P-activations' `a` inside [-b, b], with b falling linearly to 0 over `steps` steps.
+
+    b starts at the largest |a| (1 at morph time), so nothing moves at step 0; after `steps` steps
+    every `a` is 0 and stays there: the new layers are then plain non-linear activations.
+    """
+
+    def __init__(self, module: torch.nn.Module, steps: int) -> None:
+        self.alphas = list(activation_parameters(module).values()) if isinstance(module, OnnxModule) else []
+        if steps < 1 or not self.alphas:
+            raise UsageError("anneal_activations needs a positive number of steps and a model with P-activations")
+        self.steps = steps
+        self.start = max(float(a.detach().abs().max()) for a in self.alphas)
+
+    def __call__(self, step: int) -> None:
+        bound = self.start * max(0.0, 1.0 - step / self.steps)
+        with torch.no_grad():
+            for a in self.alphas:
+                a.clamp_(-bound, bound)
+
+
 def fit(
     module: torch.nn.Module,
     inputs: np.ndarray | torch.Tensor,
@@ -416,13 +478,18 @@ def fit(
     batch_size: int = 64,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    anneal_activations: int | None = None,
 ) -> list[float]:
     """Train `module` for `steps` minibatch steps on (`inputs`, `targets`); returns the losses.
 
     `loss` is "cross_entropy", "mse" or a callable(output, target). `optimizer` is an optimiser
     over the module's parameters, or a factory called with its trainable parameters (default:
     Adam, lr 1e-3). Minibatches are drawn from a seeded permutation, reshuffled every epoch, so
-    a run is reproducible. `callback(step, loss)` is called after each step (step counts from 1).
+    a run is reproducible, and moved to the module's device. `callback(step, loss)` is called after
+    each step (step counts from 1). `lr_schedule(step)` multiplies every parameter group's initial
+    learning rate at that step. `anneal_activations=N` pulls the P-activations' `a` to 0 over the
+    first N steps (see `_Annealer`), so that the layers a morph inserted become non-linear.
     """
     if steps < 0 or batch_size < 1:
         raise UsageError("steps must be >= 0 and batch_size >= 1")
@@ -430,11 +497,10 @@ def fit(
     if len(x) != len(y) or len(x) == 0:
         raise UsageError(f"inputs and targets must be non-empty and of one length, got {len(x)} and {len(y)}")
     loss_fn = _loss_function(loss)
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    if optimizer is None:
-        optimizer = torch.optim.Adam(trainable, lr=1e-3)
-    elif not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer(trainable)
+    anneal = _Annealer(module, anneal_activations) if anneal_activations is not None else None
+    optimizer = _make_optimizer(module, optimizer)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(x))
     order = torch.randperm(len(x), generator=generator)
@@ -446,10 +512,15 @@ def fit(
             order, position = torch.randperm(len(x), generator=generator), 0
         index = order[position:position + batch_size]
         position += batch_size
+        if lr_schedule is not None:
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_schedule(step)
         optimizer.zero_grad()
-        value = loss_fn(module(x[index]), y[index])
+        value = loss_fn(module(x[index].to(device)), y[index].to(device))
         value.backward()
         optimizer.step()
+        if anneal is not None:
+            anneal(step)
         losses.append(float(value.detach()))
         if callback is not None:
             callback(step, losses[-1])
@@ -463,9 +534,10 @@ def predict(module: torch.nn.Module, inputs: np.ndarray | torch.Tensor, *, batch
     if len(x) == 0:
         raise UsageError("no inputs")
     outputs = []
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            out = module(x[start:start + batch_size])
-            outputs.append((out[0] if isinstance(out, tuple) else out).numpy())
+            out = module(x[start:start + batch_size].to(device))
+            outputs.append((out[0] if isinstance(out, tuple) else out).cpu().numpy())
     return np.concatenate(outputs)
 

@@ -64,11 +64,23 @@ def test_p_activations_start_linear_and_move_while_fine_tuning(quick_run) -> Non
     _, results, _ = quick_run
     deep = [entries for family in results["families"] for label, entries in family["runs"].items()
             if label.startswith("deeper") and label.endswith("(morph)")]
-    assert len(deep) == 3
+    assert len(deep) == 5
     for entries in deep:
         for entry in entries:
             a = entry["curve"]["a"]
             assert a[0] == 1.0 and a[-1] != 1.0
+
+
+def test_annealed_p_activations_end_at_zero(quick_run) -> None:
+    _, results, _ = quick_run
+    annealed = [(label, entries) for family in results["families"] for label, entries in family["runs"].items()
+                if "a annealed" in label]
+    assert len(annealed) == 4  # CNN and MLP, morph and scratch
+    for label, entries in annealed:
+        for entry in entries:
+            a = entry["curve"]["a"]
+            assert a[0] == (1.0 if label.endswith("(morph)") else 0.0)
+            assert a[-1] == 0.0, label
 
 
 def test_scratch_initialisation_keeps_the_graph_and_zeroes_a() -> None:
@@ -80,6 +92,10 @@ def test_scratch_initialisation_keeps_the_graph_and_zeroes_a() -> None:
     alphas = ot.activation_parameters(net)
     assert alphas and all(name.endswith(P_ACTIVATION_SUFFIX) for name in alphas)
     assert all(torch.all(a == 0) for a in alphas.values())
+    # The 1 of the P-tanh's 1 - a is a constant of the formula: a fresh start keeps it (with 0 the
+    # layer's output would be -a * tanh(x) + a * x, nothing at all while a is held at 0).
+    ones = [p for name, p in net.onnx_parameters().items() if p.numel() == 1 and name not in alphas]
+    assert ones and all(float(p) == 1.0 for p in ones)
     weights = {n: p.detach().numpy() for n, p in net.onnx_parameters().items() if p.dim() == 2}
     assert all(np.abs(w).sum() > 0 for w in weights.values())
     again = ot.to_torch(digits.initialise(child, 5, gain=1.0)).onnx_parameters()

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxmorph
 from onnxmorph import train as ot
 from onnxmorph.build import P_ACTIVATION_SUFFIX
+from onnxmorph.experiments import run_jobs
 
 log = logging.getLogger("onnxmorph.experiments.digits")
 
@@ -67,6 +68,9 @@ class Child:
     label: str
     morph: str
     params: dict[str, Any] = field(default_factory=dict)
+    # Fraction of the fine-tuning steps over which the P-activations' `a` is pulled to 0
+    # (onnxmorph.train.fit's anneal_activations); 0 leaves `a` to the optimiser.
+    anneal: float = 0.0
 
 
 CNN_CHILDREN = (
@@ -76,9 +80,13 @@ CNN_CHILDREN = (
     # Without noise, Net2Net's copies get identical gradients and never become different units.
     Child("wider, net2net", "widen", {"layer": "conv2", "width": 16, "method": "net2net", "noise": 0.1}),
     Child("subnet, residual", "subnet", {"layer": "conv2", "kind": "residual"}),
+    Child("deeper, netmorph, a annealed", "deepen",
+          {"layer": "conv2", "kernel": 3, "activation": "relu", "method": "netmorph"}, anneal=0.5),
 )
 MLP_CHILDREN = (
     Child("deeper, netmorph, P-tanh", "deepen", {"layer": "fc1", "activation": "tanh", "method": "netmorph"}),
+    Child("deeper, netmorph, P-tanh, a annealed", "deepen",
+          {"layer": "fc1", "activation": "tanh", "method": "netmorph"}, anneal=0.5),
 )
 
 
@@ -109,6 +117,9 @@ def _fan_in(node: onnx.NodeProto, shape: Sequence[int]) -> int:
 def initialise(model: onnx.ModelProto, seed: int, gain: float) -> onnx.ModelProto:
     """`model` with fresh weights: normal(0, gain / sqrt(fan_in)) weights, zero biases, `a` = 0.
 
+    Single numbers other than `a` are constants of the graph (onnxmorph.train freezes them too) and
+    are kept.
+
     The parents are built with it, and so are the children "from scratch" (every P-activation
     starts as its plain non-linearity, a = 0, as in an ordinary network of that shape).
     """
@@ -123,6 +134,8 @@ def initialise(model: onnx.ModelProto, seed: int, gain: float) -> onnx.ModelProt
         array = numpy_helper.to_array(init)
         if not np.issubdtype(array.dtype, np.floating):
             continue
+        if array.size == 1 and not init.name.endswith(P_ACTIVATION_SUFFIX):
+            continue  # a constant of the graph's formulas (the 1 of a P-activation's 1 - a), not a weight
         if init.name.endswith(P_ACTIVATION_SUFFIX):
             new = np.zeros_like(array)
         elif init.name in fan:
@@ -188,8 +201,11 @@ def _mean_a(net: ot.OnnxModule) -> float | None:
 
 
 def run_training(model: onnx.ModelProto, data: tuple[np.ndarray, ...], steps: int, seed: int,
-                 config: Config) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Train `model` for `steps`; returns the trained model and its curve (test accuracy, mean a)."""
+                 config: Config, anneal: int | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Train `model` for `steps`; returns the trained model and its curve (test accuracy, mean a).
+
+    `anneal`: steps over which the P-activations' `a` is pulled to 0 (None: `a` is free).
+    """
     x_train, x_test, y_train, y_test = data
     net = ot.to_torch(model)
     curve = {"step": [0], "accuracy": [_accuracy(net, x_test, y_test)], "a": [_mean_a(net)]}
@@ -201,7 +217,7 @@ def run_training(model: onnx.ModelProto, data: tuple[np.ndarray, ...], steps: in
             curve["a"].append(_mean_a(net))
 
     ot.fit(net, x_train, y_train, loss="cross_entropy", optimizer=lambda p: torch.optim.Adam(p, lr=config.lr),
-           steps=steps, batch_size=config.batch_size, seed=seed, callback=record)
+           steps=steps, batch_size=config.batch_size, seed=seed, callback=record, anneal_activations=anneal)
     return ot.to_onnx(net), curve
 
 
@@ -255,13 +271,15 @@ def run_seed(family_name: str, seed: int, config: Config) -> dict[str, dict[str,
         log.info("%s, seed %d: %s", family.name, seed, child.label)
         morphed = getattr(onnxmorph, child.morph)(parent, seed=seed, **child.params)
         gap = float(np.abs(_logits(morphed, data[1]) - parent_logits).max())
-        _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config)
+        anneal = max(1, round(child.anneal * config.finetune_steps)) if child.anneal else None
+        _, curve = run_training(morphed, data, config.finetune_steps, seed + 1000, config, anneal)
         runs[f"{child.label} (morph)"] = {
             "seed": seed, "curve": curve, "offset": config.parent_steps, "parent_accuracy": parent_acc,
             "max_logit_gap_at_step_0": gap, "parameters": _count(morphed),
             "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
         scratch = initialise(morphed, seed + 2000, family.gain)
-        _, curve = run_training(scratch, data, total, seed + 2000, config)
+        # From scratch `a` starts at 0; annealing then holds it there (the plain activation throughout).
+        _, curve = run_training(scratch, data, total, seed + 2000, config, anneal)
         runs[f"{child.label} (scratch)"] = {
             "seed": seed, "curve": curve, "offset": 0, "parent_accuracy": parent_acc,
             "steps_to_parent_accuracy": _steps_to(curve, parent_acc)}
@@ -273,23 +291,14 @@ def _worker_init() -> None:
         _log_to_stderr()
 
 
-def run_families(config: Config, workers: int = 1) -> list[dict[str, Any]]:
+def run_families(config: Config, workers: int = 1, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every (family, seed) job, in `workers` processes; results are the same for any number of workers."""
-    jobs = [(family.name, seed) for family in FAMILIES for seed in config.seeds]
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = [pool.submit(run_seed, name, seed, config) for name, seed in jobs]
-            results = [f.result() for f in futures]
-    else:
-        results = [run_seed(name, seed, config) for name, seed in jobs]
-    by_job = dict(zip(jobs, results))
+    chosen = [f for f in FAMILIES if names is None or f.name in names]
+    jobs = [(family.name, seed, config) for family in chosen for seed in config.seeds]
+    results = run_jobs(run_seed, jobs, workers, _worker_init)
+    by_job = dict(zip([job[:2] for job in jobs], results))
     families = []
-    for family in FAMILIES:
+    for family in chosen:
         missing = [c.label for c in family.children if c not in _available(family)]
         for label in missing:
             log.warning("%s: onnxmorph has no such morph here; left out", label)
@@ -449,16 +458,29 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: Config, workers: int = 1) -> dict[str, Any]:
-    """The whole experiment; returns the results (curves, rows) as plain data."""
+def run(config: Config, workers: int = 1, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The whole experiment (or the families in `names`); returns the results (curves, rows) as plain data."""
     torch.set_num_threads(config.threads)
     data = load_data()
-    families = run_families(config, workers)
+    families = run_families(config, workers, names)
     for family in families:
         family["rows"] = summarise(family, config)
     return {"config": asdict(config), "data": {"train": len(data[0]), "test": len(data[1])},
             "versions": {"torch": torch.__version__, "onnxmorph": onnxmorph.__version__},
             "families": families}
+
+
+def _keep_other_families(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` (some families) completed with the other families of the run saved at `path`, same settings only."""
+    if not path.is_file():
+        return results
+    previous = json.loads(path.read_text())
+    if previous["config"] != json.loads(json.dumps(results["config"])):
+        raise SystemExit(f"{path} was made with other settings; rerun every family")
+    fresh = {f["name"]: f for f in results["families"]}
+    families = [fresh.pop(f["name"], f) for f in previous["families"]] + list(fresh.values())
+    rerun = sorted(set(previous.get("rerun", [])) | {f["name"] for f in results["families"]})
+    return {**results, "families": families, "rerun": rerun}
 
 
 def _log_to_stderr() -> None:
@@ -476,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes running seeds in parallel (default: 2, quick: 1)")
     parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads (default: 1)")
+    parser.add_argument("--family", choices=[f.name for f in FAMILIES], default=None,
+                        help="run this family only; the others are kept from the results already in --out")
     args = parser.parse_args(argv)
     # Progress of this run only; the morphs' own INFO logs would drown it.
     if not log.handlers:
@@ -487,9 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Config(**{**asdict(config), **overrides})
     start = time.perf_counter()
     workers = args.workers if args.workers is not None else (1 if args.quick else 2)
-    results = run(config, workers)
+    results = run(config, workers, None if args.family is None else [args.family])
     stem = "digits-quick" if args.quick else "digits"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.family is not None:
+        results = _keep_other_families(args.out / f"{stem}.json", results)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)
