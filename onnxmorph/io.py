@@ -19,9 +19,10 @@ from typing import Union
 import onnx
 from onnx.external_data_helper import load_external_data_for_model
 
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 from onnxmorph.errors import InvalidModelError, one_line
 from onnxmorph.folding import (  # noqa: F401  (re-exported)
+    foldable,
     is_normalized,
     list_initializers_as_inputs,
     normalize,
@@ -110,17 +111,23 @@ def _read_header(path: Path, *, digest: bool) -> tuple[onnx.ModelProto, _Digest 
     return model, hasher
 
 
-def load(path: PathLike, *, normalize_model: bool = False) -> onnx.ModelProto:
+def load(path: PathLike, *, normalize_model: bool = False, lazy: bool = False) -> onnx.ModelProto:
     """Load an ONNX model from `path`, resolving external data against the model's folder.
 
     External-data locations that escape the folder (absolute paths, `..`, symlinks out of it)
     are refused before any of them is read. The model is returned as the file has it, so that
     a child is verified against the parent the user gave; with `normalize_model` it is
-    normalised for morphing in place (see `normalize`), which saves a copy.
+    normalised for morphing in place (see `normalize`), which saves a copy. With `lazy`, external
+    weights are not read: they stay references to their files (see onnxmorph.streaming).
     """
     path = Path(path)
     model, hasher = _read_header(path, digest=True)
-    if any(True for _ in external_tensors(model)):
+    if lazy and any(True for _ in external_tensors(model)):
+        streaming.resolve_locations(model, path.resolve().parent)
+        set_metadata(model, SOURCE_EXTERNAL_KEY, "1")
+        if normalize_model:
+            streaming.inline_fold_inputs(model, foldable)
+    elif any(True for _ in external_tensors(model)):
         try:
             load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as exc:
@@ -135,6 +142,8 @@ def load(path: PathLike, *, normalize_model: bool = False) -> onnx.ModelProto:
 
 def check(model: onnx.ModelProto | bytes, name: str = "model") -> None:
     """Run onnx.checker on `model` (or its serialised bytes), raising InvalidModelError with one line."""
+    if isinstance(model, onnx.ModelProto) and streaming.streams(model):
+        model = skeleton(model, keep_dims=False)  # references were checked against their files
     try:
         if isinstance(model, bytes) or approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
@@ -171,7 +180,7 @@ def digest(model: onnx.ModelProto) -> str:
 def content_digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the serialised model (tensor by tensor when it is too large to serialise)."""
     h = hashlib.sha256()
-    if approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
+    if approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(model):
         h.update(model.SerializeToString(deterministic=True))
         return h.hexdigest()
     stripped = onnx.ModelProto()
@@ -180,5 +189,5 @@ def content_digest(model: onnx.ModelProto) -> str:
         tensor.ClearField("raw_data")
     h.update(stripped.SerializeToString(deterministic=True))
     for tensor in all_tensors(model):
-        h.update(tensor.raw_data)
+        h.update(streaming.read_bytes(tensor) if streaming.is_reference(tensor) else tensor.raw_data)
     return h.hexdigest()

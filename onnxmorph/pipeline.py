@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph import limits, receipt
+from onnxmorph import limits, receipt, streaming
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.graph import forget_views
 from onnxmorph.passinfra import MorphPass, get_pass
@@ -51,6 +52,7 @@ class MorphOutcome:
     report: Report | None
     steps: list[MorphPass] = field(default_factory=list)
     external_data: bool = False  # the parent's file kept its weights in external data
+    saved: Path | None = None  # where run_passes already wrote (and verified) the child, if it did
 
 
 def as_model(model: ModelLike) -> onnx.ModelProto:
@@ -70,7 +72,8 @@ def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
     if isinstance(parent, onnx.ModelProto):
         return mio.normalize(parent), parent
     log.info("loading %s", parent)
-    return mio.load(parent, normalize_model=True), Path(parent)
+    # Weights kept in external data stay in their files until a pass touches them (see streaming).
+    return mio.load(parent, normalize_model=True, lazy=True), Path(parent)
 
 
 def run_passes(
@@ -79,15 +82,30 @@ def run_passes(
     options: VerifyOptions | None = None,
     *,
     verify_each: bool = False,
+    output: str | os.PathLike | None = None,
 ) -> MorphOutcome:
     """Apply `passes` in order to a copy of `parent`, verify the result, record the receipt.
 
     Raises NotApplicable (nothing done) when a pass does not apply, VerificationFailed when the
-    child differs from the parent. `parent` is never modified.
+    child differs from the parent. `parent` is never modified. A child whose weights stay in
+    files (a parent with external data) is saved to `output` when given, and verified there by
+    path before it replaces anything (`outcome.saved`).
     """
     options = options or VerifyOptions()
     parent_model, reference = _morphable(parent)
     verifier = options.verifier(reference) if options.enabled else None
+    # A parent whose weights stay in files gets computed weights spilled to files as they are made.
+    with streaming.spilling() if streaming.streams(parent_model) else contextlib.nullcontext() as scratch:
+        child = _apply(parent_model, passes, verifier, verify_each)
+    if scratch is not None:
+        streaming.drop_unreferenced(scratch, [child])
+    if output is not None and streaming.streams(child):
+        return _save_verified(parent_model, child, passes, verifier, Path(output))
+    return _finish(parent_model, child, passes, verifier, verify_each)
+
+
+def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier: Verifier | None,
+           verify_each: bool) -> onnx.ModelProto:
     child = parent_model
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
@@ -116,6 +134,33 @@ def run_passes(
     if child is parent_model:
         child = onnx.ModelProto()
         child.CopyFrom(parent_model)
+    return child
+
+
+def _save_verified(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],
+                   verifier: Verifier | None, output: Path) -> MorphOutcome:
+    """Write the child, verify the written files by path, then rename them into place (see saving.save)."""
+    forget_views()
+    gc.collect()
+    mio.strip_transient_metadata(child)
+    reports: list[Report | None] = []
+
+    def verify_written(path: Path) -> None:
+        report = verifier.check(path) if verifier is not None else None
+        if report is not None and not report:
+            raise VerificationFailed(report.summary(), report)
+        if report is None:
+            mio.check_structure(child, name="child")
+        receipt.append(child, _record(parent_model, passes, report))
+        reports.append(report)
+
+    log.info("saving %s (weights copied file to file) and verifying it by path", output)
+    mio.save(child, output, external_data=True, before_commit=verify_written)
+    return MorphOutcome(child=child, report=reports[0], steps=list(passes), external_data=True, saved=output)
+
+
+def _finish(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],
+            verifier: Verifier | None, verify_each: bool) -> MorphOutcome:
     report = None
     if verifier is not None:
         log.info("verifying the child against the parent")

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph import limits, saving
+from onnxmorph import limits, saving, streaming
 from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError, one_line
 
 log = logging.getLogger("onnxmorph")
@@ -462,7 +462,8 @@ class _Session:
                 # By path: onnxruntime parses the file once and resolves external data beside it.
                 source = str(model.path)
             elif isinstance(model, onnx.ModelProto):
-                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
+                # A model whose weights stay in files is written beside its copies, file to file.
+                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(model):
                     source = model.SerializeToString()
                 else:
                     self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
@@ -639,7 +640,7 @@ class Verifier:
         source: ModelLike | bytes = child
         try:
             if isinstance(child, onnx.ModelProto):
-                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(child):
                     source = child.SerializeToString()
                 mio.check(source if isinstance(source, bytes) else child, name="child")
             elif not child.checked:
