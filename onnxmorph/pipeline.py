@@ -96,16 +96,14 @@ def run_passes(
     verifier = options.verifier(reference) if options.enabled else None
     # A parent whose weights stay in files gets computed weights spilled to files as they are made.
     with streaming.spilling() if streaming.streams(parent_model) else contextlib.nullcontext() as scratch:
-        child = _apply(parent_model, passes, verifier, verify_each)
-    if scratch is not None:
-        streaming.drop_unreferenced(scratch, [child])
+        child = _apply(parent_model, passes, verifier, verify_each, scratch)
     if output is not None and streaming.streams(child):
         return _save_verified(parent_model, child, passes, verifier, Path(output))
     return _finish(parent_model, child, passes, verifier, verify_each)
 
 
 def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier: Verifier | None,
-           verify_each: bool) -> onnx.ModelProto:
+           verify_each: bool, scratch: Any) -> onnx.ModelProto:
     child = parent_model
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
@@ -127,6 +125,8 @@ def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier:
         if problems:
             raise OnnxMorphError(f"{label} changed the model's interface: {problems[0]} (a bug in onnxmorph)")
         child = result.model
+        if scratch is not None:  # weights the step replaced again: their scratch files go now
+            streaming.drop_unreferenced(scratch, [child])
         if verify_each and verifier is not None and k < len(passes):
             report = verifier.check(child)
             if not report:
@@ -144,18 +144,19 @@ def _save_verified(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes
     gc.collect()
     mio.strip_transient_metadata(child)
     reports: list[Report | None] = []
+    if verifier is None:
+        mio.check_structure(child, name="child")
 
     def verify_written(path: Path) -> None:
         report = verifier.check(path) if verifier is not None else None
         if report is not None and not report:
             raise VerificationFailed(report.summary(), report)
-        if report is None:
-            mio.check_structure(child, name="child")
         receipt.append(child, _record(parent_model, passes, report))
         reports.append(report)
 
     log.info("saving %s (weights copied file to file) and verifying it by path", output)
-    mio.save(child, output, external_data=True, before_commit=verify_written)
+    # The child is not used after saving: its spilled weights are moved into the data file.
+    mio.save(child, output, external_data=True, consume=True, before_commit=verify_written)
     return MorphOutcome(child=child, report=reports[0], steps=list(passes), external_data=True, saved=output)
 
 

@@ -142,8 +142,10 @@ def inline_fold_inputs(model: onnx.ModelProto, foldable: Callable[[onnx.NodeProt
 class _Scratch:
     """A folder of spilled weights, one file each, removed with the process (or `release`)."""
 
+    marker = "onnxmorph-spill-"
+
     def __init__(self, parent: str | None) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="onnxmorph-spill-", dir=parent))
+        self.folder = Path(tempfile.mkdtemp(prefix=self.marker, dir=parent))
         self.counter = itertools.count()
         self.files: list[Path] = []
 
@@ -189,6 +191,10 @@ def spill(name: str, array: np.ndarray) -> onnx.TensorProto | None:
         return None
     path = scratch.write(array)
     return reference(name, data_type, array.shape, str(path), 0, array.nbytes)
+
+
+def _is_spilled(path: str) -> bool:
+    return any(Path(path).parent == scratch.folder for scratch in _SCRATCHES)
 
 
 def drop_unreferenced(scratch: _Scratch, models: Iterable[onnx.ModelProto]) -> None:
@@ -270,8 +276,9 @@ class _Sources:
 def write_tensors(model: onnx.ModelProto, data_path: Path, location: str, *, consume: bool = False) -> onnx.ModelProto:
     """Write `model`'s large main-graph weights to `data_path` and return the header that refers to them.
 
-    Referenced tensors are copied file to file; inline ones are written from their buffers (and,
-    with `consume`, dropped from `model` as they are written). `model` keeps its references; the
+    Referenced tensors are copied file to file; inline ones are written from their buffers. With
+    `consume`, `model` gives its weights up as they are written (inline ones are dropped, spilled
+    files removed): it can no longer be saved. `model` keeps its references; the
     header records `location` (relative to the header's folder). Tensors of subgraphs and
     attributes stay inline (referenced ones are read into the header).
     """
@@ -285,6 +292,8 @@ def write_tensors(model: onnx.ModelProto, data_path: Path, location: str, *, con
                 path, src_offset, length = _span(tensor)
                 offset = aligned(offset, length)
                 copy_range(sources.fd(path), out, length, src_offset, offset)
+                if consume and _is_spilled(path):  # moved, not copied: the disk holds it once
+                    os.unlink(path)
             elif (tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL
                   and (declared_bytes(tensor) or EXTERNAL_MIN_BYTES) >= EXTERNAL_MIN_BYTES):
                 data = tensor.raw_data  # one copy under protobuf's upb backend: read it once

@@ -12,14 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 from conftest import MODELS
 from robust_support import PASSES, ROOT, assert_refused, cli_flags, first_use, leftovers, reference, run_cli
 
 import onnxmorph
 from onnxmorph import io as mio
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 
 # --------------------------------------------------------------------------- in-process faults
 
@@ -67,14 +66,11 @@ def test_a_failing_save_leaves_the_old_file_or_none(
 def test_a_failing_external_data_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "child.onnx"
 
-    def full_disk(model: onnx.ModelProto, base: str) -> None:
-        data = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
-        location = next(e.value for e in data.external_data if e.key == "location")
-        with open(Path(base) / location, "ab") as f:
-            f.write(b"\0" * 1000)
+    def full_disk(fd: int, data: memoryview, offset: int) -> None:
+        os.pwrite(fd, bytes(data[:1000]), offset)  # part of a weight reaches the data file
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(saving, "write_external_data_tensors", full_disk)
+    monkeypatch.setattr(streaming, "_pwrite_all", full_disk)
     with pytest.raises(onnxmorph.UsageError, match="No space left"):
         onnxmorph.save(reference("mlp_relu"), target, external_data=True)
     assert list(tmp_path.iterdir()) == []
