@@ -73,6 +73,39 @@ class _Digest(threading.Thread):
         return self._value
 
 
+class _FileDigest(threading.Thread):
+    """SHA-256 of a file read in chunks beside the morph (the file is never held whole)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="onnxmorph-sha256", daemon=True)
+        self._path = path
+        self._value = ""
+        self._error: OSError | None = None
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        buffer = bytearray(2**24)
+        view = memoryview(buffer)
+        try:
+            with open(self._path, "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    h.update(view[:n])
+        except OSError as exc:
+            self._error = exc
+        self._value = h.hexdigest()
+
+    def result(self) -> str:
+        self.join()
+        if self._error is not None:
+            raise InvalidModelError(f"{self._path}: cannot read: {self._error.strerror or self._error}")
+        return self._value
+
+
+# Digests of lazily loaded files still being computed, by the token their model's metadata holds.
+_PENDING: dict[str, _FileDigest] = {}
+_PENDING_PREFIX = "pending:"
+
+
 def load_header(path: PathLike) -> onnx.ModelProto:
     """Read `path` without its external data, after checking that every location is safe."""
     return _read_header(Path(path), digest=False)[0]
@@ -121,13 +154,10 @@ def load(path: PathLike, *, normalize_model: bool = False, lazy: bool = False) -
     weights are not read: they stay references to their files (see onnxmorph.streaming).
     """
     path = Path(path)
+    if lazy:
+        return _load_lazily(path, normalize_model)
     model, hasher = _read_header(path, digest=True)
-    if lazy and any(True for _ in external_tensors(model)):
-        streaming.resolve_locations(model, path.resolve().parent)
-        set_metadata(model, SOURCE_EXTERNAL_KEY, "1")
-        if normalize_model:
-            streaming.inline_fold_inputs(model, foldable)
-    elif any(True for _ in external_tensors(model)):
+    if any(True for _ in external_tensors(model)):
         try:
             load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as exc:
@@ -136,6 +166,41 @@ def load(path: PathLike, *, normalize_model: bool = False, lazy: bool = False) -
     check_structure(model, name=str(path))
     set_metadata(model, SOURCE_DIGEST_KEY, hasher.result())
     if normalize_model:
+        normalize_in_place(model)
+    return model
+
+
+def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
+    """`load(lazy=True)`: the framing header, every large weight a reference into its file (see streaming).
+
+    Weights inside the model file itself become references to their bytes there, external ones
+    to their data files; the file's digest is computed beside the morph, in chunks.
+    """
+    check_model_path(path)
+    offsets: dict[int, int] = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            model, skipped = read_framing(mapped, offsets)
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
+        raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
+    check_header(model, skipped, path)
+    hasher = _FileDigest(path)
+    hasher.start()
+    external = any(True for _ in external_tensors(model))
+    streaming.resolve_locations(model, path.resolve().parent)
+    source = str(path.resolve())
+    for index, length in skipped.items():
+        streaming.make_reference(model.graph.initializer[index], source, offsets[index], length)
+    check_structure(model, name=str(path))
+    if external:
+        set_metadata(model, SOURCE_EXTERNAL_KEY, "1")
+    token = f"{_PENDING_PREFIX}{id(hasher)}"
+    _PENDING[token] = hasher
+    set_metadata(model, SOURCE_DIGEST_KEY, token)
+    if normalize_model:
+        streaming.inline_fold_inputs(model, foldable)
         normalize_in_place(model)
     return model
 
@@ -173,6 +238,9 @@ def digest(model: onnx.ModelProto) -> str:
     """A SHA-256 of the model's content: the file's own digest when it was loaded from a path."""
     for prop in model.metadata_props:
         if prop.key == SOURCE_DIGEST_KEY:
+            if prop.value.startswith(_PENDING_PREFIX):
+                hasher = _PENDING.pop(prop.value, None)
+                prop.value = hasher.result() if hasher is not None else content_digest(model)
             return prop.value
     return content_digest(model)
 

@@ -62,7 +62,7 @@ def as_model(model: ModelLike) -> onnx.ModelProto:
     return mio.load(model)
 
 
-def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
+def _morphable(parent: ModelLike, lazy: bool = False) -> tuple[onnx.ModelProto, ModelLike]:
     """(the parent normalised for morphing, the parent as the user gave it).
 
     Verification runs the second: the normalisation (folding constants into weights) is only a
@@ -72,8 +72,10 @@ def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
     if isinstance(parent, onnx.ModelProto):
         return mio.normalize(parent), parent
     log.info("loading %s", parent)
-    # Weights kept in external data stay in their files until a pass touches them (see streaming).
-    return mio.load(parent, normalize_model=True, lazy=True), Path(parent)
+    # Weights stay in their files until a pass touches them (see streaming): always those kept in
+    # external data, and those inside the model file when run_passes saves the child itself.
+    lazy = lazy or bool(mio.external_data_files(parent))
+    return mio.load(parent, normalize_model=True, lazy=lazy), Path(parent)
 
 
 def run_passes(
@@ -92,7 +94,7 @@ def run_passes(
     path before it replaces anything (`outcome.saved`).
     """
     options = options or VerifyOptions()
-    parent_model, reference = _morphable(parent)
+    parent_model, reference = _morphable(parent, lazy=output is not None)
     verifier = options.verifier(reference) if options.enabled else None
     # A parent whose weights stay in files gets computed weights spilled to files as they are made.
     with streaming.spilling() if streaming.streams(parent_model) else contextlib.nullcontext() as scratch:
@@ -156,8 +158,9 @@ def _save_verified(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes
 
     log.info("saving %s (weights copied file to file) and verifying it by path", output)
     # The child is not used after saving: its spilled weights are moved into the data file.
-    mio.save(child, output, external_data=True, consume=True, before_commit=verify_written)
-    return MorphOutcome(child=child, report=reports[0], steps=list(passes), external_data=True, saved=output)
+    external = mio.had_external_data(parent_model)
+    mio.save(child, output, external_data=True if external else None, consume=True, before_commit=verify_written)
+    return MorphOutcome(child=child, report=reports[0], steps=list(passes), external_data=external, saved=output)
 
 
 def _finish(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],

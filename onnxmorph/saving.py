@@ -14,6 +14,7 @@ import onnx
 
 from onnxmorph import limits, streaming
 from onnxmorph.errors import UsageError
+from onnxmorph.framing import length_delimited
 from onnxmorph.proto import approx_size, strip_transient_metadata
 
 PathLike = Union[str, os.PathLike]
@@ -31,8 +32,8 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     the previous file at `path` (if any) is left as it was and no temporary file remains.
     With `consume`, a model written with external data gives its weights up as they are written
     instead of being copied first (the caller must not use it afterwards): it saves the model's
-    size in memory. A model that streams (see onnxmorph.streaming) is written with external data,
-    its referenced weights copied file to file. `before_commit(temporary model path)` runs on the
+    size in memory. A model that streams (see onnxmorph.streaming) has its referenced weights
+    copied file to file, into the data file or the model file. `before_commit(temporary model path)` runs on the
     complete files before they are renamed into place (verification by path): when it raises,
     nothing is replaced; metadata it adds to `model` is written with the model.
     """
@@ -45,9 +46,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     stripped = [p for p in saved if p not in model.metadata_props]
     try:
         if external_data is None:
-            external_data = streaming.streams(model) or approx_size(model) >= EXTERNAL_DATA_THRESHOLD
-        elif not external_data and streaming.streams(model):
-            raise UsageError(f"{limits.quote(path)}: a model whose weights stay in files is saved with external data")
+            external_data = approx_size(model) >= EXTERNAL_DATA_THRESHOLD
         data_name = path.name + ".data"
         if external_data:
             check_output_path(folder / data_name)
@@ -59,10 +58,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
                     with _atomic_target(folder / data_name) as tmp_data:
                         _write_external(model, tmp_model, tmp_data.name, data_name, consume, before_commit)
                 else:
-                    _write_bytes(tmp_model, model.SerializeToString())
-                    if before_commit is not None:
-                        before_commit(tmp_model)
-                        _write_bytes(tmp_model, _without_transient(model).SerializeToString())
+                    _write_inline(model, tmp_model, before_commit)
     finally:
         if stripped:  # put the bookkeeping back, keeping what a before_commit added
             kept = [p for p in model.metadata_props if p not in stripped]
@@ -83,6 +79,37 @@ def _write_external(model: onnx.ModelProto, target: Path, data_file: str, final_
     del header.metadata_props[:]
     header.metadata_props.extend(_without_transient(model).metadata_props)
     _write_bytes(target, header.SerializeToString())
+
+
+def _write_inline(model: onnx.ModelProto, target: Path, before_commit: Callable[[Path], None] | None) -> None:
+    """One file; referenced weights copied into it. With `before_commit`, the metadata goes last.
+
+    The file is checked before its metadata (the receipt of that check) is appended: protobuf
+    merges a repeated field however its entries are spread, so nothing is rewritten.
+    """
+    held = list(model.metadata_props) if before_commit is not None else []
+    if held:
+        del model.metadata_props[:]
+    try:
+        if streaming.streams(model):
+            streaming.write_inline(model, target)
+        else:
+            _write_bytes(target, model.SerializeToString())
+    finally:
+        if held:
+            model.metadata_props.extend(held)
+    if before_commit is None:
+        return
+    before_commit(target)
+    tail = b"".join(length_delimited(_MODEL_METADATA, p.SerializeToString())
+                    for p in _without_transient(model).metadata_props)
+    with open(target, "ab") as f:
+        f.write(tail)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_MODEL_METADATA = 14  # ModelProto.metadata_props
 
 
 def _without_transient(model: onnx.ModelProto) -> onnx.ModelProto:

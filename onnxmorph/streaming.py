@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxmorph.framing import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, encode_varint, length_delimited
 from onnxmorph.proto import WHOLE_BYTE_TYPES, all_tensors, declared_bytes, external_tensors, iter_graphs, shell
 
 # Tensors of at least this many bytes start at a multiple of BIG_ALIGNMENT (the allocation
@@ -83,11 +84,18 @@ def _span(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     return info["location"], offset, int(length)
 
 
-def reference(name: str, data_type: int, dims: Iterable[int], path: str, offset: int, length: int) -> onnx.TensorProto:
-    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+def make_reference(tensor: onnx.TensorProto, path: str, offset: int, length: int) -> None:
+    """Turn `tensor` (its raw data left out) into a reference to `length` bytes of `path` at `offset`."""
+    tensor.ClearField("raw_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
     for key, value in (("location", path), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
+
+
+def reference(name: str, data_type: int, dims: Iterable[int], path: str, offset: int, length: int) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+    make_reference(tensor, path, offset, length)
     return tensor
 
 
@@ -316,6 +324,12 @@ def write_tensors(model: onnx.ModelProto, data_path: Path, location: str, *, con
     finally:
         os.close(out)
         sources.close()
+    _materialize_nested(header)
+    return header
+
+
+def _materialize_nested(header: onnx.ModelProto) -> None:
+    """Read the referenced tensors of subgraphs and attributes into the header (they are written inline)."""
     for graph in itertools.islice(iter_graphs(header.graph), 1, None):
         for tensor in graph.initializer:
             if is_reference(tensor):
@@ -323,7 +337,51 @@ def write_tensors(model: onnx.ModelProto, data_path: Path, location: str, *, con
     for tensor in _attribute_tensors(header):
         if is_reference(tensor):
             materialize(tensor)
-    return header
+
+
+def write_inline(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` as one protobuf file, each referenced weight's bytes copied into it file to file.
+
+    The file is framed by hand: the model's other fields, then the graph's (its initializers,
+    in order, after its other fields; protobuf reads fields in any order), each referenced
+    initializer as its small description followed by its raw_data field, whose bytes are copied.
+    """
+    outer = shell(model)
+    _materialize_nested(outer)
+    graph = outer.graph.SerializeToString()
+    outer.ClearField("graph")
+    pieces: list[bytes | tuple[str, int, int]] = []  # bytes to write, or (file, offset, length) to copy
+    for tensor in model.graph.initializer:
+        if not is_reference(tensor):
+            pieces.append(length_delimited(GRAPH_INITIALIZER, tensor.SerializeToString()))
+            continue
+        stub = onnx.TensorProto()
+        stub.CopyFrom(tensor)
+        del stub.external_data[:]
+        stub.ClearField("data_location")
+        source, offset, length = _span(tensor)
+        described = stub.SerializeToString() + encode_varint(TENSOR_RAW_DATA << 3 | 2) + encode_varint(length)
+        pieces.append(encode_varint(GRAPH_INITIALIZER << 3 | 2) + encode_varint(len(described) + length) + described)
+        pieces.append((source, offset, length))
+    body = len(graph) + sum(len(p) if isinstance(p, bytes) else p[2] for p in pieces)
+    head = outer.SerializeToString() + encode_varint(MODEL_GRAPH << 3 | 2) + encode_varint(body) + graph
+    sources = _Sources()
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        position = len(head)
+        _pwrite_all(out, memoryview(head), 0)
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                _pwrite_all(out, memoryview(piece), position)
+                position += len(piece)
+            else:
+                copy_range(sources.fd(piece[0]), out, piece[2], piece[1], position)
+                position += piece[2]
+        os.ftruncate(out, position)
+        os.fsync(out)
+    finally:
+        os.close(out)
+        sources.close()
 
 
 def _attribute_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
