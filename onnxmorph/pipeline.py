@@ -96,8 +96,10 @@ def run_passes(
     options = options or VerifyOptions()
     parent_model, reference = _morphable(parent, lazy=output is not None)
     verifier = options.verifier(reference) if options.enabled else None
-    # A parent whose weights stay in files gets computed weights spilled to files as they are made.
-    with streaming.spilling() if streaming.streams(parent_model) else contextlib.nullcontext() as scratch:
+    # A parent kept with external data (a model that may not fit in memory) gets its computed weights
+    # spilled to files as they are made; an inline one (under 2 GiB) keeps them in memory.
+    spill = mio.had_external_data(parent_model) and streaming.streams(parent_model)
+    with streaming.spilling() if spill else contextlib.nullcontext() as scratch:
         child = _apply(parent_model, passes, verifier, verify_each, scratch)
     if output is not None and streaming.streams(child):
         return _save_verified(parent_model, child, passes, verifier, Path(output))

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxmorph.errors import UsageError
 from onnxmorph.framing import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, encode_varint, length_delimited
 from onnxmorph.proto import WHOLE_BYTE_TYPES, all_tensors, declared_bytes, external_tensors, iter_graphs, shell
 
@@ -159,9 +160,13 @@ class _Scratch:
 
     def write(self, array: np.ndarray) -> Path:
         path = self.folder / f"{next(self.counter)}.bin"
-        with open(path, "wb") as f:
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self.files.append(path)
+        try:
+            with open(path, "wb") as f:
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        except OSError as exc:
+            raise UsageError(f"cannot write a computed weight to the scratch folder {self.folder} "
+                             f"(set ONNXMORPH_SCRATCH to another): {exc.strerror or exc}") from exc
         return path
 
 

@@ -99,7 +99,7 @@ _SLOW_SAVE_DRIVER = r"""
 import os, sys, time
 from pathlib import Path
 from onnxmorph import cli
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 
 marker = Path(os.environ["ONNXMORPH_TEST_MARKER"])
 if os.environ.get("ONNXMORPH_TEST_EXTERNAL") == "1":
@@ -113,7 +113,14 @@ def slow_write(path, data):
         time.sleep(120)
         f.write(data[len(data) // 2:])
 
+def slow_pwrite(fd, data, offset):
+    # the streaming writers (weights copied file to file) write through this
+    os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
+    marker.write_text(os.readlink(f"/proc/self/fd/{fd}"))
+    time.sleep(120)
+
 saving._write_bytes = slow_write
+streaming._pwrite_all = slow_pwrite
 sys.exit(cli.main(sys.argv[1:]))
 """
 

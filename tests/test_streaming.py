@@ -163,10 +163,16 @@ def test_spilled_weights_are_references_and_the_child_saves_and_verifies_in_proc
     assert outcome.report and outcome.saved is None
     references = [t.name for t in outcome.child.graph.initializer if streaming.is_reference(t)]
     assert {"fc1.w", "fc2.w", "fc3.w", "conv1.w"} <= set(references)
-    out = onnxmorph.save(outcome.child, tmp_path / "child.onnx")
+    out = onnxmorph.save(outcome.child, tmp_path / "child.onnx", external_data=True)
     assert (tmp_path / "child.onnx.data").is_file()
     assert onnxmorph.verify(parent, out, trials=1)
     assert _spans(out)["conv1.w"][0] == _spans(parent)["conv1.w"][0]
+    # Small enough for one file: the referenced bytes are framed into it, and it reads back whole.
+    inline = onnxmorph.save(outcome.child, tmp_path / "inline.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.onnx", "child.onnx.data", "inline.onnx"]
+    model = onnx.load(str(inline))
+    onnx.checker.check_model(model)
+    assert onnxmorph.verify(parent, model, trials=1)
 
 
 def test_a_failed_verification_by_path_replaces_nothing(parent: Path, tmp_path: Path,
