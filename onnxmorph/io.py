@@ -84,7 +84,7 @@ class _FileDigest(threading.Thread):
 
     def run(self) -> None:
         h = hashlib.sha256()
-        buffer = bytearray(2**24)
+        buffer = bytearray(2**20)
         view = memoryview(buffer)
         try:
             with open(self._path, "rb", buffering=0) as f:

@@ -45,6 +45,9 @@ EXTERNAL_MIN_BYTES = 1024
 # Computed weights of at least this many bytes are spilled to the scratch folder while spilling.
 SPILL_MIN_BYTES = 2**16
 
+# Element types that map to a plain numpy dtype (bfloat16 and float8 go through onnx's converter).
+MAPPABLE_TYPES = WHOLE_BYTE_TYPES - {onnx.TensorProto.BFLOAT16}
+
 _COPY_CHUNK = 2**30
 _READ_CHUNK = 2**24
 
@@ -112,11 +115,11 @@ def read_bytes(tensor: onnx.TensorProto) -> bytes:
 
 def map_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The array of a referenced tensor, memory-mapped read-only (only the pages read are loaded)."""
-    if tensor.data_type not in WHOLE_BYTE_TYPES:
+    if tensor.data_type not in MAPPABLE_TYPES:  # read as onnx-graphsurgeon reads them
         inline = onnx.TensorProto()
         inline.CopyFrom(tensor)
         materialize(inline)
-        return onnx.numpy_helper.to_array(inline)
+        return np.array(onnx.numpy_helper.to_array(inline))
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     shape = tuple(int(d) for d in tensor.dims)
     path, offset, length = _span(tensor)
@@ -200,7 +203,7 @@ def spill(name: str, array: np.ndarray) -> onnx.TensorProto | None:
         data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
     except Exception:
         return None
-    if data_type not in WHOLE_BYTE_TYPES:
+    if data_type not in MAPPABLE_TYPES:
         return None
     path = scratch.write(array)
     return reference(name, data_type, array.shape, str(path), 0, array.nbytes)

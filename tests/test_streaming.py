@@ -204,3 +204,23 @@ def test_a_weight_read_by_a_pass_is_mapped_not_loaded(parent: Path) -> None:
     full = onnxmorph.load(parent)
     expected = numpy_helper.to_array(next(t for t in full.graph.initializer if t.name == "fc2.w"))
     np.testing.assert_array_equal(array, expected)
+
+
+def test_a_model_in_one_file_streams_through_the_cli_too(tmp_path: Path) -> None:
+    """The CLI refers to an inline model's weights where they lie and frames the child around their bytes."""
+    parent = tmp_path / "parent.onnx"
+    onnx.save(build_vgg_like(2000), str(parent))
+    size = parent.stat().st_size
+    child = tmp_path / "child.onnx"
+    extra = _measure(tmp_path, "widen", str(parent), "--layer", "conv1", "--width", "24", "-o", str(child),
+                     "--no-verify", "-q")
+    assert extra < 0.25 * size, (extra, size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.onnx", "parent.onnx"]
+    before, after = onnx.load(str(parent)), onnx.load(str(child))
+    onnx.checker.check_model(after)
+    weights = {t.name: t for t in before.graph.initializer}
+    for tensor in after.graph.initializer:
+        if not tensor.name.startswith(("conv1.", "conv2.")):
+            assert tensor.raw_data == weights[tensor.name].raw_data, tensor.name
+    assert [p.key for p in after.metadata_props] == ["onnxmorph.history"]
+    assert onnxmorph.verify(parent, child, trials=2)
