@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -119,11 +120,15 @@ def _clean(folder: Path, keep: str) -> None:
     for p in folder.iterdir():
         if not p.name.startswith(keep):
             p.unlink()
+    # Every command starts with no dirty pages left by the one before (the floor does not fsync:
+    # its gigabytes would otherwise be written back during the next measurement).
+    os.sync()
 
 
 def bench_external(work: Path, quick: bool) -> list[dict[str, Any]]:
     width, depth = (256, 12) if quick else (1024, 80)
     info = write_chain(work / "parent.onnx", width, depth)
+    _clean(work, "parent.onnx")
     parent, size, middle = Path(info["path"]), info["bytes"], f"conv{depth // 2}"
     commands = {
         "floor": _floor(parent, work / "floor.onnx", True),
@@ -155,6 +160,7 @@ def bench_external(work: Path, quick: bool) -> list[dict[str, Any]]:
 def bench_growth(work: Path, quick: bool) -> list[dict[str, Any]]:
     width, depth = (256, 8) if quick else (1024, 53)
     info = write_chain(work / "parent.onnx", width, depth)
+    _clean(work, "parent.onnx")
     parent, size = Path(info["path"]), info["bytes"]
     floor = bench.measure(_floor(parent, work / "floor.onnx", True), cwd=bench.ROOT)
     _clean(work, "parent.onnx")
