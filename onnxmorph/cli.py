@@ -233,10 +233,10 @@ def _check_page(args: argparse.Namespace, out: Path) -> None:
 
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
-    log.info("saving %s", out)
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
     if outcome.saved is None:  # a streaming child was saved (and verified by path) by run_passes
+        log.info("saving %s", out)
         mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
     if getattr(args, "html", None):
         from onnxmorph.diffhtml import write_diff_page
