@@ -237,6 +237,15 @@ import atexit  # noqa: E402  (registered once the function exists)
 atexit.register(release)
 
 
+def peak_memory() -> int:
+    """This process's peak resident memory in bytes (VmHWM; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 # --------------------------------------------------------------------------- writing
 
 

@@ -472,7 +472,7 @@ class _Session:
                     source = str(target)
             else:
                 source = str(model)
-            if self._tmp is not None or (isinstance(model, ModelFile) and _has_external_data(model.header)):
+            if self._tmp is not None or (isinstance(model, ModelFile) and any(True for _ in mio.external_tensors(model.header))):
                 # onnxruntime maps external weights from their files (page-aligned, as onnxmorph writes
                 # them) but copies those it prepacks for its kernels: off, they stay mapped (file pages
                 # the kernel can drop and share, not a private copy of the model).
@@ -493,19 +493,6 @@ class _Session:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _has_external_data(header: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
-
-
-def peak_memory() -> int:
-    """This process's peak resident memory in bytes (VmHWM; 0 where /proc is not there)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
-    except OSError:
-        return 0
 
 
 class _RuntimeProblem(Exception):
@@ -692,7 +679,7 @@ class Verifier:
             report.problems.append(str(exc))
         finally:
             session.close()
-        log.info("verified; peak memory of this process so far: %.0f MB", peak_memory() / 2**20)
+        log.info("verified; peak memory of this process so far: %.0f MB", streaming.peak_memory() / 2**20)
         return report
 
 
