@@ -472,7 +472,8 @@ class _Session:
                     source = str(target)
             else:
                 source = str(model)
-            if self._tmp is not None or (isinstance(model, ModelFile) and any(True for _ in mio.external_tensors(model.header))):
+            header = model.header if isinstance(model, ModelFile) else None
+            if self._tmp is not None or (header is not None and any(True for _ in mio.external_tensors(header))):
                 # onnxruntime maps external weights from their files (page-aligned, as onnxmorph writes
                 # them) but copies those it prepacks for its kernels: off, they stay mapped (file pages
                 # the kernel can drop and share, not a private copy of the model).
