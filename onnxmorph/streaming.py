@@ -1,18 +1,24 @@
 """Models larger than memory: weights stay in files, are mapped when touched and copied file to file when saved.
 
-A model loaded lazily (`io.load(path, lazy=True)`) keeps every external tensor as a reference: its
-`location` is made absolute (after the safety checks), so the reference still resolves wherever
-the model travels in memory (a pass's copy, an exported child). Such a model *streams*:
+A model loaded lazily (`io.load(path, lazy=True)`) keeps every large weight as a *reference*: an
+external tensor whose `location` is absolute (made so after the safety checks), pointing into
+its external-data file or, for a weight inside the model file, at its raw bytes there. The
+reference resolves wherever the model travels in memory (a pass's copy, an exported child).
+Such a model *streams*:
 
 * a pass reads a weight through onnx-graphsurgeon (`tensor.values`), which maps just that
   tensor's bytes read-only (`graph.MappedValues`), so nothing else is read;
 * a weight a pass computes (`graph.constant`, `graph.set_input_constant`) is written to a
   scratch file as soon as it is made, while `spilling()` is on (run_passes turns it on for a
-  streaming parent), and becomes a reference too: a pass that recomputes every tensor of the
-  model holds one of them at a time, whatever the model's size;
-* saving (`write_tensors`) copies each referenced tensor from its file to the child's data
-  file with `os.copy_file_range` (in the kernel; never through Python objects), at offsets
-  aligned for memory mapping, and writes in-memory tensors from their buffers.
+  parent kept with external data), and becomes a reference too: a pass that recomputes every
+  weight of the model holds a few of them at a time, whatever the model's size;
+* saving copies each referenced weight from its file to the child's (`write_tensors` for a
+  data file, `write_inline` for a model in one file) with `os.copy_file_range` (in the kernel,
+  never through Python objects), at offsets aligned for memory mapping, and writes in-memory
+  weights from their buffers.
+
+A streaming model depends on the files it refers to: they must stay as they are until it is
+saved (the CLI saves the child at once; `release()` removes the scratch files).
 """
 
 from __future__ import annotations
