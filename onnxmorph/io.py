@@ -239,7 +239,7 @@ def digest(model: onnx.ModelProto) -> str:
     for prop in model.metadata_props:
         if prop.key == SOURCE_DIGEST_KEY:
             if prop.value.startswith(_PENDING_PREFIX):
-                hasher = _PENDING.pop(prop.value, None)
+                hasher = _PENDING.get(prop.value)  # kept: copies of the model carry the same token
                 prop.value = hasher.result() if hasher is not None else content_digest(model)
             return prop.value
     return content_digest(model)
