@@ -7,6 +7,7 @@ a few of them at a time; the parent is never written; a failed verification repl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -118,7 +119,9 @@ def test_untouched_weights_are_the_parents_bytes_at_aligned_offsets_and_the_chil
     assert child_spans["conv2.w"][0] != parent_spans["conv2.w"][0]
     assert {p.name: p.read_bytes() for p in parent.parent.glob("parent.onnx*")} == before  # the parent as it was
     assert onnxmorph.verify(parent, out, trials=2)
-    assert onnxmorph.history(onnxmorph.load(out))[-1]["verification"]["passed"]
+    receipt = onnxmorph.history(onnxmorph.load(out))[-1]
+    assert receipt["verification"]["passed"]
+    assert receipt["parent_sha256"] == hashlib.sha256(parent.read_bytes()).hexdigest()
 
 
 def test_a_one_layer_morph_reads_only_the_weights_it_touches(parent: Path, tmp_path: Path) -> None:
@@ -223,4 +226,6 @@ def test_a_model_in_one_file_streams_through_the_cli_too(tmp_path: Path) -> None
         if not tensor.name.startswith(("conv1.", "conv2.")):
             assert tensor.raw_data == weights[tensor.name].raw_data, tensor.name
     assert [p.key for p in after.metadata_props] == ["onnxmorph.history"]
+    # The receipt names the parent file's own digest (computed in chunks beside the morph).
+    assert onnxmorph.history(after)[-1]["parent_sha256"] == hashlib.sha256(parent.read_bytes()).hexdigest()
     assert onnxmorph.verify(parent, child, trials=2)
