@@ -188,7 +188,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    model = mio.load(args.model, normalize_model=True)
+    model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
     info = inspect(model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
@@ -238,10 +238,11 @@ def _check_page(args: argparse.Namespace, out: Path) -> None:
 
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
-    log.info("saving %s", out)
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
-    mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
+    if outcome.saved is None:  # a streaming child was saved (and verified by path) by run_passes
+        log.info("saving %s", out)
+        mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
     if getattr(args, "html", None):
         from onnxmorph.diffhtml import write_diff_page
 
@@ -266,7 +267,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, [step], options)
+    outcome = run_passes(args.model, [step], options, output=out)
     return _finish_morph(args, outcome, out)
 
 
@@ -277,7 +278,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, passes, options, verify_each=args.verify_each)
+    outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
     return _finish_morph(args, outcome, out)
 
 

@@ -11,7 +11,8 @@ import onnx
 SKIPPED_BYTES = 1024
 
 
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+# Field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 
 
 def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int, in
         yield number, wire, value, pos, first
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -63,38 +64,41 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+def length_delimited(number: int, payload: bytes) -> bytes:
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
-def read_framing(data: Any) -> tuple[onnx.ModelProto, dict[int, int]]:
+def read_framing(data: Any, offsets: dict[int, int] | None = None) -> tuple[onnx.ModelProto, dict[int, int]]:
     """The ModelProto in `data` with the raw data of large main-graph initializers skipped.
 
-    Returns the header and {index in graph.initializer: skipped byte count}. A field that occurs
-    twice is merged by protobuf (repeated fields concatenated), so indices count across graphs.
+    Returns the header and {index in graph.initializer: skipped byte count}; `offsets`, when
+    given, receives {index: where the skipped bytes start in `data`}. A field that occurs twice
+    is merged by protobuf (repeated fields concatenated), so indices count across graphs.
     """
     parts: list[bytes] = []
     skipped: dict[int, int] = {}
     index = 0
     for number, wire, start, end, first in _fields(data, 0, len(data)):
-        if number != _MODEL_GRAPH or wire != 2:
+        if number != MODEL_GRAPH or wire != 2:
             parts.append(data[first:end])
             continue
         graph: list[bytes] = []
         for g_number, g_wire, g_start, g_end, g_first in _fields(data, start, end):
-            if g_number == _GRAPH_INITIALIZER and g_wire == 2:
+            if g_number == GRAPH_INITIALIZER and g_wire == 2:
                 index += 1
                 tensor: list[bytes] = []
-                raw = None
+                raw = raw_start = None
                 for t_number, t_wire, t_start, t_end, t_first in _fields(data, g_start, g_end):
-                    if t_number == _TENSOR_RAW_DATA and t_wire == 2:
-                        raw = t_end - t_start  # a bytes field given twice: protobuf keeps the last
+                    if t_number == TENSOR_RAW_DATA and t_wire == 2:
+                        raw, raw_start = t_end - t_start, t_start  # given twice: protobuf keeps the last
                     else:
                         tensor.append(data[t_first:t_end])
                 if raw is not None and raw >= SKIPPED_BYTES:
                     skipped[index - 1] = raw
-                    graph.append(_length_delimited(_GRAPH_INITIALIZER, b"".join(tensor)))
+                    if offsets is not None:
+                        offsets[index - 1] = raw_start
+                    graph.append(length_delimited(GRAPH_INITIALIZER, b"".join(tensor)))
                     continue
             graph.append(data[g_first:g_end])
-        parts.append(_length_delimited(_MODEL_GRAPH, b"".join(graph)))
+        parts.append(length_delimited(MODEL_GRAPH, b"".join(graph)))
     return onnx.ModelProto.FromString(b"".join(parts)), skipped

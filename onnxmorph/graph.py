@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxmorph import streaming
 from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
 from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize, skeleton
 
@@ -49,9 +50,36 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         model = normalize(model)
     try:
         with _quiet_graphsurgeon():
-            return gs.import_onnx(model)
+            graph = gs.import_onnx(model)
     except Exception as exc:
         raise InvalidModelError(f"cannot read the graph: {exc}") from exc
+    # onnx-graphsurgeon would resolve a weight kept in a file against the current directory and
+    # read it whole: a streaming model's weights are mapped from their own files, when touched.
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if type(lazy) is LazyValues and streaming.is_reference(lazy.tensor):
+            tensor._values = MappedValues(lazy.tensor)
+    return graph
+
+
+class MappedValues(LazyValues):
+    """Lazy values of a weight kept in a file (see streaming): loading maps it, reading nothing yet.
+
+    The mapped array remembers this object, so that a weight whose values a pass only looked at
+    (a shape, a dtype) is exported as the reference again, not read and inlined.
+    """
+
+    def load(self) -> np.ndarray:
+        array = streaming.map_array(self.tensor)
+        if isinstance(array, np.memmap):
+            array._onnxmorph_source = self
+        return array
+
+
+def _mapped_source(values: object) -> MappedValues | None:
+    if isinstance(values, MappedValues):
+        return values
+    return getattr(values, "_onnxmorph_source", None) if isinstance(values, np.memmap) else None
 
 
 class Analysis:
@@ -144,6 +172,8 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     lazy: dict[str, tuple[gs.Constant, LazyValues]] = {}
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
+        # A weight kept in a file whose values a pass only looked at goes out as the reference again.
+        values = _mapped_source(values) or values
         if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and values.nbytes >= 1024:
             lazy[tensor.name] = (tensor, values)
             stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
@@ -370,8 +400,14 @@ class Namer:
 
 
 def constant(name: str, array: np.ndarray, dtype: np.dtype | type) -> gs.Constant:
-    """A new constant holding a fresh copy of `array` cast to `dtype`."""
-    return gs.Constant(name, np.ascontiguousarray(np.array(array, dtype=dtype, copy=True)))
+    """A new constant holding a fresh copy of `array` cast to `dtype`.
+
+    While `streaming.spilling()` is on, a large one is written to a scratch file at once and held
+    as a reference: a pass that recomputes every weight holds one at a time (see streaming).
+    """
+    fresh = np.ascontiguousarray(np.array(array, dtype=dtype, copy=True))
+    spilled = streaming.spill(name, fresh)
+    return gs.Constant(name, fresh if spilled is None else MappedValues(spilled))
 
 
 def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | None = None) -> gs.Constant:

@@ -19,9 +19,10 @@ from typing import Union
 import onnx
 from onnx.external_data_helper import load_external_data_for_model
 
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 from onnxmorph.errors import InvalidModelError, one_line
 from onnxmorph.folding import (  # noqa: F401  (re-exported)
+    foldable,
     is_normalized,
     list_initializers_as_inputs,
     normalize,
@@ -72,6 +73,39 @@ class _Digest(threading.Thread):
         return self._value
 
 
+class _FileDigest(threading.Thread):
+    """SHA-256 of a file read in chunks beside the morph (the file is never held whole)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="onnxmorph-sha256", daemon=True)
+        self._path = path
+        self._value = ""
+        self._error: OSError | None = None
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        buffer = bytearray(2**20)
+        view = memoryview(buffer)
+        try:
+            with open(self._path, "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    h.update(view[:n])
+        except OSError as exc:
+            self._error = exc
+        self._value = h.hexdigest()
+
+    def result(self) -> str:
+        self.join()
+        if self._error is not None:
+            raise InvalidModelError(f"{self._path}: cannot read: {self._error.strerror or self._error}")
+        return self._value
+
+
+# Digests of lazily loaded files still being computed, by the token their model's metadata holds.
+_PENDING: dict[str, _FileDigest] = {}
+_PENDING_PREFIX = "pending:"
+
+
 def load_header(path: PathLike) -> onnx.ModelProto:
     """Read `path` without its external data, after checking that every location is safe."""
     return _read_header(Path(path), digest=False)[0]
@@ -110,15 +144,18 @@ def _read_header(path: Path, *, digest: bool) -> tuple[onnx.ModelProto, _Digest 
     return model, hasher
 
 
-def load(path: PathLike, *, normalize_model: bool = False) -> onnx.ModelProto:
+def load(path: PathLike, *, normalize_model: bool = False, lazy: bool = False) -> onnx.ModelProto:
     """Load an ONNX model from `path`, resolving external data against the model's folder.
 
     External-data locations that escape the folder (absolute paths, `..`, symlinks out of it)
     are refused before any of them is read. The model is returned as the file has it, so that
     a child is verified against the parent the user gave; with `normalize_model` it is
-    normalised for morphing in place (see `normalize`), which saves a copy.
+    normalised for morphing in place (see `normalize`), which saves a copy. With `lazy`, external
+    weights are not read: they stay references to their files (see onnxmorph.streaming).
     """
     path = Path(path)
+    if lazy:
+        return _load_lazily(path, normalize_model)
     model, hasher = _read_header(path, digest=True)
     if any(True for _ in external_tensors(model)):
         try:
@@ -153,8 +190,45 @@ def load_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
     return model
 
 
+def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
+    """`load(lazy=True)`: the framing header, every large weight a reference into its file (see streaming).
+
+    Weights inside the model file itself become references to their bytes there, external ones
+    to their data files; the file's digest is computed beside the morph, in chunks.
+    """
+    check_model_path(path)
+    offsets: dict[int, int] = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            model, skipped = read_framing(mapped, offsets)
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
+        raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
+    check_header(model, skipped, path)
+    hasher = _FileDigest(path)
+    hasher.start()
+    external = any(True for _ in external_tensors(model))
+    streaming.resolve_locations(model, path.resolve().parent)
+    source = str(path.resolve())
+    for index, length in skipped.items():
+        streaming.make_reference(model.graph.initializer[index], source, offsets[index], length)
+    check_structure(model, name=str(path))
+    if external:
+        set_metadata(model, SOURCE_EXTERNAL_KEY, "1")
+    token = f"{_PENDING_PREFIX}{id(hasher)}"
+    _PENDING[token] = hasher
+    set_metadata(model, SOURCE_DIGEST_KEY, token)
+    if normalize_model:
+        streaming.inline_fold_inputs(model, foldable)
+        normalize_in_place(model)
+    return model
+
+
 def check(model: onnx.ModelProto | bytes, name: str = "model") -> None:
     """Run onnx.checker on `model` (or its serialised bytes), raising InvalidModelError with one line."""
+    if isinstance(model, onnx.ModelProto) and streaming.streams(model):
+        model = skeleton(model, keep_dims=False)  # references were checked against their files
     try:
         if isinstance(model, bytes) or approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
@@ -184,6 +258,9 @@ def digest(model: onnx.ModelProto) -> str:
     """A SHA-256 of the model's content: the file's own digest when it was loaded from a path."""
     for prop in model.metadata_props:
         if prop.key == SOURCE_DIGEST_KEY:
+            if prop.value.startswith(_PENDING_PREFIX):
+                hasher = _PENDING.get(prop.value)  # kept: copies of the model carry the same token
+                prop.value = hasher.result() if hasher is not None else content_digest(model)
             return prop.value
     return content_digest(model)
 
@@ -191,7 +268,7 @@ def digest(model: onnx.ModelProto) -> str:
 def content_digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the serialised model (tensor by tensor when it is too large to serialise)."""
     h = hashlib.sha256()
-    if approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
+    if approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(model):
         h.update(model.SerializeToString(deterministic=True))
         return h.hexdigest()
     stripped = onnx.ModelProto()
@@ -200,5 +277,5 @@ def content_digest(model: onnx.ModelProto) -> str:
         tensor.ClearField("raw_data")
     h.update(stripped.SerializeToString(deterministic=True))
     for tensor in all_tensors(model):
-        h.update(tensor.raw_data)
+        h.update(streaming.read_bytes(tensor) if streaming.is_reference(tensor) else tensor.raw_data)
     return h.hexdigest()

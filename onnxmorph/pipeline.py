@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxmorph import io as mio
-from onnxmorph import limits, receipt
+from onnxmorph import limits, receipt, streaming
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
 from onnxmorph.graph import Analysis
 from onnxmorph.passinfra import MorphPass, get_pass
@@ -51,6 +52,7 @@ class MorphOutcome:
     report: Report | None
     steps: list[MorphPass] = field(default_factory=list)
     external_data: bool = False  # the parent's file kept its weights in external data
+    saved: Path | None = None  # where run_passes already wrote (and verified) the child, if it did
 
 
 def as_model(model: ModelLike) -> onnx.ModelProto:
@@ -60,7 +62,7 @@ def as_model(model: ModelLike) -> onnx.ModelProto:
     return mio.load(model)
 
 
-def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
+def _morphable(parent: ModelLike, lazy: bool = False) -> tuple[onnx.ModelProto, ModelLike]:
     """(the parent normalised for morphing, the parent as the user gave it).
 
     Verification runs the second: the normalisation (folding constants into weights) is only a
@@ -70,7 +72,10 @@ def _morphable(parent: ModelLike) -> tuple[onnx.ModelProto, ModelLike]:
     if isinstance(parent, onnx.ModelProto):
         return mio.normalize(parent), parent
     log.info("loading %s", parent)
-    return mio.load(parent, normalize_model=True), Path(parent)
+    # Weights stay in their files until a pass touches them (see streaming): always those kept in
+    # external data, and those inside the model file when run_passes saves the child itself.
+    lazy = lazy or bool(mio.external_data_files(parent))
+    return mio.load(parent, normalize_model=True, lazy=lazy), Path(parent)
 
 
 def run_passes(
@@ -79,15 +84,30 @@ def run_passes(
     options: VerifyOptions | None = None,
     *,
     verify_each: bool = False,
+    output: str | os.PathLike | None = None,
 ) -> MorphOutcome:
     """Apply `passes` in order to a copy of `parent`, verify the result, record the receipt.
 
     Raises NotApplicable (nothing done) when a pass does not apply, VerificationFailed when the
-    child differs from the parent. `parent` is never modified.
+    child differs from the parent. `parent` is never modified. A child whose weights stay in
+    files (a parent with external data) is saved to `output` when given, and verified there by
+    path before it replaces anything (`outcome.saved`).
     """
     options = options or VerifyOptions()
-    parent_model, reference = _morphable(parent)
+    parent_model, reference = _morphable(parent, lazy=output is not None)
     verifier = options.verifier(reference) if options.enabled else None
+    # A parent kept with external data (a model that may not fit in memory) gets its computed weights
+    # spilled to files as they are made; an inline one (under 2 GiB) keeps them in memory.
+    spill = mio.had_external_data(parent_model) and streaming.streams(parent_model)
+    with streaming.spilling() if spill else contextlib.nullcontext() as scratch:
+        child = _apply(parent_model, passes, verifier, verify_each, scratch)
+    if output is not None and streaming.streams(child):
+        return _save_verified(parent_model, child, passes, verifier, Path(output))
+    return _finish(parent_model, child, passes, verifier, verify_each)
+
+
+def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier: Verifier | None,
+           verify_each: bool, scratch: Any) -> onnx.ModelProto:
     child = parent_model
     for k, step in enumerate(passes, 1):
         label = f"step {k} ({step!r})" if len(passes) > 1 else repr(step)
@@ -105,6 +125,8 @@ def run_passes(
             raise type(exc)(f"step {k} ({step.name}): {exc}") from exc
         del analysis
         child = result.model
+        if scratch is not None:  # weights the step replaced again: their scratch files go now
+            streaming.drop_unreferenced(scratch, [child])
         if verify_each and verifier is not None and k < len(passes):
             report = verifier.check(child)
             if not report:
@@ -112,6 +134,34 @@ def run_passes(
     if child is parent_model:
         child = onnx.ModelProto()
         child.CopyFrom(parent_model)
+    return child
+
+
+def _save_verified(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],
+                   verifier: Verifier | None, output: Path) -> MorphOutcome:
+    """Write the child, verify the written files by path, then rename them into place (see saving.save)."""
+    gc.collect()
+    mio.strip_transient_metadata(child)
+    reports: list[Report | None] = []
+    if verifier is None:
+        mio.check_structure(child, name="child")
+
+    def verify_written(path: Path) -> None:
+        report = verifier.check(path) if verifier is not None else None
+        if report is not None and not report:
+            raise VerificationFailed(report.summary(), report)
+        receipt.append(child, _record(parent_model, passes, report))
+        reports.append(report)
+
+    log.info("saving %s (weights copied file to file) and verifying it by path", output)
+    # The child is not used after saving: its spilled weights are moved into the data file.
+    external = mio.had_external_data(parent_model)
+    mio.save(child, output, external_data=True if external else None, consume=True, before_commit=verify_written)
+    return MorphOutcome(child=child, report=reports[0], steps=list(passes), external_data=external, saved=output)
+
+
+def _finish(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],
+            verifier: Verifier | None, verify_each: bool) -> MorphOutcome:
     report = None
     if verifier is not None:
         log.info("verifying the child against the parent")

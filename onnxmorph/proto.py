@@ -81,7 +81,10 @@ _SKELETON_MIN_BYTES = 1024
 
 
 def _left_out(tensor: onnx.TensorProto) -> bool:
-    # Only types whose byte count check_declared_sizes verifies.
+    # Only types whose byte count check_declared_sizes verifies, and the references of a model that
+    # streams (see onnxmorph.streaming), whose sizes the loader checked against their files.
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return True
     return (tensor.data_type in WHOLE_BYTE_TYPES and tensor.HasField("raw_data")
             and (declared_bytes(tensor) or 0) >= _SKELETON_MIN_BYTES)
 
@@ -92,20 +95,26 @@ def skeleton(model: onnx.ModelProto, *, keep_dims: bool = True) -> onnx.ModelPro
     With `keep_dims` the stand-ins keep their dims (for shape inference); without, they are
     empty (dims [0]), which onnx.checker accepts.
     """
-    out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _copy_field(out, fd, value)
+    out = shell(model)
     graph = out.graph
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _copy_field(graph, fd, value)
     for tensor in model.graph.initializer:
         if _left_out(tensor):
             stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
             stub.dims.extend(tensor.dims if keep_dims else [0])
         else:
             graph.initializer.append(tensor)
+    return out
+
+
+def shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without its main graph's initializers (nothing large is copied)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
     return out
 
 

@@ -6,16 +6,16 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
 import onnx
-from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
-from onnxmorph import limits
+from onnxmorph import limits, streaming
 from onnxmorph.errors import UsageError
-from onnxmorph.proto import approx_size, external_tensors, iter_graphs, strip_transient_metadata
+from onnxmorph.framing import length_delimited
+from onnxmorph.proto import approx_size, strip_transient_metadata
 
 PathLike = Union[str, os.PathLike]
 
@@ -24,7 +24,7 @@ EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 
 def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None = None,
-         consume: bool = False) -> Path:
+         consume: bool = False, before_commit: Callable[[Path], None] | None = None) -> Path:
     """Write `model` to `path` atomically: a temporary file in the target folder, then a rename.
 
     External data (a `<name>.data` file beside the model) is used when asked, or automatically
@@ -32,7 +32,10 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     the previous file at `path` (if any) is left as it was and no temporary file remains.
     With `consume`, a model written with external data gives its weights up as they are written
     instead of being copied first (the caller must not use it afterwards): it saves the model's
-    size in memory.
+    size in memory. A model that streams (see onnxmorph.streaming) has its referenced weights
+    copied file to file, into the data file or the model file. `before_commit(temporary model path)` runs on the
+    complete files before they are renamed into place (verification by path): when it raises,
+    nothing is replaced; metadata it adds to `model` is written with the model.
     """
     path = check_output_path(path)
     folder = path.parent
@@ -40,6 +43,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
     # saving a stripped copy: a copy of a 500 MB model costs its size in memory and a second.
     saved = list(model.metadata_props)
     strip_transient_metadata(model)
+    stripped = [p for p in saved if p not in model.metadata_props]
     try:
         if external_data is None:
             external_data = approx_size(model) >= EXTERNAL_DATA_THRESHOLD
@@ -52,15 +56,66 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
             with _atomic_target(path) as tmp_model:
                 if external_data:
                     with _atomic_target(folder / data_name) as tmp_data:
-                        write_with_external_data(model, tmp_model, data_file=tmp_data.name,
-                                                  final_data_name=data_name, consume=consume)
+                        _write_external(model, tmp_model, tmp_data.name, data_name, consume, before_commit)
                 else:
-                    _write_bytes(tmp_model, model.SerializeToString())
+                    _write_inline(model, tmp_model, before_commit)
     finally:
-        if len(saved) != len(model.metadata_props):
+        if stripped:  # put the bookkeeping back, keeping what a before_commit added
+            kept = [p for p in model.metadata_props if p not in stripped]
             del model.metadata_props[:]
-            model.metadata_props.extend(saved)
+            model.metadata_props.extend(stripped + kept)
     return path
+
+
+def _write_external(model: onnx.ModelProto, target: Path, data_file: str, final_name: str, consume: bool,
+                    before_commit: Callable[[Path], None] | None) -> None:
+    if before_commit is None:
+        write_with_external_data(model, target, data_file=data_file, final_data_name=final_name, consume=consume)
+        return
+    # The header first names the temporary data file, so that the files can be checked as they are.
+    header = write_with_external_data(model, target, data_file=data_file, consume=consume)
+    before_commit(target)
+    streaming.set_location(header, data_file, final_name)
+    del header.metadata_props[:]
+    header.metadata_props.extend(_without_transient(model).metadata_props)
+    _write_bytes(target, header.SerializeToString())
+
+
+def _write_inline(model: onnx.ModelProto, target: Path, before_commit: Callable[[Path], None] | None) -> None:
+    """One file; referenced weights copied into it. With `before_commit`, the metadata goes last.
+
+    The file is checked before its metadata (the receipt of that check) is appended: protobuf
+    merges a repeated field however its entries are spread, so nothing is rewritten.
+    """
+    held = list(model.metadata_props) if before_commit is not None else []
+    if held:
+        del model.metadata_props[:]
+    try:
+        if streaming.streams(model):
+            streaming.write_inline(model, target)
+        else:
+            _write_bytes(target, model.SerializeToString())
+    finally:
+        if held:
+            model.metadata_props.extend(held)
+    if before_commit is None:
+        return
+    before_commit(target)
+    tail = b"".join(length_delimited(_MODEL_METADATA, p.SerializeToString())
+                    for p in _without_transient(model).metadata_props)
+    with open(target, "ab") as f:
+        f.write(tail)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_MODEL_METADATA = 14  # ModelProto.metadata_props
+
+
+def _without_transient(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself, its load-time bookkeeping (added back by a `before_commit`) dropped."""
+    strip_transient_metadata(model)
+    return model
 
 
 def write_atomically(path: PathLike, data: bytes) -> Path:
@@ -184,35 +239,15 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def write_with_external_data(
     model: onnx.ModelProto, target: Path, data_file: str | None = None, final_data_name: str | None = None,
     consume: bool = False,
-) -> None:
-    """Write `model` to `target` with its weights in an external file beside it.
+) -> onnx.ModelProto:
+    """Write `model` to `target` with its weights in an external file beside it; returns the header written.
 
     The tensors are written to `data_file` (a name in target's folder) but recorded under
     `final_data_name`, so that a temporary data file can be renamed into place afterwards.
-    With `consume`, `model` itself loses its weights to the file instead of a copy of it.
+    Weights that `model` refers to in other files (a streaming model) are copied file to file;
+    with `consume`, `model` itself loses its inline weights to the file instead of a copy of them.
     """
     data_file = data_file or target.name + ".data"
-    final_data_name = final_data_name or data_file
-    if consume:
-        work = model
-    else:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-    # Not convert_model_to_external_data: it refuses a location that exists relative to the
-    # *current directory* (any `NAME.data` there, or the temporary file when saving into it).
-    for graph in iter_graphs(work.graph):
-        for tensor in graph.initializer:
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                set_external_data(tensor, data_file)
-    # The tensors are written relative to the model's folder under their recorded location.
-    data_path = target.parent / data_file
-    if data_path.exists():
-        data_path.unlink()
-    write_external_data_tensors(work, str(target.parent))
-    for tensor in external_tensors(work):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = final_data_name
-    _write_bytes(target, work.SerializeToString())
-    with open(data_path, "rb+") as f:
-        os.fsync(f.fileno())
+    header = streaming.write_tensors(model, target.parent / data_file, final_data_name or data_file, consume=consume)
+    _write_bytes(target, header.SerializeToString())
+    return header

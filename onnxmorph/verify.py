@@ -20,7 +20,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from onnxmorph import feeds, limits, saving
+from onnxmorph import feeds, limits, saving, streaming
 from onnxmorph import io as mio
 from onnxmorph.errors import InvalidModelError, UsageError, one_line
 from onnxmorph.report import (  # noqa: F401  (re-exported)
@@ -253,7 +253,8 @@ class _Session:
                 # By path: onnxruntime parses the file once and resolves external data beside it.
                 source = str(model.path)
             elif isinstance(model, onnx.ModelProto):
-                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD:
+                # A model whose weights stay in files is written beside its copies, file to file.
+                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(model):
                     source = model.SerializeToString()
                 else:
                     self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
@@ -262,6 +263,12 @@ class _Session:
                     source = str(target)
             else:
                 source = str(model)
+            header = model.header if isinstance(model, ModelFile) else None
+            if self._tmp is not None or (header is not None and any(True for _ in mio.external_tensors(header))):
+                # onnxruntime maps external weights from their files (page-aligned, as onnxmorph writes
+                # them) but copies those it prepacks for its kernels: off, they stay mapped (file pages
+                # the kernel can drop and share, not a private copy of the model).
+                options.add_session_config_entry("session.disable_prepacking", "1")
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             self.close()
@@ -391,7 +398,7 @@ class Verifier:
         source: ModelLike | bytes = child
         try:
             if isinstance(child, onnx.ModelProto):
-                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD:
+                if mio.approx_size(child) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(child):
                     source = child.SerializeToString()
                 mio.check(source if isinstance(source, bytes) else child, name="child")
             elif not child.checked:
@@ -425,6 +432,7 @@ class Verifier:
             report.problems.append(str(exc))
         finally:
             session.close()
+        log.info("verified; peak memory of this process so far: %.0f MB", streaming.peak_memory() / 2**20)
         return report
 
 

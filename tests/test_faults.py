@@ -12,14 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 from conftest import MODELS
 from robust_support import PASSES, ROOT, assert_refused, cli_flags, first_use, leftovers, reference, run_cli
 
 import onnxmorph
 from onnxmorph import io as mio
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 
 # --------------------------------------------------------------------------- in-process faults
 
@@ -67,14 +66,11 @@ def test_a_failing_save_leaves_the_old_file_or_none(
 def test_a_failing_external_data_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "child.onnx"
 
-    def full_disk(model: onnx.ModelProto, base: str) -> None:
-        data = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
-        location = next(e.value for e in data.external_data if e.key == "location")
-        with open(Path(base) / location, "ab") as f:
-            f.write(b"\0" * 1000)
+    def full_disk(fd: int, data: memoryview, offset: int) -> None:
+        os.pwrite(fd, bytes(data[:1000]), offset)  # part of a weight reaches the data file
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(saving, "write_external_data_tensors", full_disk)
+    monkeypatch.setattr(streaming, "_pwrite_all", full_disk)
     with pytest.raises(onnxmorph.UsageError, match="No space left"):
         onnxmorph.save(reference("mlp_relu"), target, external_data=True)
     assert list(tmp_path.iterdir()) == []
@@ -103,7 +99,7 @@ _SLOW_SAVE_DRIVER = r"""
 import os, sys, time
 from pathlib import Path
 from onnxmorph import cli
-from onnxmorph import saving
+from onnxmorph import saving, streaming
 
 marker = Path(os.environ["ONNXMORPH_TEST_MARKER"])
 if os.environ.get("ONNXMORPH_TEST_EXTERNAL") == "1":
@@ -117,7 +113,14 @@ def slow_write(path, data):
         time.sleep(120)
         f.write(data[len(data) // 2:])
 
+def slow_pwrite(fd, data, offset):
+    # the streaming writers (weights copied file to file) write through this
+    os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
+    marker.write_text(os.readlink(f"/proc/self/fd/{fd}"))
+    time.sleep(120)
+
 saving._write_bytes = slow_write
+streaming._pwrite_all = slow_pwrite
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -168,6 +168,12 @@ def test_a_model_with_external_data_morphs_verifies_and_saves_in_bounded_memory(
     _check(figures, tmp_path, multiple=8)
     child = onnxmorph.load(tmp_path / "child.onnx")
     assert onnxmorph.history(child)[-1]["steps"][0]["pass"] == figures["pass"]
+    # The fully connected weights are not touched by a conv morph: the parent's bytes, copied file to file.
+    from test_streaming import _spans
+
+    parent_spans, child_spans = _spans(tmp_path / "parent.onnx"), _spans(tmp_path / "child.onnx")
+    for name in ("fc2.w", "fc3.w", "fc4.w"):
+        assert child_spans[name][0] == parent_spans[name][0], name
     assert onnxmorph.verify(tmp_path / "parent.onnx", tmp_path / "child.onnx", trials=1)
 
 
