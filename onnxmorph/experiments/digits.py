@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxmorph
 from onnxmorph import train as ot
 from onnxmorph.build import P_ACTIVATION_SUFFIX
-from onnxmorph.experiments import run_jobs
+from onnxmorph.experiments import log_to_stderr, run_jobs, write_results
 
 log = logging.getLogger("onnxmorph.experiments.digits")
 
@@ -288,7 +287,7 @@ def run_seed(family_name: str, seed: int, config: Config) -> dict[str, dict[str,
 
 def _worker_init() -> None:
     if not log.handlers:
-        _log_to_stderr()
+        log_to_stderr(log)
 
 
 def run_families(config: Config, workers: int = 1, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -483,13 +482,6 @@ def _keep_other_families(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     return {**results, "families": families, "rerun": rerun}
 
 
-def _log_to_stderr() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onnxmorph.experiments.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small budgets and 2 seeds (a smoke test, < 60 s)")
@@ -503,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Progress of this run only; the morphs' own INFO logs would drown it.
     if not log.handlers:
-        _log_to_stderr()
+        log_to_stderr(log)
     config = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {"threads": args.threads}
     if args.seeds is not None:
@@ -513,15 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (1 if args.quick else 2)
     results = run(config, workers, None if args.family is None else [args.family])
     stem = "digits-quick" if args.quick else "digits"
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.family is not None:
         results = _keep_other_families(args.out / f"{stem}.json", results)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
-    print(f"wrote {args.out / stem}.{{json,md,png}} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    write_results(args.out, stem, results, markdown, plot, time.perf_counter() - start)
     return 0
 
 

@@ -20,7 +20,6 @@ as a share saved; final losses at equal steps and at equal compute come beside i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -36,7 +35,7 @@ import torch
 import onnxmorph
 from onnxmorph import train as ot
 from onnxmorph.errors import NotApplicable, OnnxMorphError
-from onnxmorph.experiments import lm, run_jobs
+from onnxmorph.experiments import lm, log_to_stderr, run_jobs, write_results
 from onnxmorph.experiments.textgrowth_report import markdown, plot, summarise
 
 log = logging.getLogger("onnxmorph.experiments.textgrowth")
@@ -282,7 +281,7 @@ def _job(kind: str, seed: int, config: Config, arm: Any) -> dict[str, Any]:
 
 def _worker_init() -> None:
     if not log.handlers:
-        _log_to_stderr()
+        log_to_stderr(log)
 
 
 def run(config: Config, workers: int = 1) -> dict[str, Any]:
@@ -312,13 +311,6 @@ def run(config: Config, workers: int = 1) -> dict[str, Any]:
     return out
 
 
-def _log_to_stderr() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onnxmorph.experiments.textgrowth",
                                      description=__doc__.split("\n")[0])
@@ -334,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="file name stem (default: textgrowth, quick: textgrowth-quick)")
     args = parser.parse_args(argv)
     if not log.handlers:
-        _log_to_stderr()
+        log_to_stderr(log)
     config = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {"threads": args.threads, "device": args.device}
     if args.seeds is not None:
@@ -350,13 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
     results = run(config, workers)
     stem = args.name or ("textgrowth-quick" if args.quick else "textgrowth")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
-    print(f"wrote {args.out / stem}.{{json,md,png}} in {results['seconds']:.0f} s", file=sys.stderr)
+    write_results(args.out, stem, results, markdown, plot, results["seconds"])
     return 0
 
 
