@@ -219,13 +219,40 @@ def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int
     node = v.node
     values = constant_ints(node, 1)
     if values is None:
-        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
+        _grow_computed_target(a, v, position, out_axis, delta)
+        return
     position -= a.rank(node.outputs[0]) - len(values) if a.rank(node.outputs[0]) else 0
     if position < 0 or values[position] in (-1, 1) and node.op == "Expand" or values[position] == -1:
         return
     if values[position] == 0 and not int(node.attrs.get("allowzero", 0)):
         raise NotApplicable(f"{v.where}: its target copies the channel count (0), cannot follow it")
     a.add_fix(ShapeFix(node.name, 1, position, node.outputs[0].name, out_axis, delta))
+
+
+def _grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
+    """A target computed as Concat(sizes taken from Shape, constants), as exporters write `[B, T, C]` with T
+    dynamic: the channels' entry grows when it is a constant piece of a Concat that this node alone reads."""
+    node = v.node
+    target = node.inputs[1]
+    concat = target.inputs[0] if target.inputs else None
+    if concat is None or concat.op != "Concat" or len(target.outputs) != 1:
+        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
+    start = 0
+    for k, piece in enumerate(concat.inputs):
+        values = constant_ints(concat, k)
+        size = len(values) if values is not None else (a.shape(piece) or (None,))[0]
+        if size is None or start + size > position:
+            if values is None or size is None:
+                break
+            entry = values[position - start]
+            if entry == -1 or entry == 1 and node.op == "Expand":
+                return
+            if entry == 0 and not int(node.attrs.get("allowzero", 0)):
+                break
+            a.add_fix(ShapeFix(concat.name, k, position - start, node.outputs[0].name, out_axis, delta))
+            return
+        start += size
+    raise NotApplicable(f"{v.where}: the channel count in its computed target shape cannot be resized")
 
 
 def _sole_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
