@@ -341,6 +341,7 @@ class Analysis:
         self.outputs = {t.name for t in graph.outputs}
         self.inputs = {t.name for t in graph.inputs}
         self.tensors = graph.tensors()
+        self.main_nodes = {id(node) for node in graph.nodes}
         self.memo: dict[object, object] = {}  # for rules that must act once per node
 
     def space(self, k: int) -> Space:
@@ -459,6 +460,11 @@ class Analysis:
             if tensor.inputs and self.allow_backward:
                 self.visit(Visit(tensor.inputs[0], slot, tensor, True))
             for node in list(tensor.outputs):
+                if id(node) not in self.main_nodes:
+                    # read by name inside an If/Loop/Scan body: the rules follow the main graph only
+                    reader = node.name or node.outputs[0].name
+                    raise NotApplicable(f"'{tensor.name}' is read inside a subgraph ({node.op} '{reader}' in a "
+                                        "control-flow body): widening it there is not supported")
                 self.visit(Visit(node, slot, tensor, False))
         return self.result
 

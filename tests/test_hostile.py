@@ -496,3 +496,25 @@ def test_error_lines_quote_bounded_values(tmp_path: Path, capfd: pytest.CaptureF
     result = run_main(["widen", MODELS / "mlp_relu.onnx", "--layer", "fc1", "--width", "9" * 5000,
                        "-o", tmp_path / "c.onnx"], capfd)
     assert len(assert_refused(result, 2)) <= 700
+
+
+def test_channels_read_inside_an_if_branch_are_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    branches = {name: helper.make_graph([helper.make_node(op, ["h"], [f"{name}_out"])], name, [],
+                                        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+                for name, op in (("then", "Relu"), ("else", "Neg"))}
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=branches["then"],
+                              else_branch=branches["else"]),
+             helper.make_node("Gemm", ["z", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                     helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "w2")])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    for args in (["widen", path, "--layer", "fc1", "--width", "8"], ["skip", path, "--from", "x", "--to", "h",
+                                                                      "--mode", "concat"]):
+        assert_refused(run_main([*args, "-o", tmp_path / "c.onnx"], capfd), 2)
