@@ -29,7 +29,6 @@ At `a = 1` every P-activation is exactly the identity (bit for bit): `PRelu` wit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,8 @@ import onnx_graphsurgeon as gs
 
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.graph import ConvGeometry, Namer
+from onnxmorph.geometry import ConvGeometry
+from onnxmorph.graph import Namer
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,10 +46,10 @@ __all__ = [
     "activation_problem",
     "add_layer",
     "channel_param_shape",
+    "crop_input",
     "fresh_scope",
     "insert_layer_pair",
     "p_activation",
-    "pair_geometries",
 ]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "none")
@@ -102,36 +102,29 @@ def _activation_scope(namer: Namer, scope: str) -> str:
     return candidate
 
 
-def pair_geometries(parent: ConvGeometry, k2: Sequence[int]) -> tuple[ConvGeometry, ConvGeometry]:
-    """Geometries of the two convs replacing `parent`, layer 2 having kernel `k2`; exact on every pixel.
+def crop_input(graph: gs.Graph, namer: Namer, scope: str, x: gs.Tensor, geometry: ConvGeometry,
+               opset: int) -> tuple[gs.Tensor, ConvGeometry]:
+    """(`x`, `geometry`) unchanged when its pads are >= 0; else a Slice of `x` doing the negative pads.
 
-    Layer 1 keeps the parent's kernel and dilation, stride 1, and carries all the padding:
-    `P_begin + dilation * lo` / `P_end + dilation * hi` with `lo = (K2 - 1) // 2`, `hi = K2 - 1 - lo`
-    (the placement of `solvers.target_kernel`). Layer 2 has pads 0, the parent's stride and dilation,
-    so it never reads a zero-padded intermediate value and every output, border included, sums the
-    same input pixels with the same composite weights as the parent.
+    A smaller centred kernel inside an unpadded conv starts reading `offset` pixels in: a negative
+    pad, which ONNX Conv does not allow; cropping those pixels first is the same computation.
     """
-    k2 = tuple(int(k) for k in k2)
-    lo = tuple((k - 1) // 2 for k in k2)
-    hi = tuple(k - 1 - a for k, a in zip(k2, lo))
-    d = parent.dilations
-    first = ConvGeometry(
-        kernel=parent.kernel,
-        pads_begin=tuple(p + di * a for p, di, a in zip(parent.pads_begin, d, lo)),
-        pads_end=tuple(p + di * b for p, di, b in zip(parent.pads_end, d, hi)),
-        strides=(1,) * len(k2),
-        dilations=d,
-        group=parent.group,
-    )
-    second = ConvGeometry(
-        kernel=k2,
-        pads_begin=(0,) * len(k2),
-        pads_end=(0,) * len(k2),
-        strides=parent.strides,
-        dilations=d,
-        group=parent.group,
-    )
-    return first, second
+    if min(geometry.pads) >= 0:
+        return x, geometry
+    starts = [max(0, -p) for p in geometry.pads_begin]
+    ends = [p if p < 0 else np.iinfo(np.int64).max for p in geometry.pads_end]
+    axes = list(range(2, 2 + geometry.rank))
+    out = gs.Variable(namer(scope, "crop", "out"), dtype=x.dtype)
+    name = namer(scope, "crop")
+    if opset < 10:
+        graph.nodes.append(gs.Node("Slice", name=name, inputs=[x], outputs=[out],
+                                   attrs={"starts": starts, "ends": ends, "axes": axes}))
+    else:
+        consts = [mgraph.constant(namer(name, tag), np.array(v, dtype=np.int64), np.int64)
+                  for tag, v in (("starts", starts), ("ends", ends), ("axes", axes))]
+        graph.nodes.append(gs.Node("Slice", name=name, inputs=[x, *consts], outputs=[out]))
+    clamped = geometry.with_pads([max(0, p) for p in geometry.pads_begin], [max(0, p) for p in geometry.pads_end])
+    return out, clamped
 
 
 def _intermediate(name: str) -> gs.Variable:

@@ -17,6 +17,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxmorph import streaming
 from onnxmorph.errors import InvalidModelError, NotApplicable, UsageError
+from onnxmorph.geometry import ConvGeometry, conv_geometry, set_conv_geometry  # noqa: F401  (the graph's vocabulary)
 from onnxmorph.io import is_normalized, list_initializers_as_inputs, normalize, skeleton
 
 log = logging.getLogger("onnxmorph")
@@ -399,6 +400,38 @@ class Namer:
         return name
 
 
+def remove_node(graph: gs.Graph, node: gs.Node) -> tuple[list[gs.Tensor], list[gs.Tensor]]:
+    """Take `node` out of `graph`, detached from its tensors; returns (its inputs, its outputs).
+
+    Its outputs then have no producer: the caller builds what writes them (a replacement module).
+    """
+    inputs, outputs = list(node.inputs), list(node.outputs)
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.remove(node)
+    return inputs, outputs
+
+
+def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, readers: Iterable[gs.Node] | None = None,
+                     *, renamed: str | None = None) -> None:
+    """Every reader of `old` (or those in `readers`, taken before new readers were added) reads `new`.
+
+    When `old` is a graph output, `new` takes its place and its name, so the model's interface
+    stays as it was, and `old` is called `renamed` (required then).
+    """
+    for node in list(old.outputs) if readers is None else list(readers):
+        for k, tensor in enumerate(node.inputs):
+            if tensor is old:
+                node.inputs[k] = new  # item assignment keeps onnx-graphsurgeon's reader lists in step
+    if is_graph_output(graph, old):
+        if renamed is None:
+            raise ValueError(f"'{old.name}' is a graph output: replacing it needs a new name for it")
+        name = old.name
+        old.name = renamed
+        new.name = name
+        graph.outputs = [new if t is old else t for t in graph.outputs]
+
+
 def constant(name: str, array: np.ndarray, dtype: np.dtype | type) -> gs.Constant:
     """A new constant holding a fresh copy of `array` cast to `dtype`.
 
@@ -480,73 +513,3 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | N
     for tensor in inferred.graph.initializer:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
     return shapes
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A Conv's kernel, explicit pads (auto_pad resolved), strides, dilations and group count."""
-
-    kernel: tuple[int, ...]
-    pads_begin: tuple[int, ...]
-    pads_end: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    group: int
-
-    @property
-    def pads(self) -> list[int]:
-        """The ONNX `pads` attribute: all begins, then all ends."""
-        return [*self.pads_begin, *self.pads_end]
-
-
-def conv_geometry(node: gs.Node, shapes: dict[str, tuple[int | None, ...] | None] | None = None) -> ConvGeometry:
-    """The geometry of Conv `node`; `auto_pad` SAME_* needs the input's spatial shape when strided.
-
-    Raises NotApplicable when the padding cannot be made explicit (unknown input size).
-    """
-    weight_shape = tuple(int(d) for d in node.inputs[1].shape)
-    nd = len(weight_shape) - 2
-    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", weight_shape[2:]))
-    strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
-    dilations = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
-    group = int(node.attrs.get("group", 1))
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad in ("NOTSET", ""):
-        pads = [int(p) for p in node.attrs.get("pads", [0] * (2 * nd))]
-        begin, end = tuple(pads[:nd]), tuple(pads[nd:])
-    elif auto_pad == "VALID":
-        begin = end = (0,) * nd
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        shape = (shapes or {}).get(node.inputs[0].name)
-        b, e = [], []
-        for axis in range(nd):
-            n = shape[2 + axis] if shape is not None and len(shape) == nd + 2 else None
-            if strides[axis] == 1:
-                total = (kernel[axis] - 1) * dilations[axis]
-            elif n is None:
-                raise NotApplicable(
-                    f"layer '{node.name}': auto_pad {auto_pad} with stride {strides[axis]} needs the input's "
-                    f"spatial size, which shape inference cannot tell for '{node.inputs[0].name}'"
-                )
-            else:
-                out = -(-n // strides[axis])
-                total = max(0, (out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - n)
-            small, large = total // 2, total - total // 2
-            b.append(small if auto_pad == "SAME_UPPER" else large)
-            e.append(large if auto_pad == "SAME_UPPER" else small)
-        begin, end = tuple(b), tuple(e)
-    else:
-        raise NotApplicable(f"layer '{node.name}': unknown auto_pad {auto_pad!r}")
-    return ConvGeometry(kernel, begin, end, strides, dilations, group)
-
-
-def set_conv_geometry(node: gs.Node, geometry: ConvGeometry) -> None:
-    """Write `geometry` into Conv `node`'s attributes, with explicit pads (auto_pad dropped)."""
-    node.attrs.pop("auto_pad", None)
-    node.attrs["kernel_shape"] = list(geometry.kernel)
-    node.attrs["pads"] = geometry.pads
-    node.attrs["strides"] = list(geometry.strides)
-    node.attrs["dilations"] = list(geometry.dilations)
-    node.attrs["group"] = geometry.group

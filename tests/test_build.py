@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmorph import build, solvers
+from onnxmorph import build, geometry, solvers
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.graph import ConvGeometry
+from onnxmorph.geometry import ConvGeometry
 
 
 def _graph(shape: list[int], opset: int, dtype: type = np.float32) -> tuple[gs.Graph, gs.Variable]:
@@ -127,7 +127,7 @@ def test_channel_param_shape() -> None:
 
 def test_pair_geometries_put_padding_first_and_stride_second() -> None:
     parent = ConvGeometry((3, 5), (1, 0), (2, 2), (2, 3), (2, 1), 4)
-    first, second = build.pair_geometries(parent, (4, 1))
+    first, second = geometry.pair_geometries(parent, (4, 1))
     # lo = (1, 0), hi = (2, 0), times the dilation (2, 1)
     assert first == ConvGeometry((3, 5), (3, 0), (6, 2), (1, 1), (2, 1), 4)
     assert second == ConvGeometry((4, 1), (0, 0), (0, 0), (2, 3), (2, 1), 4)
@@ -139,9 +139,9 @@ def test_a_chain_of_three_convs_built_from_two_solves_is_exact() -> None:
     g = rng.normal(size=(5, 4, 3, 3))
     parent = ConvGeometry((3, 3), (1, 1), (1, 1), (2, 2), (1, 1), 1)
     first = solvers.solve_deepen(g, (3, 3), 6, rng)             # g -> f1 (3x3), f2 (3x3)
-    f1_geo, f2_geo = build.pair_geometries(parent, (3, 3))
+    f1_geo, f2_geo = geometry.pair_geometries(parent, (3, 3))
     second = solvers.solve_deepen(first.f2, (1, 1), 7, rng)     # f2 -> f2a (3x3), f2b (1x1)
-    f2a_geo, f2b_geo = build.pair_geometries(f2_geo, (1, 1))
+    f2a_geo, f2b_geo = geometry.pair_geometries(f2_geo, (1, 1))
 
     graph, x = _graph([1, 4, 9, 9], 13)
     namer = mgraph.Namer(graph)

@@ -10,11 +10,12 @@ import onnx
 import pytest
 from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, light_model, reference_model, sample_layers
 from onnx import TensorProto, helper, numpy_helper
-from onnxmorph.passes.kernel import KernelPass, kernel_offsets, removed_ring_is_zero, resize_kernel
+from onnxmorph.passes.kernel import KernelPass, removed_ring_is_zero, resize_kernel
 
 import onnxmorph
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
+from onnxmorph.geometry import kernel_offsets
 
 
 def _conv_model(kernel: tuple[int, ...], spatial: tuple[int, ...], *, ci: int = 3, co: int = 4,
