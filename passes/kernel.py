@@ -11,21 +11,14 @@ import numpy as np
 import onnx
 
 from onnxmorph import graph as mgraph
+from onnxmorph import layers
 from onnxmorph.errors import NotApplicable
-from onnxmorph.graph import ConvGeometry, LayerInfo
-from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight, register
+from onnxmorph.geometry import ConvGeometry, kernel_offsets, resized_geometry, shown
+from onnxmorph.graph import LayerInfo
+from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight
+from onnxmorph.registry import register
 
 log = logging.getLogger("onnxmorph")
-
-
-def kernel_offsets(old: Sequence[int], new: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per axis, taps added before (`lo`) and after (`hi`): `lo = (K' - K) // 2`, `hi` the rest.
-
-    Negative values mean taps removed (a shrink); an odd difference puts the extra tap after.
-    """
-    lo = tuple((n - o) // 2 for o, n in zip(old, new))
-    hi = tuple((n - o) - a for o, n, a in zip(old, new, lo))
-    return lo, hi
 
 
 def resize_kernel(w: np.ndarray, new: Sequence[int]) -> np.ndarray:
@@ -45,14 +38,6 @@ def removed_ring_is_zero(w: np.ndarray, new: Sequence[int]) -> bool:
     """True when every tap that `resize_kernel(w, new)` drops is zero."""
     # Cropping only removes entries, so equal non-zero counts mean nothing non-zero was removed.
     return int(np.count_nonzero(resize_kernel(w, new))) == int(np.count_nonzero(w))
-
-
-def resized_geometry(geometry: ConvGeometry, new: Sequence[int]) -> ConvGeometry:
-    """The conv geometry that keeps every output after the kernel becomes `new` (pads move by dilation*taps)."""
-    lo, hi = kernel_offsets(geometry.kernel, new)
-    begin = tuple(p + d * a for p, d, a in zip(geometry.pads_begin, geometry.dilations, lo))
-    end = tuple(p + d * b for p, d, b in zip(geometry.pads_end, geometry.dilations, hi))
-    return ConvGeometry(tuple(new), begin, end, geometry.strides, geometry.dilations, geometry.group)
 
 
 @register
@@ -88,45 +73,21 @@ class KernelPass(MorphPass):
         return cls(layer=layer.name, size=[k + 2 for k in layer.weight_shape[2:]])
 
     def _plan(self, model: mgraph.Analysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
-        view = mgraph.read_view(model)
-        node = mgraph.find_layer(view, self.layer, ("Conv",))
-        mgraph.exclusive_constant(node, 1)
-        w = mgraph.values(node.inputs[1])
-        nd = w.ndim - 2
-        if nd < 1:
-            raise NotApplicable(f"layer '{self.layer}': its weight {list(w.shape)} has no spatial axes")
-        size = tuple(self.size) * nd if len(self.size) == 1 else tuple(self.size)
-        if len(size) != nd:
-            raise NotApplicable(
-                f"layer '{self.layer}': --size {'x'.join(map(str, self.size))} has {len(size)} axes, "
-                f"the kernel has {nd} ({'x'.join(map(str, w.shape[2:]))})"
-            )
-        if w.dtype.kind != "f":
-            raise NotApplicable(f"layer '{self.layer}': weight type {w.dtype} is not a float type")
-        geometry = mgraph.conv_geometry(node, mgraph.tensor_shapes(model))
-        if tuple(w.shape[2:]) != geometry.kernel:
-            raise NotApplicable(
-                f"layer '{self.layer}': kernel_shape {list(geometry.kernel)} differs from its weight "
-                f"{list(w.shape)}"
-            )
-        old = geometry.kernel
-        shown = "x".join(map(str, old))
+        layer = layers.read_layer(model, self.layer, ("Conv",))
+        assert layer.geometry is not None
+        size = layer.expand_kernel(self.size, "--size")
+        old = layer.kernel
         if size == old:
-            raise NotApplicable(f"layer '{self.layer}': the kernel is already {shown}")
+            raise NotApplicable(f"{layer.label}: the kernel is already {shown(old)}")
         shrinking = any(n < o for o, n in zip(old, size))
         if shrinking:
-            if not removed_ring_is_zero(w, size):
-                raise NotApplicable(
-                    f"layer '{self.layer}': shrinking the {shown} kernel to {'x'.join(map(str, size))} "
-                    "would drop non-zero taps (not function-preserving)"
-                )
-            new = resized_geometry(geometry, size)
-            if min(new.pads) < 0:
-                raise NotApplicable(
-                    f"layer '{self.layer}': shrinking to {'x'.join(map(str, size))} would need negative "
-                    f"padding (pads {geometry.pads})"
-                )
-        return geometry, size, shrinking
+            if not removed_ring_is_zero(layer.weight, size):
+                raise NotApplicable(f"{layer.label}: shrinking the {shown(old)} kernel to {shown(size)} would drop "
+                                    "non-zero taps (not function-preserving)")
+            if min(resized_geometry(layer.geometry, size).pads) < 0:
+                raise NotApplicable(f"{layer.label}: shrinking to {shown(size)} would need negative padding "
+                                    f"(pads {layer.geometry.pads})")
+        return layer.geometry, size, shrinking
 
     def requires(self, model: mgraph.ModelOrAnalysis) -> tuple[ConvGeometry, tuple[int, ...], bool]:
         return self._plan(mgraph.analysis(model))
