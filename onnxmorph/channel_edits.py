@@ -11,7 +11,63 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmorph import graph as mgraph
-from onnxmorph.channels import Consumer, Coupling, Param, ints
+from onnxmorph import widening as wsolve
+from onnxmorph.channels import Consumer, Coupling, GroupChange, Param, ints
+
+# What a new channel's per-channel constant starts as, by the role the analysis gave it: the value
+# that makes the op the identity on it (a norm's scale 1 and shift 0, a variance 1) or 0. A PRelu
+# slope ("slope") takes the mean of the old slopes instead (its outgoing weights decide the rest).
+NEUTRAL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
+
+
+def extendable(param: Param) -> bool:
+    """Whether `extend_param` knows what `param`'s new entries start as."""
+    return param.role in NEUTRAL or param.role in ("slope", "filter")
+
+
+def extend_param(param: Param, array: np.ndarray, coupling: Coupling, rng: np.random.Generator, *,
+                 sources: np.ndarray | None = None) -> np.ndarray:
+    """`array` (a per-channel constant of the coupling) with its new channels.
+
+    A depthwise layer on the way ("filter") gets new filters, copies of `sources` or random; the
+    other roles get their neutral value, or the entries of `sources` when channels are copied.
+    """
+    space = coupling.spaces[param.space]
+    if param.role == "filter":
+        return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng,
+                                           mode="random" if sources is None else "copy", sources=sources,
+                                           offset=param.offset, block=param.block)
+    value = float(np.mean(array)) if param.role == "slope" else NEUTRAL[param.role]
+    return wsolve.fill_channels(array, param.axis, space.inserts, value, sources=sources, offset=param.offset,
+                                block=param.block, old=space.old)
+
+
+def grow_groups(node: gs.Node, change: GroupChange, rng: np.random.Generator, zero_first: int = 0) -> None:
+    """More groups for a depthwise or grouped Conv; a grouped one gets the new groups' filters (random,
+    the first `zero_first` exactly 0) and zero bias."""
+    node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
+    if change.derived is None:
+        return
+    w = mgraph.values(node.inputs[1])
+    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
+        w, 0, change.new_filters, rng, mode="random", zero_first=zero_first))
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        mgraph.set_input_constant(node, 2, wsolve.fill_channels(
+            mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
+
+
+def grow_coupling(graph: gs.Graph, coupling: Coupling, extend: Callable[[Param, np.ndarray], np.ndarray],
+                  outgoing: Callable[[gs.Node, np.ndarray, Consumer], np.ndarray], rng: np.random.Generator,
+                  guards: dict[int, int] | None = None) -> None:
+    """Everything a coupling touches, after its producers: per-channel constants (`extend`), grouped
+    convs on the way, the consumers' weights on the new channels (`outgoing`) and the shape constants."""
+    nodes = {n.name: n for n in graph.nodes}
+    grow_params(graph, coupling, extend)
+    for change in coupling.groups:
+        zero_first = (guards or {}).get(change.derived, 0) if change.derived is not None else 0
+        grow_groups(nodes[change.node], change, rng, zero_first)
+    grow_consumers(nodes, coupling, outgoing)
+    apply_shape_fixes(graph, coupling)
 
 
 def private_constant(graph: gs.Graph, node: gs.Node, index: int, array: np.ndarray,

@@ -537,11 +537,5 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
             tried.append(misfit.inserts)
 
 
-# the rules register themselves in RULES when imported; the rewriting helpers live beside them
+# the rules register themselves in RULES when imported (the rewriting after an analysis is channel_edits)
 from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401
-from onnxmorph.channel_edits import (  # noqa: E402,F401
-    apply_shape_fixes,
-    grow_consumers,
-    grow_params,
-    private_constant,
-)

@@ -15,7 +15,8 @@ from onnxmorph import build
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, register
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult
+from onnxmorph.registry import register
 
 log = logging.getLogger("onnxmorph")
 
@@ -161,19 +162,6 @@ def _initialise(copier: _Copier, block: mblocks.Block, writers: list[Writer], in
             _set_zero(copier.nodes[name], k)
 
 
-def _rewire(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, readers: list[gs.Node], namer: mgraph.Namer) -> None:
-    """Readers of `old` (and the graph output it is, keeping its name) read `new` instead."""
-    for node in readers:
-        for k, tensor in enumerate(node.inputs):
-            if tensor is old:
-                node.inputs[k] = new
-    if mgraph.is_graph_output(graph, old):
-        name = old.name
-        old.name = namer(name, "morph_block", "before")
-        new.name = name
-        graph.outputs = [new if t is old else t for t in graph.outputs]
-
-
 @register
 class BlockPass(MorphPass):
     """Insert a new pre-norm transformer block after block L that computes the identity at first.
@@ -220,7 +208,9 @@ class BlockPass(MorphPass):
         copier = _Copier(graph, namer, scope)
         new_output = copier.copy(block, block.output)
         _initialise(copier, block, writers, self.init, np.random.default_rng(self.seed))
-        _rewire(graph, block.output, new_output, readers, namer)
+        renamed = namer(block.output.name, "morph_block", "before") if mgraph.is_graph_output(graph, block.output) \
+            else None
+        mgraph.replace_all_uses(graph, block.output, new_output, readers, renamed=renamed)
         log.info("block: %d nodes copied from block %d, writers %s start at zero", len(copier.nodes),
                  block.index, ", ".join(w.node for w in writers))
         return PassResult(mgraph.export_model(graph, like=model), True)

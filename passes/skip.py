@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import build, channels
+from onnxmorph import build, channel_edits, channels
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
-from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name, register
+from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name
+from onnxmorph.registry import register
 
 MODES = ("add", "concat")
 # Values given to per-channel parameters (batch-norm and the like) for A's channels: any finite value is
 # exact, since the consumers' weights on those channels are zero; these keep the values tame.
-FILL = {"norm-scale": 1.0, "scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0, "slope": 1.0}
 
 
 def match_strides(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -201,7 +201,7 @@ class SkipPass(MorphPass):
             if change.derived is not None:
                 raise NotApplicable(f"{where}: grouped Conv '{change.node}' would need new groups; use --mode add")
         for param in coupling.params:
-            if param.role not in FILL and param.role != "filter":
+            if not channel_edits.extendable(param):
                 raise NotApplicable(f"{where}: {param.op} '{param.node}' has a per-channel {param.role} that "
                                     "cannot be extended")
         for consumer in coupling.consumers:
@@ -240,7 +240,7 @@ class SkipPass(MorphPass):
             source, added = joined
             graph.nodes.append(gs.Node("Add", name=namer(scope, "add"), inputs=[source, projected], outputs=[added]))
         else:
-            consumers = list(b.outputs)
+            readers = list(b.outputs)
             sampled: gs.Tensor = a
             if any(s != 1 for s in plan.strides):
                 sampled = gs.Variable(namer(scope, "pool", "out"), dtype=plan.dtype)
@@ -250,46 +250,29 @@ class SkipPass(MorphPass):
             joined_out = gs.Variable(namer(scope, "out"), dtype=plan.dtype)
             graph.nodes.append(gs.Node("Concat", name=namer(scope, "concat"), inputs=[b, sampled],
                                        outputs=[joined_out], attrs={"axis": 1}))
-            for node in consumers:
-                node.inputs = [joined_out if t is b else t for t in node.inputs]
+            mgraph.replace_all_uses(graph, b, joined_out, readers)
             assert plan.coupling is not None
             self._extend(graph, plan.coupling)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
-    def _extend(self, graph: gs.Graph, c: channels.Coupling) -> None:
-        """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters."""
-        nodes = {n.name: n for n in graph.nodes}
+    @staticmethod
+    def _extend(graph: gs.Graph, c: channels.Coupling) -> None:
+        """Give everything downstream of B room for A's channels: zero consumer weights, neutral parameters
+        (a depthwise layer on the way gets random filters for A's channels: their outputs meet zero weights)."""
         rng = np.random.default_rng(0)
-
-        def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
-            inserts = c.spaces[param.space].inserts
-            if param.role == "filter":
-                # A depthwise layer on the way gets filters for A's channels; their outputs meet zero weights.
-                return wsolve.solve_widen_incoming(array, param.axis, inserts, rng, mode="random",
-                                                   offset=param.offset, block=param.block)
-            return wsolve.fill_channels(array, param.axis, inserts, FILL[param.role], offset=param.offset,
-                                        block=param.block)
-
-        channels.grow_params(graph, c, extend)
-        for change in c.groups:
-            node = nodes[change.node]
-            node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-        channels.grow_consumers(nodes, c, lambda node, w, q: wsolve.solve_widen_outgoing(
-            w, q.weight_axis, c.spaces[q.slot.space].inserts, rng, method="netmorph", offset=q.offset, block=q.block))
-        channels.apply_shape_fixes(graph, c)
+        channel_edits.grow_coupling(
+            graph, c, lambda param, array: channel_edits.extend_param(param, array, c, rng),
+            lambda node, w, q: wsolve.solve_widen_outgoing(w, q.weight_axis, c.spaces[q.slot.space].inserts, rng,
+                                                           method="netmorph", offset=q.offset, block=q.block),
+            rng)
 
     def _redirect(self, graph: gs.Graph, namer: mgraph.Namer, scope: str,
                   b: gs.Variable) -> tuple[gs.Tensor, gs.Variable]:
-        """(the tensor holding B's old value, the tensor the sum must write) with B's readers rewired."""
-        if mgraph.is_graph_output(graph, b):
-            # The output keeps its name: B's producer now writes a new tensor, the sum writes B.
-            before = gs.Variable(namer(scope, "in"), dtype=b.dtype)
-            producer = b.inputs[0]
-            producer.outputs[producer.outputs.index(b)] = before
-            return before, b
+        """(the tensor holding B's old value, the tensor the sum must write) with B's readers rewired.
+
+        A graph output B keeps its name: the sum writes it, B's old value is `<scope>/in`.
+        """
         after = gs.Variable(namer(scope, "out"), dtype=b.dtype)
-        for node in list(b.outputs):
-            for k, t in enumerate(node.inputs):
-                if t is b:
-                    node.inputs[k] = after
+        renamed = namer(scope, "in") if mgraph.is_graph_output(graph, b) else None
+        mgraph.replace_all_uses(graph, b, after, renamed=renamed)
         return b, after

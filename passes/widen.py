@@ -10,15 +10,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import averaging, channels
+from onnxmorph import averaging, channel_edits, channels, layers
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int, register
-
-FILL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
-
+from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int
+from onnxmorph.registry import register
 
 
 def non_negative_float(value: Any) -> float:
@@ -38,21 +36,6 @@ class _Plan:
 
     def sources_of(self, space: int) -> np.ndarray | None:
         return self.sources.get(space) if self.modes[space] == "copy" else None
-
-
-def _out_channels(node: gs.Node, shapes: channels.Shapes) -> tuple[int, int, int]:
-    """(channel axis of the output, channel count, groups) of layer `node`."""
-    w = node.inputs[1].values.shape
-    if node.op == "Conv":
-        return 1, int(w[0]), int(node.attrs.get("group", 1))
-    if node.op == "ConvTranspose":
-        return 1, int(w[1]) * int(node.attrs.get("group", 1)), int(node.attrs.get("group", 1))
-    if node.op == "Gemm":
-        return 1, int(w[0] if int(node.attrs.get("transB", 0)) else w[1]), 1
-    out = shapes.get(node.outputs[0].name)
-    if not out:
-        raise NotApplicable(f"layer '{node.name}': the rank of its output is unknown")
-    return len(out) - 1, int(w[-1]), 1
 
 
 @register
@@ -85,7 +68,7 @@ class WidenPass(MorphPass):
         view = mgraph.read_view(model)
         try:
             node = mgraph.find_layer(view, layer.name)
-            _, old, groups = _out_channels(node, mgraph.tensor_shapes(model))
+            _, old, groups = layers.out_channels(node, mgraph.tensor_shapes(model))
         except NotApplicable:
             return cls(layer=layer.name, width=max(layer.weight_shape[0], 1) * 2)
         width = math.ceil(old * 1.5 / groups) * groups
@@ -103,7 +86,7 @@ class WidenPass(MorphPass):
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
         shapes = mgraph.tensor_shapes(model)
-        axis, old, groups = _out_channels(node, shapes)
+        axis, old, groups = layers.out_channels(node, shapes)
         where = f"layer '{self.layer}'"
         if self.width <= old:
             raise NotApplicable(f"{where} has {old} output channels already; --width must be larger")
@@ -239,27 +222,16 @@ class WidenPass(MorphPass):
             _grow_producer(nodes[p.node], p, plan, rng)
 
         def extend(param: channels.Param, array: np.ndarray) -> np.ndarray:
-            space = c.spaces[param.space]
-            src = plan.sources_of(space.id)
-            if param.role == "filter":
-                mode = "copy" if src is not None else "random"
-                return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng, mode=mode, sources=src,
-                                                   offset=param.offset, block=param.block)
-            value = float(np.mean(array)) if param.role == "slope" else FILL.get(param.role)
-            grown = wsolve.fill_channels(array, param.axis, space.inserts, value, sources=src, offset=param.offset,
-                                         block=param.block, old=space.old)
+            grown = channel_edits.extend_param(param, array, c, rng, sources=plan.sources_of(param.space))
             average = plan.average
             if average is not None and (param.role == "norm-scale" or (param.node, param.index) in average.weights):
                 grown = grown * np.sqrt(average.scale)  # the stream's variance shrank by s, so did the norm's
             return grown
 
-        channels.grow_params(graph, c, extend)
+        channel_edits.grow_coupling(graph, c, extend, lambda node, w, q: self._outgoing(node, w, q, c, plan, rng),
+                                    rng, plan.guards)
         if plan.average is not None:
             _rescale_epsilons(graph, nodes, plan.average)
-        for change in c.groups:
-            _grow_groups(nodes[change.node], change, plan, rng)
-        channels.grow_consumers(nodes, c, lambda node, w, q: self._outgoing(node, w, q, c, plan, rng))
-        channels.apply_shape_fixes(graph, c)
         return PassResult(mgraph.export_model(graph, like=model), True)
 
     def _outgoing(self, node: gs.Node, w: np.ndarray, consumer: channels.Consumer, c: channels.Coupling,
@@ -325,19 +297,6 @@ def _grow_producer(node: gs.Node, p: channels.Producer, plan: _Plan, rng: np.ran
             raise NotApplicable(f"{node.op} '{node.name}': its broadcast bias is not zero")
 
 
-def _grow_groups(node: gs.Node, change: channels.GroupChange, plan: _Plan, rng: np.random.Generator) -> None:
-    """More groups for a depthwise or grouped Conv; a grouped one gets the new groups' filters."""
-    node.attrs["group"] = int(node.attrs.get("group", 1)) + change.added_groups
-    if change.derived is None:
-        return
-    w = mgraph.values(node.inputs[1])
-    mgraph.set_input_constant(node, 1, wsolve.solve_widen_incoming(
-        w, 0, change.new_filters, rng, mode="random", zero_first=plan.guards.get(change.derived, 0)))
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        mgraph.set_input_constant(node, 2, wsolve.fill_channels(
-            mgraph.values(node.inputs[2]), 0, change.new_filters, 0.0))
-
-
 def _rescale_epsilons(graph: gs.Graph, nodes: dict[str, gs.Node], average: averaging.Average) -> None:
     """Average expansion: every norm's epsilon scales with the stream's variance (by s)."""
     for name in average.epsilon_attrs:
@@ -345,7 +304,7 @@ def _rescale_epsilons(graph: gs.Graph, nodes: dict[str, gs.Node], average: avera
         node.attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5)) * average.scale
     for name, index in average.epsilon_inputs:
         node = nodes[name]
-        channels.private_constant(graph, node, index, mgraph.values(node.inputs[index]) * average.scale)
+        channel_edits.private_constant(graph, node, index, mgraph.values(node.inputs[index]) * average.scale)
 
 
 def producer_groups(coupling: channels.Coupling) -> int:
