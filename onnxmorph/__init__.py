@@ -15,36 +15,7 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Any
 
-from onnxmorph.version import __version__ as __version__
-
-
-def _import_passes() -> None:
-    """Import onnxmorph.passes, also from a source checkout shadowing a non-editable install.
-
-    setup.cfg maps the top-level `passes/` folder to `onnxmorph.passes`; run from the project
-    root, Python may find the bare `onnxmorph/` folder first, which has no `passes` inside.
-    """
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    try:
-        import onnxmorph.passes  # noqa: F401
-    except ModuleNotFoundError as exc:
-        source = Path(__file__).resolve().parent.parent / "passes" / "__init__.py"
-        if exc.name != "onnxmorph.passes" or not source.is_file():
-            raise
-        spec = importlib.util.spec_from_file_location(
-            "onnxmorph.passes", source, submodule_search_locations=[str(source.parent)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["onnxmorph.passes"] = module
-        spec.loader.exec_module(module)
-        globals()["passes"] = module  # what the import system does for a subpackage it finds itself
-
-
-_import_passes()
-from onnxmorph.errors import (  # noqa: E402
+from onnxmorph.errors import (
     InvalidModelError,
     NotApplicable,
     OnnxMorphError,
@@ -52,13 +23,16 @@ from onnxmorph.errors import (  # noqa: E402
     UsageError,
     VerificationFailed,
 )
-from onnxmorph.inspection import inspect  # noqa: E402
-from onnxmorph.io import digest, load, normalize, save  # noqa: E402
-from onnxmorph.passinfra import REGISTRY, MorphPass, Param, PassResult, get_pass  # noqa: E402
-from onnxmorph.pipeline import MorphOutcome, VerifyOptions, morph, run_passes  # noqa: E402
-from onnxmorph.receipt import history  # noqa: E402
-from onnxmorph.recipe import read_recipe  # noqa: E402
-from onnxmorph.verify import Report, Verifier, verify  # noqa: E402
+from onnxmorph.inspection import inspect
+from onnxmorph.io import digest, load, normalize, save
+from onnxmorph.passinfra import MorphPass, Param, PassResult
+from onnxmorph.pipeline import MorphOutcome, VerifyOptions, morph, run_passes
+from onnxmorph.receipt import history
+from onnxmorph.recipe import read_recipe
+from onnxmorph.registry import REGISTRY, get_pass
+from onnxmorph.registry import load as _load_passes
+from onnxmorph.verify import Report, Verifier, verify
+from onnxmorph.version import __version__ as __version__
 
 
 def apply(model: Any, recipe: Any, *, verify: bool = True, verify_each: bool = False, **options: Any) -> Any:
@@ -91,7 +65,7 @@ def _make_morph_function(name: str, cls: type[MorphPass]) -> Any:
     return function
 
 
-for _name, _cls in REGISTRY.items():
+for _name, _cls in _load_passes().items():
     globals()[_name] = _make_morph_function(_name, _cls)
 
 __all__ = [

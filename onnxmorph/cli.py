@@ -13,12 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import onnxmorph.passes  # noqa: F401  (fills the registry)
 from onnxmorph import io as mio
-from onnxmorph import limits
+from onnxmorph import limits, registry
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.inspection import format_inspection, inspect
-from onnxmorph.passinfra import REGISTRY, MorphPass
+from onnxmorph.passinfra import MorphPass
 from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
 from onnxmorph.search_cli import add_arguments as search_arguments
 from onnxmorph.search_cli import run_command as run_search
@@ -88,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("child", metavar="CHILD")
     _verification_options(p, "--seed")
 
-    for name, cls in sorted(REGISTRY.items()):
+    for name, cls in sorted(registry.load().items()):
         p = sub.add_parser(name, parents=[common], help=cls.summary, description=cls.__doc__)
         p.add_argument("model", metavar="MODEL")
         p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")

@@ -8,14 +8,12 @@ from typing import Any
 
 import onnx
 
-import onnxmorph.passes  # noqa: F401  (fills the registry)
 from onnxmorph import attention as mattention
 from onnxmorph import blocks as mblocks
 from onnxmorph import graph as mgraph
 from onnxmorph import io as mio
-from onnxmorph import receipt
+from onnxmorph import receipt, registry
 from onnxmorph.errors import NotApplicable, OnnxMorphError
-from onnxmorph.passinfra import REGISTRY
 
 
 def _value_info(info: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -38,7 +36,7 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
     layers = []
     for info in mgraph.layers(analysis.view):
         morphs: dict[str, Any] = {}
-        for name, cls in sorted(REGISTRY.items()):
+        for name, cls in sorted(registry.load().items()):
             try:
                 probe = cls.probe(analysis, info)
                 if probe is None:

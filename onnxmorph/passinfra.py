@@ -192,26 +192,7 @@ def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kerne
 
 
 
-# name -> pass class; filled by onnxmorph.passes.
-REGISTRY: dict[str, type[MorphPass]] = {}
-
-
-def register(cls: type[MorphPass]) -> type[MorphPass]:
-    """Class decorator adding a pass to the registry under its `name`."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_pass(name: str) -> type[MorphPass]:
-    import onnxmorph.passes  # noqa: F401  (fills the registry)
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"unknown morph '{name}' (known: {', '.join(sorted(REGISTRY))})") from None
-
+from onnxmorph.registry import REGISTRY, get_pass, register  # noqa: E402,F401  (the passes' vocabulary)
 
 # --------------------------------------------------------------------------- parameter parsers
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-import onnxmorph.passes  # noqa: F401  (fills the registry)
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError
-from onnxmorph.passinfra import REGISTRY, MorphPass, get_pass
+from onnxmorph.passinfra import MorphPass
+from onnxmorph.registry import get_pass, load
 
 # The search picks these itself: the layer (or the skip's two tensors) and each pass's seed.
 DRAWN = ("layer", "source", "target", "seed")
@@ -43,7 +43,7 @@ DEFAULT_SPACE_TEXT = ("deepen", "widen:factor=1.5|2", "kernel", "subnet:kind=res
 
 def default_space() -> list[MorphChoice]:
     """The default morphs, those of DEFAULT_SPACE_TEXT that are registered."""
-    return [parse_choice(text) for text in DEFAULT_SPACE_TEXT if text.split(":")[0] in REGISTRY]
+    return [parse_choice(text) for text in DEFAULT_SPACE_TEXT if text.split(":")[0] in load()]
 
 
 def _value(text: str) -> Any:
@@ -179,7 +179,7 @@ def _pick(values: Sequence[Any], rng: np.random.Generator) -> Any:
 
 def _draw(choice: MorphChoice, model: onnx.ModelProto, layers: list[mgraph.LayerInfo],
           rng: np.random.Generator) -> MorphPass:
-    cls = REGISTRY[choice.morph]
+    cls = load()[choice.morph]
     names = {p.name for p in cls.params}
     params = {key: _pick(values, rng) for key, values in sorted(choice.params.items())}
     if "layer" in names:
