@@ -112,7 +112,7 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _template(reason: str) -> str:
+def reason_template(reason: str) -> str:
     """A reason with the names in it left out, so that the same refusal of many layers reads as one."""
     return re.sub(r"'[^']*'", "'…'", reason)
 
@@ -120,10 +120,10 @@ def _template(reason: str) -> str:
 def _layer_lines(layers: list[dict[str, Any]]) -> list[str]:
     """The morphable layers; a refusal that several layers share is printed once at the end as [Rk]."""
     refusals = [v["reason"] for layer in layers for v in layer["morphs"].values() if not v["applies"]]
-    counts = Counter(_template(r) for r in refusals)
+    counts = Counter(reason_template(r) for r in refusals)
     examples = {}
     for reason in refusals:
-        examples.setdefault(_template(reason), reason)
+        examples.setdefault(reason_template(reason), reason)
     shared = {t: f"R{k}" for k, t in enumerate((t for t, n in counts.items() if n > 1), 1)}
     lines = [f"morphable layers ({len(layers)}):"]
     for layer in layers:
@@ -135,7 +135,7 @@ def _layer_lines(layers: list[dict[str, Any]]) -> list[str]:
                 extra = "; ".join(f"{k} {_short(v)}" for k, v in verdict.items() if k != "applies")
                 lines.append(f"    {name}: yes" + (f" ({extra})" if extra else ""))
             else:
-                key = shared.get(_template(verdict["reason"]))
+                key = shared.get(reason_template(verdict["reason"]))
                 lines.append(f"    {name}: no, " + (f"[{key}]" if key else verdict["reason"]))
     if shared:
         lines.append("refusals shared by several layers (--json gives each in full):")

@@ -18,7 +18,7 @@ _QR_MAX_DIM = 1024
 _MIX_BLOCK = 64
 
 
-def _idct_rows(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def idct_rows(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``D.T @ u`` along axis 0, ``D`` the orthonormal n x n DCT-II matrix (so this is the
     orthonormal DCT-III), via one inverse real FFT of length n and Makhoul's reordering.
 
@@ -47,7 +47,7 @@ def _idct_rows(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return x
 
 
-class _BlockDiagonal:
+class BlockDiagonal:
     """Block-diagonal Haar-random orthogonal matrix: blocks of 64, plus a remainder block.
 
     Products are batched as 64 x 64 x 64 pieces: OpenBLAS runs pieces that small on one
@@ -102,7 +102,7 @@ class _BlockDiagonal:
         return out
 
 
-class _MixedDCT:
+class MixedDCT:
     """Random orthogonal ``Q = L @ D[k][:, j] @ R`` and its fast application.
 
     ``D`` is the orthonormal n x n DCT-II matrix, ``k`` and ``j`` random permutations of
@@ -118,8 +118,8 @@ class _MixedDCT:
         self.n = n
         self.rows = rng.permutation(n)
         self.cols = rng.permutation(n)
-        self.left = _BlockDiagonal(n, rng)
-        self.right = _BlockDiagonal(n, rng)
+        self.left = BlockDiagonal(n, rng)
+        self.right = BlockDiagonal(n, rng)
 
     def dense(self) -> np.ndarray:
         n = self.n
@@ -143,14 +143,14 @@ class _MixedDCT:
         a = self.left.left(x.reshape(self.n, -1), transpose=True)
         b = np.empty_like(a)
         b[self.rows] = a
-        _idct_rows(b, out=a)
+        idct_rows(b, out=a)
         np.take(a, self.cols, axis=0, out=b, mode="clip")
         return self.right.left(b, transpose=True, out=a).reshape(x.shape)
 
 
 def _mixed_dct_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Dense random n x n orthogonal matrix in O(n^2 * 64) instead of O(n^3) (see :class:`_MixedDCT`)."""
-    return _MixedDCT(n, rng).dense()
+    """Dense random n x n orthogonal matrix in O(n^2 * 64) instead of O(n^3) (see :class:`MixedDCT`)."""
+    return MixedDCT(n, rng).dense()
 
 
 def _haar_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -165,19 +165,19 @@ def _haar_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.nd
     return q if tall else np.swapaxes(q, -1, -2)
 
 
-def _orthogonal_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    return _orthogonal_stack_ops(n, rows, cols, rng)[0]
+def orthogonal_stack(n: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    return orthogonal_stack_ops(n, rows, cols, rng)[0]
 
 
-def _orthogonal_stack_ops(
+def orthogonal_stack_ops(
     n: int, rows: int, cols: int, rng: np.random.Generator
-) -> tuple[np.ndarray, list[_MixedDCT] | None]:
+) -> tuple[np.ndarray, list[MixedDCT] | None]:
     """``n`` random ``rows x cols`` matrices with orthonormal rows or columns, and, for the
     structured ones (both sides above 1024), the fast operators whose leading block they are.
     """
     if min(rows, cols) <= _QR_MAX_DIM:
         return _haar_stack(n, rows, cols, rng), None
-    ops = [_MixedDCT(max(rows, cols), rng) for _ in range(n)]
+    ops = [MixedDCT(max(rows, cols), rng) for _ in range(n)]
     mats = [op.dense()[:rows, :cols] for op in ops]
     stack = np.ascontiguousarray(mats[0][None]) if n == 1 else np.stack(mats)
     return stack, ops
@@ -193,4 +193,4 @@ def random_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndar
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"random_orthogonal needs a positive shape, got {rows} x {cols}")
-    return _orthogonal_stack(1, rows, cols, rng)[0]
+    return orthogonal_stack(1, rows, cols, rng)[0]

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxmorph.orthogonal import (  # noqa: F401  (tests reach the structured factor through solvers)
-    _BlockDiagonal,
-    _idct_rows,
-    _MixedDCT,
-    _orthogonal_stack,
-    _orthogonal_stack_ops,
+from onnxmorph.orthogonal import (  # noqa: F401  (re-exported: the structured factor is part of the solvers)
+    BlockDiagonal,
+    MixedDCT,
+    idct_rows,
+    orthogonal_stack,
+    orthogonal_stack_ops,
     random_orthogonal,
 )
 
@@ -46,7 +46,7 @@ __all__ = [
 # the multi-tap solve may build before a cheaper exact plan is preferred.
 _MAX_OPERATOR_ENTRIES = 4_000_000
 # Residual checks of more multiply-adds than this use a randomized sketch with this many
-# Gaussian probes (see _composite_residual) instead of the dense composition.
+# Gaussian probes (see composite_residual) instead of the dense composition.
 _SKETCH_MIN_WORK = 2**30
 _SKETCH_PROBES = 16
 _SKETCH_SEED = 0x5EED
@@ -70,7 +70,7 @@ class DepthSolution:
 
     ``residual`` is ``||compose(f2, f1) - target|| / ||target||`` (Frobenius), computed
     densely, or, when one factor is 1x1 and the composition would cost over 2^30
-    multiply-adds, estimated from 16 random probes (see ``_composite_residual``).
+    multiply-adds, estimated from 16 random probes (see ``composite_residual``).
     """
 
     f1: np.ndarray
@@ -83,7 +83,7 @@ class DepthSolution:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_kernel(k: Sequence[int], nd: int, what: str) -> tuple[int, ...]:
+def as_kernel(k: Sequence[int], nd: int, what: str) -> tuple[int, ...]:
     k = tuple(int(v) for v in k)
     if len(k) != nd:
         raise ValueError(f"{what} has {len(k)} axes but the filter has {nd} spatial axes")
@@ -98,7 +98,7 @@ def _lo_hi(k2: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return lo, hi
 
 
-def _rms(a: np.ndarray) -> float:
+def rms(a: np.ndarray) -> float:
     if not a.size:
         return 0.0
     flat = a.ravel()
@@ -119,7 +119,7 @@ def _split_groups(w: np.ndarray, groups: int) -> np.ndarray:
     return w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
 
 
-def _pad_support(
+def pad_support(
     a: np.ndarray, offset: Sequence[int], full: Sequence[int]
 ) -> np.ndarray:
     """Zero-pad the trailing spatial axes of ``a`` to ``full``, placing ``a`` at ``offset``."""
@@ -177,7 +177,7 @@ def target_kernel(g: np.ndarray, k2: Sequence[int]) -> np.ndarray:
     tap ``lo`` at which an identity layer 2 reproduces the parent.
     """
     g = np.asarray(g, dtype=np.float64)
-    k2 = _as_kernel(k2, g.ndim - 2, "k2")
+    k2 = as_kernel(k2, g.ndim - 2, "k2")
     lo, hi = _lo_hi(k2)
     return np.pad(g, [(0, 0), (0, 0)] + list(zip(lo, hi)))
 
@@ -271,7 +271,7 @@ def _candidate_supports(k: tuple[int, ...], k2: tuple[int, ...]):
         step += 1
 
 
-def _choose_plans(
+def choose_plans(
     k: tuple[int, ...], k2: tuple[int, ...], groups: int, co_g: int, ci_g: int, cm_g: int
 ) -> tuple[list[_Plan], int]:
     """Plans that are exact by counting, in the order to try them, and the minimum width.
@@ -341,7 +341,7 @@ def _solve_channel_factor(
     rhs: np.ndarray,
     unknown: tuple[int, ...],
     first: bool,
-    fast: list[_MixedDCT] | None = None,
+    fast: list[MixedDCT] | None = None,
 ) -> np.ndarray:
     """Solve ``fixed (*) X = rhs`` for X ``[G, q, n, *U]``; fixed ``[G, p, q, *S]``,
     rhs ``[G, p, n, *W]``. On the first step the fixed factor has orthonormal rows
@@ -371,7 +371,7 @@ def _solve_channel_factor(
     return np.moveaxis(x.reshape(n_g, q, *unknown, n_rhs), -1, 2)
 
 
-def _compose_grouped(f2g: np.ndarray, f1g: np.ndarray) -> np.ndarray:
+def compose_grouped(f2g: np.ndarray, f1g: np.ndarray) -> np.ndarray:
     n = f2g.shape[0]
     flat = compose(
         f2g.reshape(-1, *f2g.shape[2:]), f1g.reshape(-1, *f1g.shape[2:]), groups=n
@@ -379,7 +379,7 @@ def _compose_grouped(f2g: np.ndarray, f1g: np.ndarray) -> np.ndarray:
     return flat.reshape(n, f2g.shape[1], *flat.shape[1:])
 
 
-def _composite_residual(tw: np.ndarray, f2g: np.ndarray, f1g: np.ndarray) -> float:
+def composite_residual(tw: np.ndarray, f2g: np.ndarray, f1g: np.ndarray) -> float:
     """Relative Frobenius residual ``||compose(F2, F1) - T|| / ||T||`` of grouped factors.
 
     Exact (dense composition) for small problems. When one factor is 1x1 the composite
@@ -400,7 +400,7 @@ def _composite_residual(tw: np.ndarray, f2g: np.ndarray, f1g: np.ndarray) -> flo
     k1, k2 = f1g.shape[3:], f2g.shape[3:]
     work = n_g * co_g * cm_g * ci_g * math.prod(k1) * math.prod(k2)
     if work < _SKETCH_MIN_WORK or (math.prod(k1) != 1 and math.prod(k2) != 1):
-        return _rel_error(tw, _compose_grouped(f2g, f1g))
+        return _rel_error(tw, compose_grouped(f2g, f1g))
     if math.prod(k2) == 1:
         # T[o, (i, w)] = sum_m F2[o, m] F1[m, (i, w)]
         m2 = f2g.reshape(n_g, co_g, cm_g)
@@ -431,11 +431,11 @@ def _netmorph_factors(
     n_g, co_g, ci_g = gg.shape[:3]
     tw = target[(slice(None), slice(None), slice(None), *plan.window)]
     if plan.solve_f1:
-        f2, fast = _orthogonal_stack_ops(n_g, co_g, cm_g * math.prod(plan.s2), rng)
+        f2, fast = orthogonal_stack_ops(n_g, co_g, cm_g * math.prod(plan.s2), rng)
         f2 = f2.reshape(n_g, co_g, cm_g, *plan.s2)
         f1 = None
     else:
-        f1t, fast = _orthogonal_stack_ops(n_g, ci_g, cm_g * math.prod(plan.s1), rng)
+        f1t, fast = orthogonal_stack_ops(n_g, ci_g, cm_g * math.prod(plan.s1), rng)
         f1 = np.swapaxes(f1t.reshape(n_g, ci_g, cm_g, *plan.s1), 1, 2)
         f2 = None
     solve_f1 = plan.solve_f1
@@ -453,7 +453,7 @@ def _netmorph_factors(
             f2 = np.swapaxes(x, 1, 2)
         # The window covers all of G's support and the factors are zero outside it,
         # so this equals the full-size residual.
-        residual = _composite_residual(tw, f2, f1)
+        residual = composite_residual(tw, f2, f1)
         if residual < tol:
             break
         solve_f1 = not solve_f1
@@ -472,7 +472,7 @@ def _lowrank_factors(
     if rank > cm_g:
         return None
     # A random rotation inside the kept subspace keeps layer 2 dense.
-    basis = u[:, :, :cm_g] @ _orthogonal_stack(n_g, cm_g, cm_g, rng)
+    basis = u[:, :, :cm_g] @ orthogonal_stack(n_g, cm_g, cm_g, rng)
     f1 = np.swapaxes(basis, 1, 2) @ mat
     return f1.reshape(n_g, cm_g, *gg.shape[2:]), basis
 
@@ -490,7 +490,7 @@ def _identity_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tu
     f1[:, :co_g] = gg
     f2 = np.zeros((groups, co_g, cm_g, *k2))
     f2[(slice(None), np.arange(co_g), np.arange(co_g), *lo)] = 1.0
-    residual = _rel_error(target, _compose_grouped(f2, f1))
+    residual = _rel_error(target, compose_grouped(f2, f1))
     return DepthSolution(f1.reshape(width, ci_g, *k), f2.reshape(co, cm_g, *k2), residual, "identity", 1)
 
 
@@ -501,7 +501,7 @@ def _netmorph_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tu
     co, ci_g = g.shape[:2]
     k = tuple(g.shape[2:])
     co_g, cm_g = co // groups, width // groups
-    plans, min_width = _choose_plans(k, k2, groups, co_g, ci_g, cm_g)
+    plans, min_width = choose_plans(k, k2, groups, co_g, ci_g, cm_g)
     found = None
     # One exact solve per plan, in order; alternation only if none of them is exact.
     for plan in plans:
@@ -520,7 +520,7 @@ def _netmorph_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tu
             algorithm = "alg1-exact" if iterations == 1 else "alg1-als"
         else:
             algorithm = plan.name
-        return _pad_support(f1s, plan.a1, k), _pad_support(f2s, plan.a2, k2), residual, algorithm, iterations
+        return pad_support(f1s, plan.a1, k), pad_support(f2s, plan.a2, k2), residual, algorithm, iterations
     lowrank = _lowrank_factors(gg, rng, cm_g)
     if lowrank is None:
         raise ValueError(
@@ -531,7 +531,7 @@ def _netmorph_solution(g: np.ndarray, gg: np.ndarray, target: np.ndarray, k2: tu
     lo, _ = _lo_hi(k2)
     f2 = np.zeros((groups, co_g, cm_g, *k2))
     f2[(..., *lo)] = f2m
-    return f1, f2, _rel_error(target, _compose_grouped(f2, f1)), "alg2-lowrank", 1
+    return f1, f2, _rel_error(target, compose_grouped(f2, f1)), "alg2-lowrank", 1
 
 
 def solve_deepen(
@@ -556,7 +556,7 @@ def solve_deepen(
     ``s = sqrt(rms(F1) / rms(F2))`` (RMS over all entries of the returned arrays),
     ``F1 / s`` and ``F2 * s`` have equal per-element RMS, the geometric mean of the
     two. When both sides of the fixed 1x1 factor exceed 1024 it is a structured random
-    orthogonal matrix (:class:`_MixedDCT`), and the solve is one FFT-based transform.
+    orthogonal matrix (:class:`MixedDCT`), and the solve is one FFT-based transform.
     A zero ``g`` gives ``F1 = 0`` and a random orthogonal ``F2`` (RMS about
     ``1/sqrt(fan_in)``). Large explicit operators (above 4M entries) are avoided by
     taking the next exact plan, usually the 1x1 limit of Algorithm 2.
@@ -571,7 +571,7 @@ def solve_deepen(
         raise ValueError(f"a filter has at least 2 axes [C_out, C_in/groups], got {g.shape}")
     co, ci_g = g.shape[:2]
     k = tuple(g.shape[2:])
-    k2 = _as_kernel(k2, len(k), "k2")
+    k2 = as_kernel(k2, len(k), "k2")
     if groups < 1 or co % groups or width % groups or width < 1:
         raise ValueError(
             f"C_out={co} and width={width} must both be positive multiples of groups={groups}"
@@ -586,7 +586,7 @@ def solve_deepen(
         raise ValueError(f"unknown method {method!r}; expected 'netmorph' or 'identity'")
     f1, f2, residual, algorithm, iterations = _netmorph_solution(g, gg, target, k2, width, groups, rng,
                                                                  max_iter, tol)
-    r1, r2 = _rms(f1), _rms(f2)
+    r1, r2 = rms(f1), rms(f2)
     if r1 > 0.0 and r2 > 0.0:
         s = math.sqrt(r1 / r2)
         f1 /= s

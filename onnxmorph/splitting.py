@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnxmorph.orthogonal import _orthogonal_stack
-from onnxmorph.solvers import _as_kernel, _pad_support, _rms, compose, solve_deepen, target_kernel
+from onnxmorph.orthogonal import orthogonal_stack
+from onnxmorph.solvers import as_kernel, compose, pad_support, rms, solve_deepen, target_kernel
 
 # Share of the parent filter's norm that a new residual branch carries at morph time.
 BRANCH_FRACTION = 0.5
@@ -41,7 +41,7 @@ def split_parallel(
     k = tuple(g.shape[2:])
     if not kernels:
         raise ValueError("split_parallel needs at least one branch kernel")
-    ks = [_as_kernel(kk, len(k), f"branch kernel {n}") for n, kk in enumerate(kernels)]
+    ks = [as_kernel(kk, len(k), f"branch kernel {n}") for n, kk in enumerate(kernels)]
     for n, kk in enumerate(ks):
         if any(a > b for a, b in zip(kk, k)):
             raise ValueError(f"branch kernel {n} {kk} is larger than the parent kernel {k}")
@@ -54,7 +54,7 @@ def split_parallel(
         )
     rem = holders[-1]
     offsets = [tuple((a - b) // 2 for a, b in zip(k, kk)) for kk in ks]
-    scale = _rms(g)
+    scale = rms(g)
     if scale == 0.0:
         scale = 1.0 / math.sqrt(max(1, math.prod(g.shape[1:])))
     branches: list[np.ndarray | None] = [None] * len(ks)
@@ -64,7 +64,7 @@ def split_parallel(
             continue
         b = rng.standard_normal((*g.shape[:2], *kk)) * scale
         branches[n] = b
-        remainder -= _pad_support(b, offsets[n], k)
+        remainder -= pad_support(b, offsets[n], k)
     window = (slice(None), slice(None), *(slice(o, o + s) for o, s in zip(offsets[rem], ks[rem])))
     inside = remainder[window].copy()
     remainder[window] = 0.0
@@ -90,14 +90,14 @@ def _branch(g: np.ndarray, k1: Sequence[int], k2: Sequence[int], width: int, rng
     if not 0.0 < fraction:
         raise ValueError(f"branch_fraction must be positive, got {fraction}")
     cm_g = width // groups
-    f1 = _orthogonal_stack(groups, cm_g, ci_g * math.prod(k1), rng).reshape(width, ci_g, *k1)
-    f2 = _orthogonal_stack(groups, co // groups, cm_g * math.prod(k2), rng).reshape(co, cm_g, *k2)
+    f1 = orthogonal_stack(groups, cm_g, ci_g * math.prod(k1), rng).reshape(width, ci_g, *k1)
+    f2 = orthogonal_stack(groups, co // groups, cm_g * math.prod(k2), rng).reshape(co, cm_g, *k2)
     path = compose(f2, f1, groups)
     gnorm, pnorm = float(np.linalg.norm(g)), float(np.linalg.norm(path))
     if gnorm > 0.0 and pnorm > 0.0:
         # the composite gets the requested share of g's norm, split between the two layers
         gain = fraction * gnorm / pnorm
-        s = math.sqrt(gain * _rms(f2) / _rms(f1))
+        s = math.sqrt(gain * rms(f2) / rms(f1))
         f1, f2 = f1 * s, f2 * (gain / s)
         path = compose(f2, f1, groups)
     return f1, f2, path
@@ -123,7 +123,7 @@ def split_residual(
     """
     g = np.asarray(g, dtype=np.float64)
     k = tuple(g.shape[2:])
-    k_branch = _as_kernel(k_branch, len(k), "k_branch")
+    k_branch = as_kernel(k_branch, len(k), "k_branch")
     f1, f2, path = _branch(g, k, k_branch, width, rng, groups, branch_fraction)
     return target_kernel(g, k_branch) - path, f1, f2
 

@@ -121,7 +121,10 @@ class DeepenPass(MorphPass):
             )
         return plan
 
-    def _solve(self, plan: DeepenPlan) -> solvers.DepthSolution:
+    def solve(self, plan: DeepenPlan) -> solvers.DepthSolution:
+        """The two factors of the planned split (the plan's own when `requires` already solved)."""
+        if plan.solution is not None:
+            return plan.solution
         try:
             return solvers.solve_deepen(plan.layer.canonical(), plan.k2, plan.width,
                                         np.random.default_rng(self.seed), groups=plan.layer.groups,
@@ -138,7 +141,7 @@ class DeepenPass(MorphPass):
         # or the identity); narrower widths may have none, and only solving tells: then the plan
         # carries the solution, and call() does not solve again.
         if plan.width // plan.layer.groups < plan.layer.out_channels // plan.layer.groups:
-            plan = dataclasses.replace(plan, solution=self._solve(plan))
+            plan = dataclasses.replace(plan, solution=self.solve(plan))
         return plan
 
     def describe(self, plan: DeepenPlan) -> dict[str, Any]:
@@ -155,7 +158,7 @@ class DeepenPass(MorphPass):
 
     def call(self, model: mgraph.ModelOrAnalysis, plan: DeepenPlan) -> PassResult:
         model = mgraph.model_of(model)
-        solution = plan.solution or self._solve(plan)
+        solution = self.solve(plan)
         log.info("deepen '%s': %s, residual %.1e", self.layer, solution.algorithm, solution.residual)
         graph = mgraph.import_graph(model)
         old = layers.detach(graph, plan.layer)

@@ -131,7 +131,7 @@ def test_border_exactness_and_the_naive_placement_that_fails() -> None:
     parent = _conv_model((3, 3), (7, 7), ci=4, co=4, pads=[1, 1, 1, 1])
     step = DeepenPass(layer="conv", kernel=3, width=12)  # 12 * 4 * 9 >= 4 * 4 * 25: exact by counting
     child = step.apply(parent).model
-    solution = step._solve(step.requires(parent))
+    solution = step.solve(step.requires(parent))
     assert solution.algorithm.startswith("alg1")
     f1 = _weight(child, "conv/morph_deepen/conv_a/weight")
     f2 = _weight(child, "conv/morph_deepen/conv_b/weight")

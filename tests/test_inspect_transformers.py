@@ -11,7 +11,7 @@ from hf_support import hf_export  # noqa: F401  (fixture)
 
 import onnxmorph
 from onnxmorph import cli
-from onnxmorph.inspection import _template, format_inspection
+from onnxmorph.inspection import format_inspection, reason_template
 
 EXPECTED = {  # kind -> (block kind, heads, head_dim, kv_heads, query layer module)
     "gpt2": ("pre-norm", 4, 8, 4, "model.transformer.h.{}.attn.c_attn"),
@@ -55,11 +55,11 @@ def test_text_groups_repeated_refusals_and_json_is_complete(hf_export, capsys) -
     text = capsys.readouterr().out
     reasons = [v["reason"] for layer in data["layers"] for v in layer["morphs"].values() if not v["applies"]]
     assert all(reasons)  # every refusal is in the JSON in full
-    counts = Counter(_template(r) for r in reasons)
+    counts = Counter(reason_template(r) for r in reasons)
     for template, count in counts.items():
         if count > 1:  # printed once, with its count, each layer pointing at it
             assert len(re.findall(rf"\[R\d+\] {count} times: {re.escape(template)}\n", text)) == 1
-    assert all(text.count(r) <= 1 for r in reasons if counts[_template(r)] > 1)
+    assert all(text.count(r) <= 1 for r in reasons if counts[reason_template(r)] > 1)
     assert "transformer blocks (2;" in text and "4 heads x 8" in text
     assert "module model.transformer.h.0.attn.c_attn" in text
     assert format_inspection(data, title="m").count("\n") == text.rstrip("\n").count("\n")

@@ -289,12 +289,12 @@ def dct_matrix(n):
 def test_fft_dct_equals_dct_matrix(n):
     x = np.random.default_rng(n).standard_normal((n, 3, 2))
     d = dct_matrix(n)
-    assert np.abs(solvers._idct_rows(x) - np.einsum("ba,b...->a...", d, x)).max() < 1e-12
+    assert np.abs(solvers.idct_rows(x) - np.einsum("ba,b...->a...", d, x)).max() < 1e-12
 
 
 @pytest.mark.parametrize("n,m", [(5, 7), (64, 64), (200, 130), (200, 30), (256, 200)])
 def test_block_diagonal_batched_products_equal_the_dense_matrix(n, m):
-    blocks = solvers._BlockDiagonal(n, np.random.default_rng(n))
+    blocks = solvers.BlockDiagonal(n, np.random.default_rng(n))
     dense = np.zeros((n, n))
     if blocks.full is not None:
         for i, block in enumerate(blocks.full):
@@ -310,15 +310,15 @@ def test_block_diagonal_batched_products_equal_the_dense_matrix(n, m):
 
 @pytest.mark.parametrize("n", [5, 64, 200, 1030])
 def test_mixed_dct_fast_products_equal_the_dense_matrix(n):
-    op = solvers._MixedDCT(n, np.random.default_rng(n))
+    op = solvers.MixedDCT(n, np.random.default_rng(n))
     q = op.dense()
     assert np.abs(q @ q.T - np.eye(n)).max() < 1e-12
     assert np.count_nonzero(q) == q.size
     x = np.random.default_rng(1).standard_normal((n, 37))
     assert np.abs(op.apply_t(x) - q.T @ x).max() < 1e-12
     # The same seed gives the same operator; a different seed a different one.
-    assert np.array_equal(solvers._MixedDCT(n, np.random.default_rng(n)).dense(), q)
-    assert not np.allclose(solvers._MixedDCT(n, np.random.default_rng(n + 1)).dense(), q)
+    assert np.array_equal(solvers.MixedDCT(n, np.random.default_rng(n)).dense(), q)
+    assert not np.allclose(solvers.MixedDCT(n, np.random.default_rng(n + 1)).dense(), q)
 
 
 @pytest.mark.parametrize(
@@ -329,13 +329,13 @@ def test_mixed_dct_fast_products_equal_the_dense_matrix(n):
      ((1030, 1030), 1030, True)],
 )
 def test_fast_transform_solve_equals_dense_solve(shape, width, solve_f1):
-    plans, _ = solvers._choose_plans((), (), 1, shape[0], shape[1], width)
+    plans, _ = solvers.choose_plans((), (), 1, shape[0], shape[1], width)
     assert plans[0].solve_f1 == solve_f1
     g = np.random.default_rng(21).standard_normal(shape) / np.sqrt(shape[1])
     sol = solve_deepen(g, (), width, np.random.default_rng(5))
     check_exact(sol, g, ())
     # Replay the fixed factor from the same seed and solve densely by its transpose.
-    stack, ops = solvers._orthogonal_stack_ops(
+    stack, ops = solvers.orthogonal_stack_ops(
         1, *((shape[0], width) if solve_f1 else (shape[1], width)), np.random.default_rng(5)
     )
     assert ops is not None
@@ -357,10 +357,10 @@ def test_sketched_residual_tracks_dense_residual_and_catches_corruption(monkeypa
     k2 = k2 if k2 else (1, 1) * bool(k1)
     f1 = rng.standard_normal((1, cm, ci, *k1))
     f2 = rng.standard_normal((1, co, cm, *k2))
-    target = solvers._compose_grouped(f2, f1)
-    dense = solvers._composite_residual(target, f2, f1)  # small: exact path
+    target = solvers.compose_grouped(f2, f1)
+    dense = solvers.composite_residual(target, f2, f1)  # small: exact path
     monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 0)
-    assert dense < 1e-14 and solvers._composite_residual(target, f2, f1) < 1e-14
+    assert dense < 1e-14 and solvers.composite_residual(target, f2, f1) < 1e-14
     for corrupt in ("entry", "column", "scale"):
         bad = f1.copy()
         if corrupt == "entry":
@@ -369,9 +369,9 @@ def test_sketched_residual_tracks_dense_residual_and_catches_corruption(monkeypa
             bad[0, 3] = bad[0, 4]
         else:
             bad *= 1.0 + 1e-7
-        sketched = solvers._composite_residual(target, f2, bad)
+        sketched = solvers.composite_residual(target, f2, bad)
         monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 2**62)
-        exact = solvers._composite_residual(target, f2, bad)
+        exact = solvers.composite_residual(target, f2, bad)
         monkeypatch.setattr(solvers, "_SKETCH_MIN_WORK", 0)
         assert exact > 1e-9
         assert exact / 10 < sketched < exact * 10, corrupt
@@ -389,8 +389,8 @@ def test_large_gemm_solve_uses_sketch_and_reports_true_residual():
 def test_corrupted_fast_transform_is_caught_by_the_residual_check(monkeypatch):
     # A transform off by 1e-6 gives inexact factors; the sketched check must reject both
     # one-shot plans, and the alternation (dense pseudo-inverse) must then repair them.
-    exact_apply_t = solvers._MixedDCT.apply_t
-    monkeypatch.setattr(solvers._MixedDCT, "apply_t", lambda self, x: exact_apply_t(self, x) * (1 + 1e-6))
+    exact_apply_t = solvers.MixedDCT.apply_t
+    monkeypatch.setattr(solvers.MixedDCT, "apply_t", lambda self, x: exact_apply_t(self, x) * (1 + 1e-6))
     g = np.random.default_rng(24).standard_normal((1030, 1030)) / 32.0
     sol = solve_deepen(g, (), 1030, np.random.default_rng(0))
     assert sol.algorithm == "alg1-als" and sol.iterations >= 2

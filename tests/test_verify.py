@@ -15,8 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
-from onnxmorph.report import OutputCheck, default_tolerances
-from onnxmorph.report import compare as _compare
+from onnxmorph.report import OutputCheck, compare, default_tolerances
 from onnxmorph.verify import parse_shape, read_model_file
 
 
@@ -98,22 +97,22 @@ def test_polygraphy_rule_element_fails_only_beyond_both_tolerances() -> None:
     expected = np.array([1000.0, 1e-7, 1.0], dtype=np.float32)
     actual = np.array([1000.05, 2e-7, 1.0], dtype=np.float32)  # big abs but small rel; big rel but small abs
     check = OutputCheck(name="y", shape=[3], dtype="float32", atol=1e-5, rtol=1e-4)
-    _compare(check, expected, actual)
+    compare(check, expected, actual)
     assert check.passed
     # the tolerance each would have needed, given the other: both below what was allowed
     assert check.needed_atol == pytest.approx(1e-7, rel=0.01)
     assert check.needed_rtol == pytest.approx(5e-5, rel=0.05)
     check = OutputCheck(name="y", shape=[3], dtype="float32", atol=1e-5, rtol=1e-6)
-    _compare(check, expected, actual)
+    compare(check, expected, actual)
     assert not check.passed and check.mismatched == 1
     assert check.needed_rtol == pytest.approx(5e-5, rel=0.05)  # only the element above atol counts
 
 
 def test_nan_positions_must_agree() -> None:
     check = OutputCheck(name="y", shape=[2], dtype="float32", atol=1e-5, rtol=1e-4)
-    _compare(check, np.array([np.nan, 1.0], np.float32), np.array([np.nan, 1.0], np.float32))
+    compare(check, np.array([np.nan, 1.0], np.float32), np.array([np.nan, 1.0], np.float32))
     assert check.passed
-    _compare(check, np.array([np.nan, 1.0], np.float32), np.array([0.0, 1.0], np.float32))
+    compare(check, np.array([np.nan, 1.0], np.float32), np.array([0.0, 1.0], np.float32))
     assert not check.passed
 
 
