@@ -36,8 +36,8 @@ import onnx_graphsurgeon as gs
 
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import ConvGeometry
-from onnxmorph.graph import Namer
+from onnxmorph.geometry import ConvGeometry, set_conv_geometry
+from onnxmorph.graph import Namer, fresh_scope
 
 __all__ = [
     "ACTIVATIONS",
@@ -79,17 +79,6 @@ class LayerSpec:
     trans_a: bool = False
     trans_b: bool = True
     beta: float = 1.0
-
-
-def fresh_scope(namer: Namer, *parts: str) -> str:
-    """A scope name that neither is taken nor prefixes a taken name, so names under it stay as given."""
-    base = "/".join(p for p in parts if p)
-    scope, k = base, 1
-    while scope in namer.taken or any(t.startswith(scope + "/") for t in namer.taken):
-        k += 1
-        scope = f"{base}_{k}"
-    namer.taken.add(scope)
-    return scope
 
 
 def _activation_scope(namer: Namer, scope: str) -> str:
@@ -165,9 +154,6 @@ def add_layer(
         inputs.append(mgraph.constant(namer(name, "weight"), w, dtype))
         if spec.bias is not None:
             inputs.append(_bias_input(namer, name, spec.bias, dtype))
-        g = spec.geometry
-        attrs = {"kernel_shape": list(g.kernel), "pads": g.pads, "strides": list(g.strides),
-                 "dilations": list(g.dilations), "group": g.group}
     elif spec.op == "Gemm":
         stored = w if spec.trans_b else w.T
         inputs.append(mgraph.constant(namer(name, "weight"), stored, dtype))
@@ -182,7 +168,10 @@ def add_layer(
     else:
         raise ValueError(f"{name}: cannot build a {spec.op} layer")
     y = out if out is not None else _intermediate(namer(name, "out"))
-    graph.nodes.append(gs.Node(spec.op, name=name, attrs=attrs, inputs=inputs, outputs=[y]))
+    node = gs.Node(spec.op, name=name, attrs=attrs, inputs=inputs, outputs=[y])
+    if spec.geometry is not None:
+        set_conv_geometry(node, spec.geometry)
+    graph.nodes.append(node)
     return y
 
 

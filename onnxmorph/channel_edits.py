@@ -37,9 +37,15 @@ def extend_param(param: Param, array: np.ndarray, coupling: Coupling, rng: np.ra
         return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng,
                                            mode="random" if sources is None else "copy", sources=sources,
                                            offset=param.offset, block=param.block)
-    value = float(np.mean(array)) if param.role == "slope" else NEUTRAL[param.role]
+    value = _mean_slope(array) if param.role == "slope" else NEUTRAL[param.role]
     return wsolve.fill_channels(array, param.axis, space.inserts, value, sources=sources, offset=param.offset,
                                 block=param.block, old=space.old)
+
+
+def _mean_slope(slopes: np.ndarray) -> float:
+    """The old slopes' mean, in float64 (float32 slopes near its limit would sum to inf); 1 if not finite."""
+    mean = float(np.mean(slopes, dtype=np.float64)) if slopes.size else 1.0
+    return mean if np.isfinite(mean) and abs(mean) <= float(np.finfo(slopes.dtype).max) else 1.0
 
 
 def grow_groups(node: gs.Node, change: GroupChange, rng: np.random.Generator, zero_first: int = 0) -> None:

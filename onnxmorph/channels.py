@@ -30,6 +30,7 @@ node that made it.
 
 from __future__ import annotations
 
+import importlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,18 @@ KEEPS_ZERO: set[str] = set()
 CONTRIB: set[str] = set()
 
 
+# the modules whose rules register themselves here when imported (they import this module)
+RULE_MODULES = ("onnxmorph.channel_rules", "onnxmorph.channel_layout")
+
+
+def load_rules() -> dict[str, Rule]:
+    """The rule table, filled on first use (an import of the rule modules at the top would be a loop)."""
+    if not RULES:
+        for name in RULE_MODULES:
+            importlib.import_module(name)
+    return RULES
+
+
 def rule(*ops: str, keeps_zero: bool = True, domain: str = "") -> Callable[[Rule], Rule]:
     """Register `fn` as the channel rule of `ops` (see the module docstring)."""
     def register(fn: Rule) -> Rule:
@@ -343,6 +356,7 @@ class Analysis:
         self.tensors = graph.tensors()
         self.main_nodes = {id(node) for node in graph.nodes}
         self.memo: dict[object, object] = {}  # for rules that must act once per node
+        self.rules = load_rules()
 
     def space(self, k: int) -> Space:
         return self.result.spaces[k]
@@ -478,7 +492,7 @@ class Analysis:
         contrib = v.node.domain == "com.microsoft" and v.node.op in CONTRIB
         if v.node.domain not in ("", "ai.onnx", None) and not contrib:
             raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")
-        fn = RULES.get(v.node.op)
+        fn = self.rules.get(v.node.op)
         if fn is None:
             raise NotApplicable(f"{v.where} is in the way of the channels of '{v.tensor.name}' (not supported)")
         if v.node.op not in KEEPS_ZERO:
@@ -536,6 +550,3 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
                 raise first from None
             tried.append(misfit.inserts)
 
-
-# the rules register themselves in RULES when imported (the rewriting after an analysis is channel_edits)
-from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401

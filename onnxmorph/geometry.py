@@ -9,7 +9,8 @@ weights; what changes is where the padding and the stride sit. The rules, all on
 * `inner_geometry`: a smaller kernel centred inside the parent's (parallel and residual branches);
 * `resized_geometry`: the same conv with a larger or smaller kernel (the kernel morph).
 
-Pure Python over tuples; reading takes any node with ONNX attributes (an onnx-graphsurgeon node).
+Pure Python over tuples, below the solvers (which place kernels by `centred_offsets`); reading takes
+any node with ONNX attributes (an onnx-graphsurgeon node).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxmorph.errors import NotApplicable
-from onnxmorph.splitting import centred_offsets
 
 Shapes = Mapping[str, "tuple[int | None, ...] | None"]
 
@@ -148,13 +148,18 @@ def chain_geometries(parent: ConvGeometry, depth: int, k2: Sequence[int]) -> lis
 def inner_geometry(parent: ConvGeometry, inner: Sequence[int]) -> ConvGeometry:
     """Geometry of a conv with the smaller, centred kernel `inner` that reads what `parent`'s taps read.
 
-    Its pads may come out negative (an unpadded parent): `cropped` says what to cut first.
+    Its pads may come out negative (an unpadded parent): `build.crop_input` cuts those pixels first.
     """
     off = centred_offsets(parent.kernel, inner)
     d = parent.dilations
     begin = tuple(p - di * o for p, di, o in zip(parent.pads_begin, d, off))
     end = tuple(p - di * (k - s - o) for p, di, k, s, o in zip(parent.pads_end, d, parent.kernel, inner, off))
     return ConvGeometry(tuple(inner), begin, end, parent.strides, d, parent.group)
+
+
+def centred_offsets(kernel: Sequence[int], inner: Sequence[int]) -> tuple[int, ...]:
+    """Where a smaller kernel `inner` sits inside `kernel`: `(K - k) // 2` per axis (split_parallel's rule)."""
+    return tuple((a - b) // 2 for a, b in zip(kernel, inner))
 
 
 def pointwise(rank: int, group: int = 1, strides: Sequence[int] | None = None) -> ConvGeometry:

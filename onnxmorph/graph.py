@@ -400,6 +400,17 @@ class Namer:
         return name
 
 
+def fresh_scope(namer: Namer, *parts: str) -> str:
+    """A scope name that neither is taken nor prefixes a taken name, so names under it stay as given."""
+    base = "/".join(p for p in parts if p)
+    scope, k = base, 1
+    while scope in namer.taken or any(t.startswith(scope + "/") for t in namer.taken):
+        k += 1
+        scope = f"{base}_{k}"
+    namer.taken.add(scope)
+    return scope
+
+
 def remove_node(graph: gs.Graph, node: gs.Node) -> tuple[list[gs.Tensor], list[gs.Tensor]]:
     """Take `node` out of `graph`, detached from its tensors; returns (its inputs, its outputs).
 

@@ -6,13 +6,14 @@ finite alpha and beta) and returns a `Layer`: the weight as stored, the canonica
 solvers take (`[C_out, C_in/groups, *kernel]` or `[C_out, C_in]`, Gemm's alpha and transB folded
 in), the channel axis and counts. `detach` takes the layer out of an editable graph and hands
 over what its replacement must read and write, with a Gemm's beta folded into a constant bias.
-`out_channels` is the one place that knows where each kind of layer keeps its output channels.
+`out_channels` tells where any layer kind (ConvTranspose too) keeps its output channels, for the
+width morph, which reads no weights through the adapter (the channel analysis does).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +21,9 @@ import onnx_graphsurgeon as gs
 
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import ConvGeometry, conv_geometry
+from onnxmorph.geometry import ConvGeometry, Shapes, conv_geometry
+from onnxmorph.graph import fresh_scope
 
-Shapes = Mapping[str, "tuple[int | None, ...] | None"]
 SOLVABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -151,6 +152,10 @@ class Detached:
     y: gs.Variable
     bias: np.ndarray | gs.Tensor | None
     beta: float  # 1.0, except a Gemm's beta that multiplies a computed bias
+
+    def scope(self, namer: mgraph.Namer, morph: str) -> str:
+        """The name scope of what replaces the layer: `<layer>/<morph>` (or `_2`, ... when taken)."""
+        return fresh_scope(namer, self.name or self.y.name, morph)
 
 
 def detach(graph: gs.Graph, layer: Layer) -> Detached:

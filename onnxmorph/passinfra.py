@@ -1,4 +1,4 @@
-"""The pass contract: parameters, applicability checks, results, and the pass registry."""
+"""The pass contract: parameters, applicability checks (requires/call/ensures), results, size estimates."""
 
 from __future__ import annotations
 
@@ -189,10 +189,6 @@ def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kerne
     taps = max(math.prod(k), math.prod(kernel)) if k and kernel else math.prod(k)
     return count * (width or max(a, b)) * (a + b) * taps * itemsize
 
-
-
-
-from onnxmorph.registry import REGISTRY, get_pass, register  # noqa: E402,F401  (the passes' vocabulary)
 
 # --------------------------------------------------------------------------- parameter parsers
 

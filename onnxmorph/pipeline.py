@@ -18,7 +18,8 @@ from onnxmorph import io as mio
 from onnxmorph import limits, receipt, streaming
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
 from onnxmorph.graph import Analysis
-from onnxmorph.passinfra import MorphPass, get_pass
+from onnxmorph.passinfra import MorphPass
+from onnxmorph.registry import get_pass
 from onnxmorph.verify import DEFAULT_TRIALS, Report, Verifier
 from onnxmorph.version import __version__
 

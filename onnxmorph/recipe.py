@@ -10,7 +10,8 @@ from typing import Any
 
 from onnxmorph import limits
 from onnxmorph.errors import UsageError
-from onnxmorph.passinfra import MorphPass, get_pass
+from onnxmorph.passinfra import MorphPass
+from onnxmorph.registry import get_pass
 
 
 def read_recipe(source: str | os.PathLike | list[Any]) -> list[MorphPass]:

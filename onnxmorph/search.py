@@ -27,13 +27,14 @@ from typing import IO, Any
 import numpy as np
 import onnx
 
-from onnxmorph import __version__, saving
 from onnxmorph import io as mio
+from onnxmorph import saving
 from onnxmorph import search_report as report
 from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.search_data import Dataset, fit_to_model, load_dataset
 from onnxmorph.search_space import MorphChoice, as_choices, propose, signature
 from onnxmorph.search_workers import CandidateTask, Training, check_reachable, executor, require_ray
+from onnxmorph.version import __version__
 
 try:
     import fcntl

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxmorph import __version__, receipt
 from onnxmorph import io as mio
+from onnxmorph import receipt
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
-from onnxmorph.passinfra import get_pass
 from onnxmorph.pipeline import VerifyOptions, run_passes
+from onnxmorph.registry import get_pass
 from onnxmorph.search_data import Dataset
 from onnxmorph.verify import Report
+from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from onnxmorph.geometry import centred_offsets
 from onnxmorph.orthogonal import orthogonal_stack
 from onnxmorph.solvers import as_kernel, compose, pad_support, rms, solve_deepen, target_kernel
 
@@ -18,11 +19,6 @@ from onnxmorph.solvers import as_kernel, compose, pad_support, rms, solve_deepen
 BRANCH_FRACTION = 0.5
 # Relative error of a solved split above which the morph is refused instead of written.
 MAX_SPLIT_ERROR = 1e-6
-
-
-def centred_offsets(kernel: Sequence[int], inner: Sequence[int]) -> tuple[int, ...]:
-    """Where a smaller kernel `inner` sits inside `kernel`: `(K - k) // 2` per axis (split_parallel's rule)."""
-    return tuple((a - b) // 2 for a, b in zip(kernel, inner))
 
 
 def split_parallel(

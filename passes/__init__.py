@@ -9,6 +9,6 @@ from onnxmorph.passes import (
     widen,  # noqa: F401
 )
 
-from onnxmorph.passinfra import REGISTRY
+from onnxmorph.registry import REGISTRY
 
 __all__ = ["REGISTRY"]

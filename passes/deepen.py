@@ -31,7 +31,7 @@ from onnxmorph.registry import register
 
 log = logging.getLogger("onnxmorph")
 
-DEEPEN_OPS = ("Conv", "Gemm", "MatMul")
+DEEPEN_OPS = layers.SOLVABLE_OPS
 METHODS = ("netmorph", "identity")
 DEFAULT_CONV_KERNEL = 3
 
@@ -125,12 +125,8 @@ class DeepenPass(MorphPass):
         """The two factors of the planned split (the plan's own when `requires` already solved)."""
         if plan.solution is not None:
             return plan.solution
-        try:
-            return solvers.solve_deepen(plan.layer.canonical(), plan.k2, plan.width,
-                                        np.random.default_rng(self.seed), groups=plan.layer.groups,
-                                        method=self.method)
-        except ValueError as exc:
-            raise NotApplicable(f"layer '{self.layer}': {str(exc).splitlines()[0]}") from exc
+        return solvers.solve_deepen(plan.layer.canonical(), plan.k2, plan.width, np.random.default_rng(self.seed),
+                                    groups=plan.layer.groups, method=self.method)
 
     def new_weights(self, model: onnx.ModelProto) -> tuple[int, int]:
         return new_layer_bytes(model, self.layer, self.width, self.kernel), 1
@@ -139,9 +135,12 @@ class DeepenPass(MorphPass):
         plan = self._plan(mgraph.analysis(model))
         # With width >= C_out per group an exact solution always exists (the 1x1 limit of Algorithm 2,
         # or the identity); narrower widths may have none, and only solving tells: then the plan
-        # carries the solution, and call() does not solve again.
+        # carries the solution, and call() does not solve again. A solver error in call() is a bug.
         if plan.width // plan.layer.groups < plan.layer.out_channels // plan.layer.groups:
-            plan = dataclasses.replace(plan, solution=self.solve(plan))
+            try:
+                plan = dataclasses.replace(plan, solution=self.solve(plan))
+            except ValueError as exc:
+                raise NotApplicable(f"layer '{self.layer}': {str(exc).splitlines()[0]}") from exc
         return plan
 
     def describe(self, plan: DeepenPlan) -> dict[str, Any]:
@@ -163,7 +162,7 @@ class DeepenPass(MorphPass):
         graph = mgraph.import_graph(model)
         old = layers.detach(graph, plan.layer)
         namer = mgraph.Namer(graph)
-        scope = build.fresh_scope(namer, old.name or old.y.name, "morph_deepen")
+        scope = old.scope(namer, "morph_deepen")
         layer = plan.layer
         tag = layer.op.lower()
         build.insert_layer_pair(

@@ -94,7 +94,7 @@ class KernelPass(MorphPass):
 
     def describe(self, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> dict[str, Any]:
         geometry, size, _ = plan
-        return {"kernel": "x".join(map(str, geometry.kernel)) + " (grows to any larger size)"}
+        return {"kernel": shown(geometry.kernel) + " (grows to any larger size)"}
 
     def call(self, model: mgraph.ModelOrAnalysis, plan: tuple[ConvGeometry, tuple[int, ...], bool]) -> PassResult:
         model = mgraph.model_of(model)
@@ -107,6 +107,6 @@ class KernelPass(MorphPass):
         if shrinking:
             log.warning(
                 "kernel: shrinking '%s' from %s to %s is exact only because the removed outer taps are all zero",
-                self.layer, "x".join(map(str, geometry.kernel)), "x".join(map(str, size)),
+                self.layer, shown(geometry.kernel), shown(size),
             )
         return PassResult(mgraph.export_model(graph, like=model), True)

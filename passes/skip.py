@@ -14,12 +14,11 @@ from onnxmorph import build, channel_edits, channels
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
+from onnxmorph.geometry import pointwise
 from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name
 from onnxmorph.registry import register
 
 MODES = ("add", "concat")
-# Values given to per-channel parameters (batch-norm and the like) for A's channels: any finite value is
-# exact, since the consumers' weights on those channels are zero; these keep the values tame.
 
 
 def match_strides(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -233,7 +232,7 @@ class SkipPass(MorphPass):
                 # Gemm's bias C is required before opset 11.
                 proj = build.LayerSpec("Gemm", np.zeros((plan.channels_b, plan.channels_a)), np.zeros(plan.channels_b))
             else:
-                geometry = mgraph.ConvGeometry((1,) * nd, (0,) * nd, (0,) * nd, plan.strides, (1,) * nd, 1)
+                geometry = pointwise(nd, strides=plan.strides)
                 proj = build.LayerSpec("Conv", np.zeros((plan.channels_b, plan.channels_a) + (1,) * nd),
                                        geometry=geometry)
             projected = build.add_layer(graph, namer, scope, "proj", a, proj, plan.dtype)

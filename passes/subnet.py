@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from onnxmorph.registry import register
 log = logging.getLogger("onnxmorph")
 
 KINDS = ("sequential", "parallel", "residual")
-SUBNET_OPS = ("Conv", "Gemm", "MatMul")
+SUBNET_OPS = layers.SOLVABLE_OPS
 
 
 # --------------------------------------------------------------------------- the pass
@@ -142,19 +143,6 @@ class SubnetPass(MorphPass):
         elif self._branch_count() < 2:
             raise NotApplicable(f"{label}: a parallel subnet needs at least 2 branches")
 
-    def _spec(self, plan: SubnetPlan, f: np.ndarray, bias: np.ndarray | gs.Tensor | None,
-              geometry: ConvGeometry | None, reads_input: bool, beta: float = 1.0) -> build.LayerSpec:
-        """A new layer like the parent: Conv with `geometry`, or Gemm/MatMul with the parent's layout."""
-        layer = plan.layer
-        if layer.op == "Conv":
-            return build.LayerSpec("Conv", f, bias, geometry)
-        if layer.op == "MatMul":
-            return build.LayerSpec("MatMul", f)  # the parent's bias, an Add after it, stays in place
-        if bias is None:
-            bias = np.zeros(f.shape[0])  # Gemm needs C before opset 11
-        return build.LayerSpec("Gemm", f, bias, trans_a=layer.trans_a and reads_input, trans_b=layer.trans_b,
-                               beta=beta if isinstance(bias, gs.Tensor) else 1.0)
-
     def _kernels(self, k: tuple[int, ...], label: str) -> tuple[tuple[int, ...], ...]:
         """The branch kernels of a Conv's parallel or residual module (none for a chain)."""
         if self.kind == "sequential":
@@ -196,7 +184,7 @@ class SubnetPass(MorphPass):
             return {"kind": self.kind, "module": f"{op} + two-{op} branch"}
         nd = len(plan.geometry.kernel)
         return {"kind": self.kind, "module": "1c1" if plan.kernels == ((1,) * nd,) * 2 else
-                "x".join(map(str, plan.kernels[0])) + " branch"}
+                shown(plan.kernels[0]) + " branch"}
 
     # ------------------------------------------------------------------ rewrite
 
@@ -207,7 +195,7 @@ class SubnetPass(MorphPass):
         graph = mgraph.import_graph(model)
         old = layers.detach(graph, plan.layer)
         module = _Builder(graph, plan, old, self.activation, np.random.default_rng(self.seed))
-        scope = build.fresh_scope(module.namer, old.name or old.y.name, "morph_subnet")
+        scope = old.scope(module.namer, "morph_subnet")
         g = plan.layer.canonical()
         if self.kind == "sequential":
             module.chain(scope, old.x, g, plan.geometry, self.depth or 2, old.bias, out=old.y)
@@ -293,8 +281,7 @@ class _Builder:
         elif any(k != 1 for k in kb):
             main, f1, f2 = splitting.split_residual(g, kb, plan.width, self.rng, groups=groups)
             g1, g2 = pair_geometries(plan.geometry, kb)
-            main_geometry = ConvGeometry(main.shape[2:], g1.pads_begin, g1.pads_end, plan.geometry.strides,
-                                         plan.geometry.dilations, groups)
+            main_geometry = dataclasses.replace(g1, kernel=main.shape[2:], strides=plan.geometry.strides)
         else:
             main, f1, f2 = splitting.split_residual_centred(g, k1, plan.width, self.rng, groups=groups)
             main_geometry = plan.geometry

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxmorph
 from onnxmorph import cli
 from onnxmorph import graph as mgraph
-from onnxmorph.passinfra import REGISTRY, MorphPass, layer_name
+from onnxmorph.passinfra import MorphPass, layer_name
+from onnxmorph.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ import onnxmorph
 from onnxmorph import graph as mgraph
 from onnxmorph import inspection
 from onnxmorph.errors import OnnxMorphError
-from onnxmorph.passinfra import REGISTRY, MorphPass, PassResult
+from onnxmorph.passinfra import MorphPass, PassResult
+from onnxmorph.registry import REGISTRY
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:

@@ -21,7 +21,7 @@ from robust_support import PASSES, ROOT, applicable, cli_flags
 
 import onnxmorph
 from onnxmorph import saving
-from onnxmorph.passinfra import REGISTRY
+from onnxmorph.registry import REGISTRY
 
 LARGE = os.environ.get("ONNXMORPH_LARGE") == "1"
 

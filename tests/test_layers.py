@@ -136,3 +136,56 @@ def test_no_pass_imports_another() -> None:
             continue
         others = [m for m in _imported_modules(path) if m.startswith("onnxmorph.passes")]
         assert not others, (path.name, others)
+
+
+# The layers of the house, bottom up, as README's Architecture section lists them: a module may
+# import from its own layer and those below. The one exception is the registry loading the passes.
+LAYERS = {
+    "base": ["errors", "limits", "version"],
+    "numerics": ["orthogonal", "solvers", "splitting", "widening", "geometry"],
+    "I/O": ["framing", "proto", "safety", "folding", "saving", "streaming", "io"],
+    "verification": ["report", "feeds", "verify"],
+    "graph": ["graph", "layers", "build", "blocks", "attention"],
+    "analysis": ["channels", "channel_rules", "channel_layout", "channel_edits", "averaging"],
+    "contract": ["registry", "passinfra"],
+    "passes": ["passes"],
+    "pipeline": ["pipeline", "recipe", "receipt", "inspection"],
+    "tools": ["diff", "difftext", "difflayout", "diffhtml", "train_ops", "train", "experiments", "search_data",
+              "search_space", "search_report", "search_workers", "search"],
+    "CLI": ["cli", "search_cli", "__main__", "__init__"],
+}
+RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return "passes" if parts[0] == "passes" else parts[1]
+
+
+def test_every_module_imports_only_its_layer_and_below() -> None:
+    files = sorted((ROOT / "onnxmorph").rglob("*.py")) + sorted((ROOT / "passes").glob("*.py"))
+    unplaced = sorted({_module_of(p) for p in files} - set(RANK))
+    assert not unplaced, f"place these in LAYERS and in README's Architecture table: {unplaced}"
+    upward = []
+    for path in files:
+        here = _module_of(path)
+        for imported in _imported_modules(path):
+            parts = imported.split(".")
+            if parts[0] != "onnxmorph" or len(parts) < 2 or parts[1] in ("__version__",):
+                continue
+            target = parts[1] if parts[1] in RANK else None
+            if target is None or (here == "registry" and target == "passes"):
+                continue
+            if RANK[target] > RANK[here]:
+                upward.append(f"{path.relative_to(ROOT)} imports {target}")
+    assert not upward, upward
+
+
+def test_the_readme_lists_every_layer() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Architecture"):readme.index("**Adding a morph.**")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    assert [row.split("|")[1].strip() for row in rows] == list(LAYERS)
+    for row, modules in zip(rows, LAYERS.values()):
+        for module in modules:
+            assert f"`{module}`" in row.split("|")[2], (module, row)

@@ -16,8 +16,9 @@ from robust_support import PASSES, applicable, reference
 
 import onnxmorph
 from onnxmorph import graph as mgraph
-from onnxmorph.passinfra import REGISTRY, MorphPass, layer_name
+from onnxmorph.passinfra import MorphPass, layer_name
 from onnxmorph.pipeline import VerifyOptions, run_passes
+from onnxmorph.registry import REGISTRY
 from onnxmorph.verify import Verifier
 
 # --------------------------------------------------------------------------- the parent is never touched

