@@ -16,7 +16,7 @@ from onnxmorph.channels import Consumer, Coupling, GroupChange, Param, ints
 
 # What a new channel's per-channel constant starts as, by the role the analysis gave it: the value
 # that makes the op the identity on it (a norm's scale 1 and shift 0, a variance 1) or 0. A PRelu
-# slope ("slope") takes the mean of the old slopes instead (its outgoing weights decide the rest).
+# slope ("slope") takes the mean of the old slopes instead, when it is at most 1 in size.
 NEUTRAL = {"scale": 1.0, "norm-scale": 1.0, "shift": 0.0, "var": 1.0, "copy-only": 0.0, "bias": 0.0}
 
 
@@ -37,15 +37,19 @@ def extend_param(param: Param, array: np.ndarray, coupling: Coupling, rng: np.ra
         return wsolve.solve_widen_incoming(array, param.axis, space.inserts, rng,
                                            mode="random" if sources is None else "copy", sources=sources,
                                            offset=param.offset, block=param.block)
-    value = _mean_slope(array) if param.role == "slope" else NEUTRAL[param.role]
+    value = new_slope(array) if param.role == "slope" else NEUTRAL[param.role]
     return wsolve.fill_channels(array, param.axis, space.inserts, value, sources=sources, offset=param.offset,
                                 block=param.block, old=space.old)
 
 
-def _mean_slope(slopes: np.ndarray) -> float:
-    """The old slopes' mean, in float64 (float32 slopes near its limit would sum to inf); 1 if not finite."""
+def new_slope(slopes: np.ndarray) -> float:
+    """The old slopes' mean (float64: float32 slopes near its limit sum to inf), or 1 when that is not in [-1, 1].
+
+    A new channel's values may be anything (random filters, the skip's A); a slope above 1 could
+    overflow them to inf, and inf times the consumers' zero weights is NaN, not 0.
+    """
     mean = float(np.mean(slopes, dtype=np.float64)) if slopes.size else 1.0
-    return mean if np.isfinite(mean) and abs(mean) <= float(np.finfo(slopes.dtype).max) else 1.0
+    return mean if abs(mean) <= 1.0 else 1.0
 
 
 def grow_groups(node: gs.Node, change: GroupChange, rng: np.random.Generator, zero_first: int = 0) -> None:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph import geometry, layers
+from onnxmorph.channel_edits import new_slope
 from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
 
@@ -189,3 +190,11 @@ def test_the_readme_lists_every_layer() -> None:
     for row, modules in zip(rows, LAYERS.values()):
         for module in modules:
             assert f"`{module}`" in row.split("|")[2], (module, row)
+
+
+def test_a_new_prelu_slope_cannot_overflow_a_new_channel() -> None:
+    assert new_slope(np.array([0.25, 0.75], np.float32)) == 0.5  # the old slopes' mean
+    # float32 mean of these is inf; a slope above 1 could push a new channel to inf, and inf * 0 is NaN
+    assert new_slope(np.full(8, 3e38, np.float32)) == 1.0
+    assert new_slope(np.array([3.0, 5.0], np.float32)) == 1.0
+    assert new_slope(np.zeros(0, np.float32)) == 1.0
