@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph import geometry, layers
-from onnxmorph.channel_edits import new_slope
 from onnxmorph import graph as mgraph
+from onnxmorph.channel_edits import new_slope
 from onnxmorph.errors import NotApplicable
 
 ROOT = Path(__file__).resolve().parent.parent
