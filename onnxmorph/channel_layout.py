@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmorph.channel_shapes import grow_computed_target, refine_reshape
 from onnxmorph.channels import (
     Analysis,
     Misfit,
@@ -107,6 +108,7 @@ def reshape(a: Analysis, v: Visit) -> None:
     s_shape, d_shape = a.shape(src), a.shape(dst)
     if s_shape is None or d_shape is None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
+    s_shape, d_shape = refine_reshape(a, node, s_shape, d_shape, v.backward)
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
@@ -219,7 +221,7 @@ def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int
     node = v.node
     values = constant_ints(node, 1)
     if values is None:
-        _grow_computed_target(a, v, position, out_axis, delta)
+        grow_computed_target(a, v, position, out_axis, delta)
         return
     position -= a.rank(node.outputs[0]) - len(values) if a.rank(node.outputs[0]) else 0
     if position < 0 or values[position] in (-1, 1) and node.op == "Expand" or values[position] == -1:
@@ -227,32 +229,6 @@ def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int
     if values[position] == 0 and not int(node.attrs.get("allowzero", 0)):
         raise NotApplicable(f"{v.where}: its target copies the channel count (0), cannot follow it")
     a.add_fix(ShapeFix(node.name, 1, position, node.outputs[0].name, out_axis, delta))
-
-
-def _grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
-    """A target computed as Concat(sizes taken from Shape, constants), as exporters write `[B, T, C]` with T
-    dynamic: the channels' entry grows when it is a constant piece of a Concat that this node alone reads."""
-    node = v.node
-    target = node.inputs[1]
-    concat = target.inputs[0] if target.inputs else None
-    if concat is None or concat.op != "Concat" or len(target.outputs) != 1:
-        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
-    start = 0
-    for k, piece in enumerate(concat.inputs):
-        values = constant_ints(concat, k)
-        size = len(values) if values is not None else (a.shape(piece) or (None,))[0]
-        if size is None or start + size > position:
-            if values is None or size is None:
-                break
-            entry = values[position - start]
-            if entry == -1 or entry == 1 and node.op == "Expand":
-                return
-            if entry == 0 and not int(node.attrs.get("allowzero", 0)):
-                break
-            a.add_fix(ShapeFix(concat.name, k, position - start, node.outputs[0].name, out_axis, delta))
-            return
-        start += size
-    raise NotApplicable(f"{v.where}: the channel count in its computed target shape cannot be resized")
 
 
 def _sole_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -483,6 +459,9 @@ def split(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
                             "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
+    added = a.space(0).added
+    if slot.space == 0 and slot.offset == 0 and slot.block == 1 and a.space(0).old == dim and not added % len(sizes):
+        a.propose([(end, added // len(sizes)) for _, end in bounds])  # a fused QKV: each part grows alike
     if v.backward:
         counts = _split_backward(a, v, bounds, dim)
     else:

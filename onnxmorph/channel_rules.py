@@ -236,9 +236,9 @@ def softmax(a: Analysis, v: Visit) -> None:
     raise NotApplicable(f"{v.where} mixes the channels of '{v.tensor.name}': it cannot be preserved")
 
 
-@rule("Shape", "Size", "GroupNormalization", "ArgMax", "ArgMin", "TopK", "NonZero", keeps_zero=False)
+@rule("Size", "GroupNormalization", "ArgMax", "ArgMin", "TopK", "NonZero", keeps_zero=False)
 def refused(a: Analysis, v: Visit) -> None:
-    what = "reads the channel count" if v.node.op in ("Shape", "Size") else "mixes the channels"
+    what = "reads the channel count" if v.node.op == "Size" else "mixes the channels"
     raise NotApplicable(f"{v.where} {what}: widening '{v.tensor.name}' cannot preserve the function")
 
 

@@ -131,6 +131,7 @@ class ShapeFix:
     axis: int
     delta: int | None = None
     attr: str | None = None
+    reader: str | None = None  # `node` is a Concat building this node's target: the reader gets its own copy
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,9 @@ class Analysis:
         self.tensors = graph.tensors()
         self.main_nodes = {id(node) for node in graph.nodes}
         self.memo: dict[object, object] = {}  # for rules that must act once per node
+        # run when every slot is known (a size read at run time must grow as much as what it shapes)
+        self.checks: list[Callable[[], None]] = []
+        self.fallback: tuple[tuple[int, int], ...] | None = None  # another placement of the new channels to try
 
     def space(self, k: int) -> Space:
         return self.result.spaces[k]
@@ -352,6 +356,10 @@ class Analysis:
         producer = tensor.inputs[0] if shape is None and tensor.inputs else None
         if producer is not None and producer.op in CONTRIB and producer.inputs:
             return self.shape(producer.inputs[0])  # ONNX shape inference skips them; their outputs are shaped alike
+        if (shape is None or None in shape) and tensor.inputs:
+            found = channel_shapes.fallback_shape(self, tensor)  # what inference left unknown, from the sizes read
+            if found is not None and (shape is None or len(shape) == len(found)):
+                return tuple(d if d is not None else f for d, f in zip(shape or found, found))
         return shape
 
     def rank(self, tensor: gs.Tensor) -> int | None:
@@ -453,7 +461,23 @@ class Analysis:
             else:
                 self.carry(v.node, k, axis_t, offset_t, block_t, slot.space)
 
+    def propose(self, inserts: Sequence[tuple[int, int]]) -> None:
+        """Another placement of the widened layer's new channels, tried if this one is refused (a fused QKV's
+        Split: spread over its parts rather than all in the last)."""
+        if self.fallback is None and tuple(inserts) != self.space(0).inserts:
+            self.fallback = tuple(inserts)
+
     def run(self) -> Coupling:
+        try:
+            return self._run()
+        except Misfit:
+            raise
+        except NotApplicable as refusal:
+            if self.fallback is None:
+                raise
+            raise Misfit(str(refusal), 0, self.fallback) from None
+
+    def _run(self) -> Coupling:
         while self.queue:
             slot, _origin = self.queue.popleft()
             tensor = self.tensors[slot.tensor]
@@ -466,6 +490,8 @@ class Analysis:
                     raise NotApplicable(f"'{tensor.name}' is read inside a subgraph ({node.op} '{reader}' in a "
                                         "control-flow body): widening it there is not supported")
                 self.visit(Visit(node, slot, tensor, False))
+        for check in self.checks:
+            check()
         return self.result
 
     def visit(self, v: Visit) -> None:
@@ -538,10 +564,11 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
 
 
 # the rules register themselves in RULES when imported; the rewriting helpers live beside them
-from onnxmorph import channel_layout, channel_rules  # noqa: E402,F401
+from onnxmorph import channel_layout, channel_rules, channel_shapes  # noqa: E402,F401
 from onnxmorph.channel_edits import (  # noqa: E402,F401
     apply_shape_fixes,
     grow_consumers,
     grow_params,
     private_constant,
 )
+from onnxmorph.channel_shapes import generic_shapes  # noqa: E402,F401

@@ -1,0 +1,377 @@
+"""Channel rules for sizes read at run time: `Shape` of a widened tensor, and reshape targets computed from sizes.
+
+Exporters build reshape targets at run time: `Concat(Shape(x)[0:2], [C])` restores `[batch, seq, C]`
+after a `[B*T, C]` product (Hugging Face's `Conv1D`), `Concat([-1], Shape(x)[-1:])` flattens. What
+such a target holds is worked out entry by entry (`entries`): a constant, or the size of axis i of
+tensor t, read with `Shape`, through the Gather/Slice/Squeeze/Unsqueeze/Concat/Cast that pick and
+assemble the pieces. Then:
+
+* `Shape` of a widened tensor is exact when every use of its channel entry ends in a Reshape or
+  Expand target whose output grows on that entry's axis by as many channels (the size it reads
+  then becomes the new one by itself); uses that pick other entries need nothing. Any other use
+  (arithmetic, a graph output) refuses.
+* A computed target whose channel entry is a constant piece of a Concat grows that piece; a
+  Concat read by several targets grows once, when all of them grow alike. A channel entry that
+  is a size read with `Shape` must grow by as much as its output: checked when the analysis ends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmorph import graph as mgraph
+from onnxmorph.channels import Analysis, ShapeFix, Visit, constant_ints, ints, rule
+from onnxmorph.errors import NotApplicable
+from onnxmorph.io import skeleton
+
+Entry = "int | tuple[str, int]"
+INT64_MAX = 2 ** 63 - 1
+PASS = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")  # 0-d/1-d shape tensors: entries unchanged
+PICK = ("Gather", "Slice", "Concat")
+
+
+def entries(a: Analysis, tensor: gs.Tensor) -> list | None:
+    """The entries of a 0-d or 1-d integer tensor: ints and (tensor, axis) sizes read with Shape; None if unknown."""
+    key = ("entries", tensor.name)
+    if key not in a.memo:
+        a.memo[key] = None  # a cycle cannot occur in a valid graph; this also stops runaway recursion
+        a.memo[key] = _entries(a, tensor)
+    return a.memo[key]  # type: ignore[return-value]
+
+
+def _entries(a: Analysis, tensor: gs.Tensor) -> list | None:
+    if isinstance(tensor, gs.Constant):
+        return ints(tensor.values) if tensor.values.ndim <= 1 else None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or tensor is not node.outputs[0]:
+        return None
+    if node.op == "Constant" and "value" in node.attrs:
+        return _entries(a, node.attrs["value"]) if isinstance(node.attrs["value"], gs.Constant) else None
+    if node.op == "Shape":
+        known = entries(a, node.inputs[0]) if a.rank(node.inputs[0]) == 1 else None
+        if known is not None:  # the length of a shape tensor
+            return [len(known)][slice(int(node.attrs.get("start", 0)), node.attrs.get("end"))]
+        rank = a.rank(node.inputs[0])
+        if rank is None:
+            return None
+        start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+        return [(node.inputs[0].name, i) for i in range(rank)][slice(start, end)]
+    if node.op in ("ConstantOfShape", "Where", "Mul", "Add", "Sub"):
+        return _computed_entries(a, node)
+    source = entries(a, node.inputs[0]) if node.inputs else None
+    if source is None:
+        return None
+    if node.op in PASS:
+        return source if (a.rank(tensor) or 0) <= 1 and (a.rank(node.inputs[0]) or 0) <= 1 else None
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        parts = [entries(a, t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]  # type: ignore[union-attr]
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) in (0, -1):
+        index = constant_ints(node, 1)
+        return [source[i] for i in index] if index is not None and all(-len(source) <= i < len(source)
+                                                                         for i in index) else None
+    if node.op == "Slice":
+        starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
+        axes, steps = constant_ints(node, 3, "axes") or [0], constant_ints(node, 4) or [1]
+        if starts is None or ends is None or len(starts) != 1 or axes[0] not in (0, -1):
+            return None
+        return source[slice(starts[0], min(ends[0], INT64_MAX), steps[0])]
+    return None
+
+
+def _computed_entries(a: Analysis, node: gs.Node) -> list | None:
+    """Arithmetic on constant entries, and `Where(Equal(t, c), u, t)` (how TorchScript turns -1 entries of an
+    expand target into 1): a size read with Shape is never negative, so it never equals a negative constant."""
+    if node.op == "ConstantOfShape":
+        count = entries(a, node.inputs[0])
+        value = node.attrs.get("value")
+        fill = ints(value.values)[0] if isinstance(value, gs.Constant) and value.values.dtype.kind in "iu" else None
+        known = count is not None and len(count) == 1 and isinstance(count[0], int)
+        return [fill] * count[0] if known and fill is not None else None  # type: ignore[index]
+    parts = [entries(a, t) for t in node.inputs]
+    if any(p is None for p in parts):
+        if node.op != "Where" or parts[1] is None or parts[2] is None:
+            return None
+        cond = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if cond is None or cond.op != "Equal" or cond.inputs[0] is not node.inputs[2]:
+            return None
+        against = entries(a, cond.inputs[1])
+        if against is None or len(against) != len(parts[2]) or len(parts[1]) != len(parts[2]):
+            return None
+        chosen = []
+        for t, c, u in zip(parts[2], against, parts[1]):
+            if t != c and not (isinstance(c, int) and (isinstance(t, int) or c < 0)):
+                return None
+            chosen.append(u if t == c else t)
+        return chosen
+    width = max(len(p) for p in parts)  # type: ignore[arg-type]
+    if node.op == "Where" or any(len(p) not in (1, width) for p in parts) or any(  # type: ignore[arg-type]
+            isinstance(e, tuple) for p in parts for e in p):  # type: ignore[union-attr]
+        return None
+    columns = [[p[i if len(p) > 1 else 0] for p in parts] for i in range(width)]  # type: ignore[index]
+    apply = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y, "Sub": lambda x, y: x - y}[node.op]
+    return [apply(*column) for column in columns]
+
+
+def _check_growth(a: Analysis, node: gs.Node, position: int, grows: tuple[str, int], why: str) -> None:
+    """When the analysis ends: the target entry `position` of `node` grows as `grows` (tensor, axis) does, which
+    must be what its output grows by on that axis."""
+    key = ("check", node.name, position, grows)
+    if key in a.memo:
+        return
+    a.memo[key] = True
+    out = node.outputs[0]
+    values = entries(a, node.inputs[1])
+    length = len(values) if values is not None else (a.shape(node.inputs[1]) or (None,))[0]
+    axis = position + a.rank(out) - length if length is not None and a.rank(out) else position
+
+    def check() -> None:
+        need, got = a.result.added(out.name, axis), a.result.added(*grows)
+        if need != got:
+            raise NotApplicable(f"{node.op} '{node.name}': {why}, which grows by {got} where its output grows by "
+                                f"{need}: cannot preserve the function")
+    a.checks.append(check)
+
+
+@rule("Shape", keeps_zero=False)
+def shape(a: Analysis, v: Visit) -> None:
+    """A size read from a widened tensor: exact when its channel entry only ends in targets that grow as much."""
+    read = (v.tensor.name, v.slot.axis)
+    where = f"{v.where} reads the channel count of '{v.tensor.name}'"
+    stack, seen = [v.node.outputs[0]], set()
+    while stack:
+        tensor = stack.pop()
+        values = entries(a, tensor)
+        if values is not None and read not in values or tensor.name in seen:
+            continue  # this piece of the shape does not hold the channel count
+        seen.add(tensor.name)
+        if values is None or tensor.name in a.outputs:
+            raise NotApplicable(f"{where}, and its use '{tensor.name}' cannot be followed: widening it cannot "
+                                "preserve the function")
+        for node in tensor.outputs:
+            if node.op in ("Reshape", "Expand") and len(node.inputs) > 1 and node.inputs[1] is tensor:
+                for position, entry in enumerate(values):
+                    if entry == read:
+                        _check_growth(a, node, position, read, f"its target reads the size of '{v.tensor.name}'")
+            elif node.op in PASS + PICK and node.inputs[0] is tensor or node.op == "Concat":
+                stack.append(node.outputs[0])
+            else:
+                raise NotApplicable(f"{where}, and {node.op} '{node.name}' computes with it: widening it cannot "
+                                    "preserve the function")
+
+
+def grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
+    """The channel entry of a target computed at run time (see the module docstring)."""
+    node = v.node
+    target = node.inputs[1]
+    values = entries(a, target)
+    length = len(values) if values is not None else (a.shape(target) or (None,))[0]
+    if length is not None and a.rank(node.outputs[0]):
+        position -= a.rank(node.outputs[0]) - length  # an Expand's target may be shorter than its output's rank
+    if values is not None and 0 <= position < len(values):
+        entry = values[position]
+        if isinstance(entry, tuple):  # a size read with Shape: it grows with its tensor, if that tensor grows
+            _check_growth(a, node, position, entry, f"its target reads the size of '{entry[0]}' for the channels")
+            return
+        if entry == -1 or entry == 1 and node.op == "Expand":
+            return
+    concat = target.inputs[0] if target.inputs else None
+    if concat is None or concat.op != "Concat":
+        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
+    start = 0
+    for k, piece in enumerate(concat.inputs):
+        piece_values = constant_ints(concat, k)
+        size = len(piece_values) if piece_values is not None else (a.shape(piece) or (None,))[0]
+        if size is None or start + size > position:
+            if piece_values is None or size is None:
+                break
+            entry = piece_values[position - start]
+            if entry == -1 or entry == 1 and node.op == "Expand":
+                return
+            if entry == 0 and not int(node.attrs.get("allowzero", 0)):
+                break
+            _grow_piece(a, v, concat, k, position - start, out_axis, delta)
+            return
+        start += size
+    raise NotApplicable(f"{v.where}: the channel count in its computed target shape cannot be resized")
+
+
+def _grow_piece(a: Analysis, v: Visit, concat: gs.Node, k: int, at: int, out_axis: int, delta: int | None) -> None:
+    """Constant piece `k` of `concat` grows at `at` for this target; a Concat other nodes read too is copied for it."""
+    a.add_fix(ShapeFix(concat.name, k, at, v.node.outputs[0].name, out_axis, delta, reader=v.node.name))
+
+
+# ---------------------------------------------------------------------------- sizes equal by construction
+
+# ops whose output has their first input's shape (a unary op, a norm over the last axes)
+SAME_SHAPE = ("Cast", "Identity", "Dropout", "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Exp", "Softmax",
+              "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "LogSoftmax", "Abs")
+BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where")
+# distinct primes standing for sizes that are unknown but equal on both sides of a reshape (TIES), and for the
+# dynamic sizes of the inputs (INPUT_SIZES): a mapping found with them holds whatever the sizes are, as no
+# product of the other sizes can equal one of them
+TIES = (100003, 100019, 100043, 100049, 100057, 100069, 100103, 100109)
+INPUT_SIZES = (100129, 100151, 100153, 100169, 100183, 100189)
+
+
+def dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
+    """The (tensor, axis) whose size `tensor`'s `axis` has by construction (through same-shape ops, splits and
+    slices of other axes, transposes, products' batch axes, reshapes that copy a size), to compare sizes that
+    shape inference leaves unknown."""
+    key = ("root", tensor.name, axis)
+    if key not in a.memo:
+        a.memo[key] = (tensor.name, axis)
+        a.memo[key] = _dim_root(a, tensor, axis)
+    return a.memo[key]  # type: ignore[return-value]
+
+
+def _dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
+    for _ in range(10_000):
+        node = tensor.inputs[0] if tensor.inputs else None
+        rank = a.rank(tensor)
+        if node is None or rank is None or not node.inputs:
+            break
+        axis %= rank
+        up = _dim_source(a, node, tensor, axis, rank)
+        if up is None:
+            break
+        tensor, axis = up
+    return tensor.name, axis
+
+
+def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int, rank: int) -> tuple[gs.Tensor, int] | None:
+    first = node.inputs[0]
+    same_rank = a.rank(first) == rank
+    if node.op in SAME_SHAPE and same_rank or node.op == "Concat" and int(node.attrs.get("axis", 0)) % rank != axis:
+        return first, axis
+    if node.op in ("Split", "Slice") and same_rank:
+        cut = constant_ints(node, 3, "axes") if node.op == "Slice" else [int(node.attrs.get("axis", 0))]
+        return (first, axis) if cut is not None and axis not in [c % rank for c in cut] else None
+    if node.op == "Transpose" and "perm" in node.attrs:
+        return first, int(node.attrs["perm"][axis])
+    if node.op in ("MatMul", "Gemm") and same_rank and axis < rank - 1 and not int(node.attrs.get("transA", 0)):
+        return (first, axis) if isinstance(node.inputs[1], gs.Constant) else None
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and isinstance(first, gs.Constant):
+        indices = a.rank(node.inputs[1]) or 0
+        return (node.inputs[1], axis) if axis < indices else None  # an embedding: [ids..., C]
+    if node.op == "Reshape":
+        values = entries(a, node.inputs[1])
+        entry = values[axis] if values is not None and axis < len(values) else None
+        if isinstance(entry, tuple):
+            return a.tensors[entry[0]], entry[1]
+        if entry == 0 and not int(node.attrs.get("allowzero", 0)) and same_rank:
+            return first, axis
+        return None
+    if node.op in BROADCAST:
+        # the output's size is the inputs' common one: exact when every varying input has it by construction
+        roots = {dim_root(a, t, axis - rank + len(a.shape(t) or ())) for t in node.inputs
+                 if not isinstance(t, gs.Constant) and (a.rank(t) or 0) == rank}
+        wide = all(isinstance(t, gs.Constant) and (t.values.ndim < rank - axis or t.values.shape[axis - rank] == 1)
+                   or (a.rank(t) or 0) == rank for t in node.inputs)
+        if len(roots) == 1 and wide:
+            name, root_axis = roots.pop()
+            return a.tensors[name], root_axis
+    return None
+
+
+def refine_reshape(a: Analysis, node: gs.Node, src: tuple, dst: tuple, backward: bool) -> tuple[tuple, tuple]:
+    """The shapes around a Reshape with what its computed target says: leading sizes it copies from its input
+    (unknown, but equal) become the same generic number on both sides, and one unknown size left (a -1) follows
+    from the element count. (src, dst) as the traversal sees them; unchanged when nothing is learnt."""
+    if node.op != "Reshape" or None not in src + dst or len(node.inputs) < 2:
+        return src, dst
+    values = entries(a, node.inputs[1])
+    ins, outs = (list(dst), list(src)) if backward else (list(src), list(dst))
+    if values is None or len(values) != len(outs):
+        return src, dst
+    roots = [dim_root(a, node.inputs[0], j) for j in range(len(ins))]
+    ties = iter(TIES)
+    for p, entry in enumerate(values):
+        j = p if entry == 0 and not int(node.attrs.get("allowzero", 0)) and p < len(ins) else None
+        if isinstance(entry, tuple):
+            root = dim_root(a, a.tensors[entry[0]], entry[1])
+            j = roots.index(root) if roots.count(root) == 1 else None
+        if j is None or ins[j] is not None and outs[p] is not None:
+            continue
+        known = ins[j] if ins[j] is not None else outs[p]
+        ins[j] = outs[p] = known if known is not None else next(ties, None)
+    _one_unknown(ins, outs)
+    return (tuple(outs), tuple(ins)) if backward else (tuple(ins), tuple(outs))
+
+
+def generic_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Inferred shapes with every dynamic input size but the batch (taken as 1, as `graph.infer_shapes` does) set
+    to a generic number, one per size name: the sizes that shape inference leaves unknown after a reshape whose
+    target is computed from `Shape` (sequence lengths, head counts) become known, and a channel mapping found with
+    them holds whatever the sizes are (INPUT_SIZES)."""
+    probe = skeleton(model)
+    names: dict[str, int] = {}
+    for info in probe.graph.input:
+        for k, dim in enumerate(info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") or k == 0:
+                continue
+            key = dim.dim_param or f"{info.name}:{k}"
+            if key not in names and len(names) < len(INPUT_SIZES):
+                names[key] = INPUT_SIZES[len(names)]
+            if key in names:
+                dim.dim_value = names[key]
+    return mgraph.infer_shapes(probe)
+
+
+def _one_unknown(ins: list, outs: list) -> None:
+    """A reshape keeps the element count: one unknown size follows from the others; one unknown on each side (a
+    head count that a -1 copies) gets a generic number and its multiple."""
+    missing = [[p for p, d in enumerate(shape) if d is None] for shape in (ins, outs)]
+    known = [math.prod(d for d in shape if d is not None) for shape in (ins, outs)]
+    if not known[0] or not known[1] or sum(map(len, missing)) > 2 or any(len(m) > 1 for m in missing):
+        return
+    if not missing[0] and missing[1] and not known[0] % known[1]:
+        outs[missing[1][0]] = known[0] // known[1]
+    elif not missing[1] and missing[0] and not known[1] % known[0]:
+        ins[missing[0][0]] = known[1] // known[0]
+    elif missing[0] and missing[1]:
+        small, large = sorted(known)
+        if large % small == 0:
+            ratio = large // small
+            ins[missing[0][0]] = TIES[-1] * (ratio if known[0] == small else 1)
+            outs[missing[1][0]] = TIES[-1] * (ratio if known[1] == small else 1)
+
+
+def fallback_shape(a: Analysis, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
+    """The shape of an Expand (from its target's entries), a broadcast or a cast that inference left unknown: enough
+    to see which sizes are 1 (an attention mask broadcast over the heads)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or tensor is not node.outputs[0]:
+        return None
+    key = ("fallback", tensor.name)
+    if key in a.memo:
+        return a.memo[key]  # type: ignore[return-value]
+    a.memo[key] = None
+    shapes = [a.shape(t) if t.name else () for t in node.inputs]
+    found = None
+    if node.op == "Expand" and shapes[0] is not None:
+        target = entries(a, node.inputs[1])
+        if target is not None:
+            sizes = [(a.shape(a.tensors[e[0]]) or (None,) * (e[1] + 1))[e[1]] if isinstance(e, tuple) else e
+                     for e in target]
+            found = _broadcast([shapes[0], tuple(None if s is not None and s < 0 else s for s in sizes)])
+    elif node.op in BROADCAST + ("And", "Or", "Equal", "Less", "Greater") and all(s is not None for s in shapes):
+        found = _broadcast(shapes)  # type: ignore[arg-type]
+    elif node.op in ("Cast", "Not", "Neg", "Identity", "IsNaN") and shapes and shapes[0] is not None:
+        found = shapes[0]
+    a.memo[key] = found
+    return found
+
+
+def _broadcast(shapes: list[tuple]) -> tuple[int | None, ...]:
+    """Numpy broadcasting of shapes with unknown sizes: 1 only where every operand has 1 (or lacks the axis)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        sizes = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0}
+        big = sizes - {1, None}
+        out.append(big.pop() if len(big) == 1 else (1 if sizes == {1} else None))
+    return tuple(out)
