@@ -208,8 +208,11 @@ def _grow_piece(a: Analysis, v: Visit, concat: gs.Node, k: int, at: int, out_axi
 
 # ops whose output has their first input's shape (a unary op, a norm over the last axes)
 SAME_SHAPE = ("Cast", "Identity", "Dropout", "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Exp", "Softmax",
-              "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "LogSoftmax", "Abs")
-BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where")
+              "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "LogSoftmax", "Abs", "IsNaN",
+              "Not", "Reciprocal", "Sin", "Cos")
+BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Max", "Min", "Equal", "Less", "Greater",
+             "LessOrEqual", "GreaterOrEqual")
+ONE = ("=1", -1)  # a size 1 by construction (an axis Unsqueeze inserts)
 # distinct primes standing for sizes that are unknown but equal on both sides of a reshape (TIES), and for the
 # dynamic sizes of the inputs (INPUT_SIZES): a mapping found with them holds whatever the sizes are, as no
 # product of the other sizes can equal one of them
@@ -231,18 +234,26 @@ def dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
 def _dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
     for _ in range(10_000):
         node = tensor.inputs[0] if tensor.inputs else None
-        rank = a.rank(tensor)
+        rank = a.rank(tensor) or (axis + 1 if axis >= 0 and node is not None and node.op == "Range" else None)
         if node is None or rank is None or not node.inputs:
             break
         axis %= rank
         up = _dim_source(a, node, tensor, axis, rank)
         if up is None:
             break
+        if isinstance(up[0], str):
+            return up  # type: ignore[return-value]  # a root found already (a broadcast's operands)
         tensor, axis = up
+    named = tensor.shape[axis] if not tensor.inputs and tensor.shape and 0 <= axis < len(tensor.shape) else None
+    if axis == 0 and tensor.name in a.inputs and not isinstance(named, int):
+        return "=batch", -1  # the inputs' dynamic axis 0 is the batch, one size (as graph.infer_shapes takes it)
+    if isinstance(named, str) and named:
+        return f"={named}", -1  # graph inputs' sizes with one name (sequence) are the same size
     return tensor.name, axis
 
 
-def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int, rank: int) -> tuple[gs.Tensor, int] | None:
+def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int,
+                rank: int) -> tuple[gs.Tensor | str, int] | None:
     first = node.inputs[0]
     same_rank = a.rank(first) == rank
     if node.op in SAME_SHAPE and same_rank or node.op == "Concat" and int(node.attrs.get("axis", 0)) % rank != axis:
@@ -252,8 +263,10 @@ def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int, rank: 
         return (first, axis) if cut is not None and axis not in [c % rank for c in cut] else None
     if node.op == "Transpose" and "perm" in node.attrs:
         return first, int(node.attrs["perm"][axis])
-    if node.op in ("MatMul", "Gemm") and same_rank and axis < rank - 1 and not int(node.attrs.get("transA", 0)):
-        return (first, axis) if isinstance(node.inputs[1], gs.Constant) else None
+    if node.op == "Gemm" and axis == 0 and not int(node.attrs.get("transA", 0)):
+        return first, 0
+    if node.op == "MatMul" and rank >= 2:
+        return _matmul_dim(a, node, axis, rank)
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and isinstance(first, gs.Constant):
         indices = a.rank(node.inputs[1]) or 0
         return (node.inputs[1], axis) if axis < indices else None  # an embedding: [ids..., C]
@@ -266,15 +279,64 @@ def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int, rank: 
             return first, axis
         return None
     if node.op in BROADCAST:
-        # the output's size is the inputs' common one: exact when every varying input has it by construction
-        roots = {dim_root(a, t, axis - rank + len(a.shape(t) or ())) for t in node.inputs
-                 if not isinstance(t, gs.Constant) and (a.rank(t) or 0) == rank}
-        wide = all(isinstance(t, gs.Constant) and (t.values.ndim < rank - axis or t.values.shape[axis - rank] == 1)
-                   or (a.rank(t) or 0) == rank for t in node.inputs)
-        if len(roots) == 1 and wide:
-            name, root_axis = roots.pop()
-            return a.tensors[name], root_axis
+        return _common_root(a, list(node.inputs), axis, rank)
+    return _dim_source_more(a, node, axis, rank)
+
+
+def _dim_source_more(a: Analysis, node: gs.Node, axis: int, rank: int) -> tuple[gs.Tensor | str, int] | None:
+    """The ops that build index tensors and masks: Unsqueeze, Squeeze, Expand, Range, GatherND."""
+    first = node.inputs[0]
+    if node.op in ("Unsqueeze", "Squeeze"):
+        axes = constant_ints(node, 1, "axes")
+        unsqueeze = node.op == "Unsqueeze"
+        if axes is None:
+            return None
+        axes = sorted(x % (rank if unsqueeze else (a.rank(first) or 0) or 1) for x in axes)
+        if unsqueeze:
+            return ONE if axis in axes else (first, axis - sum(x < axis for x in axes))
+        j = axis
+        for x in axes:
+            j += x <= j
+        return first, j
+    if node.op == "Expand":
+        target = entries(a, node.inputs[1])
+        j = axis - rank + (a.rank(first) or 0)
+        if target is None or axis - rank + len(target) < 0:
+            return (first, j) if j >= 0 else None
+        entry = target[axis - rank + len(target)]
+        roots = {dim_root(a, first, j)} if j >= 0 else set()
+        roots.add(dim_root(a, a.tensors[entry[0]], entry[1]) if isinstance(entry, tuple) else
+                  (ONE if entry in (1, -1) else (f"={entry}", -1)))
+        roots = {r for r in roots if not _is_one(a, r)} or roots
+        return roots.pop() if len(roots) == 1 else None
+    if node.op == "Range":
+        start, limit, delta = (entries(a, t) for t in node.inputs[:3])
+        if start == [0] and delta == [1] and limit is not None and isinstance(limit[0], tuple):
+            return dim_root(a, a.tensors[limit[0][0]], limit[0][1])
+        return None
+    if node.op == "GatherND" and not int(node.attrs.get("batch_dims", 0)):
+        return (node.inputs[1], axis) if axis < (a.rank(node.inputs[1]) or 0) - 1 else None
     return None
+
+
+def _common_root(a: Analysis, operands: list[gs.Tensor], axis: int, rank: int) -> tuple[str, int] | None:
+    """A broadcast's size on `axis`: the operands' common one, when every varying operand has it by construction."""
+    roots = {dim_root(a, t, axis - rank + len(a.shape(t) or ())) for t in operands
+             if not isinstance(t, gs.Constant) and (a.rank(t) or 0) == rank}
+    roots = {r for r in roots if not _is_one(a, r)} or roots  # a size 1 by construction broadcasts
+    wide = all(isinstance(t, gs.Constant) and (t.values.ndim < rank - axis or t.values.shape[axis - rank] == 1)
+               or (a.rank(t) or 0) == rank for t in operands)
+    return roots.pop() if len(roots) == 1 and wide else None
+
+
+def _matmul_dim(a: Analysis, node: gs.Node, axis: int, rank: int) -> tuple[gs.Tensor | str, int] | None:
+    """A product's rows come from its first operand, its columns from its second, its batch axes from both."""
+    left, right = node.inputs[0], node.inputs[1]
+    if axis == rank - 1:
+        return right, -1
+    if axis == rank - 2:
+        return (left, -2) if (a.rank(left) or 0) >= 2 else None
+    return _common_root(a, [left, right], axis, rank)
 
 
 def refine_reshape(a: Analysis, node: gs.Node, src: tuple, dst: tuple, backward: bool) -> tuple[tuple, tuple]:
@@ -375,3 +437,11 @@ def _broadcast(shapes: list[tuple]) -> tuple[int | None, ...]:
         big = sizes - {1, None}
         out.append(big.pop() if len(big) == 1 else (1 if sizes == {1} else None))
     return tuple(out)
+
+
+def _is_one(a: Analysis, root: tuple[str, int]) -> bool:
+    """Whether a size root is a constant's axis of size 1 (a position table's batch axis)."""
+    tensor = a.tensors.get(root[0])
+    if root == ONE:
+        return True
+    return isinstance(tensor, gs.Constant) and 0 <= root[1] < tensor.values.ndim and tensor.values.shape[root[1]] == 1
