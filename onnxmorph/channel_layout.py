@@ -411,9 +411,13 @@ def slice_(a: Analysis, v: Visit) -> None:
     starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
     if v.tensor is not node.inputs[0] and v.tensor is not node.outputs[0]:
         raise NotApplicable(f"{v.where}: the channels reach its parameter '{v.tensor.name}'")
+    given = constant_ints(node, 3, "axes")
+    if rank is not None and given is not None and slot.axis not in [x % rank for x in given]:
+        a.through(v)  # other axes sliced (a rotary half of each head): what it keeps does not matter here
+        return
     if starts is None or ends is None or rank is None:
         raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
-    axes = [x % rank for x in (constant_ints(node, 3, "axes") or range(len(starts)))]
+    axes = [x % rank for x in (given or range(len(starts)))]
     steps = constant_ints(node, 4) or [1] * len(axes)
     if slot.axis not in axes:
         a.through(v)

@@ -18,6 +18,7 @@ assemble the pieces. Then:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -27,7 +28,21 @@ from onnxmorph.channels import Analysis, ShapeFix, Visit, constant_ints, ints, r
 from onnxmorph.errors import NotApplicable
 from onnxmorph.io import skeleton
 
-Entry = "int | tuple[str, int]"
+
+@dataclass(frozen=True)
+class Scaled:
+    """An entry that is a size read with Shape times a constant (grouped-query attention's kv_heads * n_rep)."""
+
+    name: str
+    axis: int
+    factor: int
+
+
+def _size_of(entry: object) -> tuple[str, int, int] | None:
+    """(tensor, axis, factor) of an entry that is a size read with Shape (factor 1) or a multiple of one."""
+    if isinstance(entry, tuple):
+        return entry[0], entry[1], 1
+    return (entry.name, entry.axis, entry.factor) if isinstance(entry, Scaled) else None
 INT64_MAX = 2 ** 63 - 1
 PASS = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")  # 0-d/1-d shape tensors: entries unchanged
 PICK = ("Gather", "Slice", "Concat")
@@ -108,18 +123,26 @@ def _computed_entries(a: Analysis, node: gs.Node) -> list | None:
             chosen.append(u if t == c else t)
         return chosen
     width = max(len(p) for p in parts)  # type: ignore[arg-type]
-    if node.op == "Where" or any(len(p) not in (1, width) for p in parts) or any(  # type: ignore[arg-type]
-            isinstance(e, tuple) for p in parts for e in p):  # type: ignore[union-attr]
+    if node.op == "Where" or len(parts) != 2 or any(len(p) not in (1, width) for p in parts):  # type: ignore[arg-type]
         return None
-    columns = [[p[i if len(p) > 1 else 0] for p in parts] for i in range(width)]  # type: ignore[index]
-    apply = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y, "Sub": lambda x, y: x - y}[node.op]
-    return [apply(*column) for column in columns]
+    out = []
+    for i in range(width):
+        x, y = (p[i if len(p) > 1 else 0] for p in parts)  # type: ignore[index]
+        if isinstance(x, int) and isinstance(y, int):
+            out.append({"Mul": x * y, "Add": x + y, "Sub": x - y}[node.op])
+            continue
+        size, factor = (_size_of(x), y) if isinstance(y, int) else (_size_of(y), x)
+        if node.op != "Mul" or size is None or not isinstance(factor, int) or factor < 1:
+            return None
+        out.append(Scaled(size[0], size[1], size[2] * factor))  # a size times a constant
+    return out
 
 
-def _check_growth(a: Analysis, node: gs.Node, position: int, grows: tuple[str, int], why: str) -> None:
-    """When the analysis ends: the target entry `position` of `node` grows as `grows` (tensor, axis) does, which
-    must be what its output grows by on that axis."""
-    key = ("check", node.name, position, grows)
+def _check_growth(a: Analysis, node: gs.Node, position: int, grows: tuple[str, int], why: str,
+                  factor: int = 1) -> None:
+    """When the analysis ends: the target entry `position` of `node` grows as `grows` (tensor, axis) does, times
+    `factor`, which must be what its output grows by on that axis."""
+    key = ("check", node.name, position, grows, factor)
     if key in a.memo:
         return
     a.memo[key] = True
@@ -129,7 +152,7 @@ def _check_growth(a: Analysis, node: gs.Node, position: int, grows: tuple[str, i
     axis = position + a.rank(out) - length if length is not None and a.rank(out) else position
 
     def check() -> None:
-        need, got = a.result.added(out.name, axis), a.result.added(*grows)
+        need, got = a.result.added(out.name, axis), a.result.added(*grows) * factor
         if need != got:
             raise NotApplicable(f"{node.op} '{node.name}': {why}, which grows by {got} where its output grows by "
                                 f"{need}: cannot preserve the function")
@@ -145,7 +168,7 @@ def shape(a: Analysis, v: Visit) -> None:
     while stack:
         tensor = stack.pop()
         values = entries(a, tensor)
-        if values is not None and read not in values or tensor.name in seen:
+        if values is not None and not any((_size_of(e) or ())[:2] == read for e in values) or tensor.name in seen:
             continue  # this piece of the shape does not hold the channel count
         seen.add(tensor.name)
         if values is None or tensor.name in a.outputs:
@@ -154,9 +177,15 @@ def shape(a: Analysis, v: Visit) -> None:
         for node in tensor.outputs:
             if node.op in ("Reshape", "Expand") and len(node.inputs) > 1 and node.inputs[1] is tensor:
                 for position, entry in enumerate(values):
-                    if entry == read:
-                        _check_growth(a, node, position, read, f"its target reads the size of '{v.tensor.name}'")
-            elif node.op in PASS + PICK and node.inputs[0] is tensor or node.op == "Concat":
+                    size = _size_of(entry)
+                    if size is not None and size[:2] == read:
+                        _check_growth(a, node, position, read, f"its target reads the size of '{v.tensor.name}'",
+                                      size[2])
+            elif node.op in ("Shape", "Size") or node.op == "Equal" and all(
+                    n.op == "Where" and n.inputs[2] is tensor for n in node.outputs[0].outputs):
+                continue  # the length of a shape tensor; the test of Where(t == c, u, t), followed through t
+            elif node.op in PASS + PICK and node.inputs[0] is tensor or node.op == "Concat" or (
+                    node.op in ("Mul", "Where") and entries(a, node.outputs[0]) is not None):
                 stack.append(node.outputs[0])
             else:
                 raise NotApplicable(f"{where}, and {node.op} '{node.name}' computes with it: widening it cannot "
@@ -173,8 +202,10 @@ def grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, de
         position -= a.rank(node.outputs[0]) - length  # an Expand's target may be shorter than its output's rank
     if values is not None and 0 <= position < len(values):
         entry = values[position]
-        if isinstance(entry, tuple):  # a size read with Shape: it grows with its tensor, if that tensor grows
-            _check_growth(a, node, position, entry, f"its target reads the size of '{entry[0]}' for the channels")
+        size = _size_of(entry)
+        if size is not None:  # a size read with Shape: it grows with its tensor, if that tensor grows
+            _check_growth(a, node, position, size[:2], f"its target reads the size of '{size[0]}' for the channels",
+                          size[2])
             return
         if entry == -1 or entry == 1 and node.op == "Expand":
             return
@@ -314,19 +345,33 @@ def _dim_source_more(a: Analysis, node: gs.Node, axis: int, rank: int) -> tuple[
         if start == [0] and delta == [1] and limit is not None and isinstance(limit[0], tuple):
             return dim_root(a, a.tensors[limit[0][0]], limit[0][1])
         return None
+    if node.op.startswith("Reduce") and int(node.attrs.get("keepdims", 1)) and (a.rank(first) or 0) == rank:
+        axes = constant_ints(node, 1, None if len(node.inputs) > 1 else "axes")
+        if axes is None and not int(node.attrs.get("noop_with_empty_axes", 0)):
+            axes = list(range(rank))
+        return None if axes is None else ONE if axis in [x % rank for x in axes] else (first, axis)
     if node.op == "GatherND" and not int(node.attrs.get("batch_dims", 0)):
         return (node.inputs[1], axis) if axis < (a.rank(node.inputs[1]) or 0) - 1 else None
     return None
 
 
 def _common_root(a: Analysis, operands: list[gs.Tensor], axis: int, rank: int) -> tuple[str, int] | None:
-    """A broadcast's size on `axis`: the operands' common one, when every varying operand has it by construction."""
-    roots = {dim_root(a, t, axis - rank + len(a.shape(t) or ())) for t in operands
-             if not isinstance(t, gs.Constant) and (a.rank(t) or 0) == rank}
+    """A broadcast's size on `axis`: the operands' common one, when every operand that is not 1 there by
+    construction has it (operands without the axis broadcast)."""
+    roots = set()
+    for t in operands:
+        shape = a.shape(t) if t.name else ()
+        if shape is None:
+            return None
+        j = axis - rank + len(shape)
+        if j < 0:
+            continue
+        if isinstance(t, gs.Constant):
+            roots.add(ONE if shape[j] == 1 else (f"={shape[j]}", -1))
+        else:
+            roots.add(dim_root(a, t, j))
     roots = {r for r in roots if not _is_one(a, r)} or roots  # a size 1 by construction broadcasts
-    wide = all(isinstance(t, gs.Constant) and (t.values.ndim < rank - axis or t.values.shape[axis - rank] == 1)
-               or (a.rank(t) or 0) == rank for t in operands)
-    return roots.pop() if len(roots) == 1 and wide else None
+    return roots.pop() if len(roots) == 1 else None
 
 
 def _matmul_dim(a: Analysis, node: gs.Node, axis: int, rank: int) -> tuple[gs.Tensor | str, int] | None:
@@ -417,8 +462,7 @@ def fallback_shape(a: Analysis, tensor: gs.Tensor) -> tuple[int | None, ...] | N
     if node.op == "Expand" and shapes[0] is not None:
         target = entries(a, node.inputs[1])
         if target is not None:
-            sizes = [(a.shape(a.tensors[e[0]]) or (None,) * (e[1] + 1))[e[1]] if isinstance(e, tuple) else e
-                     for e in target]
+            sizes = [_entry_size(a, e) for e in target]
             found = _broadcast([shapes[0], tuple(None if s is not None and s < 0 else s for s in sizes)])
     elif node.op in BROADCAST + ("And", "Or", "Equal", "Less", "Greater") and all(s is not None for s in shapes):
         found = _broadcast(shapes)  # type: ignore[arg-type]
@@ -445,3 +489,11 @@ def _is_one(a: Analysis, root: tuple[str, int]) -> bool:
     if root == ONE:
         return True
     return isinstance(tensor, gs.Constant) and 0 <= root[1] < tensor.values.ndim and tensor.values.shape[root[1]] == 1
+
+
+def _entry_size(a: Analysis, entry: object) -> int | None:
+    size = _size_of(entry)
+    if size is None:
+        return entry  # type: ignore[return-value]
+    dims = a.shape(a.tensors[size[0]]) or ()
+    return dims[size[1]] * size[2] if -len(dims) <= size[1] < len(dims) and dims[size[1]] is not None else None
