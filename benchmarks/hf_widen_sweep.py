@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 METHODS = ("net2net", "lemon", "netmorph")
 KINDS = ("bert", "gpt2", "llama", "vit", "wav2vec2")
 REACHES_OUTPUT = re.compile(r"graph output '.*' exposes the channels")
-WHOLE = re.compile(r"a multiple of (\d+)")
+WHOLE = re.compile(r"whole blocks \(a multiple of (\d+)\)")  # heads of d channels: the width rounds up
 
 
 def candidate_layers(path: Path) -> list[tuple[str, int]]:

@@ -27,7 +27,8 @@ MEAN_NORMS = ("LayerNormalization", "SkipLayerNormalization")
 RMS_NORMS = ("RMSNormalization", "SkipSimplifiedLayerNormalization")
 # ops that keep "a new channel is the mean of the old ones": linear and channel-blind
 MEAN_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-            "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "MatMul", "Gemm", "Conv", *MEAN_NORMS}
+            "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "MatMul", "Gemm", "Conv", "Shape",
+            *MEAN_NORMS}  # Shape reads only the size (what it shapes is checked by its rule)
 
 
 @dataclass
@@ -113,6 +114,8 @@ def _read_by_layers_only(tensor: gs.Tensor) -> bool:
         for node in stack.pop().outputs:
             if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"):
                 stack.append(node.outputs[0])
+            elif node.op == "Shape":
+                continue  # reads the size only (what it shapes is checked by the Shape rule)
             elif node.op not in channels.LAYERS:
                 return False
     return True
