@@ -159,7 +159,7 @@ def _check_growth(a: Analysis, node: gs.Node, position: int, grows: tuple[str, i
     a.checks.append(check)
 
 
-@rule("Shape", keeps_zero=False)
+@rule("Shape")  # no channels come out of it: nothing for a zero channel to become
 def shape(a: Analysis, v: Visit) -> None:
     """A size read from a widened tensor: exact when its channel entry only ends in targets that grow as much."""
     read = (v.tensor.name, v.slot.axis)
