@@ -282,8 +282,14 @@ def shuffle(a: Analysis, v: Visit) -> None:
     if pattern is None or slot.block != 1:
         d_shape = a.shape(node.outputs[0]) or ()
         if len(d_shape) > ax + 1 and d_shape[ax + 1] and len(d_shape) == (a.rank(v.tensor) or 0) + 1:
-            raise NotApplicable(f"{where} into blocks of {d_shape[ax + 1]} (attention heads, say): the new channels "
-                                f"must be whole blocks (a multiple of {d_shape[ax + 1]})")
+            block = d_shape[ax + 1]
+            if slot.block == 1 and all(at % block == 0 and c % block == 0 for at, c in insert_positions(
+                    a.space(slot.space), slot)):
+                raise NotApplicable(f"{where} into blocks of {block} (attention heads, say), but its target's other "
+                                    "sizes are computed at run time by arithmetic the analysis cannot match with the "
+                                    "tensor's: cannot tell where the new heads go")
+            raise NotApplicable(f"{where} into blocks of {block} (attention heads, say): the new channels "
+                                f"must be whole blocks (a multiple of {block})")
         raise NotApplicable(f"{where} (e.g. a channel shuffle)")
     _transpose, back, g, n = pattern
     space = a.space(slot.space)

@@ -437,6 +437,9 @@ def conv_consumer(a: Analysis, v: Visit, wshape: tuple[int, ...]) -> None:
             a.result.consumers.append(Consumer(node.name, node.op, slot, 1, slot.offset, slot.block))
             return
     if all(at % per_in == 0 and c % per_in == 0 for at, c in positions):
+        spread = _spread(slot, space.old * slot.block, groups, per_in, space.added * slot.block)
+        if slot.space == 0 and spread and a.result.for_copies is None:
+            a.result.for_copies = tuple(spread)
         new_groups(a, v, wshape, positions, per_in)
         return
     added = space.added * slot.block

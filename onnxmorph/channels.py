@@ -180,6 +180,9 @@ class Coupling:
     touched: list[str] = field(default_factory=list)
     # tensors whose shape changes although no slot names them (inside a channel shuffle)
     stale: list[str] = field(default_factory=list)
+    # a placement of the new channels that copies can use where this one gives a grouped conv new groups
+    # (every group then grows by copies of its own channels)
+    for_copies: tuple[tuple[int, int], ...] | None = None
 
     def added(self, tensor: str, axis: int) -> int:
         """How many entries `tensor`'s `axis` gains."""

@@ -110,6 +110,9 @@ class WidenPass(MorphPass):
         if self.noise and self.method != "net2net":
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
         coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
+        if self.method != "netmorph" and coupling.for_copies and any(s.kind == "groups" for s in coupling.spaces):
+            inserts = coupling.for_copies  # copies need each group of a grouped reader to grow by its own channels
+            coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
         _check_types(view, coupling)
         average = self._check_tiling(view, coupling, old) if coupling.uniform else None
         modes: dict[int, str] = {}
