@@ -107,6 +107,25 @@ def test_a_computed_target_shared_with_a_layer_that_does_not_grow_is_copied() ->
         assert len(targets) == 2  # r1 reads its own copy of the target, r2 the original
 
 
+def test_a_grouped_conv_reading_the_stream_grows_its_groups_by_copies() -> None:
+    # wav2vec2's positional conv: a grouped conv over the stream, added back to it before a LayerNorm. Copies
+    # (tiling) need each group to grow by copies of its own channels, not new groups that copy nothing.
+    body = """h = MatMul(x, w1)
+    t = Transpose<perm=[0,2,1]>(h)
+    c = Conv<group=2, pads=[1,1], kernel_shape=[3]>(t, wc, bc)
+    g = Relu(c)
+    r = Transpose<perm=[0,2,1]>(g)
+    s = Add(h, r)
+    n = LayerNormalization<axis=-1>(s, gamma, beta)
+    y = MatMul(n, w2)"""
+    model = _model(body, {"w1": (4, 8), "wc": (8, 4, 3), "bc": (8,), "gamma": (8,), "beta": (8,), "w2": (8, 3)},
+                   {}, "float[B, 5, 4]", "float[B, 5, 3]")
+    for method in ("net2net", "lemon"):
+        child = _widen(model, "h", 16, method)
+        conv = next(n for n in child.graph.node if n.op_type == "Conv")
+        assert [a.i for a in conv.attribute if a.name == "group"] == [2]
+
+
 def _layer(path: Path, suffix: str) -> str:
     names = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
              if n.op_type in ("MatMul", "Gemm") and n.name.endswith(suffix)]
