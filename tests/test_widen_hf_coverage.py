@@ -166,12 +166,16 @@ def _sweep_module():  # noqa: ANN202
 # (kind, dynamo) -> layers verified at 1.5x and at 2x, and the layers counted (whose channels do not reach a
 # graph output), as measured with tests/hf_support.py's models (transformers 5, torch 2.x).
 EXPECTED = {
-    ("bert", True): (13, 13, 13), ("bert", False): (13, 13, 13),
+    ("bert", True): (8, 13, 13), ("bert", False): (8, 13, 13),  # 1.5x: post-norm (below)
     ("gpt2", True): (8, 8, 8), ("gpt2", False): (8, 8, 8),
     ("llama", True): (14, 14, 14), ("llama", False): (14, 14, 14),
     ("vit", True): (12, 12, 12), ("vit", False): (12, 12, 12),
-    ("wav2vec2", True): (2, 2, 13), ("wav2vec2", False): (8, 8, 13),
+    ("wav2vec2", True): (2, 7, 13), ("wav2vec2", False): (8, 13, 13),  # 1.5x: GELU after the positional conv
 }
+# Refused, with the reason: BERT's and wav2vec2's residual writers at 1.5x (BERT is post-norm, so the stream is a
+# LayerNorm's output whose extra channels would not stay the mean; wav2vec2's positional conv passes a GELU, and
+# GELU of a mean is not the mean of GELUs); wav2vec2's dynamo heads (the sequence length in the head-split
+# targets is computed with floor divisions the analysis does not match with the stream's length).
 
 
 @pytest.mark.slow
