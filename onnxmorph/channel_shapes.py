@@ -255,32 +255,41 @@ def dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
     """The (tensor, axis) whose size `tensor`'s `axis` has by construction (through same-shape ops, splits and
     slices of other axes, transposes, products' batch axes, reshapes that copy a size), to compare sizes that
     shape inference leaves unknown."""
-    key = ("root", tensor.name, axis)
+    prepare(a)
+    rank = a.rank(tensor)
+    key = ("root", tensor.name, axis % rank if rank else axis)
     if key not in a.memo:
         a.memo[key] = (tensor.name, axis)
         a.memo[key] = _dim_root(a, tensor, axis)
     return a.memo[key]  # type: ignore[return-value]
 
 
+def prepare(a: Analysis) -> None:
+    """Every tensor's fallback shape and size roots, in graph order: each then takes one step to the memoised
+    answer of its inputs, so a deep model's long stream costs no deep recursion."""
+    if a.memo.get("prepared"):
+        return
+    a.memo["prepared"] = True
+    for node in a.graph.nodes:  # topologically sorted, as ONNX requires
+        for out in node.outputs:
+            for axis in range(len(a.shape(out) or ())):
+                dim_root(a, out, axis)
+
+
 def _dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
-    for _ in range(10_000):
-        node = tensor.inputs[0] if tensor.inputs else None
-        rank = a.rank(tensor) or (axis + 1 if axis >= 0 and node is not None and node.op == "Range" else None)
-        if node is None or rank is None or not node.inputs:
-            break
-        axis %= rank
-        up = _dim_source(a, node, tensor, axis, rank)
-        if up is None:
-            break
-        if isinstance(up[0], str):
-            return up  # type: ignore[return-value]  # a root found already (a broadcast's operands)
-        tensor, axis = up
+    node = tensor.inputs[0] if tensor.inputs else None
+    rank = a.rank(tensor) or (axis + 1 if axis >= 0 and node is not None and node.op == "Range" else None)
+    if node is not None and rank is not None and node.inputs:
+        up = _dim_source(a, node, tensor, axis % rank, rank)
+        if up is not None:
+            # a root found already (a broadcast's operands), or the input's, one step up
+            return up if isinstance(up[0], str) else dim_root(a, up[0], up[1])  # type: ignore[return-value]
     named = tensor.shape[axis] if not tensor.inputs and tensor.shape and 0 <= axis < len(tensor.shape) else None
     if axis == 0 and tensor.name in a.inputs and not isinstance(named, int):
         return "=batch", -1  # the inputs' dynamic axis 0 is the batch, one size (as graph.infer_shapes takes it)
     if isinstance(named, str) and named:
         return f"={named}", -1  # graph inputs' sizes with one name (sequence) are the same size
-    return tensor.name, axis
+    return tensor.name, axis % rank if rank else axis
 
 
 def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int,
@@ -454,6 +463,9 @@ def fallback_shape(a: Analysis, tensor: gs.Tensor) -> tuple[int | None, ...] | N
     if node is None or tensor is not node.outputs[0]:
         return None
     key = ("fallback", tensor.name)
+    if key in a.memo:
+        return a.memo[key]  # type: ignore[return-value]
+    prepare(a)  # the inputs' shapes first, in graph order
     if key in a.memo:
         return a.memo[key]  # type: ignore[return-value]
     a.memo[key] = None
