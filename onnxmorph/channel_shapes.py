@@ -51,10 +51,10 @@ PICK = ("Gather", "Slice", "Concat")
 def entries(a: Analysis, tensor: gs.Tensor) -> list | None:
     """The entries of a 0-d or 1-d integer tensor: ints and (tensor, axis) sizes read with Shape; None if unknown."""
     key = ("entries", tensor.name)
-    if key not in a.memo:
-        a.memo[key] = None  # a cycle cannot occur in a valid graph; this also stops runaway recursion
-        a.memo[key] = _entries(a, tensor)
-    return a.memo[key]  # type: ignore[return-value]
+    if key not in a.facts:
+        a.facts[key] = None  # a cycle cannot occur in a valid graph; this also stops runaway recursion
+        a.facts[key] = _entries(a, tensor)
+    return a.facts[key]  # type: ignore[return-value]
 
 
 def _entries(a: Analysis, tensor: gs.Tensor) -> list | None:
@@ -258,18 +258,18 @@ def dim_root(a: Analysis, tensor: gs.Tensor, axis: int) -> tuple[str, int]:
     prepare(a)
     rank = a.rank(tensor)
     key = ("root", tensor.name, axis % rank if rank else axis)
-    if key not in a.memo:
-        a.memo[key] = (tensor.name, axis)
-        a.memo[key] = _dim_root(a, tensor, axis)
-    return a.memo[key]  # type: ignore[return-value]
+    if key not in a.facts:
+        a.facts[key] = (tensor.name, axis)
+        a.facts[key] = _dim_root(a, tensor, axis)
+    return a.facts[key]  # type: ignore[return-value]
 
 
 def prepare(a: Analysis) -> None:
     """Every tensor's fallback shape and size roots, in graph order: each then takes one step to the memoised
     answer of its inputs, so a deep model's long stream costs no deep recursion."""
-    if a.memo.get("prepared"):
+    if a.facts.get("prepared"):
         return
-    a.memo["prepared"] = True
+    a.facts["prepared"] = True
     for node in a.graph.nodes:  # topologically sorted, as ONNX requires
         for out in node.outputs:
             for axis in range(len(a.shape(out) or ())):
@@ -418,7 +418,18 @@ def refine_reshape(a: Analysis, node: gs.Node, src: tuple, dst: tuple, backward:
     return (tuple(outs), tuple(ins)) if backward else (tuple(ins), tuple(outs))
 
 
-def generic_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+class Shapes(dict):
+    """Inferred shapes, and the facts about sizes read at run time found on the graph they were inferred for
+    (entries, size roots, fallback shapes: the same for every analysis of that graph, so computed once)."""
+
+    def facts_for(self, graph: gs.Graph) -> dict:
+        found = getattr(self, "_facts", None)
+        if found is None or found[0] is not graph:
+            found = self._facts = (graph, {})
+        return found[1]
+
+
+def generic_shapes(model: onnx.ModelProto) -> Shapes:
     """Inferred shapes with every dynamic input size but the batch (taken as 1, as `graph.infer_shapes` does) set
     to a generic number, one per size name: the sizes that shape inference leaves unknown after a reshape whose
     target is computed from `Shape` (sequence lengths, head counts) become known, and a channel mapping found with
@@ -434,7 +445,7 @@ def generic_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...] |
                 names[key] = INPUT_SIZES[len(names)]
             if key in names:
                 dim.dim_value = names[key]
-    return mgraph.infer_shapes(probe)
+    return Shapes(mgraph.infer_shapes(probe))
 
 
 def _one_unknown(ins: list, outs: list) -> None:
@@ -463,12 +474,12 @@ def fallback_shape(a: Analysis, tensor: gs.Tensor) -> tuple[int | None, ...] | N
     if node is None or tensor is not node.outputs[0]:
         return None
     key = ("fallback", tensor.name)
-    if key in a.memo:
-        return a.memo[key]  # type: ignore[return-value]
+    if key in a.facts:
+        return a.facts[key]  # type: ignore[return-value]
     prepare(a)  # the inputs' shapes first, in graph order
-    if key in a.memo:
-        return a.memo[key]  # type: ignore[return-value]
-    a.memo[key] = None
+    if key in a.facts:
+        return a.facts[key]  # type: ignore[return-value]
+    a.facts[key] = None
     shapes = [a.shape(t) if t.name else () for t in node.inputs]
     found = None
     if node.op == "Expand" and shapes[0] is not None:
@@ -480,7 +491,7 @@ def fallback_shape(a: Analysis, tensor: gs.Tensor) -> tuple[int | None, ...] | N
         found = _broadcast(shapes)  # type: ignore[arg-type]
     elif node.op in ("Cast", "Not", "Neg", "Identity", "IsNaN") and shapes and shapes[0] is not None:
         found = shapes[0]
-    a.memo[key] = found
+    a.facts[key] = found
     return found
 
 
