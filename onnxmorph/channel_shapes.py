@@ -1,18 +1,23 @@
 """Channel rules for sizes read at run time: `Shape` of a widened tensor, and reshape targets computed from sizes.
 
 Exporters build reshape targets at run time: `Concat(Shape(x)[0:2], [C])` restores `[batch, seq, C]`
-after a `[B*T, C]` product (Hugging Face's `Conv1D`), `Concat([-1], Shape(x)[-1:])` flattens. What
-such a target holds is worked out entry by entry (`entries`): a constant, or the size of axis i of
-tensor t, read with `Shape`, through the Gather/Slice/Squeeze/Unsqueeze/Concat/Cast that pick and
-assemble the pieces. Then:
+after a `[B*T, C]` product (Hugging Face's `Conv1D`), `Concat([-1], Shape(x)[-1:])` flattens,
+`[B, kv * n_rep, T, d]` repeats grouped-query heads. What such a target holds is worked out entry by
+entry (`entries`): a constant, the size of axis i of tensor t read with `Shape`, or such a size times a
+constant (`Scaled`), through the Gather/Slice/Squeeze/Unsqueeze/Concat/Cast/Mul that pick and assemble
+the pieces. Then:
 
 * `Shape` of a widened tensor is exact when every use of its channel entry ends in a Reshape or
-  Expand target whose output grows on that entry's axis by as many channels (the size it reads
-  then becomes the new one by itself); uses that pick other entries need nothing. Any other use
-  (arithmetic, a graph output) refuses.
-* A computed target whose channel entry is a constant piece of a Concat grows that piece; a
-  Concat read by several targets grows once, when all of them grow alike. A channel entry that
-  is a size read with `Shape` must grow by as much as its output: checked when the analysis ends.
+  Expand target whose output grows on that entry's axis by as many channels (times the factor): the
+  size it reads becomes the new one by itself. Uses that pick other entries need nothing; any other
+  use (arithmetic, a graph output) refuses. The growths are compared when the analysis ends.
+* A computed target whose channel entry is a constant piece of a Concat grows that piece, in a copy
+  of the Concat when other nodes read it too (layers of other blocks that do not grow).
+* Sizes that shape inference leaves unknown are compared by how they were built (`dim_root`: the
+  same input size, the same axis through same-shape ops, products and broadcasts) and, where a
+  reshape copies them, stood for by generic numbers (`refine_reshape`); widen also infers shapes with
+  the dynamic input sizes set to generic numbers (`generic_shapes`). A mapping found with generic
+  numbers holds for every size: no product of the other sizes equals one of these primes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def _size_of(entry: object) -> tuple[str, int, int] | None:
     if isinstance(entry, tuple):
         return entry[0], entry[1], 1
     return (entry.name, entry.axis, entry.factor) if isinstance(entry, Scaled) else None
+
+
 INT64_MAX = 2 ** 63 - 1
 PASS = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")  # 0-d/1-d shape tensors: entries unchanged
 PICK = ("Gather", "Slice", "Concat")
@@ -429,11 +436,12 @@ class Shapes(dict):
         return found[1]
 
 
-def generic_shapes(model: onnx.ModelProto) -> Shapes:
+def generic_shapes(model: onnx.ModelProto, known: dict[str, tuple[int | None, ...] | None] | None = None) -> Shapes:
     """Inferred shapes with every dynamic input size but the batch (taken as 1, as `graph.infer_shapes` does) set
     to a generic number, one per size name: the sizes that shape inference leaves unknown after a reshape whose
     target is computed from `Shape` (sequence lengths, head counts) become known, and a channel mapping found with
-    them holds whatever the sizes are (INPUT_SIZES)."""
+    them holds whatever the sizes are (INPUT_SIZES). Where `known` (the plain inference) knows more (a graph whose
+    inference fails at the generic sizes), it is kept."""
     probe = skeleton(model)
     names: dict[str, int] = {}
     for info in probe.graph.input:
@@ -445,7 +453,17 @@ def generic_shapes(model: onnx.ModelProto) -> Shapes:
                 names[key] = INPUT_SIZES[len(names)]
             if key in names:
                 dim.dim_value = names[key]
-    return Shapes(mgraph.infer_shapes(probe))
+    found = Shapes(mgraph.infer_shapes(probe))
+    for name, shape in (known or {}).items():
+        mine = found.get(name)
+        if shape is None:
+            continue
+        if mine is None or len(mine) != len(shape) or any(d is not None and m is not None and d != m
+                                                          for d, m in zip(shape, mine)):
+            found[name] = shape  # the plain inference knows this one, or says otherwise: it wins
+        else:
+            found[name] = tuple(d if d is not None else m for d, m in zip(shape, mine))
+    return found
 
 
 def _one_unknown(ins: list, outs: list) -> None:

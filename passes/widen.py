@@ -102,7 +102,7 @@ class WidenPass(MorphPass):
     def _plan(self, model: mgraph.Analysis) -> _Plan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
-        shapes = model.memo("generic_shapes", None, lambda: channels.generic_shapes(model.model))
+        shapes = model.memo("generic_shapes", None, lambda: channels.generic_shapes(model.model, model.shapes))
         axis, old, groups = _out_channels(node, shapes)
         where = f"layer '{self.layer}'"
         if self.width <= old:
