@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmorph.channel_shapes import grow_computed_target, refine_reshape
+from onnxmorph.channel_shapes import grow_computed_target
 from onnxmorph.channels import (
     Analysis,
     Misfit,
@@ -22,6 +22,7 @@ from onnxmorph.channels import (
     rule,
 )
 from onnxmorph.errors import NotApplicable
+from onnxmorph.sizes import refine_reshape
 
 
 def _part_of(at: int, bounds: list[tuple[int, int]]) -> int:

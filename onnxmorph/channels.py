@@ -364,7 +364,7 @@ class Analysis:
         if producer is not None and producer.op in CONTRIB and producer.inputs:
             return self.shape(producer.inputs[0])  # ONNX shape inference skips them; their outputs are shaped alike
         if (shape is None or None in shape) and tensor.inputs:
-            found = channel_shapes.fallback_shape(self, tensor)  # what inference left unknown, from the sizes read
+            found = sizes.fallback_shape(self, tensor)  # what inference left unknown, from the sizes read
             if found is not None and (shape is None or len(shape) == len(found)):
                 return tuple(d if d is not None else f for d, f in zip(shape or found, found))
         return shape
@@ -571,11 +571,11 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
 
 
 # the rules register themselves in RULES when imported; the rewriting helpers live beside them
-from onnxmorph import channel_layout, channel_rules, channel_shapes  # noqa: E402,F401
+from onnxmorph import channel_layout, channel_rules, channel_shapes, sizes  # noqa: E402,F401
 from onnxmorph.channel_edits import (  # noqa: E402,F401
     apply_shape_fixes,
     grow_consumers,
     grow_params,
     private_constant,
 )
-from onnxmorph.channel_shapes import generic_shapes  # noqa: E402,F401
+from onnxmorph.sizes import generic_shapes  # noqa: E402,F401
