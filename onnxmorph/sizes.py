@@ -343,6 +343,8 @@ def generic_shapes(model: onnx.ModelProto, known: dict[str, tuple[int | None, ..
                 names[key] = INPUT_SIZES[len(names)]
             if key in names:
                 dim.dim_value = names[key]
+    if not names and known is not None:
+        return Shapes(known)  # no dynamic size but the batch: the plain inference is the generic one
     found = Shapes(mgraph.infer_shapes(probe))
     for name, shape in (known or {}).items():
         mine = found.get(name)
