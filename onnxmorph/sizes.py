@@ -37,6 +37,33 @@ def size_of(entry: object) -> tuple[str, int, int] | None:
     return (entry.name, entry.axis, entry.factor) if isinstance(entry, Scaled) else None
 
 
+@dataclass(frozen=True)
+class Expr:
+    """A size read with Shape, then shifted by constants and floor-divided by positive constants (a sequence length
+    after strided convolutions), in a normal form (`step`) so that one formula written two ways compares equal."""
+
+    name: str
+    axis: int
+    ops: tuple[tuple[str, int], ...]
+
+
+def step(ops: tuple[tuple[str, int], ...], op: str, k: int) -> tuple[tuple[str, int], ...]:
+    """`ops` then `op` ("add" k, or "fdiv" by k > 0), normalised: floor((x + c*k) / k) = floor(x / k) + c and
+    floor(floor(x / a) / b) = floor(x / (a*b)) for every integer x."""
+    last = ops[-1] if ops else None
+    if op == "add":
+        if last is not None and last[0] == "add":
+            ops, k = ops[:-1], k + last[1]
+        return ops + ((("add", k),) if k else ())
+    if k == 1:
+        return ops
+    if last is not None and last[0] == "add" and last[1] % k == 0:
+        return step(step(ops[:-1], "fdiv", k), "add", last[1] // k)
+    if last is not None and last[0] == "fdiv":
+        return ops[:-1] + (("fdiv", last[1] * k),)
+    return ops + (("fdiv", k),)
+
+
 INT64_MAX = 2 ** 63 - 1
 PASS = ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")  # 0-d/1-d shape tensors: entries unchanged
 PICK = ("Gather", "Slice", "Concat")
@@ -68,7 +95,7 @@ def _entries(a: Analysis, tensor: gs.Tensor) -> list | None:
             return None
         start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
         return [(node.inputs[0].name, i) for i in range(rank)][slice(start, end)]
-    if node.op in ("ConstantOfShape", "Where", "Mul", "Add", "Sub"):
+    if node.op in ("ConstantOfShape", "Where", "Mul", "Add", "Sub", "Div"):
         return _computed_entries(a, node)
     source = entries(a, node.inputs[0]) if node.inputs else None
     if source is None:
@@ -123,13 +150,32 @@ def _computed_entries(a: Analysis, node: gs.Node) -> list | None:
     for i in range(width):
         x, y = (p[i if len(p) > 1 else 0] for p in parts)  # type: ignore[index]
         if isinstance(x, int) and isinstance(y, int):
-            out.append({"Mul": x * y, "Add": x + y, "Sub": x - y}[node.op])
+            if node.op == "Div" and (y <= 0 or x < 0):
+                return None
+            out.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": x // max(y, 1)}[node.op])
             continue
-        size, factor = (size_of(x), y) if isinstance(y, int) else (size_of(y), x)
-        if node.op != "Mul" or size is None or not isinstance(factor, int) or factor < 1:
+        entry = _arithmetic(node.op, x, y)
+        if entry is None:
             return None
-        out.append(Scaled(size[0], size[1], size[2] * factor))  # a size times a constant
+        out.append(entry)
     return out
+
+
+def _arithmetic(op: str, x: object, y: object) -> object | None:
+    """A size times, plus, minus or (floor) over a constant: `Scaled` or `Expr`; None for anything else."""
+    size, k = (x, y) if isinstance(y, int) else (y, x)
+    if not isinstance(k, int):
+        return None
+    if op == "Mul":
+        found = size_of(size)
+        return Scaled(found[0], found[1], found[2] * k) if found is not None and k >= 1 else None
+    if op == "Sub" and size is not x or op == "Div" and (size is not x or k <= 0):
+        return None  # a constant minus a size, or over one: not a form kept here
+    base = size if isinstance(size, Expr) else Expr(size[0], size[1], ()) if isinstance(size, tuple) else None
+    if base is None:
+        return None
+    ops = step(base.ops, "fdiv" if op == "Div" else "add", k if op != "Sub" else -k)
+    return Expr(base.name, base.axis, ops) if ops else (base.name, base.axis)
 
 
 # ---------------------------------------------------------------------------- sizes equal by construction
@@ -197,7 +243,9 @@ def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int,
         return first, axis
     if node.op in ("Split", "Slice") and same_rank:
         cut = constant_ints(node, 3, "axes") if node.op == "Slice" else [int(node.attrs.get("axis", 0))]
-        return (first, axis) if cut is not None and axis not in [c % rank for c in cut] else None
+        if cut is not None and axis not in [c % rank for c in cut]:
+            return first, axis
+        return _slice_dim(a, node, axis, rank, cut) if node.op == "Slice" and cut is not None else None
     if node.op == "Transpose" and "perm" in node.attrs:
         return first, int(node.attrs["perm"][axis])
     if node.op == "Gemm" and axis == 0 and not int(node.attrs.get("transA", 0)):
@@ -212,6 +260,8 @@ def _dim_source(a: Analysis, node: gs.Node, tensor: gs.Tensor, axis: int,
         entry = values[axis] if values is not None and axis < len(values) else None
         if isinstance(entry, tuple):
             return a.tensors[entry[0]], entry[1]
+        if isinstance(entry, Expr):
+            return expr_root(a, entry)  # type: ignore[return-value]
         if entry == 0 and not int(node.attrs.get("allowzero", 0)) and same_rank:
             return first, axis
         return None
@@ -242,23 +292,80 @@ def _dim_source_more(a: Analysis, node: gs.Node, axis: int, rank: int) -> tuple[
             return (first, j) if j >= 0 else None
         entry = target[axis - rank + len(target)]
         roots = {dim_root(a, first, j)} if j >= 0 else set()
-        roots.add(dim_root(a, a.tensors[entry[0]], entry[1]) if isinstance(entry, tuple) else
-                  (ONE if entry in (1, -1) else (f"={entry}", -1)))
+        roots.add(_entry_root(a, entry))
         roots = {r for r in roots if not _is_one(a, r)} or roots
         return roots.pop() if len(roots) == 1 else None
     if node.op == "Range":
         start, limit, delta = (entries(a, t) for t in node.inputs[:3])
-        if start == [0] and delta == [1] and limit is not None and isinstance(limit[0], tuple):
-            return dim_root(a, a.tensors[limit[0][0]], limit[0][1])
+        if start == [0] and delta == [1] and limit is not None and isinstance(limit[0], (tuple, Expr)):
+            return _entry_root(a, limit[0])
         return None
     if node.op.startswith("Reduce") and int(node.attrs.get("keepdims", 1)) and (a.rank(first) or 0) == rank:
         axes = constant_ints(node, 1, None if len(node.inputs) > 1 else "axes")
         if axes is None and not int(node.attrs.get("noop_with_empty_axes", 0)):
             axes = list(range(rank))
         return None if axes is None else ONE if axis in [x % rank for x in axes] else (first, axis)
+    if node.op in ("Conv", "MaxPool", "AveragePool"):
+        return _window_dim(a, node, axis)
     if node.op == "GatherND" and not int(node.attrs.get("batch_dims", 0)):
         return (node.inputs[1], axis) if axis < (a.rank(node.inputs[1]) or 0) - 1 else None
     return None
+
+
+def _entry_root(a: Analysis, entry: object) -> tuple:
+    """The size root of a target entry: a size read with Shape, a formula of one, or a constant."""
+    if isinstance(entry, tuple):
+        return dim_root(a, a.tensors[entry[0]], entry[1])
+    if isinstance(entry, Expr):
+        return expr_root(a, entry)
+    return ONE if entry in (1, -1) else (f"={entry}", -1)
+
+
+def expr_root(a: Analysis, entry: Expr) -> tuple:
+    """The root of a formula of a size: the formula over the root of the size it starts from."""
+    return compose(dim_root(a, a.tensors[entry.name], entry.axis), entry.ops)
+
+
+def compose(root: tuple, ops: tuple[tuple[str, int], ...]) -> tuple:
+    """`ops` applied to a size root (itself a formula or not), in normal form."""
+    base, done = (root[1], root[2]) if root[0] == "=expr" else (root, ())
+    for op, k in ops:
+        done = step(done, op, k)
+    return ("=expr", base, done) if done else base
+
+
+def _window_dim(a: Analysis, node: gs.Node, axis: int) -> tuple | None:
+    """A conv's or pool's output size: its batch axis's, or on a spatial axis floor((L + pads - d*(k-1) - 1)/s) + 1
+    over the input's L (explicit pads, no ceil mode)."""
+    first = node.inputs[0]
+    if axis == 0:
+        return first, 0
+    if axis < 2:
+        return None
+    i = axis - 2
+    kernel = constant_ints(node, 99, "kernel_shape")
+    if kernel is None and node.op == "Conv" and isinstance(node.inputs[1], gs.Constant):
+        kernel = [int(d) for d in node.inputs[1].values.shape[2:]]
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    if kernel is None or i >= len(kernel) or (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET" \
+            or int(node.attrs.get("ceil_mode", 0)):
+        return None
+    pads = constant_ints(node, 99, "pads") or [0] * 2 * len(kernel)
+    stride = (constant_ints(node, 99, "strides") or [1] * len(kernel))[i]
+    dilation = (constant_ints(node, 99, "dilations") or [1] * len(kernel))[i]
+    shift = pads[i] + pads[i + len(kernel)] - dilation * (kernel[i] - 1) - 1
+    return compose(dim_root(a, first, axis), (("add", shift), ("fdiv", stride), ("add", 1)))
+
+
+def _slice_dim(a: Analysis, node: gs.Node, axis: int, rank: int, cut: list[int]) -> tuple | None:
+    """A slice of the axis from a fixed start to the end or to a fixed distance from it: the size less those."""
+    i = [c % rank for c in cut].index(axis)
+    starts, ends = constant_ints(node, 1), constant_ints(node, 2)
+    steps = constant_ints(node, 4) or [1] * len(cut)
+    if starts is None or ends is None or steps[i] != 1 or starts[i] < 0 or 0 <= ends[i] < INT64_MAX // 2:
+        return None  # a fixed end keeps min(end, L) - start: not a formula of L kept here
+    shift = -starts[i] + (ends[i] if ends[i] < 0 else 0)
+    return compose(dim_root(a, node.inputs[0], axis), (("add", shift),))
 
 
 def _common_root(a: Analysis, operands: list[gs.Tensor], axis: int, rank: int) -> tuple[str, int] | None:
@@ -304,8 +411,8 @@ def refine_reshape(a: Analysis, node: gs.Node, src: tuple, dst: tuple, backward:
     ties = iter(TIES)
     for p, entry in enumerate(values):
         j = p if entry == 0 and not int(node.attrs.get("allowzero", 0)) and p < len(ins) else None
-        if isinstance(entry, tuple):
-            root = dim_root(a, a.tensors[entry[0]], entry[1])
+        if isinstance(entry, (tuple, Expr)):
+            root = dim_root(a, a.tensors[entry[0]], entry[1]) if isinstance(entry, tuple) else expr_root(a, entry)
             j = roots.index(root) if roots.count(root) == 1 else None
         if j is None or ins[j] is not None and outs[p] is not None:
             continue
@@ -427,6 +534,6 @@ def _is_one(a: Analysis, root: tuple[str, int]) -> bool:
 def _entry_size(a: Analysis, entry: object) -> int | None:
     size = size_of(entry)
     if size is None:
-        return entry  # type: ignore[return-value]
+        return entry if isinstance(entry, int) else None
     dims = a.shape(a.tensors[size[0]]) or ()
     return dims[size[1]] * size[2] if -len(dims) <= size[1] < len(dims) and dims[size[1]] is not None else None
