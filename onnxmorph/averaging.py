@@ -27,7 +27,8 @@ MEAN_NORMS = ("LayerNormalization", "SkipLayerNormalization")
 RMS_NORMS = ("RMSNormalization", "SkipSimplifiedLayerNormalization")
 # ops that keep "a new channel is the mean of the old ones": linear and channel-blind
 MEAN_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-            "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "MatMul", "Gemm", "Conv", *MEAN_NORMS}
+            "Transpose", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "MatMul", "Gemm", "Conv", "Shape",
+            *MEAN_NORMS}  # Shape reads only the size (what it shapes is checked by its rule)
 
 
 @dataclass
@@ -64,7 +65,10 @@ def decomposed_rms(reduce: gs.Node) -> tuple[tuple[str, int], tuple[str, int]] |
     scaled = [n for n in x.outputs if n.op in ("Mul", "Div") and chain in n.inputs and n is not pow_node]
     if not eps or len(scaled) != 1:
         return None
-    weight = _single_reader(scaled[0].outputs[0], ("Mul",))
+    normed = scaled[0].outputs[0]
+    while len(normed.outputs) == 1 and normed.outputs[0].op in ("Cast", "Identity"):  # back to the input's type
+        normed = normed.outputs[0].outputs[0]
+    weight = _single_reader(normed, ("Mul",))
     if weight is None:
         return None
     index = [k for k, t in enumerate(weight.inputs) if isinstance(t, gs.Constant) and t.values.size > 1]
@@ -111,8 +115,12 @@ def _read_by_layers_only(tensor: gs.Tensor) -> bool:
     stack = [tensor]
     while stack:
         for node in stack.pop().outputs:
-            if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"):
+            # through reshapes, and picks of other axes (a classifier reading the class token)
+            if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Gather",
+                           "Slice"):
                 stack.append(node.outputs[0])
+            elif node.op == "Shape":
+                continue  # reads the size only (what it shapes is checked by the Shape rule)
             elif node.op not in channels.LAYERS:
                 return False
     return True

@@ -129,8 +129,11 @@ def apply_shape_fixes(graph: gs.Graph, coupling: Coupling) -> None:
     """
     nodes = {node.name: node for node in graph.nodes}
     namer = mgraph.Namer(graph)
+    copies: dict[tuple[str, str], gs.Node] = {}
     for fix in coupling.shape_fixes:
         node = nodes[fix.node]
+        if fix.reader is not None:
+            node = _private_node(graph, node, nodes[fix.reader], copies, namer)
         delta = coupling.added(fix.tensor, fix.axis) if fix.delta is None else fix.delta
         if fix.attr is not None:
             values = ints(node.attrs[fix.attr])
@@ -170,3 +173,19 @@ def grow_consumers(nodes: dict[str, gs.Node], coupling: Coupling,
         for consumer in sorted(items, key=lambda q: q.offset, reverse=True):
             w = outgoing(node, w, consumer)
         mgraph.set_input_constant(node, 1, w)
+
+
+def _private_node(graph: gs.Graph, node: gs.Node, reader: gs.Node, copies: dict[tuple[str, str], gs.Node],
+                  namer: mgraph.Namer) -> gs.Node:
+    """`node` (one output), or a copy of it that only `reader` reads when others read it too (a reshape target
+    shared by layers that do not all grow)."""
+    out = node.outputs[0]
+    if all(n is reader for n in out.outputs):
+        return node
+    if (node.name, reader.name) not in copies:
+        twin = gs.Variable(namer(out.name, "widened"), dtype=out.dtype, shape=out.shape)
+        copy = gs.Node(node.op, namer(node.name, "widened"), dict(node.attrs), list(node.inputs), [twin])
+        graph.nodes.append(copy)
+        reader.inputs[[k for k, t in enumerate(reader.inputs) if t is out][0]] = twin
+        copies[(node.name, reader.name)] = copy
+    return copies[(node.name, reader.name)]

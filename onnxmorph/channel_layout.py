@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmorph.channel_shapes import grow_computed_target
 from onnxmorph.channels import (
     Analysis,
     Misfit,
@@ -21,6 +22,7 @@ from onnxmorph.channels import (
     rule,
 )
 from onnxmorph.errors import NotApplicable
+from onnxmorph.sizes import refine_reshape
 
 
 def _part_of(at: int, bounds: list[tuple[int, int]]) -> int:
@@ -107,6 +109,7 @@ def reshape(a: Analysis, v: Visit) -> None:
     s_shape, d_shape = a.shape(src), a.shape(dst)
     if s_shape is None or d_shape is None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
+    s_shape, d_shape = refine_reshape(a, node, s_shape, d_shape, v.backward)
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
@@ -219,7 +222,7 @@ def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int
     node = v.node
     values = constant_ints(node, 1)
     if values is None:
-        _grow_computed_target(a, v, position, out_axis, delta)
+        grow_computed_target(a, v, position, out_axis, delta)
         return
     position -= a.rank(node.outputs[0]) - len(values) if a.rank(node.outputs[0]) else 0
     if position < 0 or values[position] in (-1, 1) and node.op == "Expand" or values[position] == -1:
@@ -227,32 +230,6 @@ def _grow_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int
     if values[position] == 0 and not int(node.attrs.get("allowzero", 0)):
         raise NotApplicable(f"{v.where}: its target copies the channel count (0), cannot follow it")
     a.add_fix(ShapeFix(node.name, 1, position, node.outputs[0].name, out_axis, delta))
-
-
-def _grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:
-    """A target computed as Concat(sizes taken from Shape, constants), as exporters write `[B, T, C]` with T
-    dynamic: the channels' entry grows when it is a constant piece of a Concat that this node alone reads."""
-    node = v.node
-    target = node.inputs[1]
-    concat = target.inputs[0] if target.inputs else None
-    if concat is None or concat.op != "Concat" or len(target.outputs) != 1:
-        raise NotApplicable(f"{v.where}: its target shape is computed, cannot resize it")
-    start = 0
-    for k, piece in enumerate(concat.inputs):
-        values = constant_ints(concat, k)
-        size = len(values) if values is not None else (a.shape(piece) or (None,))[0]
-        if size is None or start + size > position:
-            if values is None or size is None:
-                break
-            entry = values[position - start]
-            if entry == -1 or entry == 1 and node.op == "Expand":
-                return
-            if entry == 0 and not int(node.attrs.get("allowzero", 0)):
-                break
-            a.add_fix(ShapeFix(concat.name, k, position - start, node.outputs[0].name, out_axis, delta))
-            return
-        start += size
-    raise NotApplicable(f"{v.where}: the channel count in its computed target shape cannot be resized")
 
 
 def _sole_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -306,8 +283,14 @@ def shuffle(a: Analysis, v: Visit) -> None:
     if pattern is None or slot.block != 1:
         d_shape = a.shape(node.outputs[0]) or ()
         if len(d_shape) > ax + 1 and d_shape[ax + 1] and len(d_shape) == (a.rank(v.tensor) or 0) + 1:
-            raise NotApplicable(f"{where} into blocks of {d_shape[ax + 1]} (attention heads, say): the new channels "
-                                f"must be whole blocks (a multiple of {d_shape[ax + 1]})")
+            block = d_shape[ax + 1]
+            if slot.block == 1 and all(at % block == 0 and c % block == 0 for at, c in insert_positions(
+                    a.space(slot.space), slot)):
+                raise NotApplicable(f"{where} into blocks of {block} (attention heads, say), but its target's other "
+                                    "sizes are computed at run time by arithmetic the analysis cannot match with the "
+                                    "tensor's: cannot tell where the new heads go")
+            raise NotApplicable(f"{where} into blocks of {block} (attention heads, say): the new channels "
+                                f"must be whole blocks (a multiple of {block})")
         raise NotApplicable(f"{where} (e.g. a channel shuffle)")
     _transpose, back, g, n = pattern
     space = a.space(slot.space)
@@ -435,9 +418,13 @@ def slice_(a: Analysis, v: Visit) -> None:
     starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
     if v.tensor is not node.inputs[0] and v.tensor is not node.outputs[0]:
         raise NotApplicable(f"{v.where}: the channels reach its parameter '{v.tensor.name}'")
+    given = constant_ints(node, 3, "axes")
+    if rank is not None and given is not None and slot.axis not in [x % rank for x in given]:
+        a.through(v)  # other axes sliced (a rotary half of each head): what it keeps does not matter here
+        return
     if starts is None or ends is None or rank is None:
         raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
-    axes = [x % rank for x in (constant_ints(node, 3, "axes") or range(len(starts)))]
+    axes = [x % rank for x in (given or range(len(starts)))]
     steps = constant_ints(node, 4) or [1] * len(axes)
     if slot.axis not in axes:
         a.through(v)
@@ -483,6 +470,9 @@ def split(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
                             "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
+    added = a.space(0).added
+    if slot.space == 0 and slot.offset == 0 and slot.block == 1 and a.space(0).old == dim and not added % len(sizes):
+        a.propose([(end, added // len(sizes)) for _, end in bounds])  # a fused QKV: each part grows alike
     if v.backward:
         counts = _split_backward(a, v, bounds, dim)
     else:

@@ -236,9 +236,9 @@ def softmax(a: Analysis, v: Visit) -> None:
     raise NotApplicable(f"{v.where} mixes the channels of '{v.tensor.name}': it cannot be preserved")
 
 
-@rule("Shape", "Size", "GroupNormalization", "ArgMax", "ArgMin", "TopK", "NonZero", keeps_zero=False)
+@rule("Size", "GroupNormalization", "ArgMax", "ArgMin", "TopK", "NonZero", keeps_zero=False)
 def refused(a: Analysis, v: Visit) -> None:
-    what = "reads the channel count" if v.node.op in ("Shape", "Size") else "mixes the channels"
+    what = "reads the channel count" if v.node.op == "Size" else "mixes the channels"
     raise NotApplicable(f"{v.where} {what}: widening '{v.tensor.name}' cannot preserve the function")
 
 
@@ -437,6 +437,9 @@ def conv_consumer(a: Analysis, v: Visit, wshape: tuple[int, ...]) -> None:
             a.result.consumers.append(Consumer(node.name, node.op, slot, 1, slot.offset, slot.block))
             return
     if all(at % per_in == 0 and c % per_in == 0 for at, c in positions):
+        spread = _spread(slot, space.old * slot.block, groups, per_in, space.added * slot.block)
+        if slot.space == 0 and spread and a.result.for_copies is None:
+            a.result.for_copies = tuple(spread)
         new_groups(a, v, wshape, positions, per_in)
         return
     added = space.added * slot.block

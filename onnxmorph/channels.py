@@ -132,6 +132,7 @@ class ShapeFix:
     axis: int
     delta: int | None = None
     attr: str | None = None
+    reader: str | None = None  # `node` is a Concat building this node's target: the reader gets its own copy
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,9 @@ class Coupling:
     touched: list[str] = field(default_factory=list)
     # tensors whose shape changes although no slot names them (inside a channel shuffle)
     stale: list[str] = field(default_factory=list)
+    # a placement of the new channels that copies can use where this one gives a grouped conv new groups
+    # (every group then grows by copies of its own channels)
+    for_copies: tuple[tuple[int, int], ...] | None = None
 
     def added(self, tensor: str, axis: int) -> int:
         """How many entries `tensor`'s `axis` gains."""
@@ -239,7 +243,7 @@ CONTRIB: set[str] = set()
 
 
 # the modules whose rules register themselves here when imported (they import this module)
-RULE_MODULES = ("onnxmorph.channel_rules", "onnxmorph.channel_layout")
+RULE_MODULES = ("onnxmorph.channel_rules", "onnxmorph.channel_layout", "onnxmorph.channel_shapes")
 
 
 def load_rules() -> dict[str, Rule]:
@@ -357,6 +361,15 @@ class Analysis:
         self.main_nodes = {id(node) for node in graph.nodes}
         self.memo: dict[object, object] = {}  # for rules that must act once per node
         self.rules = load_rules()
+        # the size reasoning works on this module's Analysis, so it is imported when one is made
+        self.sizes = importlib.import_module("onnxmorph.sizes")
+        # facts about sizes that depend on the graph and shapes only (onnxmorph.channel_shapes): shared by every
+        # analysis of one model when its shapes carry them
+        facts_for = getattr(shapes, "facts_for", None)
+        self.facts: dict[object, object] = facts_for(graph) if facts_for is not None else {}
+        # run when every slot is known (a size read at run time must grow as much as what it shapes)
+        self.checks: list[Callable[[], None]] = []
+        self.fallback: tuple[tuple[int, int], ...] | None = None  # another placement of the new channels to try
 
     def space(self, k: int) -> Space:
         return self.result.spaces[k]
@@ -366,6 +379,10 @@ class Analysis:
         producer = tensor.inputs[0] if shape is None and tensor.inputs else None
         if producer is not None and producer.op in CONTRIB and producer.inputs:
             return self.shape(producer.inputs[0])  # ONNX shape inference skips them; their outputs are shaped alike
+        if (shape is None or None in shape) and tensor.inputs:
+            found = self.sizes.fallback_shape(self, tensor)  # what inference left unknown, from the sizes read
+            if found is not None and (shape is None or len(shape) == len(found)):
+                return tuple(d if d is not None else f for d, f in zip(shape or found, found))
         return shape
 
     def rank(self, tensor: gs.Tensor) -> int | None:
@@ -467,7 +484,23 @@ class Analysis:
             else:
                 self.carry(v.node, k, axis_t, offset_t, block_t, slot.space)
 
+    def propose(self, inserts: Sequence[tuple[int, int]]) -> None:
+        """Another placement of the widened layer's new channels, tried if this one is refused (a fused QKV's
+        Split: spread over its parts rather than all in the last)."""
+        if self.fallback is None and tuple(inserts) != self.space(0).inserts:
+            self.fallback = tuple(inserts)
+
     def run(self) -> Coupling:
+        try:
+            return self._run()
+        except Misfit:
+            raise
+        except NotApplicable as refusal:
+            if self.fallback is None:
+                raise
+            raise Misfit(str(refusal), 0, self.fallback) from None
+
+    def _run(self) -> Coupling:
         while self.queue:
             slot, _origin = self.queue.popleft()
             tensor = self.tensors[slot.tensor]
@@ -480,6 +513,8 @@ class Analysis:
                     raise NotApplicable(f"'{tensor.name}' is read inside a subgraph ({node.op} '{reader}' in a "
                                         "control-flow body): widening it there is not supported")
                 self.visit(Visit(node, slot, tensor, False))
+        for check in self.checks:
+            check()
         return self.result
 
     def visit(self, v: Visit) -> None:
@@ -549,4 +584,3 @@ def analyze_placements(graph: gs.Graph, tensor: str, axis: int, inserts: Sequenc
             if misfit.space != 0 or misfit.inserts is None or misfit.inserts in tried or len(tried) > 3:
                 raise first from None
             tried.append(misfit.inserts)
-

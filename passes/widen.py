@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import averaging, channel_edits, channels, layers
+from onnxmorph import averaging, channel_edits, channels, layers, sizes
 from onnxmorph import graph as mgraph
 from onnxmorph import widening as wsolve
 from onnxmorph.errors import NotApplicable
@@ -85,7 +85,7 @@ class WidenPass(MorphPass):
     def _plan(self, model: mgraph.Analysis) -> _Plan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
-        shapes = mgraph.tensor_shapes(model)
+        shapes = model.memo("generic_shapes", None, lambda: sizes.generic_shapes(model.model, model.shapes))
         axis, old, groups = layers.out_channels(node, shapes)
         where = f"layer '{self.layer}'"
         if self.width <= old:
@@ -93,6 +93,9 @@ class WidenPass(MorphPass):
         if self.noise and self.method != "net2net":
             raise NotApplicable(f"{where}: --noise applies to --method net2net only")
         coupling, inserts = self._couple(view, node, shapes, axis, old, groups)
+        if self.method != "netmorph" and coupling.for_copies and any(s.kind == "groups" for s in coupling.spaces):
+            inserts = coupling.for_copies  # copies need each group of a grouped reader to grow by its own channels
+            coupling = channels.analyze(view, node.outputs[0].name, axis, inserts, shapes, old=old)
         _check_types(view, coupling)
         average = self._check_tiling(view, coupling, old) if coupling.uniform else None
         modes: dict[int, str] = {}

@@ -186,8 +186,10 @@ def test_grouped_conv_consumer_gets_new_groups() -> None:
     node = next(n for n in child.graph.node if n.name == "gc")
     assert onnx.helper.get_attribute_value(node.attribute[0]) == 3 or any(
         a.name == "group" and a.i == 3 for a in node.attribute)
-    with pytest.raises(NotApplicable, match="new groups"):
-        onnxmorph.get_pass("widen")(layer="h", width=12, method="net2net").requires(model)
+    # copies cannot fill new groups; they widen every group by copies of its own channels instead
+    copied = _widen_and_verify(model, "h", 12, "net2net")
+    node = next(n for n in copied.graph.node if n.name == "gc")
+    assert [a.i for a in node.attribute if a.name == "group"] == [2]
     with pytest.raises(NotApplicable, match="groups"):
         onnxmorph.get_pass("widen")(layer="h", width=11).requires(model)
 

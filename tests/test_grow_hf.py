@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from hf_support import HIDDEN, hf_export  # noqa: F401  (fixture)
 
 import onnxmorph
+from onnxmorph import graph as mgraph
+from onnxmorph import layers
 
 
 def _attention(model) -> dict:
@@ -54,8 +57,31 @@ def _grow(hf, morph: str) -> None:
     feed = hf.feed(seed=7, batch=3, sequence=9)
     session = ort.InferenceSession(child.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, feed)[0], hf.logits(feed), atol=1e-4, rtol=1e-4)
-    grown = {layer["name"]: layer for layer in onnxmorph.inspect(child)["layers"]}
-    assert params["layer"] in grown, "the widened layer keeps its name"
+    analysis = mgraph.Analysis(child)
+    node = mgraph.find_layer(analysis.view, params["layer"])  # the widened layer keeps its name
+    assert layers.out_channels(node, analysis.shapes)[1] == params["width"]
 
 
 MORPHS = ("hidden 2x", "hidden 1.5x", "heads +2", "ffn 2x")
+KINDS = ("bert", "gpt2", "llama", "vit")
+# BERT is post-norm: LayerNorm(x + f(x)) is the stream, and under average expansion its extra
+# channels would have to carry the mean of gamma * x_hat + beta, which no constant does (tiling is exact).
+CASES = [(kind, morph) for kind in KINDS for morph in MORPHS if (kind, morph) != ("bert", "hidden 1.5x")]
+
+
+@pytest.mark.parametrize(("kind", "morph"), CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_grow_torchscript_export(hf_export, kind: str, morph: str) -> None:  # noqa: F811
+    _grow(hf_export(kind, False), morph)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "morph"), CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_grow_dynamo_export(hf_export, kind: str, morph: str) -> None:  # noqa: F811
+    _grow(hf_export(kind, True), morph)
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_post_norm_hidden_width_averages_no_further(hf_export, dynamo: bool) -> None:  # noqa: F811
+    parent = onnxmorph.load(hf_export("bert", dynamo).path)
+    with pytest.raises(onnxmorph.NotApplicable, match="post-norm"):
+        onnxmorph.morph(parent, "widen", **_request(parent, "hidden 1.5x"))
