@@ -347,7 +347,7 @@ class Analysis:
         self.tensors = graph.tensors()
         self.main_nodes = {id(node) for node in graph.nodes}
         self.memo: dict[object, object] = {}  # for rules that must act once per node
-        # facts about sizes that depend on the graph and shapes only (onnxmorph.channel_shapes): shared by every
+        # facts about sizes that depend on the graph and shapes only (onnxmorph.sizes): shared by every
         # analysis of one model when its shapes carry them
         facts_for = getattr(shapes, "facts_for", None)
         self.facts: dict[object, object] = facts_for(graph) if facts_for is not None else {}
