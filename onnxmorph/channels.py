@@ -363,7 +363,7 @@ class Analysis:
         self.rules = load_rules()
         # the size reasoning works on this module's Analysis, so it is imported when one is made
         self.sizes = importlib.import_module("onnxmorph.sizes")
-        # facts about sizes that depend on the graph and shapes only (onnxmorph.channel_shapes): shared by every
+        # facts about sizes that depend on the graph and shapes only (onnxmorph.sizes): shared by every
         # analysis of one model when its shapes carry them
         facts_for = getattr(shapes, "facts_for", None)
         self.facts: dict[object, object] = facts_for(graph) if facts_for is not None else {}
