@@ -95,8 +95,9 @@ def test_local_search_writes_candidates_leaderboard_and_plot(local_run, parent_f
         ids = sorted(c["id"] for c in ok if c["round"] == r)
         assert ids == [f"r0{r}c00", f"r0{r}c01", f"r0{r}c02"]
         # Siblings get different morphs (the seeds aside), and the control none.
+        # (in id order: candidates are recorded as their workers finish, the control not always first)
         changes = [[{**m, "params": {k: v for k, v in m["params"].items() if k != "seed"}} for m in c["morphs"]]
-                   for c in ok if c["round"] == r]
+                   for c in sorted(ok, key=lambda c: c["id"]) if c["round"] == r]
         assert changes[0] == [] and changes[1] and changes[2] and changes[1] != changes[2]
     board = json.loads((outdir / "leaderboard.json").read_text())
     rows = board["leaderboard"]
