@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from onnx import numpy_helper
 
@@ -40,6 +41,26 @@ def sample_layers(names: list[str], count: int, seed: int = 0) -> list[str]:
 @functools.cache
 def _reference(stem: str) -> onnx.ModelProto:
     return onnxmorph.load(MODELS / f"{stem}.onnx", normalize_model=True)
+
+
+def parsed_model(text: str, floats: dict[str, np.ndarray], ints: dict[str, object] | None = None) -> onnx.ModelProto:
+    """A model from ONNX text with float32 and int64 initializers, each node named by its first output, normalised."""
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in floats.items())
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in (ints or {}).items())
+    for node in model.graph.node:
+        node.name = node.name or node.output[0]
+    return onnxmorph.normalize(model)
+
+
+def text_model(body: str, floats: dict[str, np.ndarray], ints: dict[str, object] | None = None, *, x: str, y: str,
+               opset: int = 13) -> onnx.ModelProto:
+    """`parsed_model` of a graph `g (x) => (y)` whose nodes are `body`."""
+    text = f"""<ir_version: 8, opset_import: ["" : {opset}]>
+    g ({x} x) => ({y} y) {{
+    {body}
+    }}"""
+    return parsed_model(text, floats, ints)
 
 
 def described(step: onnxmorph.MorphPass, model: onnx.ModelProto) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from conftest import described
+from conftest import described, text_model
 from onnx import numpy_helper
 
 import onnxmorph
@@ -21,16 +21,7 @@ INT_MAX = 2 ** 63 - 1
 
 def _model(body: str, floats: dict[str, np.ndarray], ints: dict[str, np.ndarray] | None = None, *,
            x: str = "float[2, 4, 6, 6]", y: str = "float[2, 3]", opset: int = 13) -> onnx.ModelProto:
-    text = f"""<ir_version: 8, opset_import: ["" : {opset}]>
-    g ({x} x) => ({y} y) {{
-    {body}
-    }}"""
-    model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in floats.items())
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in (ints or {}).items())
-    for node in model.graph.node:
-        node.name = node.name or node.output[0]
-    return onnxmorph.normalize(model)
+    return text_model(body, floats, ints, x=x, y=y, opset=opset)
 
 
 def _w(*shape: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from conftest import described
+from conftest import described, text_model
 from onnx import numpy_helper
 
 import onnxmorph
@@ -21,15 +21,7 @@ RNG = np.random.default_rng(7)
 def _model(body: str, inits: dict[str, np.ndarray], x: str = "float[N, 4, 6, 6]", y: str = "float[N, 3]",
            opset: int = 13) -> onnx.ModelProto:
     """A model from ONNX text: input x, output y, `body` with the given initializers."""
-    text = f"""<ir_version: 8, opset_import: ["" : {opset}]>
-    g ({x} x) => ({y} y) {{
-    {body}
-    }}"""
-    model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
-    for node in model.graph.node:
-        node.name = node.name or node.output[0]
-    return onnxmorph.load_model_proto(model) if hasattr(onnxmorph, "load_model_proto") else onnxmorph.normalize(model)
+    return text_model(body, inits, x=x, y=y, opset=opset)
 
 
 def _w(*shape: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import text_model
 from hf_support import hf_export  # noqa: F401  (fixture)
 from onnx import numpy_helper
 
@@ -26,17 +27,7 @@ INT_MAX = 2 ** 63 - 1
 
 
 def _model(body: str, floats: dict[str, tuple[int, ...]], ints: dict[str, object], x: str, y: str) -> onnx.ModelProto:
-    text = f"""<ir_version: 8, opset_import: ["" : 17]>
-    g ({x} x) => ({y} y) {{
-    {body}
-    }}"""
-    model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(numpy_helper.from_array(RNG.normal(0, 0.5, s).astype(np.float32), k)
-                                   for k, s in floats.items())
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in ints.items())
-    for node in model.graph.node:
-        node.name = node.name or node.output[0]
-    return onnxmorph.normalize(model)
+    return text_model(body, {k: RNG.normal(0, 0.5, s) for k, s in floats.items()}, ints, x=x, y=y, opset=17)
 
 
 def _widen(model: object, layer: str, width: int, method: str, **shapes: tuple[int, ...]) -> onnx.ModelProto:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import parsed_model
 from onnx import numpy_helper
 
 import onnxmorph
@@ -176,14 +177,10 @@ def test_layer_norm_text_model_with_embedding() -> None:
     n = LayerNormalization<axis=-1, epsilon=0.001>(s, gamma, beta)
     y = MatMul(n, head)
     }"""
-    model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(3)
     arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "gamma": rng.random(6) + 0.5,
               "beta": rng.normal(size=6), "head": rng.normal(size=(6, 7))}
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
-    for node in model.graph.node:
-        node.name = node.output[0]
-    model = onnxmorph.normalize(model)
+    model = parsed_model(text, arrays)
     for width, method in ((12, "net2net"), (18, "lemon"), (9, "net2net"), (16, "lemon")):
         child = _widened(model, "h", width, method)
         grown = {t.name: numpy_helper.to_array(t) for t in child.graph.initializer}
@@ -208,15 +205,11 @@ def test_post_norm_stream_tiles_but_does_not_average() -> None:
     n2 = LayerNormalization<axis=-1>(s2, gamma2, beta2)
     y = MatMul(n2, head)
     }"""
-    model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(4)
     arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "w2": rng.normal(size=(6, 6)),
               "gamma": rng.random(6) + 0.5, "beta": rng.normal(size=6), "gamma2": rng.random(6) + 0.5,
               "beta2": rng.normal(size=6), "head": rng.normal(size=(6, 7))}
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
-    for node in model.graph.node:
-        node.name = node.output[0]
-    model = onnxmorph.normalize(model)
+    model = parsed_model(text, arrays)
     _widened(model, "h", 12, "net2net")
     with pytest.raises(NotApplicable, match="post-norm"):
         onnxmorph.get_pass("widen")(layer="h", width=9, method="net2net").requires(model)
@@ -302,15 +295,11 @@ def test_onnxruntime_fused_skip_norms_tile() -> None:
     r, mu2, inv2, s2 = com.microsoft.SkipSimplifiedLayerNormalization<epsilon=0.001>(s, h2, gamma2)
     y = MatMul(r, head)
     }"""
-    model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(5)
     arrays = {"table": rng.normal(size=(11, 6)), "w1": rng.normal(size=(6, 6)), "w2": rng.normal(size=(6, 6)),
               "gamma": rng.random(6) + 0.5, "beta": rng.normal(size=6), "gamma2": rng.random(6) + 0.5,
               "head": rng.normal(size=(6, 7))}
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items())
-    for node in model.graph.node:
-        node.name = node.output[0]
-    model = onnxmorph.normalize(model)
+    model = parsed_model(text, arrays)
     for layer in ("h", "h2"):
         _widened(model, layer, 12, "net2net")
         _widened(model, layer, 18, "lemon")
