@@ -38,7 +38,7 @@ WHOLE = re.compile(r"whole blocks \(a multiple of (\d+)\)")  # heads of d channe
 def candidate_layers(path: Path) -> list[tuple[str, int]]:
     """(name, output channels) of every MatMul/Gemm whose output is not a graph output."""
     import onnxmorph
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     model = onnxmorph.load(str(path), normalize_model=True)
     analysis = mgraph.Analysis(model)

@@ -322,7 +322,7 @@ def bench_solver(quick: bool, repeat: int) -> list[dict[str, Any]]:
     """NetMorph depth solutions at the parent's width: seconds and relative residual."""
     import numpy as np
 
-    from onnxmorph.solvers import compose, solve_deepen, target_kernel
+    from onnxmorph.numerics.solvers import compose, solve_deepen, target_kernel
 
     results = []
     for name, (shape, k2) in (QUICK_SOLVER_CASES if quick else SOLVER_CASES).items():
@@ -358,7 +358,7 @@ def bench_scaling(work: Path, quick: bool, repeat: int) -> list[dict[str, Any]]:
     import onnx
 
     import onnxmorph
-    from onnxmorph.pipeline import VerifyOptions, run_passes
+    from onnxmorph.pipeline.run import VerifyOptions, run_passes
 
     generate = _load_by_path("onnxmorph_models_generate", ROOT / "models" / "generate.py")
     registered = available_passes()

@@ -15,6 +15,9 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Any
 
+from onnxmorph.contract.passinfra import MorphPass, Param, PassResult
+from onnxmorph.contract.registry import REGISTRY, get_pass
+from onnxmorph.contract.registry import load as _load_passes
 from onnxmorph.errors import (
     InvalidModelError,
     NotApplicable,
@@ -23,15 +26,12 @@ from onnxmorph.errors import (
     UsageError,
     VerificationFailed,
 )
-from onnxmorph.inspection import inspect
-from onnxmorph.io import digest, load, normalize, save
-from onnxmorph.passinfra import MorphPass, Param, PassResult
-from onnxmorph.pipeline import MorphOutcome, VerifyOptions, morph, run_passes
-from onnxmorph.receipt import history
-from onnxmorph.recipe import read_recipe
-from onnxmorph.registry import REGISTRY, get_pass
-from onnxmorph.registry import load as _load_passes
-from onnxmorph.verify import Report, Verifier, verify
+from onnxmorph.io.loading import digest, load, normalize, save
+from onnxmorph.pipeline.inspection import inspect
+from onnxmorph.pipeline.receipt import history
+from onnxmorph.pipeline.recipe import read_recipe
+from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, morph, run_passes
+from onnxmorph.verification.verifier import Report, Verifier, verify
 from onnxmorph.version import __version__ as __version__
 
 

@@ -13,15 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from onnxmorph import io as mio
-from onnxmorph import limits, registry
+from onnxmorph import limits
+from onnxmorph.contract import registry
+from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
-from onnxmorph.inspection import format_inspection, inspect
-from onnxmorph.passinfra import MorphPass
-from onnxmorph.pipeline import MorphOutcome, VerifyOptions, run_passes
-from onnxmorph.search_cli import add_arguments as search_arguments
-from onnxmorph.search_cli import run_command as run_search
-from onnxmorph.verify import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
+from onnxmorph.io import loading as mio
+from onnxmorph.pipeline.inspection import format_inspection, inspect
+from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, run_passes
+from onnxmorph.search.cli import add_arguments as search_arguments
+from onnxmorph.search.cli import run_command as run_search
+from onnxmorph.verification.verifier import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
 from onnxmorph.version import __version__
 
 log = logging.getLogger("onnxmorph")
@@ -213,8 +214,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from onnxmorph.diff import diff
-    from onnxmorph.diffhtml import write_outputs
+    from onnxmorph.diff.compare import diff
+    from onnxmorph.diff.page import write_outputs
 
     for target in (args.html, args.model_explorer):
         for model in (args.parent, args.child) if target else ():
@@ -243,7 +244,7 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
         log.info("saving %s", out)
         mio.save(outcome.child, out, external_data=True if outcome.external_data else None, consume=True)
     if getattr(args, "html", None):
-        from onnxmorph.diffhtml import write_diff_page
+        from onnxmorph.diff.page import write_diff_page
 
         log.info("writing the diff page %s", args.html)
         write_diff_page(args.model, out, args.html)
@@ -271,7 +272,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from onnxmorph.recipe import read_recipe
+    from onnxmorph.pipeline.recipe import read_recipe
 
     passes = read_recipe(args.recipe)
     out = _check_output(args.model, args.output)

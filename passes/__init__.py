@@ -9,6 +9,6 @@ from onnxmorph.passes import (
     widen,  # noqa: F401
 )
 
-from onnxmorph.registry import REGISTRY
+from onnxmorph.contract.registry import REGISTRY
 
 __all__ = ["REGISTRY"]

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import blocks as mblocks
-from onnxmorph import build
-from onnxmorph import graph as mgraph
+from onnxmorph.analysis import blocks as mblocks
+from onnxmorph.contract.passinfra import SEED, MorphPass, Param, PassResult
+from onnxmorph.contract.registry import register
 from onnxmorph.errors import NotApplicable, UsageError
-from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult
-from onnxmorph.registry import register
+from onnxmorph.graph import build
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph.core import LayerInfo
 
 log = logging.getLogger("onnxmorph")
 

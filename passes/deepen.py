@@ -11,13 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxmorph import build, layers, solvers
-from onnxmorph import graph as mgraph
-from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import pair_geometries, shown
-from onnxmorph.graph import LayerInfo
-from onnxmorph.layers import Layer
-from onnxmorph.passinfra import (
+from onnxmorph.contract.passinfra import (
     SEED,
     MorphPass,
     Param,
@@ -27,7 +21,14 @@ from onnxmorph.passinfra import (
     new_layer_bytes,
     positive_int,
 )
-from onnxmorph.registry import register
+from onnxmorph.contract.registry import register
+from onnxmorph.errors import NotApplicable
+from onnxmorph.graph import build, layers
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph.core import LayerInfo
+from onnxmorph.graph.layers import Layer
+from onnxmorph.numerics import solvers
+from onnxmorph.numerics.geometry import pair_geometries, shown
 
 log = logging.getLogger("onnxmorph")
 

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxmorph import graph as mgraph
-from onnxmorph import layers
+from onnxmorph.contract.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight
+from onnxmorph.contract.registry import register
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import ConvGeometry, kernel_offsets, resized_geometry, shown
-from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import MorphPass, Param, PassResult, dims, layer_name, layer_weight
-from onnxmorph.registry import register
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph import layers
+from onnxmorph.graph.core import LayerInfo
+from onnxmorph.numerics.geometry import ConvGeometry, kernel_offsets, resized_geometry, shown
 
 log = logging.getLogger("onnxmorph")
 

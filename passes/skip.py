@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import build, channel_edits, channels
-from onnxmorph import graph as mgraph
-from onnxmorph import widening as wsolve
+from onnxmorph.analysis import channel_edits, channels
+from onnxmorph.contract.passinfra import MorphPass, Param, PassResult, layer_name
+from onnxmorph.contract.registry import register
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import pointwise
-from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name
-from onnxmorph.registry import register
+from onnxmorph.graph import build
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics import widening as wsolve
+from onnxmorph.numerics.geometry import pointwise
 
 MODES = ("add", "concat")
 

@@ -11,14 +11,23 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import build, layers, passinfra, splitting
-from onnxmorph import graph as mgraph
+from onnxmorph.contract import passinfra
+from onnxmorph.contract.passinfra import SEED, MorphPass, Param, PassResult, dims, int_list, layer_name, positive_int
+from onnxmorph.contract.registry import register
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import ConvGeometry, chain_geometries, inner_geometry, pair_geometries, pointwise, shown
-from onnxmorph.graph import LayerInfo
-from onnxmorph.layers import Layer
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, dims, int_list, layer_name, positive_int
-from onnxmorph.registry import register
+from onnxmorph.graph import build, layers
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph.core import LayerInfo
+from onnxmorph.graph.layers import Layer
+from onnxmorph.numerics import splitting
+from onnxmorph.numerics.geometry import (
+    ConvGeometry,
+    chain_geometries,
+    inner_geometry,
+    pair_geometries,
+    pointwise,
+    shown,
+)
 
 log = logging.getLogger("onnxmorph")
 

@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph import averaging, channel_edits, channels, layers, sizes
-from onnxmorph import graph as mgraph
-from onnxmorph import widening as wsolve
+from onnxmorph.analysis import averaging, channel_edits, channels, sizes
+from onnxmorph.contract.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int
+from onnxmorph.contract.registry import register
 from onnxmorph.errors import NotApplicable
-from onnxmorph.graph import LayerInfo
-from onnxmorph.passinfra import SEED, MorphPass, Param, PassResult, layer_name, layer_weight, positive_int
-from onnxmorph.registry import register
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph import layers
+from onnxmorph.graph.core import LayerInfo
+from onnxmorph.numerics import widening as wsolve
 
 
 def non_negative_float(value: Any) -> float:
@@ -42,7 +43,7 @@ class _Plan:
 class WidenPass(MorphPass):
     """Raise the output channels of a Conv/Gemm/MatMul layer to `width`, keeping the function exactly.
 
-    Every tensor, parameter and layer coupled to the widened channels (see onnxmorph.channels)
+    Every tensor, parameter and layer coupled to the widened channels (see onnxmorph.analysis.channels)
     follows: per-channel constants grow, depthwise convs get new groups, residual sums widen all
     their producers, consumers get new weight entries. Methods: `netmorph` (new filters random,
     consumers' new weights zero; before an LRN the new channels go after the old ones and the few
@@ -150,7 +151,7 @@ class WidenPass(MorphPass):
 
     def _check_tiling(self, view: gs.Graph, coupling: channels.Coupling, old: int) -> averaging.Average | None:
         """A norm (or mean) over the widened channels is exact when every channel is copied equally (tiling,
-        None), or, at other widths, by average expansion (see onnxmorph.averaging)."""
+        None), or, at other widths, by average expansion (see onnxmorph.analysis.averaging)."""
         norm = mgraph.find_node(view, coupling.uniform[0])
         what = "reduces over the channel axis" if norm.op.startswith("Reduce") else "normalises over the widened axis"
         tiled = f"{norm.op} '{norm.name}' {what}: exact only when the channels are tiled"

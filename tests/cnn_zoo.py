@@ -20,9 +20,9 @@ import torch  # the test modules importorskip torch before importing this one
 from torch import nn
 
 import onnxmorph
-from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.verify import Verifier
+from onnxmorph.graph import core as mgraph
+from onnxmorph.verification.verifier import Verifier
 
 F = nn.functional
 

@@ -21,9 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph import cli
-from onnxmorph import graph as mgraph
-from onnxmorph.passinfra import MorphPass, layer_name
-from onnxmorph.registry import REGISTRY
+from onnxmorph.contract.passinfra import MorphPass, layer_name
+from onnxmorph.contract.registry import REGISTRY
+from onnxmorph.graph import core as mgraph
 
 ROOT = Path(__file__).resolve().parent.parent
 

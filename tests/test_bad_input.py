@@ -33,7 +33,7 @@ from robust_support import (
 )
 
 import onnxmorph
-from onnxmorph.registry import REGISTRY
+from onnxmorph.contract.registry import REGISTRY
 
 BROKEN = ["missing", "empty", "random", "truncated", "checker", "folder"]
 # Every command that reads a model: the fixed ones and one per registered pass.

@@ -90,7 +90,7 @@ def _big_gemm_model(n: int = 256) -> onnx.ModelProto:
 
 
 def test_approx_size_matches_the_serialised_size_and_skeleton_keeps_no_weight_data() -> None:
-    from onnxmorph import io as mio
+    from onnxmorph.io import loading as mio
 
     model = _big_gemm_model()
     exact = model.ByteSize()
@@ -103,8 +103,8 @@ def test_approx_size_matches_the_serialised_size_and_skeleton_keeps_no_weight_da
 
 
 def test_structural_check_still_refuses_a_broken_graph_with_large_weights() -> None:
-    from onnxmorph import io as mio
     from onnxmorph.errors import InvalidModelError
+    from onnxmorph.io import loading as mio
 
     model = _big_gemm_model()
     mio.check_structure(model)
@@ -115,7 +115,7 @@ def test_structural_check_still_refuses_a_broken_graph_with_large_weights() -> N
 
 def test_save_writes_no_load_time_metadata_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
     import onnxmorph
-    from onnxmorph import io as mio
+    from onnxmorph.io import loading as mio
 
     source = tmp_path / "m.onnx"
     onnx.save(_big_gemm_model(), str(source))

@@ -12,10 +12,10 @@ from hf_support import hf_export  # noqa: F401  (fixture)
 from onnx import numpy_helper
 
 import onnxmorph
-from onnxmorph import blocks as mblocks
 from onnxmorph import cli
-from onnxmorph import graph as mgraph
+from onnxmorph.analysis import blocks as mblocks
 from onnxmorph.errors import NotApplicable, UsageError
+from onnxmorph.graph import core as mgraph
 
 PRE_NORM = [("gpt2", False), ("llama", False), ("vit", False), ("llama", True)]
 PRE_NORM_SLOW = [("gpt2", True), ("vit", True), ("wav2vec2", False), ("wav2vec2", True)]

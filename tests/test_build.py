@@ -11,10 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmorph import build, geometry, solvers
-from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable
-from onnxmorph.geometry import ConvGeometry
+from onnxmorph.graph import build
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics import geometry, solvers
+from onnxmorph.numerics.geometry import ConvGeometry
 
 
 def _graph(shape: list[int], opset: int, dtype: type = np.float32) -> tuple[gs.Graph, gs.Variable]:

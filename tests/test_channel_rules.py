@@ -11,9 +11,9 @@ from conftest import described, text_model
 from onnx import numpy_helper
 
 import onnxmorph
-from onnxmorph import channels
-from onnxmorph import graph as mgraph
+from onnxmorph.analysis import channels
 from onnxmorph.errors import NotApplicable
+from onnxmorph.graph import core as mgraph
 
 RNG = np.random.default_rng(12)
 INT_MAX = 2 ** 63 - 1

@@ -9,11 +9,11 @@ import pytest
 from conftest import reference_model
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph import inspection
+from onnxmorph.contract.passinfra import MorphPass, PassResult
+from onnxmorph.contract.registry import REGISTRY
 from onnxmorph.errors import OnnxMorphError
-from onnxmorph.passinfra import MorphPass, PassResult
-from onnxmorph.registry import REGISTRY
+from onnxmorph.graph import core as mgraph
+from onnxmorph.pipeline import inspection
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
@@ -108,7 +108,7 @@ def test_ensures_accepts_an_honest_no_op() -> None:
 
 
 def test_one_widen_analyses_its_channels_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxmorph import channels
+    from onnxmorph.analysis import channels
 
     analyses = _counting(monkeypatch, channels, "analyze")
     model = reference_model("resnet_mini")

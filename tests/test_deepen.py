@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmorph.passes.deepen import DeepenPass
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph import solvers
 from onnxmorph.errors import NotApplicable, UsageError
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics import solvers
 
 # --------------------------------------------------------------------------- one-layer models
 
@@ -396,7 +396,7 @@ def test_real_architectures(stem: str) -> None:
             assert "\n" not in str(exc) and info.name in str(exc)
     picked = sample_layers(names, 2, seed=11)
     steps = [DeepenPass(layer=name, seed=k) for k, name in enumerate(picked)]
-    outcome = onnxmorph.run_passes(model, steps, onnxmorph.pipeline.VerifyOptions(trials=1))
+    outcome = onnxmorph.run_passes(model, steps, onnxmorph.VerifyOptions(trials=1))
     assert outcome.report, f"{stem} {picked}: {outcome.report.summary()}"
     assert len(outcome.child.graph.node) == len(model.graph.node) + 2 * len(picked)
 

@@ -172,7 +172,7 @@ def test_resnet50_page_collapses_the_untouched_rest(browser: str, tmp_path: Path
 
 def test_drawn_region_is_capped_with_a_note(pages: dict[str, tuple[Path, Path]],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxmorph import diffhtml
+    from onnxmorph.diff import page as diffhtml
 
     d = diff(CIFAR, pages["deepen"][0])
     monkeypatch.setattr(diffhtml, "MAX_DRAWN", 4)
@@ -188,7 +188,7 @@ def test_drawn_region_is_capped_with_a_note(pages: dict[str, tuple[Path, Path]],
 
 @pytest.mark.parametrize("seed", range(6))
 def test_layout_keeps_boxes_apart_and_edges_downward(seed: int) -> None:
-    from onnxmorph.difflayout import NODE_H, NODE_W, layered_layout
+    from onnxmorph.diff.layout import NODE_H, NODE_W, layered_layout
 
     rng = np.random.default_rng(seed)
     names = [f"n{k}" for k in range(60)]
@@ -208,7 +208,7 @@ def test_layout_keeps_boxes_apart_and_edges_downward(seed: int) -> None:
 
 
 def test_layout_of_a_long_chain_needs_no_recursion() -> None:
-    from onnxmorph.difflayout import layered_layout
+    from onnxmorph.diff.layout import layered_layout
 
     names = [f"n{k}" for k in range(3000)]
     layout = layered_layout(list(reversed(names)), list(zip(names, names[1:])))  # every edge points backwards

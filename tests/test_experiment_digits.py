@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 
 import onnxmorph  # noqa: E402  (after the torch check)
 from onnxmorph import train as ot  # noqa: E402  (after the torch check)
-from onnxmorph.build import P_ACTIVATION_SUFFIX  # noqa: E402  (after the torch check)
 from onnxmorph.experiments import digits  # noqa: E402  (after the torch check)
+from onnxmorph.graph.build import P_ACTIVATION_SUFFIX  # noqa: E402  (after the torch check)
 
 # One thread: these tensors are too small for intra-op threads, and on a busy 2-core machine a
 # second thread made a step up to 100x slower (measured: 60 steps of a tiny MLP, 8 s against 0.07 s).

@@ -17,8 +17,8 @@ from conftest import MODELS
 from robust_support import PASSES, ROOT, assert_refused, cli_flags, first_use, leftovers, reference, run_cli
 
 import onnxmorph
-from onnxmorph import io as mio
-from onnxmorph import saving, streaming
+from onnxmorph.io import loading as mio
+from onnxmorph.io import saving, streaming
 
 # --------------------------------------------------------------------------- in-process faults
 
@@ -99,7 +99,8 @@ _SLOW_SAVE_DRIVER = r"""
 import os, sys, time
 from pathlib import Path
 from onnxmorph import cli
-from onnxmorph import saving, streaming
+from onnxmorph.io import saving
+from onnxmorph.io import streaming
 
 marker = Path(os.environ["ONNXMORPH_TEST_MARKER"])
 if os.environ.get("ONNXMORPH_TEST_EXTERNAL") == "1":

@@ -14,8 +14,8 @@ import pytest
 from hf_support import HIDDEN, hf_export  # noqa: F401  (fixture)
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph import layers
+from onnxmorph.graph import core as mgraph
+from onnxmorph.graph import layers
 
 
 def _attention(model) -> dict:

@@ -18,8 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from robust_support import assert_refused, listing, run_cli, run_main
 
 import onnxmorph
-from onnxmorph import folding, limits
-from onnxmorph import io as mio
+from onnxmorph import limits
+from onnxmorph.io import folding
+from onnxmorph.io import loading as mio
 
 # --------------------------------------------------------------------------- models
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import LIGHT, LIGHT_MODELS, MODELS, REFERENCE_MODELS
 
 import onnxmorph
+from onnxmorph.pipeline.inspection import format_inspection
 
 
 def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def test_inspect_reference_models(stem: str) -> None:
     expected = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     assert [layer["name"] for layer in info["layers"]] == expected
     assert info["history"] == []
-    text = onnxmorph.inspection.format_inspection(info, title=stem)
+    text = format_inspection(info, title=stem)
     assert f"morphable layers ({len(expected)})" in text
 
 

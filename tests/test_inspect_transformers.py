@@ -11,7 +11,7 @@ from hf_support import hf_export  # noqa: F401  (fixture)
 
 import onnxmorph
 from onnxmorph import cli
-from onnxmorph.inspection import format_inspection, reason_template
+from onnxmorph.pipeline.inspection import format_inspection, reason_template
 
 EXPECTED = {  # kind -> (block kind, heads, head_dim, kv_heads, query layer module)
     "gpt2": ("pre-norm", 4, 8, 4, "model.transformer.h.{}.attn.c_attn"),

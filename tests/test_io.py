@@ -14,9 +14,9 @@ from conftest import LIGHT, MODELS
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
-from onnxmorph import io as mio
-from onnxmorph import saving
 from onnxmorph.errors import InvalidModelError, UsageError
+from onnxmorph.io import loading as mio
+from onnxmorph.io import saving
 
 
 def _conv_model_with_constants(ir_version: int = 8, opset: int = 13) -> onnx.ModelProto:

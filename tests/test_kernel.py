@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmorph.passes.kernel import KernelPass, removed_ring_is_zero, resize_kernel
 
 import onnxmorph
-from onnxmorph import graph as mgraph
 from onnxmorph.errors import NotApplicable, UsageError
-from onnxmorph.geometry import kernel_offsets
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics.geometry import kernel_offsets
 
 
 def _conv_model(kernel: tuple[int, ...], spatial: tuple[int, ...], *, ci: int = 3, co: int = 4,

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from robust_support import PASSES, ROOT, applicable, cli_flags
 
 import onnxmorph
-from onnxmorph import saving
-from onnxmorph.registry import REGISTRY
+from onnxmorph.contract.registry import REGISTRY
+from onnxmorph.io import saving
 
 LARGE = os.environ.get("ONNXMORPH_LARGE") == "1"
 
@@ -92,7 +92,7 @@ onnx.save_model(model, sys.argv[2], save_as_external_data=True, all_tensors_to_o
 _MEASURE = r"""
 import json, os, resource, sys, time
 from onnxmorph import cli
-from onnxmorph import saving
+from onnxmorph.io import saving
 threshold = os.environ.get("ONNXMORPH_TEST_THRESHOLD")
 if threshold:
     saving.EXTERNAL_DATA_THRESHOLD = int(threshold)

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from robust_support import PASSES, applicable, reference
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph.passinfra import MorphPass, layer_name
-from onnxmorph.pipeline import VerifyOptions, run_passes
-from onnxmorph.registry import REGISTRY
-from onnxmorph.verify import Verifier
+from onnxmorph.contract.passinfra import MorphPass, layer_name
+from onnxmorph.contract.registry import REGISTRY
+from onnxmorph.graph import core as mgraph
+from onnxmorph.pipeline.run import VerifyOptions, run_passes
+from onnxmorph.verification.verifier import Verifier
 
 # --------------------------------------------------------------------------- the parent is never touched
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import MODELS, reference_model
 
 import onnxmorph
-from onnxmorph import graph as mgraph
+from onnxmorph.contract.passinfra import MorphPass, Param, PassResult, layer_name
+from onnxmorph.contract.registry import REGISTRY
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
-from onnxmorph.passinfra import MorphPass, Param, PassResult, layer_name
-from onnxmorph.recipe import read_recipe
-from onnxmorph.registry import REGISTRY
+from onnxmorph.graph import core as mgraph
+from onnxmorph.pipeline.recipe import read_recipe
 
 RECIPES = MODELS / "recipes"
 SHIPPED = {

@@ -31,12 +31,13 @@ _extra("sklearn")
 _extra("matplotlib")
 
 import onnxmorph  # noqa: E402
-from onnxmorph import receipt  # noqa: E402
 from onnxmorph.cli import main  # noqa: E402
 from onnxmorph.errors import NotApplicable, UsageError  # noqa: E402
 from onnxmorph.experiments import digits  # noqa: E402
+from onnxmorph.pipeline import receipt  # noqa: E402
+from onnxmorph.pipeline.inspection import format_inspection  # noqa: E402
 from onnxmorph.search import STATE_FILE, search  # noqa: E402
-from onnxmorph.search_space import parse_choice, propose  # noqa: E402
+from onnxmorph.search.space import parse_choice, propose  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -141,7 +142,7 @@ def test_receipts_chain_every_candidate_back_to_the_root(local_run) -> None:
         assert chain[0] == "root" and chain[-1] == row["id"]
         assert all(step["sha256"] == _sha(outdir / by_id[step["id"]]["file"]) for step in row["lineage"])
         assert all(by_id[child]["parent"] == parent for parent, child in zip(chain, chain[1:]))
-    text = onnxmorph.inspection.format_inspection(onnxmorph.inspect(onnx.load(outdir / "best.onnx")))
+    text = format_inspection(onnxmorph.inspect(onnx.load(outdir / "best.onnx")))
     assert "trained, not a morph" in text and "verified PASS" in text
 
 

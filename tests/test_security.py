@@ -26,7 +26,7 @@ from robust_support import (
 )
 
 import onnxmorph
-from onnxmorph import io as mio
+from onnxmorph.io import loading as mio
 
 # --------------------------------------------------------------------------- external data
 

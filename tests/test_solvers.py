@@ -7,15 +7,15 @@ import warnings
 import numpy as np
 import pytest
 
-from onnxmorph import solvers
-from onnxmorph.solvers import (
+from onnxmorph.numerics import solvers
+from onnxmorph.numerics.solvers import (
     carry_bias,
     compose,
     random_orthogonal,
     solve_deepen,
     target_kernel,
 )
-from onnxmorph.splitting import split_parallel, split_residual
+from onnxmorph.numerics.splitting import split_parallel, split_residual
 
 
 def ref_conv(x, w, b=None, groups=1, pads=None):

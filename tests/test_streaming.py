@@ -22,11 +22,11 @@ from onnx import TensorProto, helper, numpy_helper
 from test_large_model import build_vgg_like
 
 import onnxmorph
-from onnxmorph import streaming
 from onnxmorph.errors import VerificationFailed
-from onnxmorph.pipeline import VerifyOptions, run_passes
-from onnxmorph.recipe import read_recipe
-from onnxmorph.verify import Verifier
+from onnxmorph.io import streaming
+from onnxmorph.pipeline.recipe import read_recipe
+from onnxmorph.pipeline.run import VerifyOptions, run_passes
+from onnxmorph.verification.verifier import Verifier
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +41,8 @@ def high_water():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-from onnxmorph import channels, cli
-channels.load_rules()  # code, not data: the channel rule table loads on first use
+from onnxmorph import cli
+from onnxmorph.analysis import channels  # noqa: F401  (code, not data: the channel rules load with it)
 baseline = high_water()
 code = cli.main(sys.argv[1:])
 print(json.dumps({"code": code, "extra": high_water() - baseline}))

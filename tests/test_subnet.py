@@ -10,10 +10,10 @@ from onnx import numpy_helper
 from onnxmorph.passes.subnet import SubnetPass
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph import solvers
 from onnxmorph.errors import NotApplicable
-from onnxmorph.splitting import chain_filters, split_residual_centred
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics import solvers
+from onnxmorph.numerics.splitting import chain_filters, split_residual_centred
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

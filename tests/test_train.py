@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402  (after the tor
 import onnxmorph  # noqa: E402  (after the torch check)
 from onnxmorph import train as ot  # noqa: E402  (after the torch check)
 from onnxmorph.errors import UsageError  # noqa: E402  (after the torch check)
-from onnxmorph.verify import random_inputs, resolve_shapes  # noqa: E402  (after the torch check)
+from onnxmorph.verification.verifier import random_inputs, resolve_shapes  # noqa: E402  (after the torch check)
 
 # One thread: these tensors are too small for intra-op threads, and on a busy 2-core machine a
 # second thread made a step up to 100x slower (measured: 60 steps of a tiny MLP, 8 s against 0.07 s).

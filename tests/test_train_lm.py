@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import onnxmorph  # noqa: E402
 from onnxmorph import train as ot  # noqa: E402
-from onnxmorph.build import P_ACTIVATION_SUFFIX  # noqa: E402
 from onnxmorph.errors import UsageError  # noqa: E402
 from onnxmorph.experiments import lm  # noqa: E402
+from onnxmorph.graph.build import P_ACTIVATION_SUFFIX  # noqa: E402
 
 torch.set_num_threads(1)
 

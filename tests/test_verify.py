@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
 from onnxmorph.errors import InvalidModelError, UnsafeModelError, UsageError
-from onnxmorph.report import OutputCheck, compare, default_tolerances
-from onnxmorph.verify import parse_shape, read_model_file
+from onnxmorph.verification.report import OutputCheck, compare, default_tolerances
+from onnxmorph.verification.verifier import parse_shape, read_model_file
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,8 +11,9 @@ from hf_support import hf_export  # noqa: F401  (fixture)
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
-from onnxmorph import cli, feeds
-from onnxmorph.verify import Verifier, read_model_file
+from onnxmorph import cli
+from onnxmorph.verification import feeds
+from onnxmorph.verification.verifier import Verifier, read_model_file
 
 TEXT_MODELS = [("gpt2", False), ("bert", False), ("llama", False), ("llama", True),
                pytest.param("gpt2", True, marks=pytest.mark.slow), pytest.param("bert", True, marks=pytest.mark.slow)]

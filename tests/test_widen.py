@@ -11,10 +11,10 @@ from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, described, light_model, r
 from onnx import numpy_helper
 
 import onnxmorph
-from onnxmorph import graph as mgraph
-from onnxmorph import widening
 from onnxmorph.errors import NotApplicable
-from onnxmorph.verify import Verifier
+from onnxmorph.graph import core as mgraph
+from onnxmorph.numerics import widening
+from onnxmorph.verification.verifier import Verifier
 
 METHODS = ("netmorph", "net2net", "lemon")
 

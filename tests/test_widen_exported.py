@@ -77,7 +77,7 @@ def test_sweep_sample_on_exported_architectures(name: str) -> None:
     model = _architecture(name, True)
     from conftest import sample_layers
 
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     names = [info.name for info in mgraph.layers(mgraph.read_view(model))]
     result = cnn_zoo.sweep(model, sample_layers(names, SAMPLE[name], seed=3))

@@ -6,7 +6,7 @@ import pytest
 from hf_support import hf_export  # noqa: F401  (fixture)
 
 import onnxmorph
-from onnxmorph import graph as mgraph
+from onnxmorph.graph import core as mgraph
 
 
 def _widen_every_layer(path: str, factor: int) -> tuple[int, int]:

@@ -89,7 +89,7 @@ def _export(module: nn.Module, dynamo: bool) -> onnx.ModelProto:
 
 def _layer(model: onnx.ModelProto, weight_name: str) -> str:
     """The MatMul/Gemm layer whose weight was the torch parameter `weight_name` (names differ per exporter)."""
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     view = mgraph.read_view(model)
     for info in mgraph.layers(view):
@@ -139,7 +139,7 @@ def test_hidden_width_tiles_the_stream(rms: bool) -> None:
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_gated_ffn_and_hidden_width_on_both_exporters(dynamo: bool) -> None:
     model = _tiny(dynamo)
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     names = [info.name for info in mgraph.layers(mgraph.read_view(model))]
     gate, up, down = names[2], names[3], names[4]  # after qkv and o: the FFN's gate, up and down projections
@@ -154,7 +154,7 @@ def test_convnext_widens_every_layer_by_tiling() -> None:
     """ConvNeXt's LayerNorm over the channels refuses netmorph; tiling (net2net x2) verifies on every layer."""
     import cnn_zoo
 
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     model = cnn_zoo.build("convnext", dynamo=False)
     widen = onnxmorph.get_pass("widen")
@@ -220,7 +220,7 @@ def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
     """Widening the fused QKV projection by whole heads: one new head each for Q, K and V (head size 8); the
     reshapes that split and merge the heads are rewritten and the output projection reads the new head with 0."""
     model = _tiny(dynamo)
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
     qkv, out = layers[0].name, layers[1]
@@ -234,7 +234,7 @@ def test_attention_heads_grow_with_fused_qkv(dynamo: bool) -> None:
 def test_attention_heads_grow_with_separate_projections() -> None:
     """Widening Q by a head gives K and V the same head (scores and values are per head): all three grow."""
     model = _tiny(False, fused=False, heads=4)
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     layers = mgraph.layers(mgraph.read_view(model))
     q, k, v, out = layers[0], layers[1], layers[2], layers[3]
@@ -272,7 +272,7 @@ def test_grouped_query_attention_grows_whole_groups() -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         model = onnxmorph.normalize(torch.onnx.export(module, (torch.randn(2, 6, 16),), dynamo=True).model_proto)
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     q, k, v = (info for info in mgraph.layers(mgraph.read_view(model))[:3])
     child = _widened(model, q.name, 24, "netmorph")  # 2 new query heads: one new group
@@ -334,7 +334,7 @@ def test_heads_merged_with_the_batch_grow(width: int) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(BatchedHeadsAttention().eval(), (torch.randn(2, 6, 16),), buffer, dynamo=False)
     model = onnxmorph.normalize(onnx.load_from_string(buffer.getvalue()))
-    from onnxmorph import graph as mgraph
+    from onnxmorph.graph import core as mgraph
 
     q, k, v = (info for info in mgraph.layers(mgraph.read_view(model))[:3])
     child = _widened(model, q.name, width, "netmorph")

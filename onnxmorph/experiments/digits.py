@@ -30,9 +30,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxmorph
-from onnxmorph import train as ot
-from onnxmorph.build import P_ACTIVATION_SUFFIX
 from onnxmorph.experiments import log_to_stderr, run_jobs, write_results
+from onnxmorph.graph.build import P_ACTIVATION_SUFFIX
+from onnxmorph.train import adapter as ot
 
 log = logging.getLogger("onnxmorph.experiments.digits")
 

@@ -33,10 +33,10 @@ import onnx
 import torch
 
 import onnxmorph
-from onnxmorph import train as ot
 from onnxmorph.errors import NotApplicable, OnnxMorphError
 from onnxmorph.experiments import lm, log_to_stderr, run_jobs, write_results
 from onnxmorph.experiments.textgrowth_report import markdown, plot, summarise
+from onnxmorph.train import adapter as ot
 
 log = logging.getLogger("onnxmorph.experiments.textgrowth")
 

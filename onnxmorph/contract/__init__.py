@@ -1,0 +1,1 @@
+"""The pass contract (`passinfra`) and the registry (`registry`), the one loader of `onnxmorph.passes`."""

@@ -1,0 +1,1 @@
+"""Pure numpy and tuples: the depth factorisations, subnet splits, width fillings and conv geometry."""

@@ -1,0 +1,1 @@
+"""Running passes: limits, verification and the receipt (`run`), recipes, receipts and `inspect`."""

@@ -1,0 +1,1 @@
+"""Verification: inputs drawn per input (`feeds`), onnxruntime running parent and child (`verifier`), the report."""
