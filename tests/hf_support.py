@@ -3,16 +3,28 @@
 `hf_export(kind, dynamo)` (a session fixture) exports one of `ALL_KINDS` with the current exporter
 (`dynamo=True`, through onnxscript) or the TorchScript one (`dynamo=False`) once per test session
 and returns an `HFModel`: the file, its inputs, and `logits(feed)`, the Hugging Face model's own
-output for the same arrays. `KINDS` are the five families the older test modules sweep; `ZOO_KINDS`
-are the families added after them. `facts(kind)` says what each family is (sizes, block layout,
-experts, the HF class and config), `build_hf_model(kind)` gives the bare HF model.
+output for the same arrays (`hf_model`, `config` and `facts` on it give the HF side). `KINDS` are the
+five families the older test modules sweep, `ZOO_KINDS` the ones added after them. Sizes: hidden 32,
+4 heads of 8, MLP 64, 2 blocks (swin: 2 stages of 2), vocabulary 100, sequence 8, images 16x16.
 
-Some (family, exporter) pairs cannot be exported faithfully; `EXPORT_FAILURES` names them with the
-reason, `hf_export` refuses them, and tests/test_hf_zoo.py checks that they still fail.
+`facts(kind)` says what a family is (sizes, block layout, positions, experts, module paths, the HF
+class and config); `build_hf_model(kind)` is the bare HF model, `hf_config(kind)` and `hf_class(kind)`
+its config and class, `load_pretrained(kind, folder)` loads a saved or grown one. Every family exports
+faithfully with both exporters; `EXPORT_FAILURES` records the Hugging Face MoE code that does not (and
+why the MoE families run another), and tests/test_hf_zoo.py checks each export on fresh inputs and each
+recorded failure.
 
-Export times (seconds, one export each, on the 2-core CI machine):
+Export times in seconds (the export call alone, TorchScript and dynamo, measured on a 2-core machine
+that other jobs kept about 1.5 cores busy; the first export in a process pays about half a second more):
 
-EXPORT_TIMES_TABLE
+    family       TS dynamo      family       TS dynamo      family       TS dynamo
+    bert        1.1   5.6      gemma       0.3   6.9      phi3        0.5   7.2
+    gpt2        0.4   4.7      gemma2      0.6   8.6      falcon      0.5   6.4
+    llama       0.5   6.4      gemma3      0.6   9.0      olmo2       0.5   6.9
+    vit         0.3   2.4      qwen2       0.5   6.6      t5          0.4   5.9
+    wav2vec2    0.2   6.1      qwen3       0.5   7.5      swin        0.8   7.3
+    opt         0.1   5.0      mistral     0.5   6.9      mixtral     0.3   7.9
+    gpt_neox    0.3   5.8      phi         0.4   6.8      qwen2_moe   0.3   8.1
 """
 
 from __future__ import annotations
@@ -98,6 +110,11 @@ class HFModel:
         """The Hugging Face config of `hf_model`."""
         return self.hf_model.config
 
+    @property
+    def facts(self) -> dict[str, Any]:
+        """`facts(kind)`: what the family is."""
+        return facts(self.kind)
+
     def feed(self, seed: int = 0, batch: int = 2, sequence: int = SEQUENCE) -> dict[str, np.ndarray]:
         """Seeded inputs: ids in the vocabulary, masks of ones, pixels or 2*sequence audio samples in [-1, 1)."""
         rng = np.random.default_rng(seed)
@@ -150,7 +167,8 @@ _ZOO_CONFIGS: dict[str, Callable[[], Any]] = {
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_causal(intermediate_size=FFN, use_parallel_residual=True, **_rope(0.5))),
     # The multi-query family besides falcon: one key/value head, as in Gemma 2B.
     "gemma": lambda: tf.GemmaConfig(**_causal(intermediate_size=FFN, num_key_value_heads=1, head_dim=HEAD_DIM)),
-    # Caps of 2 bite: the logits reach about 2 before capping. Layer 0 attends through a window of 4 tokens.
+    # Caps of 2 bite: attention scores and logits reach about 4.5 before capping. Layer 0 attends through a
+    # window of 4 tokens.
     "gemma2": lambda: tf.Gemma2Config(**_causal(
         intermediate_size=FFN, num_key_value_heads=2, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
         sliding_window=4, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
@@ -197,6 +215,10 @@ _ZOO_CLASSES = {"opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "gemm
                 "t5": "T5EncoderModel", "swin": "SwinForImageClassification", "mixtral": "MixtralForCausalLM",
                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 
+def _layers(pattern: str, count: int = LAYERS) -> tuple[str, ...]:
+    return tuple(pattern.format(i) for i in range(count))
+
+
 # What every family is, written down independently of the configs (tests/test_hf_zoo.py measures each
 # fact on the built model). `facts()` documents the keys; a family lists only where it differs from a
 # llama-like decoder.
@@ -210,7 +232,7 @@ _DECODER: dict[str, Any] = {
     "experts": 0, "top_k": 0, "shared_expert_ffn": 0, "experts_implementation": None,
     "sliding_window": None, "attn_softcap": None, "final_softcap": None,
     "tied_embeddings": False, "attn_implementation": "eager",
-    "blocks": tuple(f"model.layers.{i}" for i in range(LAYERS)), "attention": "self_attn", "mlp": ("mlp",),
+    "blocks": _layers("model.layers.{}"), "attention": "self_attn", "mlp": ("mlp",),
 }
 _LEARNED = {"positions": "learned", "rotary_dim": None}
 _BERT_LIKE = {"norm": "layernorm", "qkv_bias": True, "gated_mlp": False, "attn_implementation": "sdpa",
@@ -219,10 +241,6 @@ _GEMMA = {"norm_plus_one": True, "embedding_scale": HIDDEN ** 0.5, "tied_embeddi
 _SANDWICH = {"norms_per_block": 4, "post_sublayer_norm": True, "sliding_window": 4}
 # HF keeps every expert's gate and up projections in one (experts, 2 * ffn, hidden) tensor.
 _MOE = {"experts": 4, "top_k": 2, "experts_implementation": _EXPERTS, "kv_heads": 2, "fused_gate_up": True}
-
-
-def _layers(pattern: str, count: int = LAYERS) -> tuple[str, ...]:
-    return tuple(pattern.format(i) for i in range(count))
 
 
 _FACTS: dict[str, dict[str, Any]] = {
@@ -308,7 +326,7 @@ def facts(kind: str) -> dict[str, Any]:
     """What the tiny `kind` model is, for tests to compare against (a new dict on every call).
 
     model_class, config: the Hugging Face class and a fresh config (`model_class(config)` is the model
-        with fresh weights; `model_class.from_pretrained(folder)` loads a saved or grown one).
+        with fresh weights; `load_pretrained(kind, folder)` loads a saved or grown one).
     modality: "text", "image" or "audio"; head: "causal_lm", "masked_lm", "image_classification", "ctc"
         or None (t5's bare encoder); output: the ONNX output, "logits" or "last_hidden_state".
     hidden_size, layers (transformer blocks, all stages), heads, kv_heads (heads of keys and values:
@@ -343,6 +361,19 @@ def facts(kind: str) -> dict[str, Any]:
 def hf_class(kind: str) -> type:
     """The Hugging Face model class of `kind` (e.g. `transformers.OPTForCausalLM`), for `from_pretrained`."""
     return _config_and_class(kind)[1]
+
+
+def load_pretrained(kind: str, folder: str | os.PathLike) -> Any:
+    """A saved (or grown) `kind` model from `folder`, in eval mode, running the zoo's attention and experts code.
+
+    `save_pretrained` does not store which implementations ran, and `from_pretrained` alone would pick sdpa
+    attention and grouped_mm experts (which compute the same function, but the latter does not export).
+    """
+    fact = facts(kind)
+    chosen = {"attn_implementation": fact["attn_implementation"]}
+    if fact["experts_implementation"]:
+        chosen["experts_implementation"] = fact["experts_implementation"]
+    return fact["model_class"].from_pretrained(folder, **chosen).eval()
 
 
 def input_names(kind: str) -> tuple[str, ...]:
