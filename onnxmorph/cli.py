@@ -250,7 +250,7 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
         from onnxmorph.diff.page import write_diff_page
 
         log.info("writing the diff page %s", args.html)
-        write_diff_page(args.model, out, args.html)
+        write_diff_page(args.model, out, args.html, shapes=dict(parse_shape(text) for text in args.shape))
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
