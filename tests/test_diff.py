@@ -255,3 +255,32 @@ def test_a_grandchild_shows_the_runs_since_each_ancestor(children: dict[str, Pat
     assert [r["steps"][0]["pass"] for r in from_parent.history] == ["deepen", "widen"]
     assert from_parent.receipt_note == "" and from_parent.groups[0]["step"]["index"] == 1
     assert "run 2: widen(" in str(from_parent)
+
+
+def _llama_flops(sequence: int, blocks: int) -> int:
+    """FLOPs per example of tests/hf_support.py's Llama: hidden 32, 4 query and 2 key/value heads of 8, MLP 64."""
+    s, h, kv, mlp, vocab = sequence, 32, 16, 64, 100
+    projections = 2 * s * h * (h + kv + kv + h) + 3 * 2 * s * h * mlp  # q, k, v, o; gate, up, down
+    attention = 2 * (2 * 4 * s * s * 8)  # scores and the weighted sum, 4 heads of 8
+    return blocks * (projections + attention) + 2 * s * h * vocab
+
+
+def test_transformer_flops_are_counted_at_the_sequence_length(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    hf_support = pytest.importorskip("hf_support")  # torch and transformers
+    parent = hf_support.export("llama", False, tmp_path).path
+    child = onnxmorph.save(onnxmorph.block(parent, after=0), tmp_path / "grown.onnx")
+    # the exported attention reshapes with sizes computed from Shape: counted after they are computed
+    d = diff(parent, child)
+    summary = d.to_dict()["summary"]
+    assert summary["flops_unknown_nodes"] == [[], []]
+    assert summary["flops_per_example"] == [_llama_flops(16, 2), _llama_flops(16, 3)]
+    assert summary["flops_input_sizes"][0] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    [group] = d.groups  # `block --after 0` names its block by index: the one block step is still found
+    assert group["morph"] == "block" and group["step"]["index"] == 1
+    assert "block of model.model.layers.0 (receipt step 1):" in str(d)
+    assert main(["diff", str(parent), str(child), "--shape", "input_ids:2x5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    # the mask's sequence axis takes the ids' size (as verification does); the batch is 1
+    assert summary["flops_input_sizes"][1] == {"input_ids": [1, 5], "attention_mask": [1, 5]}
+    assert summary["flops_per_example"] == [_llama_flops(5, 2), _llama_flops(5, 3)]

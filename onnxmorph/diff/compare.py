@@ -197,6 +197,15 @@ def _groups(p: ModelView, c: ModelView, added: list[str], steps: list[dict[str, 
                 group["step"] = {"index": k + 1, "pass": step.get("pass"), "params": params}
                 claimed.add(k)
                 break
+    # A step may name its target otherwise (`block --after 0`: an index): one group and one step of
+    # a morph left unmatched belong together.
+    for morph in {g["morph"] for g in groups.values() if g["step"] is None}:
+        lone = [g for g in groups.values() if g["morph"] == morph and g["step"] is None]
+        left = [k for k, step in enumerate(steps) if k not in claimed and step.get("pass") == morph]
+        if len(lone) == 1 and len(left) == 1:
+            k = left[0]
+            lone[0]["step"] = {"index": k + 1, "pass": morph, "params": steps[k].get("params", {})}
+            claimed.add(k)
     return list(groups.values())
 
 
