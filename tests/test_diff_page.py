@@ -65,8 +65,11 @@ def _chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedPr
 
 
 def _dom(browser: str, page: Path, tmp_path: Path, fragment: str = "", *args: str) -> _Dom:
-    result = _chromium(browser, tmp_path / "profile", *args, "--dump-dom", page.resolve().as_uri() + fragment)
+    # --enable-logging: the page's console (an uncaught exception in its script) goes to stderr
+    result = _chromium(browser, tmp_path / "profile", *args, "--enable-logging=stderr", "--v=0", "--dump-dom",
+                       page.resolve().as_uri() + fragment)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Uncaught" not in result.stderr, [line for line in result.stderr.splitlines() if "Uncaught" in line]
     dom = _Dom()
     dom.feed(result.stdout)
     return dom

@@ -397,6 +397,7 @@ border-radius:3px}
 .key.rewired{background:#ddf4ff;border-color:#0969da}.key.collapsed{background:#f3f4f6;border-style:dashed}
 #details{min-height:0;overflow:auto;background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:8px 10px}
 #details h4{margin:0 0 4px;word-break:break-all}#details td{font-size:12px;word-break:break-all}
+#details table.weights td:first-child{white-space:nowrap;word-break:normal}
 .hint{color:#57606a;margin:0}
 """
 
@@ -522,8 +523,9 @@ _SCRIPT = """
     parent.appendChild(el);
     return el;
   }
-  function table(rows) {
+  function table(rows, kind) {
     var t = document.createElement('table');
+    if (kind) t.className = kind;
     rows.forEach(function (r) { var tr = add(t, 'tr'); r.forEach(function (c) { add(tr, 'td', c); }); });
     return t;
   }
@@ -540,7 +542,7 @@ _SCRIPT = """
       add(panel, 'b', 'weights');
       panel.appendChild(table(info.weights.map(function (w) {
         return ['input ' + w[0], w[1], w.length > 3 ? w[3] + ' \\u2192 ' + w[2] : w[2]];
-      })));
+      }), 'weights'));
     }
     add(panel, 'b', 'inputs');
     panel.appendChild(table(info.inputs));

@@ -53,9 +53,10 @@ def counting_sizes(header: onnx.ModelProto, given: Mapping[str, Sequence[int]] |
     return out
 
 
-def has_dynamic_inputs(header: onnx.ModelProto) -> bool:
-    """Whether any input of the model has a size that is not a number."""
-    return any(not isinstance(d, int) for info in mio.true_inputs(header) for d in feeds.declared_dims(info))
+def has_dynamic_inputs(header: onnx.ModelProto, beyond_batch: bool = False) -> bool:
+    """Whether any input of the model has a size that is not a number (`beyond_batch`: on an axis but the first)."""
+    return any(not isinstance(d, int) for info in mio.true_inputs(header)
+               for d in feeds.declared_dims(info)[1 if beyond_batch else 0:])
 
 
 def concrete_shapes(header: onnx.ModelProto, sizes: Mapping[str, Sequence[int]]) -> tuple[dict[str, Dims | None], str]:

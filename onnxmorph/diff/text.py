@@ -113,8 +113,10 @@ def flop_basis(d: Diff) -> str:
         return "from inferred shapes, a symbolic batch as 1" if symbolic else "at the inputs' declared sizes"
     at = describe_sizes(sizes[1] or sizes[0]) if sizes[0] == sizes[1] or not all(sizes) else \
         f"{describe_sizes(sizes[0])} (parent), {describe_sizes(sizes[1])} (child)"
-    return (f"at input sizes {at}: a dynamic batch counts as 1, per example; other dynamic axes are sized as "
-            f"verify sizes them, by --shape NAME:DIMS or else a sequence of {DEFAULT_SEQUENCE}")
+    how = "a dynamic batch counted as 1, per example"
+    if d.parent.flop_sequence or d.child.flop_sequence:
+        how += f"; other dynamic axes as verify sizes them: by --shape NAME:DIMS, else a sequence of {DEFAULT_SEQUENCE}"
+    return f"at input sizes {at} ({how})"
 
 
 def format_history(history: list[dict[str, Any]], note: str = "") -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Union
 import onnx
 from onnx import numpy_helper
 
-from onnxmorph.diff.shapes import counting_shapes
+from onnxmorph.diff.shapes import counting_shapes, has_dynamic_inputs
 from onnxmorph.errors import one_line
 from onnxmorph.io import folding
 from onnxmorph.io import loading as mio
@@ -57,6 +57,7 @@ class ModelView:
     flop_inputs: dict[str, list[int]] = field(default_factory=dict)
     flop_shapes: dict[str, Dims | None] | None = None
     flop_note: str = ""
+    flop_sequence: bool = False  # whether an input has a dynamic axis besides the batch (sized like verify's)
     producer: dict[str, str] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)
 
@@ -130,6 +131,7 @@ def model_view(source: Source, shapes: Mapping[str, Sequence[int]] | None = None
         float_weights={w for w in weights if elem_types.get(w) in _FLOAT_TYPES},
         shapes=inferred, batch_dims=batch, history=receipt.history(header), unnamed_nodes=unnamed, shape_note=note,
         flop_inputs=flop_inputs, flop_shapes=flop_shapes, flop_note=flop_note,
+        flop_sequence=has_dynamic_inputs(header, beyond_batch=True),
     )
 
 
