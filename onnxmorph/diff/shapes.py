@@ -226,6 +226,8 @@ def _reference(node: onnx.NodeProto, args: list[Any], opsets: dict[str, int]) ->
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if not np.all(b):
+        raise ZeroDivisionError("a size divided by 0")  # the value stays unknown
     if a.dtype.kind in "iu" and b.dtype.kind in "iu":
         return (np.sign(a) * np.sign(b) * (np.abs(a) // np.abs(b))).astype(np.result_type(a, b))
     return a / b

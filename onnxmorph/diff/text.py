@@ -60,8 +60,8 @@ def shape_text(dims: Dims | list[Any] | None) -> str:
 
 
 def count_text(n: float) -> str:
-    """A count in engineering units: 1.23 M, 4.56 G."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    """A count in engineering units: 1.23 M, 4.56 G (up to E: a long sequence squared)."""
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:g}"
