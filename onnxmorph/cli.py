@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--html", metavar="OUT.html", help="write a self-contained page drawing the changed region")
     p.add_argument("--model-explorer", metavar="OUT.json", help="write the node mapping for Model Explorer")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="input sizes to count FLOPs at, as verify takes them (repeatable; by default a dynamic "
+                        "batch is 1, per example, and a dynamic sequence axis 16)")
 
     p = sub.add_parser("verify", parents=[common], help="check that CHILD computes PARENT's function")
     p.add_argument("parent", metavar="PARENT")
@@ -220,7 +223,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for target in (args.html, args.model_explorer):
         for model in (args.parent, args.child) if target else ():
             _check_output(model, target)
-    result = diff(args.parent, args.child)
+    result = diff(args.parent, args.child, dict(parse_shape(text) for text in args.shape))
     write_outputs(result, html=args.html, model_explorer=args.model_explorer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -247,7 +250,7 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
         from onnxmorph.diff.page import write_diff_page
 
         log.info("writing the diff page %s", args.html)
-        write_diff_page(args.model, out, args.html)
+        write_diff_page(args.model, out, args.html, shapes=dict(parse_shape(text) for text in args.shape))
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
