@@ -172,12 +172,12 @@ FAMILIES: tuple[Family, ...] = (
     # GPT-NeoX's query_key_value holds each head's q, k, v together: [q_0 k_0 v_0 q_1 k_1 v_1 ...].
     Family(name="gpt_neox", model_types=("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in.weight",
            shapes={"gpt_neox.embed_in.weight": "V,D", **_both("gpt_neox.final_layer_norm", shape="D"),
-                   "embed_out.weight": "V,D"},
+                   "lm_head.weight": "V,D", "embed_out.weight": "V,D"},  # the head's name before transformers 5
            layer_shapes={**_both("input_layernorm", "post_attention_layernorm", shape="D"),
                          **_linear("attention.query_key_value", "3*Q", "D"), **_linear("attention.dense", "D", "Q"),
                          **_linear("mlp.dense_h_to_4h", "I", "D"), **_linear("mlp.dense_4h_to_h", "D", "I")},
            hidden="hidden_size", ffn="intermediate_size", heads="num_attention_heads", num_layers="num_hidden_layers",
-           eps=("layer_norm_eps",), tied={"embed_out.weight": "gpt_neox.embed_in.weight"}, attention="neox",
+           eps=("layer_norm_eps",), tied={"lm_head.weight": "gpt_neox.embed_in.weight"}, attention="neox",
            projections=("attention.query_key_value", "attention.dense")),
 )
 
