@@ -202,7 +202,8 @@ MORE = [("mistral", ALL), ("llama", ("hidden 1.5x",)), ("qwen3", ("hidden 2x", "
 SINGLE = {
     "gpt2": ("hidden 2x", "hidden 1.5x", "ffn 2x", "block"), "llama": (*ALL, "hidden 1.5x"),
     "bert": ("ffn 2x",), "qwen2": (*ALL, "hidden 1.5x"), "mistral": (*ALL, "hidden 1.5x"),
-    "gemma": ("hidden 2x", "hidden 1.5x", "heads", "ffn 2x", "block"), "phi": ("hidden 2x", "heads", "ffn 2x"),
+    "gemma": ("hidden 2x", "hidden 1.5x", "heads", "ffn 2x", "block"),
+    "phi": ("hidden 2x", "hidden 1.5x", "heads", "ffn 2x"),
     "gpt_neox": ("hidden 2x", "hidden 1.5x"), "qwen3": ("hidden 2x", "heads", "ffn 2x", "block"),
     "phi3": ("hidden 2x", "block"), "olmo2": ("hidden 2x",),
 }
@@ -309,6 +310,48 @@ def test_the_family_table_matches_transformers() -> None:
         assert dict(family.tied) == dict(type(model)._tied_weights_keys or {}), kind
 
 
+class _Logits(torch.nn.Module):
+    """What docs/huggingface.md exports: the logits of the token ids and mask, the cache off."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def test_weights_the_exporter_shares_between_parameters(tmp_path: Path) -> None:
+    """HF's own initialisation (every norm at 1, every bias at 0): the exporter keeps one initializer for many
+    parameters, which growth then carries to all of them (here with average expansion and a block)."""
+    torch.manual_seed(0)
+    fact = facts("gpt2")
+    model = fact["model_class"](fact["config"]).eval()
+    model.save_pretrained(tmp_path / "parent_hf")
+    ids = torch.randint(0, 100, (2, 8))
+    torch.onnx.export(_Logits(model).eval(), (ids, torch.ones_like(ids)), str(tmp_path / "parent_hf" / "model.onnx"),
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamo=False,
+                      opset_version=17, dynamic_axes={n: {0: "batch", 1: "sequence"}
+                                                      for n in ("input_ids", "attention_mask")})
+    parent = onnxmorph.load(tmp_path / "parent_hf" / "model.onnx")
+    reads: dict[str, int] = {}
+    for node in parent.graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    shared = [t.name for t in parent.graph.initializer if reads.get(t.name, 0) > 1 and len(t.dims) == 1]
+    assert shared, "the exporter shares the equal norms' and biases' initializers"
+    onnxmorph.save(grow(parent, ("hidden 1.5x", "block")), tmp_path / "child.onnx")
+    result = export_hf(tmp_path / "child.onnx", like=tmp_path / "parent_hf", out=tmp_path / "child_hf", check=False)
+    grown = load_back("gpt2", tmp_path / "child_hf")
+    feed = {"input_ids": np.random.default_rng(3).integers(0, 100, (3, 9)), "attention_mask": np.ones((3, 9), np.int64)}
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(hf_logits(grown, feed), expected, atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(hf_logits(grown, feed), _session_logits(tmp_path / "child.onnx", feed), atol=ATOL,
+                               rtol=ATOL)
+    assert (result.sizes.D, result.sizes.layers) == (48, 3)
+
+
 # ------------------------------------------------------------------------------------------- the check
 
 
@@ -398,8 +441,8 @@ def test_a_checkpoint_that_is_not_the_parent_s_is_refused(grown_child, parent_ch
     hf, _, child_path = grown_child("llama", False, ALL)
     retrained = tmp_path / "retrained"  # the same architecture with other weights
     build_hf_model("llama", seed=5).save_pretrained(retrained)
-    with pytest.raises(NotApplicable, match=r"parameter \S+ \[.*\] is in no initializer of .*: the child was "
-                                            r"not grown from an export of this checkpoint"):
+    with pytest.raises(NotApplicable, match=r"parameter \S+ \[.*\] is in no initializer of .*: that model is "
+                                            r"not an export of this checkpoint"):
         export_hf(child_path, like=retrained, out=tmp_path / "out", parent=hf.path, check=False)
     _, gpt2_folder = parent_checkpoint("gpt2")  # another family altogether
     with pytest.raises(NotApplicable, match="is in no initializer"):
@@ -476,7 +519,7 @@ def test_the_command_writes_the_checkpoint_and_says_what_changed(grown_child, tm
     code = cli.main(["export-hf", str(child_path), "--like", str(parent_folder), "-o", str(tmp_path / "json"),
                      "--parent", str(hf.path), "--no-check", "--json"])
     document = json.loads(capsys.readouterr().out)
-    assert code == 0 and document["sizes"]["D"] == 64 and document["config"]["num_hidden_layers"] == 3
+    assert code == 0 and document["sizes"]["hidden"] == 64 and document["config"]["num_hidden_layers"] == 3
 
 
 def test_the_command_refuses_in_one_line_with_exit_2(grown_child, tmp_path: Path, capsys) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +29,7 @@ def run_command(args: argparse.Namespace) -> int:
     result = export_hf(args.model, like=args.like, out=args.output, parent=args.parent, force=args.force,
                        check=False if args.no_check else None)
     if args.json:
-        print(json.dumps({"output": str(result.out), "family": result.family,
-                          "parent_sizes": asdict(result.parent_sizes), "sizes": asdict(result.sizes),
-                          "parameters": result.parameters, "notes": result.notes, "check": result.check,
-                          "config": result.config}, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:
         print(result.summary())
     return 0

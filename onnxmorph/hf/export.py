@@ -38,6 +38,7 @@ from onnxmorph.analysis import blocks as mblocks
 from onnxmorph.analysis.blocks import FUSED_NORMS
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError
 from onnxmorph.graph import core as mgraph
+from onnxmorph.hf import check as hfcheck
 from onnxmorph.hf import checkpoint as ckpt
 from onnxmorph.hf import families as fam
 from onnxmorph.hf import matching
@@ -73,6 +74,15 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     check: dict[str, Any] | None = None  # the comparison with the ONNX child, when one ran
 
+    def to_dict(self) -> dict[str, Any]:
+        def sizes(s: Sizes) -> dict[str, int]:
+            return {"hidden": s.D, "ffn": s.I, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.hd,
+                    "layers": s.layers}
+
+        return {"output": str(self.out), "family": self.family, "parent_sizes": sizes(self.parent_sizes),
+                "sizes": sizes(self.sizes), "parameters": self.parameters, "notes": self.notes, "check": self.check,
+                "config": self.config}
+
     def summary(self) -> str:
         p, c = self.parent_sizes, self.sizes
         changes = [f"{label} {a} -> {b}" for label, a, b in (
@@ -97,6 +107,9 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
     a difference raises VerificationFailed and writes nothing. Raises NotApplicable (a child that is no
     longer the architecture, naming the morph or weight) or UsageError (bad input), both in one line.
     """
+    if check and not hfcheck.available():
+        raise UsageError("comparing the checkpoint with the child needs transformers and torch (pip install "
+                         "transformers torch), or --no-check")
     like = Path(like)
     checkpoint = ckpt.read_checkpoint(like)
     out = ckpt.check_output(out, like, force)
@@ -113,12 +126,15 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
     def verify(folder: Path) -> None:
         if check is False:
             return
-        from onnxmorph.hf import check as hfcheck
-
         if check is None and not hfcheck.available():
             result.notes.append("not compared with the ONNX child: transformers and torch are not installed")
             return
-        result.check = hfcheck.compare(folder, child_model, child_name)
+        try:
+            result.check = hfcheck.compare(folder, child_model, child_name)
+        except NotApplicable as exc:  # the child's inputs or output are not the model's: asked for, an error
+            if check:
+                raise
+            result.notes.append(f"not compared with the ONNX child: {exc}")
 
     log.info("writing %s", out)
     ckpt.write_checkpoint(out, config, tensors, like, before_commit=verify)
@@ -202,14 +218,16 @@ class _Plan:
                 raise NotApplicable(f"{self.like}: {key} {self.config.get(key)} differs from {family.hidden} "
                                     f"{self.parent_sizes.D}; export-hf writes {family.name} models where they are "
                                     "equal")
-        targets_absent = all(t not in tensors for t in family.tied)
-        tied = bool(family.tied) and bool(self.config.get("tie_word_embeddings", targets_absent)) and targets_absent
+        # Tied: the config says so (transformers' default where it does not: the checkpoint then lacks the head).
+        absent = all(t not in tensors for t in family.tied)
+        tied = bool(family.tied) and bool(self.config.get("tie_word_embeddings", absent))
         fixed = self._solve_parent()
-        self.parent_map = matching.match_parent(self.parent, tensors, family, tied, self.parent_name, self.like)
+        self.parent_map = matching.match_parent(self.parent, tensors, family, tied and absent, self.parent_name,
+                                                self.like)
         inserted = sum(s.get("pass") == "block" for r in history for s in r.get("steps") or [])
         layers = self._child_layers(inserted)
         grown, origin = self._follow(layers)
-        if tied:
+        if tied and absent:
             grown, origin = self._tie(grown, origin)
         sizes = self._solve_child(grown, origin, fixed, len(layers))
         self._check_heads()
@@ -275,6 +293,8 @@ class _Plan:
         by_layer: dict[int, list[int]] = defaultdict(list)
         for i, (j, _) in enumerate(layers):
             by_layer[j].append(i)
+        for key in self.parent_map.kept:
+            grown[key], origin[key] = self.checkpoint.tensors[key], key
         for key, sources in self.parent_map.sources.items():
             match = family.layer_match(key)
             if match is None:
@@ -313,14 +333,16 @@ class _Plan:
         """The tied targets' own values: the head the export kept apart, or else the source's."""
         inits = {t.name: t for t in self.child.graph.initializer}
         for target, source in self.family.tied.items():
+            if source not in grown:  # a model without that head (a bare encoder)
+                continue
             heads = self.parent_map.heads.get(target)
             grown[target] = self._value(target, target, heads, {}, inits) if heads else grown[source]
             origin[target] = source
         return grown, origin
 
     def _still_tied(self, grown: dict[str, np.ndarray]) -> bool:
-        differ = [t for t, s in self.family.tied.items()
-                  if grown[t].shape != grown[s].shape or not np.array_equal(grown[t], grown[s])]
+        differ = [t for t, s in self.family.tied.items() if t in grown and s in grown
+                  and (grown[t].shape != grown[s].shape or not np.array_equal(grown[t], grown[s]))]
         if differ:
             self.notes.append(f"tie_word_embeddings: false ({differ[0]} written apart: after growth the output head "
                               f"is no longer the embedding {self.family.tied[differ[0]]})")

@@ -39,6 +39,11 @@ class Source:
     form: str  # "same", "transposed" (a Linear weight as a MatMul reads it), "plus_one" (Gemma's 1 + weight)
 
 
+def is_float(values: np.ndarray) -> bool:
+    """A floating-point tensor (bfloat16, an ml_dtypes type, included): what growth changes."""
+    return values.dtype.kind == "f" or values.dtype.name == "bfloat16"
+
+
 def array(tensor: onnx.TensorProto) -> np.ndarray:
     """The values of an initializer (memory-mapped when it stays in its file)."""
     return streaming.map_array(tensor) if streaming.is_reference(tensor) else numpy_helper.to_array(tensor)
@@ -108,6 +113,7 @@ class ParentMap:
     """Checkpoint parameter -> its initializer(s) in the parent export (several only when they are equal in value)."""
 
     sources: dict[str, list[Source]]
+    kept: list[str] = field(default_factory=list)  # integer buffers a checkpoint may hold: written as they are
     heads: dict[str, list[Source]] = field(default_factory=dict)  # tied target -> the export's own copy of it
 
     def layer_sources(self, family: Family) -> dict[str, set[int]]:
@@ -137,15 +143,19 @@ def match_parent(parent: onnx.ModelProto, tensors: Mapping[str, np.ndarray], fam
     sources: dict[str, list[Source]] = {}
     heads: dict[str, list[Source]] = {}
     tied_targets = {source: target for target, source in family.tied.items()} if tied else {}
+    kept = []
     for key, values in tensors.items():
+        if not is_float(values):
+            kept.append(key)
+            continue
         found = []
         for form in FORMS:
             if form == "transposed" and values.ndim != 2 or form == "plus_one" and values.ndim != 1:
                 continue
             found += [Source(init, form) for init in index.get(_fingerprint(to_export(values, form)), [])]
         if not found:
-            raise NotApplicable(f"{like}: parameter {key} {list(values.shape)} is in no initializer of {where}: the "
-                                f"child was not grown from an export of this checkpoint")
+            raise NotApplicable(f"{like}: parameter {key} {list(values.shape)} is in no initializer of {where}: that "
+                                "model is not an export of this checkpoint")
         if key in tied_targets and values.ndim == 2:
             own = [s for s in found if any(n.op_type == "Gather" for n, _ in reads[s.init])]
             other = [s for s in found if any(n.op_type != "Gather" for n, _ in reads[s.init])]
@@ -160,7 +170,7 @@ def match_parent(parent: onnx.ModelProto, tensors: Mapping[str, np.ndarray], fam
             node = reads[tensor.name][0][0]
             raise NotApplicable(f"{where}: weight '{tensor.name}' {list(tensor.dims)} (read by {node.op_type} "
                                 f"'{node.name}') matches no parameter of {like}: not an export of that checkpoint")
-    return ParentMap(sources, heads)
+    return ParentMap(sources, heads=heads, kept=kept)
 
 
 def _prefer(key: str, found: list[Source], reads: Mapping[str, list[tuple[onnx.NodeProto, int]]]) -> list[Source]:
