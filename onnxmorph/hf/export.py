@@ -117,9 +117,16 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
     child_model, child_name = _load(child, "child")
     history = receipt.history(child_model)
     _check_history(history, child_name, family)
-    parent_model, parent_name = _find_parent(parent, history, like, child)
+    parent_model, parent_name, other_digest = _find_parent(parent, history, like, child)
     plan = _Plan(family, checkpoint, child_model, child_name, parent_model, parent_name)
-    config, tensors, sizes = plan.run(history)
+    try:
+        config, tensors, sizes = plan.run(history)
+    except NotApplicable as exc:
+        if other_digest:  # what the receipt says, beside what the weights say
+            raise NotApplicable(f"{exc} ({other_digest})") from exc
+        raise
+    if other_digest:
+        plan.notes.append(f"{other_digest}: its weights and names match the checkpoint and the child")
     result = ExportResult(out, family.name, plan.parent_sizes, sizes, config,
                           int(sum(v.size for v in tensors.values())), plan.notes)
 
@@ -171,29 +178,29 @@ def _sha256(path: Path) -> str:
 
 
 def _find_parent(parent: ModelLike | None, history: list[dict[str, Any]], like: Path,
-                 child: ModelLike) -> tuple[onnx.ModelProto, str]:
-    """The export the child was grown from: `parent`, checked against the receipt's digest, or found by it."""
-    wanted = history[0].get("parent_sha256")
+                 child: ModelLike) -> tuple[onnx.ModelProto, str, str | None]:
+    """The export the child was grown from: `parent`, or the file whose SHA-256 the child's receipt records.
+
+    Returns (model, name, a note when `parent`'s digest is not the receipt's). The digest is a check, not the
+    proof: a child grown from a model held in memory records the digest of that model's normalised form,
+    which no file has. What decides is the by-value match with the checkpoint and the names in the child.
+    """
+    wanted = str(history[0].get("parent_sha256"))
     if parent is not None:
         model, name = _load(parent, "parent")
-        digests = {mio.digest(model)}
-        if isinstance(parent, onnx.ModelProto):
-            digests.add(mio.digest(mio.normalize(parent)))
-        elif wanted not in digests:  # a child grown from the loaded model in memory records the normalised form's
-            digests.add(mio.digest(mio.normalize(onnx.load(str(parent)))))
-        if wanted not in digests:
-            raise NotApplicable(f"{name}: is not the model the child was grown from (its receipt records a parent "
-                                f"with SHA-256 {str(wanted)[:12]}..., this one is {sorted(digests)[0][:12]}...)")
-        return model, name
+        digest = mio.digest(model)
+        other = None if digest == wanted else (f"{name} is not the parent whose SHA-256 the child's receipt records: "
+                                               f"{wanted[:12]}..., this one is {digest[:12]}...")
+        return model, name, other
     folders = [like] + ([Path(child).resolve().parent] if not isinstance(child, onnx.ModelProto) else [])
     skip = None if isinstance(child, onnx.ModelProto) else Path(child).resolve()
     for folder in dict.fromkeys(f.resolve() for f in folders):
         for path in sorted(folder.glob("*.onnx")):
             if path.resolve() != skip and path.is_file() and _sha256(path) == wanted:
                 log.info("the parent export is %s", path)
-                return mio.load(path, normalize_model=True, lazy=True), str(path)
+                return mio.load(path, normalize_model=True, lazy=True), str(path), None
     raise UsageError(f"no parent export found: pass --parent PARENT.onnx, the export of {like} that the child was "
-                     f"grown from (SHA-256 {str(wanted)[:12]}...; looked for *.onnx in {like}"
+                     f"grown from (SHA-256 {wanted[:12]}...; looked for *.onnx in {like}"
                      + ("" if isinstance(child, onnx.ModelProto) else f" and {Path(child).parent or '.'}") + ")")
 
 
