@@ -12,9 +12,11 @@ the layers after them renumbered); the new sizes are solved from the weights' sh
 child is refused naming the weight that differs); config.json keeps every other field of the
 parent's. What the config derives from the sizes is kept true: the norms' epsilon (average
 expansion scales it), Gemma's embedding scale sqrt(hidden), head_dim (written where the family reads
-it; where it derives it as hidden / heads, heads that read nothing and write zero are added until the
-heads fill the hidden width), and tied embeddings (untied, with a head of its own, when growth made
-the head differ from the embedding).
+it; where it derives it as hidden / heads, or its config validator wants hidden a multiple of the
+heads, heads that write zero are added until it holds), and tied embeddings (untied, with a head of
+its own, when growth made the head differ from the embedding). With transformers installed, the
+written folder is loaded and compared with the ONNX child before it replaces anything
+(onnxmorph.hf.check).
 """
 
 from __future__ import annotations
@@ -373,9 +375,6 @@ class _Plan:
         if sizes.heads % sizes.kv_heads:
             raise NotApplicable(f"{self.child_name}: {sizes.heads} query heads do not share {sizes.kv_heads} key/value "
                                 "heads evenly")
-        if self.family.kv_heads is None and sizes.KV != sizes.Q:
-            raise NotApplicable(f"{self.child_name}: {sizes.kv_heads} key/value heads for {sizes.heads} query heads: "
-                                f"{self.family.name} has no grouped-query attention")
         return sizes
 
     def _check_heads(self) -> None:
@@ -413,7 +412,7 @@ class _Plan:
             config["layer_types"] = [layer_types[j] for j in layer_origins]  # a copy attends as its source does
         elif layer_origins != list(range(self.parent_sizes.layers)):
             per_layer = [k for k, v in config.items() if isinstance(v, list) and len(v) == self.parent_sizes.layers
-                         and k != "architectures"]
+                         and "layer" in k]
             if per_layer:
                 raise NotApplicable(f"{self.like}: config.json's {per_layer[0]} has one entry per layer, and export-hf "
                                     "does not know what the inserted layers' entries are")
