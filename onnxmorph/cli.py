@@ -17,6 +17,8 @@ from onnxmorph import limits
 from onnxmorph.contract import registry
 from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
+from onnxmorph.hf.cli import add_arguments as export_hf_arguments
+from onnxmorph.hf.cli import run_command as run_export_hf
 from onnxmorph.io import loading as mio
 from onnxmorph.pipeline.inspection import format_inspection, inspect
 from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, run_passes
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", parents=[common], help="architecture search: morph, train briefly, keep the best")
     search_arguments(p)
+
+    p = sub.add_parser("export-hf", parents=[common], help="write a child grown by widen and block as a Hugging Face "
+                       "checkpoint like its parent's")
+    export_hf_arguments(p)
 
     p = sub.add_parser("apply", parents=[common], help="apply a recipe of morphs (JSON or YAML list of steps)")
     p.add_argument("model", metavar="MODEL")
@@ -320,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_apply(args)
         if args.command == "search":
             return run_search(args)
+        if args.command == "export-hf":
+            return run_export_hf(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:
         as_json = getattr(args, "json", False)
