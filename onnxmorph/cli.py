@@ -189,7 +189,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
-    info = inspect(model)
+    info = inspect(model, args.model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
     else:

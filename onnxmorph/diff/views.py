@@ -115,7 +115,7 @@ def model_view(source: Source) -> ModelView:
     return ModelView(
         path=path, nodes=nodes, weights=weights,
         float_weights={w for w in weights if elem_types.get(w) in _FLOAT_TYPES},
-        shapes=shapes, batch_dims=batch, history=receipt.history(header), unnamed_nodes=unnamed, shape_note=note,
+        shapes=shapes, batch_dims=batch, history=receipt.history(header, path), unnamed_nodes=unnamed, shape_note=note,
     )
 
 
