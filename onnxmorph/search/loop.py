@@ -44,6 +44,7 @@ from onnxmorph.search.workers import (
     check_cluster,
     check_workers,
     executor,
+    parse_ray_address,
     require_ray,
 )
 from onnxmorph.version import __version__
@@ -119,6 +120,8 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
     _check_rounds(rounds, children)
     workers = _default_workers() if workers is None else workers
     check_workers(workers)
+    if ray_address:
+        parse_ray_address(ray_address)  # its form, before Ray is even imported
     if ray or ray_address:
         require_ray()
     if ray_address:

@@ -375,6 +375,7 @@ _HTTP2_SETTINGS = 0x4
 # C++ for minutes, where neither a timeout nor SIGTERM reaches it, and logs on stderr meanwhile).
 _RAY_TRIAL = ("import json, logging, sys; sys.path[:] = json.loads(sys.argv[1]); import ray; "
               "ray.init(address=sys.argv[2], log_to_driver=False, logging_level=logging.ERROR); ray.shutdown()")
+PROBE_TIMEOUT_S = 5
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 
 
@@ -403,8 +404,8 @@ def check_cluster(address: str) -> None:
     where = f"--ray-address {quote(address, 80)}"
     timeout = limits.RAY_TIMEOUT.value()
     target = parse_ray_address(address)
-    if target is not None:
-        _probe_grpc(*target, min(timeout, 10), where)
+    if target is not None:  # a gRPC server answers the preface at once: a few seconds is plenty
+        _probe_grpc(*target, min(timeout, PROBE_TIMEOUT_S), where)
     _trial_connect(address, timeout, where)
 
 
