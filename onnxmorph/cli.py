@@ -198,7 +198,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
-    info = inspect(model)
+    info = inspect(model, args.model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
     else:
@@ -246,7 +246,17 @@ def _check_page(args: argparse.Namespace, out: Path) -> None:
             raise UsageError(f"--html {args.html}: is the child's own file; choose another path")
 
 
-def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
+@contextlib.contextmanager
+def _one_output(args: argparse.Namespace, out: Path) -> Any:
+    """The child, its weights file and its --html page are one output: a failure in any leaves none changed."""
+    with contextlib.ExitStack() as written:
+        for path in (out, out.with_name(out.name + ".data"), getattr(args, "html", None)):
+            if path:  # (a symlinked page: the file it names is what is written, and kept)
+                written.enter_context(mio.restored_on_failure(mio.check_output_path(path)))
+        yield
+
+
+def _write_child(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> None:
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
     if outcome.saved is None:  # a streaming child was saved (and verified by path) by run_passes
@@ -257,6 +267,9 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
 
         log.info("writing the diff page %s", args.html)
         write_diff_page(args.model, out, args.html, shapes=dict(parse_shape(text) for text in args.shape))
+
+
+def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
@@ -276,7 +289,9 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, [step], options, output=out)
+    with _one_output(args, out):
+        outcome = run_passes(args.model, [step], options, output=out)
+        _write_child(args, outcome, out)
     return _finish_morph(args, outcome, out)
 
 
@@ -287,7 +302,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
+    with _one_output(args, out):
+        outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
+        _write_child(args, outcome, out)
     return _finish_morph(args, outcome, out)
 
 

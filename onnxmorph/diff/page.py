@@ -14,6 +14,7 @@ selects that node and scrolls both panes to it and its counterpart; so does a cl
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -60,11 +61,18 @@ def write_page(d: Diff, out: PathLike) -> Path:
 
 
 def write_outputs(d: Diff, *, html: PathLike | None = None, model_explorer: PathLike | None = None) -> None:
-    """The files `onnxmorph diff` writes: the page and Model Explorer's node mapping, each when asked."""
-    if html:
-        write_page(d, html)
-    if model_explorer:
-        write_text(model_explorer, json.dumps(model_explorer_mapping(d), indent=1) + "\n")
+    """The files `onnxmorph diff` writes: the page and Model Explorer's node mapping, each when asked.
+
+    Both are made first and written as one: when the second cannot be written (a full disk), the
+    first is taken back (the file it replaced restored), so a failed command leaves neither.
+    """
+    texts = [(html, render(d) if html else ""),
+             (model_explorer, json.dumps(model_explorer_mapping(d), indent=1) + "\n" if model_explorer else "")]
+    with contextlib.ExitStack() as written:
+        for target, text in texts:
+            if target:
+                written.enter_context(saving.restored_on_failure(saving.check_output_path(target)))
+                write_text(target, text)
 
 
 def write_text(out: PathLike, text: str) -> Path:

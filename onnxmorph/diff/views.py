@@ -129,8 +129,8 @@ def model_view(source: Source, shapes: Mapping[str, Sequence[int]] | None = None
     return ModelView(
         path=path, nodes=nodes, weights=weights,
         float_weights={w for w in weights if elem_types.get(w) in _FLOAT_TYPES},
-        shapes=inferred, batch_dims=batch, history=receipt.history(header), unnamed_nodes=unnamed, shape_note=note,
-        flop_inputs=flop_inputs, flop_shapes=flop_shapes, flop_note=flop_note,
+        shapes=inferred, batch_dims=batch, history=receipt.history(header, path), unnamed_nodes=unnamed,
+        shape_note=note, flop_inputs=flop_inputs, flop_shapes=flop_shapes, flop_note=flop_note,
         flop_sequence=has_dynamic_inputs(header, beyond_batch=True),
     )
 
