@@ -59,6 +59,8 @@ def _feeds(hf: HFModel) -> dict[str, dict[str, np.ndarray]]:
 def test_runs_as_onnxruntime_runs(hf_export, kind: str, dynamo: bool) -> None:  # noqa: F811
     hf = hf_export(kind, dynamo)
     net = ot.to_torch(hf.path)
+    # Untrained, the module writes back the file it was loaded from, byte for byte.
+    assert ot.to_onnx(net).SerializeToString() == onnx.load(hf.path).SerializeToString()
     session = _session(hf.path)
     for name, feed in _feeds(hf).items():
         expected = session.run(None, feed)[0]
@@ -184,6 +186,7 @@ def test_a_grown_child_trains_from_its_parents_loss(hf_export, kind: str, dynamo
     parent_model = onnxmorph.load(hf.path)
     child_model = _grow(parent_model, growth)
     parent, child = ot.to_torch(parent_model), ot.to_torch(child_model)
+    assert ot.to_onnx(child).SerializeToString() == child_model.SerializeToString()
     feed, targets, loss = _batch(hf, parent)
     parent_loss = ot.fit(parent, feed, targets, loss=loss, steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
 
@@ -308,17 +311,20 @@ def test_the_shifted_window_mask_stays_a_constant(hf_export) -> None:  # noqa: F
 
 
 def _export(module: Any, args: tuple[Any, ...], names: tuple[str, ...], path: Path, dynamo: bool,
-            **options: Any) -> None:
+            dynamic_names: tuple[str, ...] | None = None, output: str = "logits", **options: Any) -> None:
+    """Export with dynamic batch and sequence axes (images: batch only); `dynamic_names` are the forward's argument
+    names where they differ from the inputs' (dynamo keys its shapes by them)."""
+    axes = {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", 1: "sequence"}) for n in names}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if dynamo:
             dim = torch.export.Dim.DYNAMIC
-            shapes = {name: {0: dim, 1: dim} for name in names}
-            torch.onnx.export(module, args, input_names=list(names), output_names=["logits"], dynamo=True,
+            shapes = {key: {a: dim for a in axes[n]} for key, n in zip(dynamic_names or names, names)}
+            torch.onnx.export(module, args, input_names=list(names), output_names=[output], dynamo=True,
                               dynamic_shapes=shapes, report=False, verify=False, **options).save(str(path))
         else:
-            torch.onnx.export(module, args, str(path), input_names=list(names), output_names=["logits"], dynamo=False,
-                              dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, opset_version=17)
+            torch.onnx.export(module, args, str(path), input_names=list(names), output_names=[output], dynamo=False,
+                              dynamic_axes=axes, opset_version=17)
 
 
 def test_a_float16_export_trains_on_float32_master_weights(tmp_path: Path) -> None:
@@ -330,6 +336,7 @@ def test_a_float16_export_trains_on_float32_master_weights(tmp_path: Path) -> No
     model = onnx.load(hf.path)
     net = ot.to_torch(model)
     assert {p.dtype for p in net.parameters()} == {torch.float32} and net._half
+    assert ot.to_onnx(net).SerializeToString() == model.SerializeToString()
     feed = hf.feed(seed=2)
     with torch.no_grad():
         got = net(**_tensors(feed))
@@ -345,26 +352,44 @@ def test_a_float16_export_trains_on_float32_master_weights(tmp_path: Path) -> No
                                    atol=1e-2)
 
 
+def _sdpa(kind: str, dynamo: bool, path: Path) -> HFModel:
+    """The zoo's `kind` running Hugging Face's default attention (scaled_dot_product_attention), not eager."""
+    module, names = build_module(kind)
+    module.model.set_attn_implementation("sdpa")
+    return HFModel(kind, dynamo, path, module, names, 0.0)
+
+
+# sdpa cannot soft-cap (gemma2); the dynamo exporter cannot decompose T5's and Swin's sdpa graphs.
+SDPA = [pytest.param(kind, dynamo, id=f"{kind}-{'dynamo' if dynamo else 'torchscript'}", marks=pytest.mark.slow)
+        for kind in ALL_KINDS for dynamo in (False, True)
+        if kind != "gemma2" and not (dynamo and kind in ("t5", "swin"))]
+
+
+@pytest.mark.parametrize(("kind", "dynamo"), SDPA)
+def test_default_attention_exports_run_as_onnxruntime_runs(tmp_path: Path, kind: str, dynamo: bool) -> None:
+    hf = _sdpa(kind, dynamo, tmp_path / f"{kind}_sdpa.onnx")
+    example = hf.feed()
+    names = tuple("signal" if dynamo and n in ("pixel_values", "input_values") else n for n in hf.input_names)
+    _export(hf.module, tuple(torch.from_numpy(example[n]) for n in hf.input_names), hf.input_names, hf.path, dynamo,
+            dynamic_names=names, output=hf.output_name)
+    net = ot.to_torch(hf.path)
+    session = _session(hf.path)
+    for name, feed in _feeds(hf).items():
+        with torch.no_grad():
+            got = net(**_tensors(feed)).numpy()
+        np.testing.assert_allclose(got, session.run(None, feed)[0], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "vit"])
 def test_opset_23_attention_rotary_and_rms_norm(tmp_path: Path, kind: str) -> None:
     # scaled_dot_product_attention becomes ONNX Attention at opset 23, Llama's rotary embedding RotaryEmbedding and
     # its norm RMSNormalization.
-    module, names = build_module(kind)
-    module.model.config._attn_implementation = "sdpa"
-    for sub in module.model.modules():
-        if hasattr(sub, "config"):
-            sub.config._attn_implementation = "sdpa"
-    hf = HFModel(kind, True, tmp_path / f"{kind}23.onnx", module, names, 0.0)
+    hf = _sdpa(kind, True, tmp_path / f"{kind}23.onnx")
+    module, names = hf.module, hf.input_names
     example = hf.feed()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        dim = torch.export.Dim.DYNAMIC
-        shapes = {("signal" if n == "pixel_values" else n): ({0: dim} if n == "pixel_values" else {0: dim, 1: dim})
-                  for n in names}
-        torch.onnx.export(module, tuple(torch.from_numpy(example[n]) for n in names), input_names=list(names),
-                          output_names=["logits"], dynamo=True, dynamic_shapes=shapes, opset_version=23, report=False,
-                          verify=False).save(str(hf.path))
+    _export(module, tuple(torch.from_numpy(example[n]) for n in names), names, hf.path, dynamo=True,
+            dynamic_names=tuple("signal" if n == "pixel_values" else n for n in names), opset_version=23)
     model = onnx.load(hf.path)
     ops = {n.op_type for n in model.graph.node}
     assert "Attention" in ops and (kind != "llama" or {"RotaryEmbedding", "RMSNormalization"} <= ops)
@@ -397,3 +422,21 @@ def test_a_bfloat16_dynamo_export_runs_as_the_eager_model(tmp_path: Path) -> Non
     assert losses[-1] < losses[0]
     trained = ot.to_onnx(net)
     assert {t.data_type for t in trained.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+
+
+# ---- the recipe of docs/training.md, as written
+
+
+def test_the_recipe_in_docs_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    recipe = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        warnings.simplefilter("ignore")
+        exec(compile(recipe, "docs/training.md", "exec"), {"__name__": "recipe"})
+    first, last = (float(v) for v in printed.getvalue().split("loss ")[1].split(" -> "))
+    assert last < first - 0.1
+    trained = onnx.load(tmp_path / "llama_grown_trained.onnx")
+    grown = onnxmorph.block(onnxmorph.load(tmp_path / "llama.onnx"), after=0)
+    assert trained.graph.node == grown.graph.node

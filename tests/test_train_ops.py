@@ -231,6 +231,8 @@ CASES: dict[str, Case] = {
     "Softmax coerced 2-D (opset 11)": Case("Softmax", [_X], {"axis": 1}, opset=11),
     "LogSoftmax": Case("LogSoftmax", [_X]),
     "Hardmax": Case("Hardmax", [_X], {"axis": 1}),
+    "Hardmax coerced 2-D (opset 11)": Case("Hardmax", [_X], {"axis": 1}, opset=11),
+    "LogSoftmax coerced 2-D (opset 11)": Case("LogSoftmax", [_X], opset=11),
     # ---- layers
     "MatMul batched": Case("MatMul", [_X, f32(4, 5)]),
     "MatMul broadcast batch": Case("MatMul", [f32(2, 1, 3, 4), f32(3, 4, 2)]),

@@ -39,21 +39,20 @@ def _instance_norm(call: Call, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor
 
 
 @op("LayerNormalization", since=17, outputs=3)
-def _layer_norm(call: Call, x: Tensor, scale: Tensor, bias: Tensor | None = None) -> tuple[Tensor, ...]:
+def _layer_norm(call: Call, x: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
     axis = call.attr("axis", -1) % x.dim()
     eps = call.attr("epsilon", 1e-5)
     stats = _stashed(call, x)
+    if stats is x and not call.wants(1) and not call.wants(2):
+        y = F.layer_norm(x, x.shape[axis:], eps=eps)  # one fused kernel when the statistics are not wanted
+        y = y * scale
+        return y if bias is None else y + bias
     dims = list(range(axis, x.dim()))
     mean = stats.mean(dim=dims, keepdim=True)
     centred = stats - mean
     inv_std = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + eps)
-    if stats is x and call.outputs == 1:
-        y = F.layer_norm(x, x.shape[axis:], eps=eps)  # one fused kernel when the statistics are not wanted
-    else:
-        y = (centred * inv_std).to(x.dtype)
-    y = y * scale
-    y = y if bias is None else y + bias
-    return y, mean, inv_std
+    y = (centred * inv_std).to(x.dtype) * scale
+    return (y if bias is None else y + bias), mean, inv_std
 
 
 def _rms(call: Call, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:

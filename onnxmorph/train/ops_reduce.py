@@ -150,26 +150,32 @@ def _topk_10(call: Call, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return _topk(call, x, int(k.reshape(-1)[0].item()))
 
 
-def _softmax(call: Call, x: Tensor, function: Callable[..., Tensor]) -> Tensor:
-    if call.opset >= 13:
-        return function(x, dim=call.attr("axis", -1))
-    # Before opset 13 the input was coerced to 2-D at `axis` (default 1).
+def _coerced(call: Call, x: Tensor, function: Callable[..., Tensor]) -> Tensor:
+    # Before opset 13 the input was coerced to 2-D at `axis` (default 1) and normalised over the second axis.
     axis = call.attr("axis", 1) % x.dim()
     return function(x.reshape(int(np.prod(x.shape[:axis])), -1), dim=1).reshape(x.shape)
 
 
-@op("Softmax")
-def _softmax_op(call: Call, x: Tensor) -> Tensor:
-    return _softmax(call, x, torch.softmax)
+def _hardmax(t: Tensor, dim: int) -> Tensor:
+    return torch.zeros_like(t).scatter(dim, torch.argmax(t, dim=dim, keepdim=True), 1.0)
 
 
-@op("LogSoftmax")
-def _log_softmax_op(call: Call, x: Tensor) -> Tensor:
-    return _softmax(call, x, torch.log_softmax)
+_AXIS_OPS: dict[str, Callable[..., Tensor]] = {"Softmax": torch.softmax, "LogSoftmax": torch.log_softmax,
+                                               "Hardmax": _hardmax}
 
 
-@op("Hardmax")
-def _hardmax(call: Call, x: Tensor) -> Tensor:
-    def hardmax(t: Tensor, dim: int) -> Tensor:
-        return torch.zeros_like(t).scatter(dim, torch.argmax(t, dim=dim, keepdim=True), 1.0)
-    return _softmax(call, x, hardmax)
+def _on_2d(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def apply(call: Call, x: Tensor) -> Tensor:
+        return _coerced(call, x, function)
+    return apply
+
+
+def _on_axis(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def apply(call: Call, x: Tensor) -> Tensor:
+        return function(x, dim=call.attr("axis", -1))
+    return apply
+
+
+for _name, _function in _AXIS_OPS.items():
+    op(_name, since=1)(_on_2d(_function))
+    op(_name, since=13)(_on_axis(_function))
