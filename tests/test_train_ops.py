@@ -413,6 +413,9 @@ def test_bad_attributes_are_refused_naming_the_node() -> None:
     net = ot.to_torch(model)
     with pytest.raises(UsageError, match=r"node 'node' \(Gelu\): approximate='cubic'"):
         net(torch.from_numpy(feeds["in0"]))
+    model, feeds = _model(Case("Cast", [f32(2)], {"to": TensorProto.FLOAT8E4M3FN}, opset=19))
+    with pytest.raises(UsageError, match=r"node 'node' \(Cast\): element type FLOAT8E4M3FN has no torch counterpart"):
+        ot.to_torch(model)(torch.from_numpy(feeds["in0"]))
 
 
 def test_model_local_functions_are_inlined_and_written_back_as_they_were() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from onnxmorph.errors import UsageError
 from onnxmorph.train.optable import Call, op, torch_dtype
 
 Tensor = torch.Tensor
@@ -232,10 +233,11 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 @op("Cast", since=6)
 def _cast_op(call: Call, x: Tensor) -> Tensor:
-    target = call.attr("to")
-    if target == 8:  # STRING
-        call.refuse("Cast to string has no torch counterpart")
-    return _cast(x, torch_dtype(target))
+    try:
+        target = torch_dtype(call.attr("to"))
+    except UsageError as error:
+        call.refuse(str(error))
+    return _cast(x, target)
 
 
 @op("CastLike", since=15)

@@ -75,7 +75,12 @@ def torch_dtype(onnx_type: int) -> torch.dtype:
     """The torch dtype of an ONNX element type."""
     if onnx_type == onnx.TensorProto.BFLOAT16:
         return torch.bfloat16
-    return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
+    try:
+        return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
+    except (KeyError, TypeError, ValueError):
+        known = onnx_type in onnx.TensorProto.DataType.values()
+        name = onnx.TensorProto.DataType.Name(onnx_type) if known else onnx_type
+        raise UsageError(f"element type {name} has no torch counterpart in onnxmorph.train") from None
 
 
 def _decoded(value: Any) -> Any:
