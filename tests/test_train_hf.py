@@ -59,8 +59,8 @@ def _feeds(hf: HFModel) -> dict[str, dict[str, np.ndarray]]:
 def test_runs_as_onnxruntime_runs(hf_export, kind: str, dynamo: bool) -> None:  # noqa: F811
     hf = hf_export(kind, dynamo)
     net = ot.to_torch(hf.path)
-    # Untrained, the module writes back the file it was loaded from, byte for byte.
-    assert ot.to_onnx(net).SerializeToString() == onnx.load(hf.path).SerializeToString()
+    # Untrained, the module writes back the model it was loaded from (onnxmorph.load's), byte for byte.
+    assert ot.to_onnx(net).SerializeToString() == onnxmorph.load(hf.path).SerializeToString()
     session = _session(hf.path)
     for name, feed in _feeds(hf).items():
         expected = session.run(None, feed)[0]

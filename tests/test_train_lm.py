@@ -221,7 +221,7 @@ def test_annealing_pulls_a_to_zero_along_a_linear_bound(activation: str) -> None
     bounds: list[float] = []
     ot.fit(net, np.random.default_rng(0).uniform(-1, 1, (64, 8)).astype(np.float32), np.arange(64) % 3,
            steps=30, batch_size=16, optimizer=lambda p: torch.optim.Adam(p, lr=0.05), anneal_activations=20,
-           callback=lambda step, loss: bounds.append(max(float(a.abs().max()) for a in alphas)))
+           callback=lambda step, loss: bounds.append(max(float(a.detach().abs().max()) for a in alphas)))
     for step, bound in enumerate(bounds, 1):
         assert bound <= max(0.0, 1 - step / 20) + 1e-7, (step, bound)
     assert all(torch.all(a == 0) for a in alphas)
