@@ -91,24 +91,61 @@ def _learnable(graph: onnx.GraphProto) -> set[str]:
     return seen
 
 
+def _position_tables(graph: onnx.GraphProto, names: Iterable[str]) -> set[str]:
+    """Those of `names` whose every Sin/Cos reads positions, not features: no float graph input reaches it.
+
+    Rotary and sinusoidal tables are sin/cos of frequencies times integer positions; a SIREN's sin(W x + b) reads
+    the float input x.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16)
+    features = {i.name for i in graph.input if i.type.tensor_type.elem_type in float_types}
+    for node in graph.node:  # nodes are in topological order
+        if any(name in features for name in node.input) and node.op_type not in _SIZE_OPS:
+            features.update(node.output)
+    tables = set()
+    for start in names:
+        stack, seen, positions = [start], {start}, True
+        while stack and positions:
+            for node in consumers.get(stack.pop(), ()):
+                if node.op_type in _TABLE_OPS:
+                    positions = node.input[0] not in features
+                    continue
+                for out in node.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        stack.append(out)
+        if positions:
+            tables.add(start)
+    return tables
+
+
 def _default_trainable(model: onnx.ModelProto) -> Callable[[str], bool]:
     """Every float initializer except constants of the graph's formulas.
 
     Constants are: single numbers that are not P-activation parameters (GELU's 0.5 and sqrt 2, the
     attention scale, the `1` of a P-activation's `1 - a`), masks (tensors holding an infinity or NaN,
-    or only 0 and one number <= -100), and tensors that reach the outputs only through Sin/Cos
-    (rotary frequencies, a buffer in the source model) or a Shape. Training them would change what
-    the graph computes rather than fit its weights.
+    or only 0 and one number <= -100), and vectors that reach the outputs only through Sin/Cos of
+    positions (rotary frequencies, a buffer in the source model: no float input reaches those
+    Sin/Cos). Training them would change what the graph computes rather than fit its weights.
     """
     arrays = {t.name: t for t in model.graph.initializer}
     activations = set(_activation_names(model.graph.node, arrays))
     reach = _learnable(model.graph)
+    # Vectors that the outputs see only through Sin/Cos of positions: the frequencies of a table (a rotary
+    # embedding's inv_freq); a SIREN's sin(W x + b) is no table.
+    vectors = [name for name, t in arrays.items() if name not in reach and sum(d > 1 for d in t.dims) == 1]
+    frequencies = _position_tables(model.graph, vectors)
 
     def trainable(name: str) -> bool:
         if name in activations:
             return True
         tensor = arrays.get(name)
-        if tensor is None or int(np.prod(tensor.dims)) <= 1 or name not in reach:
+        if tensor is None or int(np.prod(tensor.dims)) <= 1 or name in frequencies:
             return False
         values = _float_array(tensor)
         return bool(np.isfinite(values).all()) and not _additive_mask(values)
