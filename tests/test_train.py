@@ -162,8 +162,8 @@ def test_fit_reduces_the_loss() -> None:
 
 def test_unsupported_ops_and_bad_arguments_are_refused() -> None:
     model = _parent_mlp()
-    model.graph.node[1].op_type = "Hardmax"
-    with pytest.raises(UsageError, match="Hardmax"):
+    model.graph.node[1].op_type = "Unique"
+    with pytest.raises(UsageError, match="cannot run Unique .node 'act1'.: not among the ops"):
         ot.to_torch(model)
     net = ot.to_torch(_parent_mlp())
     with pytest.raises(UsageError, match="unknown loss"):
@@ -192,3 +192,26 @@ def test_deepen_pass_child_trains_through_the_adapter(activation: str) -> None:
     moved = [name for name in new if not torch.equal(new[name], params[name])]
     assert set(alphas) <= set(moved)
     assert sum(name.endswith("/weight") for name in moved) >= 2, moved
+
+
+def test_frequency_vectors_freeze_and_a_siren_weight_trains() -> None:
+    # y = W2 sin(W1 x + b1) + sin(t * f) with integer positions t: f, seen only through the Sin of positions, is a
+    # table's frequencies (a rotary embedding's inv_freq); W1 and b1, seen through the Sin of the float input x,
+    # are a SIREN layer's weights, which train.
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Sin", ["h"], ["s"], name="sin1"),
+             helper.make_node("Gemm", ["s", "w2"], ["z"], transB=1, name="fc2"),
+             helper.make_node("Cast", ["t"], ["tc"], to=TensorProto.FLOAT, name="positions"),
+             helper.make_node("Mul", ["tc", "f"], ["tf"], name="phase"),
+             helper.make_node("Sin", ["tf"], ["table"], name="sin2"),
+             helper.make_node("Add", ["z", "table"], ["y"], name="add")]
+    inits = [_init("w1", rng.standard_normal((4, 3))), _init("b1", rng.standard_normal(4)),
+             _init("w2", rng.standard_normal((2, 4))), _init("f", [1.0, 0.1])]
+    graph = helper.make_graph(nodes, "siren", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+                                               helper.make_tensor_value_info("t", TensorProto.INT64, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    net = ot.to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    trains = {name: p.requires_grad for name, p in net.onnx_parameters().items()}
+    assert trains == {"w1": True, "b1": True, "w2": True, "f": False}
+    assert ot.to_torch(net.model, trainable=lambda name: True).parameter("f").requires_grad

@@ -9,14 +9,22 @@ Needs the `train` extra (`pip install -e '.[train]'`)::
     ot.fit(net, x, y, loss="cross_entropy", optimizer=lambda p: torch.optim.Adam(p, 1e-3), steps=200)
     trained = ot.to_onnx(net)                   # the child's own graph with the trained weights
 
+A grown transformer trains the same way, on token ids and a padding mask::
+
+    child = onnxmorph.block(onnxmorph.load("llama.onnx"), after=0)
+    net = ot.to_torch(child)
+    ot.fit(net, {"input_ids": ids, "attention_mask": mask}, loss="causal_lm", steps=100)
+
 The module interprets the ONNX graph node by node with torch operators instead of
 converting it to a different graph (onnx2torch does that, and turns weights read by
 PRelu/Mul into frozen constants, and needs torchvision, which pulls a CUDA build of torch).
 Because training never changes the graph, `to_onnx` is exact: the same nodes, names,
-opset, metadata and receipt, with the initializers replaced by the trained values.
+opset, metadata and receipt, with the initializers replaced by the trained values. The ops
+are in `onnxmorph.train.ops` (one table, by kind and opset); docs/training.md lists them.
 """
 
 from onnxmorph.lazy import lazy_attributes
 
-__all__ = ["OnnxModule", "SUPPORTED_OPS", "activation_parameters", "fit", "predict", "to_onnx", "to_torch"]
+__all__ = ["IGNORE_INDEX", "OnnxModule", "SUPPORTED_OPS", "activation_parameters", "causal_lm_labels", "fit", "predict",
+           "to_onnx", "to_torch"]
 __getattr__ = lazy_attributes(__name__, {name: "onnxmorph.train.adapter" for name in __all__})
