@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import onnx
 
 from onnxmorph.diff.text import format_diff
 from onnxmorph.diff.views import MORPH_SCOPE, ModelView, Source, flop_count, model_view, parameter_count
+from onnxmorph.io.loading import file_sha256
 
 # --------------------------------------------------------------------------- comparing
 
@@ -220,17 +220,11 @@ def _new_history(p: ModelView, c: ModelView, parent_path: Any) -> tuple[list[dic
         return [], "the child's receipt records nothing beyond the parent's"
     if parent_path is not None:
         recorded = new[0].get("parent_sha256")
-        if recorded and recorded != _file_sha256(Path(parent_path)):
+        if recorded and recorded != file_sha256(Path(parent_path)):
             return new, f"the receipt names another parent (sha256 {recorded[:16]}...), not this file"
     return new, ""
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- Model Explorer

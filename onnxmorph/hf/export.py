@@ -21,7 +21,6 @@ written folder is loaded and compared with the ONNX child before it replaces any
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -171,12 +170,6 @@ def _check_history(history: list[dict[str, Any]], child: str, family: Family) ->
                             f"config cannot express it; export-hf writes back children grown by widen and block only")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _find_parent(parent: ModelLike | None, history: list[dict[str, Any]], like: Path,
@@ -198,7 +191,7 @@ def _find_parent(parent: ModelLike | None, history: list[dict[str, Any]], like: 
     skip = None if isinstance(child, onnx.ModelProto) else Path(child).resolve()
     for folder in dict.fromkeys(f.resolve() for f in folders):
         for path in sorted(folder.glob("*.onnx")):
-            if path.resolve() != skip and path.is_file() and _sha256(path) == wanted:
+            if path.resolve() != skip and path.is_file() and mio.file_sha256(path) == wanted:
                 log.info("the parent export is %s", path)
                 return mio.load(path, normalize_model=True, lazy=True), str(path), None
     raise UsageError(f"no parent export found: pass --parent PARENT.onnx, the export of {like} that the child was "

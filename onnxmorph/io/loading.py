@@ -88,22 +88,27 @@ class _FileDigest(threading.Thread):
         self._error: OSError | None = None
 
     def run(self) -> None:
-        h = hashlib.sha256()
-        buffer = bytearray(2**20)
-        view = memoryview(buffer)
         try:
-            with open(self._path, "rb", buffering=0) as f:
-                while n := f.readinto(buffer):
-                    h.update(view[:n])
+            self._value = file_sha256(self._path)
         except OSError as exc:
             self._error = exc
-        self._value = h.hexdigest()
 
     def result(self) -> str:
         self.join()
         if self._error is not None:
             raise InvalidModelError(f"{self._path}: cannot read: {self._error.strerror or self._error}")
         return self._value
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (the file is never held whole); OSError as open() raises it."""
+    h = hashlib.sha256()
+    buffer = bytearray(2**20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 # Digests of lazily loaded files still being computed, by the token their model's metadata holds.

@@ -18,24 +18,19 @@ must not reach them.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import onnx
 
 from onnxmorph.errors import InvalidModelError
+from onnxmorph.fields import Malformed, as_digest, as_integer, as_list, as_number, as_object, as_string
 from onnxmorph.limits import quote
 
 HISTORY_KEY = "onnxmorph.history"
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Numbers of a verification or a training result that the formatters print with `:.2e`/`:.4f`.
 _REQUIRED_FIGURES = ("max_abs_error", "max_rel_error")
 _OUTPUT_FIGURES = ("max_abs_error", "max_rel_error", "atol", "rtol")
-
-
-class _Malformed(Exception):
-    """A record that is not a receipt record; the message says where and why."""
 
 
 def history(model: onnx.ModelProto, source: str = "the model") -> list[dict[str, Any]]:
@@ -61,11 +56,9 @@ def parse(text: str | bytes, source: str = "the model") -> list[dict[str, Any]]:
     except ValueError as exc:  # invalid JSON, or an integer of more digits than Python converts
         raise InvalidModelError(f"{where} is not valid JSON ({quote(exc, 120)})") from None
     try:
-        if not isinstance(data, list):
-            raise _Malformed(f"is a JSON {_kind(data)}, not a list of records")
-        for k, record in enumerate(data, 1):
+        for k, record in enumerate(as_list(data, "the receipt"), 1):
             _check_record(record, f"record {k}")
-    except _Malformed as exc:
+    except Malformed as exc:
         raise InvalidModelError(f"{where} is malformed: {exc}") from None
     return data
 
@@ -92,80 +85,40 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------- the checks
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _Malformed(f"{where} is a {_kind(value)}, not an object")
-    return value
-
-
-def _string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise _Malformed(f"{where} is a {_kind(value)}, not a string")
-    return value
-
-
-def _number(value: Any, where: str, *, optional: bool = False) -> None:
-    """A JSON number that prints as a float: not a boolean, not an integer too large for a float."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Malformed(f"{where} is a {_kind(value)}, not a number")
-    try:
-        float(value)
-    except OverflowError:
-        raise _Malformed(f"{where} is a number too large to print") from None
-
-
-def _integer(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Malformed(f"{where} is a {_kind(value)}, not a whole number")
-
-
 def _check_record(record: Any, where: str) -> None:
-    record = _object(record, where)
+    record = as_object(record, where)
     for key in ("tool", "kind"):
         if key in record:
-            _string(record[key], f"{where}: {key}")
-    if "parent_sha256" in record and not _SHA256.fullmatch(_string(record["parent_sha256"], f"{where}: parent_sha256")):
-        raise _Malformed(f"{where}: parent_sha256 is not a SHA-256 digest (64 hexadecimal digits)")
-    steps = record.get("steps", [])
-    if not isinstance(steps, list):
-        raise _Malformed(f"{where}: steps is a {_kind(steps)}, not a list")
-    for j, step in enumerate(steps, 1):
-        step = _object(step, f"{where}, step {j}")
-        _string(step.get("pass"), f"{where}, step {j}: pass")
-        _object(step.get("params"), f"{where}, step {j}: params")
+            as_string(record[key], f"{where}: {key}")
+    if "parent_sha256" in record:
+        as_digest(record["parent_sha256"], f"{where}: parent_sha256")
+    for j, step in enumerate(as_list(record.get("steps", []), f"{where}: steps"), 1):
+        step = as_object(step, f"{where}, step {j}")
+        as_string(step.get("pass"), f"{where}, step {j}: pass")
+        as_object(step.get("params"), f"{where}, step {j}: params")
     verification = record.get("verification")
     if verification is not None:
-        _check_verification(_object(verification, f"{where}: verification"), f"{where}: verification")
+        _check_verification(as_object(verification, f"{where}: verification"), f"{where}: verification")
     if "result" in record:
-        for name, value in _object(record["result"], f"{where}: result").items():
-            _number(value, f"{where}: result {quote(name, 40)}")
+        for name, value in as_object(record["result"], f"{where}: result").items():
+            as_number(value, f"{where}: result {quote(name, 40)}")
 
 
 def _check_verification(ver: dict[str, Any], where: str) -> None:
     if not isinstance(ver.get("passed"), bool):
-        raise _Malformed(f"{where}: passed is {'missing' if 'passed' not in ver else 'not true or false'}")
+        raise Malformed(f"{where}: passed is {'missing' if 'passed' not in ver else 'not true or false'}")
     for key in _REQUIRED_FIGURES:
         if key not in ver:
-            raise _Malformed(f"{where}: {key} is missing")
-        _number(ver[key], f"{where}: {key}")
+            raise Malformed(f"{where}: {key} is missing")
+        as_number(ver[key], f"{where}: {key}")
     for key in ("trials", "seed"):
         if key in ver:
-            _integer(ver[key], f"{where}: {key}")
+            as_integer(ver[key], f"{where}: {key}")
     if ver.get("inputs") is not None:
-        _string(ver["inputs"], f"{where}: inputs")
-    outputs = ver.get("outputs", [])
-    if not isinstance(outputs, list):
-        raise _Malformed(f"{where}: outputs is a {_kind(outputs)}, not a list")
-    for j, output in enumerate(outputs, 1):
-        output = _object(output, f"{where}, output {j}")
+        as_string(ver["inputs"], f"{where}: inputs")
+    for j, output in enumerate(as_list(ver.get("outputs", []), f"{where}: outputs"), 1):
+        output = as_object(output, f"{where}, output {j}")
         if "name" in output:
-            _string(output["name"], f"{where}, output {j}: name")
+            as_string(output["name"], f"{where}, output {j}: name")
         for key in _OUTPUT_FIGURES:
-            _number(output.get(key), f"{where}, output {j}: {key}", optional=True)
+            as_number(output.get(key), f"{where}, output {j}: {key}", optional=True)

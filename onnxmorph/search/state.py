@@ -10,13 +10,14 @@ links), and every field has the type the search writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 from onnxmorph.errors import UsageError
+from onnxmorph.fields import Malformed, as_digest, as_integer, as_list, as_number, as_object, kind
+from onnxmorph.io.loading import file_sha256
 from onnxmorph.limits import quote
 
 STATE_FILE = "search-state.json"
@@ -27,11 +28,6 @@ MAX_STATE_BYTES = 256 * 2**20
 
 CANDIDATE_ID = re.compile(r"root|r(\d{2,})c(\d{2,})")
 STATUSES = ("ok", "not applicable", "verification failed", "training failed")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class _Bad(Exception):
-    """What is wrong with the state, said from where it is."""
 
 
 def candidate_file(cid: str, morphed: bool = False) -> str:
@@ -55,31 +51,29 @@ def read_state(outdir: Path) -> dict[str, Any]:
         raise UsageError(f"{where} ({quote(exc, 120)})") from None
     try:
         check_state(data)
-    except _Bad as exc:
+    except Malformed as exc:
         raise UsageError(f"{where}: {exc}") from None
     return data
 
 
 def check_state(state: Any) -> None:
-    """Raise _Bad unless `state` has the shape the search writes (see the module's docstring)."""
-    state = _object(state, "the state")
-    settings = _object(state.get("settings"), "settings")
+    """Raise Malformed unless `state` has the shape the search writes (see the module's docstring)."""
+    state = as_object(state, "the state")
+    settings = as_object(state.get("settings"), "settings")
     if settings.get("format") != STATE_FORMAT:
-        raise _Bad(f"settings.format is {quote(repr(settings.get('format')), 60)}, not {STATE_FORMAT!r}")
-    parent = _object(settings.get("parent"), "settings.parent")
-    _digest(parent.get("sha256"), "settings.parent.sha256")
-    _count(state.get("rounds_done"), "rounds_done")
-    candidates = state.get("candidates")
-    if not isinstance(candidates, list):
-        raise _Bad(f"candidates is {_kind(candidates)}, not a list")
+        raise Malformed(f"settings.format is {quote(repr(settings.get('format')), 60)}, not {STATE_FORMAT!r}")
+    parent = as_object(settings.get("parent"), "settings.parent")
+    as_digest(parent.get("sha256"), "settings.parent.sha256")
+    as_integer(state.get("rounds_done"), "rounds_done", minimum=0)
+    candidates = as_list(state.get("candidates"), "candidates")
     by_id: dict[str, dict[str, Any]] = {}
     for k, entry in enumerate(candidates, 1):
-        entry = _object(entry, f"candidate {k}")
+        entry = as_object(entry, f"candidate {k}")
         cid = entry.get("id")
         if not isinstance(cid, str) or not CANDIDATE_ID.fullmatch(cid):
-            raise _Bad(f"candidate {k}: id {quote(repr(cid), 60)} is not one the search gives")
+            raise Malformed(f"candidate {k}: id {quote(repr(cid), 60)} is not one the search gives")
         if cid in by_id:
-            raise _Bad(f"candidate {cid} is listed twice")
+            raise Malformed(f"candidate {cid} is listed twice")
         by_id[cid] = entry
         _check_candidate(entry, cid)
     for cid, entry in by_id.items():
@@ -89,51 +83,48 @@ def check_state(state: Any) -> None:
             continue
         parent_entry = by_id.get(parent_id)
         if parent_entry is None or parent_entry["status"] != "ok" or parent_entry["round"] >= entry["round"]:
-            raise _Bad(f"candidate {cid}: parent {quote(parent_id, 40)} is not a trained candidate of an "
+            raise Malformed(f"candidate {cid}: parent {quote(parent_id, 40)} is not a trained candidate of an "
                        "earlier round")
 
 
 def _check_candidate(entry: dict[str, Any], cid: str) -> None:
     where = f"candidate {cid}"
-    round_ = _count(entry.get("round"), f"{where}: round")
+    round_ = as_integer(entry.get("round"), f"{where}: round", minimum=0)
     match = CANDIDATE_ID.fullmatch(cid)
     expected_round = 0 if cid == "root" else int(match.group(1))  # type: ignore[union-attr]
     if round_ != expected_round:
-        raise _Bad(f"{where}: round {round_}, but its id says {expected_round}")
+        raise Malformed(f"{where}: round {round_}, but its id says {expected_round}")
     parent = entry.get("parent")
     if (cid == "root") != (parent is None) or not (parent is None or isinstance(parent, str)):
-        raise _Bad(f"{where}: parent {quote(repr(parent), 40)} is not " + ("null" if cid == "root" else "an id"))
+        raise Malformed(f"{where}: parent {quote(repr(parent), 40)} is not " + ("null" if cid == "root" else "an id"))
     if entry.get("status") not in STATUSES:
-        raise _Bad(f"{where}: status {quote(repr(entry.get('status')), 40)} is not one of {', '.join(STATUSES)}")
+        raise Malformed(f"{where}: status {quote(repr(entry.get('status')), 40)} is not one of {', '.join(STATUSES)}")
     if not isinstance(entry.get("reason", ""), str):
-        raise _Bad(f"{where}: reason is {_kind(entry['reason'])}, not text")
-    morphs = entry.get("morphs")
-    if not isinstance(morphs, list):
-        raise _Bad(f"{where}: morphs is {_kind(morphs)}, not a list")
-    for j, step in enumerate(morphs, 1):
-        step = _object(step, f"{where}: morph {j}")
+        raise Malformed(f"{where}: reason is {kind(entry['reason'])}, not text")
+    for j, step in enumerate(as_list(entry.get("morphs"), f"{where}: morphs"), 1):
+        step = as_object(step, f"{where}: morph {j}")
         if not isinstance(step.get("pass"), str) or not isinstance(step.get("params"), dict):
-            raise _Bad(f"{where}: morph {j} is not {{\"pass\": NAME, \"params\": {{...}}}}")
+            raise Malformed(f"{where}: morph {j} is not {{\"pass\": NAME, \"params\": {{...}}}}")
     if entry["status"] != "ok":
         return
     for key, morphed in (("file", False), ("morphed_file", True)):
         if key not in entry and morphed:
             continue
         if entry.get(key) != candidate_file(cid, morphed):
-            raise _Bad(f"{where}: {key} {quote(repr(entry.get(key)), 80)} is not {candidate_file(cid, morphed)!r}")
-        _digest(entry.get(key[:-4] + "sha256"), f"{where}: {key[:-4]}sha256")
+            raise Malformed(f"{where}: {key} {quote(repr(entry.get(key)), 80)} is not {candidate_file(cid, morphed)!r}")
+        as_digest(entry.get(key[:-4] + "sha256"), f"{where}: {key[:-4]}sha256")
     for key in ("val_score", "val_loss"):
-        _number(entry.get(key), f"{where}: {key}")
+        as_number(entry.get(key), f"{where}: {key}")
     for key in ("test_score", "test_loss", "train_loss", "seconds"):
         if entry.get(key) is not None:
-            _number(entry[key], f"{where}: {key}")
-    _count(entry.get("parameters"), f"{where}: parameters")
+            as_number(entry[key], f"{where}: {key}")
+    as_integer(entry.get("parameters"), f"{where}: parameters", minimum=0)
     verification = entry.get("verification")
     if verification is not None:
-        verification = _object(verification, f"{where}: verification")
+        verification = as_object(verification, f"{where}: verification")
         if not isinstance(verification.get("passed"), bool):
-            raise _Bad(f"{where}: verification.passed is not true or false")
-        _number(verification.get("max_abs_error"), f"{where}: verification.max_abs_error")
+            raise Malformed(f"{where}: verification.passed is not true or false")
+        as_number(verification.get("max_abs_error"), f"{where}: verification.max_abs_error")
 
 
 def check_files(outdir: Path, state: dict[str, Any]) -> None:
@@ -146,48 +137,6 @@ def check_files(outdir: Path, state: dict[str, Any]) -> None:
             if key not in entry:
                 continue
             path = outdir / entry[key]
-            if path.is_symlink() or not path.is_file() or _sha256(path) != entry[key[:-4] + "sha256"]:
+            if path.is_symlink() or not path.is_file() or file_sha256(path) != entry[key[:-4] + "sha256"]:
                 raise UsageError(f"{path}: missing or changed since the search wrote it (or a link); the search "
                                  f"in {outdir} cannot continue from it")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- field checks
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
-    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _Bad(f"{where} is {_kind(value)}, not an object")
-    return value
-
-
-def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _Bad(f"{where} is {quote(repr(value), 40)}, not a whole number >= 0")
-    return value
-
-
-def _number(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"{where} is {_kind(value)}, not a number")
-    try:
-        float(value)
-    except OverflowError:
-        raise _Bad(f"{where} is a number too large") from None
-
-
-def _digest(value: Any, where: str) -> None:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise _Bad(f"{where} is not a SHA-256 digest")
