@@ -116,6 +116,29 @@ def _reduce_extreme(a: dict[str, Any], inputs: Sequence[Any], opset: int, larges
     return torch.amax(x, dim=dims, keepdim=keep) if largest else torch.amin(x, dim=dims, keepdim=keep)
 
 
+def _topk(node: onnx.NodeProto, a: dict[str, Any], inputs: Sequence[Any], opset: int) -> tuple[torch.Tensor, ...]:
+    x = inputs[0]
+    k = a["k"] if opset < 10 else int(inputs[1].reshape(-1)[0])
+    values, indices = torch.topk(x, k, dim=a.get("axis", -1), largest=bool(a.get("largest", 1)),
+                                 sorted=bool(a.get("sorted", 1)))
+    return values, indices
+
+
+def _scatter_elements(node: onnx.NodeProto, a: dict[str, Any], inputs: Sequence[Any]) -> torch.Tensor:
+    data, indices, updates = inputs
+    axis = a.get("axis", 0) % data.dim()
+    indices = indices.long()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    reduction = a.get("reduction", b"none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction == "none":
+        return torch.scatter(data, axis, indices, updates)  # out of place: the gradient reaches `updates`
+    known = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+    if reduction not in known:
+        raise UsageError(f"node {node.name}: ScatterElements with reduction {reduction} is not supported")
+    return torch.scatter_reduce(data, axis, indices, updates, known[reduction], include_self=True)
+
+
 def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
     def apply(n: onnx.NodeProto, a: dict[str, Any], i: Sequence[Any], o: int) -> torch.Tensor:
         out = i[0]
@@ -158,4 +181,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "Ceil": lambda n, a, i, o: torch.ceil(i[0]),
     "ReduceMax": lambda n, a, i, o: _reduce_extreme(a, i, o, True),
     "ReduceMin": lambda n, a, i, o: _reduce_extreme(a, i, o, False),
+    # Routing of a mixture of experts: the chosen logits' values carry the gradient to the router.
+    "TopK": lambda n, a, i, o: _topk(n, a, i, o),
+    "ScatterElements": lambda n, a, i, o: _scatter_elements(n, a, i),
 }
