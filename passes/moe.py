@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxmorph.analysis import blocks as mblocks
 from onnxmorph.analysis import experts as mexperts
 from onnxmorph.contract.passinfra import SEED, MorphPass, Param, PassResult, positive_int
 from onnxmorph.contract.registry import register
@@ -118,12 +119,14 @@ class UpcyclePlan:
 
 @dataclass
 class GrowPlan:
-    router: str
-    factor: int
+    router: str  # the router layer's name (found again in the editable graph)
+    name: str
+    factor: int  # every expert replicated this many times
     experts: int
     top_k: int
-    noise_part: tuple[str, int, int, int, int] | None  # (up weight, row axis, first row, rows, down weight ...)
-    name: str
+    shapes: list[tuple[str, int, np.ndarray]]  # (node, input, new values) of shape constants that name k or E
+    noise: float
+    reason: str
 
 
 def _weight(node: gs.Node) -> np.ndarray:
@@ -135,6 +138,13 @@ def _out_axis(node: gs.Node) -> int:
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
     return 1
+
+
+def _in_features_of(node: gs.Node) -> int:
+    shape = node.inputs[1].shape
+    if node.op == "Gemm":
+        return int(shape[1] if node.attrs.get("transB", 0) else shape[0])
+    return int(shape[0])
 
 
 def _noise_problem(ffn: mexperts.FFN, units: mexperts.Units | str) -> str | None:
@@ -276,7 +286,69 @@ class MoEPass(MorphPass):
                            noise_part, dtype, width)
 
     def _grow_plan(self, analysis: mgraph.Analysis, moe: mexperts.MoE) -> GrowPlan:
-        raise NotApplicable(f"MoE '{moe.name}': growing an existing MoE is not supported yet")
+        name = f"MoE '{moe.name}'"
+        E, k = moe.experts, moe.top_k
+        if moe.form != "stacked":
+            raise NotApplicable(f"{name} weights whole FFNs (a dense mixture): grow it by upcycling its parent FFN "
+                                "to more experts instead")
+        if k is None:
+            raise NotApplicable(f"{name}: its TopK's k '{moe.topk.inputs[1].name}' is computed, not a constant")
+        extra = [p for p in ("shards", "shared_expert", "router") if self.config[p] not in (1, "none", None)]
+        if extra or self.routing != "topk-softmax":
+            raise UsageError(f"{name}: --{(extra or ['routing'])[0].replace('_', '-')} applies to upcycling a dense "
+                             "FFN; growing an MoE keeps its own routing")
+        factor = self.experts // E
+        if self.experts % E or factor < 2 or self.top_k != factor * k:
+            raise NotApplicable(
+                f"{name} routes top-{k} of {E}: it grows exactly only to m*{E} experts with top-(m*{k}) (every expert "
+                f"and its router row replicated m times: the copies share its logit, so top-(m*{k}) picks all copies "
+                f"of the {k} experts top-{k} picks, with the same total weight), not {self.experts} with top-"
+                f"{self.top_k}; more experts at top-{k} change which experts are chosen, except experts whose logit "
+                "can never win, which are exact but never chosen and so never trained")
+        if moe.routing not in ("softmax-topk", "softmax-topk-renormalised", "topk-softmax"):
+            raise NotApplicable(f"{name}: its routing ({moe.routing}: no softmax over the logits) does not keep an "
+                                "expert's total weight when its logit is shared by copies")
+        if moe.router.op == "Gemm" and moe.router.attrs.get("transA", 0):
+            raise NotApplicable(f"{name}: its router '{moe.router.name}' is a Gemm with transA")
+        shapes = self._shape_constants(analysis, moe, factor)
+        noise = 0.1 if self.noise is None else self.noise
+        if noise > 0:
+            units = mexperts.stacked_units(moe, analysis.shapes)
+            if isinstance(units, str) or not units.units.scalable:
+                why = units if isinstance(units, str) else "no projection in which its hidden units are linear"
+                raise NotApplicable(f"--noise: {why}; without it the copies of an expert are always chosen together "
+                                    "with equal weights and stay equal under training (--noise 0 to grow anyway)")
+        reason = (f"every expert and its router row replicated {factor} times: the copies share their expert's logit, "
+                  f"so top-{factor * k} picks all copies of the top-{k} experts with the same total weight")
+        return GrowPlan(moe.router.name, moe.name, factor, E * factor, k * factor, shapes, noise, reason)
+
+    @staticmethod
+    def _shape_constants(analysis: mgraph.Analysis, moe: mexperts.MoE,
+                         factor: int) -> list[tuple[str, int, np.ndarray]]:
+        """The constant shapes in the MoE that name k or E (dynamo writes them out), scaled by `factor`.
+
+        A size equal to k or E can only be told from another size with its value: refused when k or E
+        equals one of the experts' other sizes, or k is 1 (a 1 is also every unit axis).
+        """
+        E, k = moe.experts, moe.top_k or 0
+        other = {int(d) for w in moe.stacked for d in w.shape[1:]} | {_in_features_of(moe.router)}
+        found = []
+        for node in moe.nodes:
+            k_in = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}.get(node.op)
+            if k_in is None or len(node.inputs) <= k_in or not isinstance(node.inputs[k_in], gs.Constant):
+                continue
+            values = np.asarray(mgraph.values(node.inputs[k_in])).astype(np.int64).reshape(-1)
+            named = [v for v in values.tolist() if v in (k, E)]
+            if not named:
+                continue
+            clash = sorted({v for v in named if v in other or v == 1})
+            if clash:
+                raise NotApplicable(f"MoE '{moe.name}': the constant shape '{node.inputs[k_in].name}' of '{node.name}' "
+                                    f"holds {clash[0]}, which is k or E and also another size: which entries count "
+                                    "experts cannot be told")
+            new = np.where(np.isin(values, [k, E]), values * factor, values)
+            found.append((node.name, k_in, new.reshape(np.asarray(mgraph.values(node.inputs[k_in])).shape)))
+        return found
 
     # ----------------------------------------------------------------- call
 
@@ -284,8 +356,9 @@ class MoEPass(MorphPass):
         model = mgraph.model_of(model)
         graph = mgraph.import_graph(model)
         if isinstance(plan, GrowPlan):
-            raise NotApplicable("growing an existing MoE is not supported yet")
-        ffn = next((f for f in mexperts.ffns(graph) if f.down.name == plan.ffn), None)
+            _grow(graph, model, plan, np.random.default_rng(self.seed))
+            return PassResult(mgraph.export_model(graph, like=model), True)
+        ffn = next((f for f in mexperts.ffns(graph, mblocks.node_modules(model)) if f.down.name == plan.ffn), None)
         if ffn is None:  # the plan was made on the read view of this very model
             raise NotApplicable(f"FFN '{plan.name}' was not found again in the editable graph (a bug in onnxmorph)")
         _Upcycler(graph, ffn, plan, self, mgraph.analysis(model).shapes).build()
@@ -578,3 +651,72 @@ class _Upcycler:
                     mgraph.remove_node(self.graph, node)
                     self.made.remove(node)
                     changed = True
+
+
+# --------------------------------------------------------------------------- growing a stacked MoE
+
+
+def _grow(graph: gs.Graph, model: onnx.ModelProto, plan: GrowPlan, rng: np.random.Generator) -> None:
+    """Replicate every expert `plan.factor` times (copy j of expert e is expert j*E + e) and scale k alike."""
+    analysis = mgraph.Analysis(model)
+    moe = next((m for m in mexperts.moes(graph, mexperts.ffns(graph)) if m.router.name == plan.router), None)
+    if moe is None:
+        raise NotApplicable(f"MoE '{plan.name}' was not found again in the editable graph (a bug in onnxmorph)")
+    namer = mgraph.Namer(graph)
+    scope = mgraph.fresh_scope(namer, f"{plan.name}/morph_moe")
+    m, E = plan.factor, moe.experts
+    units = mexperts.stacked_units(moe, analysis.shapes) if plan.noise > 0 else None
+    tiled: dict[str, np.ndarray] = {}
+    for weight in moe.stacked:
+        tiled[weight.name] = np.concatenate([np.asarray(mgraph.values(weight))] * m, axis=0)
+    if isinstance(units, mexperts.StackedUnits):
+        part = units.units.scalable[0]
+        up, row_axis = units.weights[part.layer]
+        down, column_axis = units.down
+        hidden = units.units.hidden
+        # copies 1.. of every expert: the up rows of each hidden unit times s > 0, its down columns over s
+        scales = np.ones((m * E, hidden))
+        scales[E:] = np.exp(plan.noise * rng.standard_normal(((m - 1) * E, hidden)))
+        rows = [1] * 3
+        rows[0], rows[row_axis] = m * E, hidden
+        w = tiled[up.name].astype(np.float64)
+        index = [slice(None)] * 3
+        index[row_axis] = slice(part.offset, part.offset + hidden)
+        w[tuple(index)] *= scales.reshape(rows)
+        tiled[up.name] = w
+        columns = [1] * 3
+        columns[0], columns[column_axis] = m * E, hidden
+        tiled[down.name] = tiled[down.name].astype(np.float64) / scales.reshape(columns)
+    replaced: dict[str, gs.Constant] = {}
+    for weight in moe.stacked:
+        replaced[weight.name] = mgraph.constant(namer(scope, weight.name.strip("/")), tiled[weight.name],
+                                                np.dtype(weight.dtype))
+    for node in moe.nodes:
+        for i, t in enumerate(node.inputs):
+            if t.name in replaced:
+                node.inputs[i] = replaced[t.name]
+    router = moe.router
+    axis = 0 if router.op == "Gemm" and router.attrs.get("transB", 0) else 1
+    w = np.asarray(mgraph.values(router.inputs[1]))
+    mgraph.set_input_constant(router, 1, np.concatenate([w] * m, axis=axis), name=namer(scope, "router_weight"))
+    biases = [(router, 2)] if router.op == "Gemm" and len(router.inputs) > 2 and \
+        isinstance(router.inputs[2], gs.Constant) and int(np.prod(router.inputs[2].shape)) == E else []
+    reader = next(iter(router.outputs[0].outputs), None)
+    if reader is not None and reader.op == "Add" and len(router.outputs[0].outputs) == 1:
+        biases += [(reader, i) for i, t in enumerate(reader.inputs)
+                   if isinstance(t, gs.Constant) and int(np.prod(t.shape)) == E]
+    for node, i in biases:
+        b = np.asarray(mgraph.values(node.inputs[i]))
+        mgraph.set_input_constant(node, i, np.concatenate([b] * m, axis=-1), name=namer(scope, "router_bias"))
+    mgraph.set_input_constant(moe.topk, 1, np.asarray([plan.top_k], np.int64), name=namer(scope, "k"))
+    # the tensors between router and experts have m times as many experts or slots: shapes left to inference
+    outputs = {t.name for t in graph.outputs}
+    for node in [router, *moe.nodes]:
+        for out in node.outputs:
+            if out.name not in outputs:
+                out.shape = None
+    by_name = {n.name: n for n in moe.nodes}
+    for name, i, values in plan.shapes:
+        mgraph.set_input_constant(by_name[name], i, values, name=namer(scope, "shape"))
+    log.info("moe: %s grown to %d experts, top-%d (%d copies of each; noise %g)", plan.name, plan.experts,
+             plan.top_k, m, plan.noise)

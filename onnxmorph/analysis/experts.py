@@ -421,27 +421,34 @@ def _split_ranges(node: gs.Node, shapes: dict, length: int) -> list[tuple[int, i
 
 def unit_structure(ffn: FFN, shapes: dict) -> Units | str:
     """The FFN's hidden units (see `Units`), or the reason, naming the node, why they are not made unit by unit."""
-    inner = {id(n): n for n in ffn.inner}
+    sources = {id(n): (_out_features(n), -1) for n in ffn.inner}
+    return _trace(ffn.nodes, sources, ffn.down, 0, -1, ffn.hidden, shapes)
+
+
+def _trace(nodes: Sequence[gs.Node], sources: dict[int, tuple[int, int]], down: gs.Node, down_input: int,
+           down_axis: int, hidden: int, shapes: dict) -> Units | str:
+    """Follow the units from `sources` (node id -> (output features, their axis)) to input `down_input` of `down`."""
+    inner = {id(n): n for n in nodes if id(n) in sources}
     states: dict[str, tuple[_State, int]] = {}  # tensor -> (state, feature axis)
     constants: list[tuple[gs.Node, int, str, int, int]] = []
     splits: list[gs.Node] = []
     reshapes: list[tuple[gs.Node, int]] = []
     final: _State | None = None
-    for node in ffn.nodes:
+    for node in nodes:
         if id(node) in inner:
-            out = _out_features(node)
-            states[node.outputs[0].name] = (_State(out, {Part(node.name, 0): (True, True)}), -1)
+            out, out_axis = sources[id(node)]
+            states[node.outputs[0].name] = (_State(out, {Part(node.name, 0): (True, True)}), out_axis)
             if node.op == "Gemm" and len(node.inputs) > 2 and _is_constant(node.inputs[2]):
                 constants.append((node, 2, node.name, 0, out))
             continue
         ins = [t for t in node.inputs if t.name in states]
         if not ins:
             continue
-        if node is ffn.down:
-            state, axis = states[node.inputs[0].name]
-            if axis != -1 or state.length != ffn.hidden:
-                return f"the down projection '{node.name}' reads its {ffn.hidden} units on another axis or length"
-            final = state
+        if node is down:
+            found = states.get(node.inputs[down_input].name)
+            if found is None or found[1] != down_axis or found[0].length != hidden:
+                return f"the down projection '{node.name}' reads its {hidden} units on another axis or length"
+            final = found[0]
             continue
         if node.op in _BLIND:
             continue
@@ -488,16 +495,16 @@ def unit_structure(ffn: FFN, shapes: dict) -> Units | str:
         else:
             return f"'{node.name}' ({node.op}) is not a unit-wise op between the FFN's projections"
     if final is None:
-        return f"the hidden units of '{ffn.down.name}' could not be traced to its inner layers"
+        return f"the hidden units of '{down.name}' could not be traced to its inner layers"
     covered: dict[str, int] = {}
     for part in final.parts:
-        covered[part.layer] = covered.get(part.layer, 0) + ffn.hidden
-    for layer in ffn.inner:
-        if covered.get(layer.name) != _out_features(layer):
+        covered[part.layer] = covered.get(part.layer, 0) + hidden
+    for layer in inner.values():
+        if covered.get(layer.name) != sources[id(layer)][0]:
             return f"not every output of '{layer.name}' makes a hidden unit"
     # the linear parts first: a unit reached without any activation is rescaled by the plainest construction
     scalable = sorted((p for p, f in final.parts.items() if f[0]), key=lambda p: not final.parts[p][1])
-    return Units(ffn.hidden, list(final.parts), scalable, constants, splits, gated=len(final.parts) > 1,
+    return Units(hidden, list(final.parts), scalable, constants, splits, gated=len(final.parts) > 1,
                  reshapes=reshapes)
 
 
@@ -656,3 +663,53 @@ def model_moes(analysis: Analysis) -> list[MoE]:
     return analysis.memo("moes", None, lambda: moes(analysis.view, model_ffns(analysis),
                                                     mblocks.node_modules(analysis.model),
                                                     mblocks.model_blocks(analysis)))
+
+
+@dataclass
+class StackedUnits:
+    """The hidden units of a stacked MoE's experts: `units` traced from its MatMuls, and where their weights are.
+
+    `weights` maps each inner MatMul to (stacked weight, axis of its output features); `down` is
+    (stacked weight, axis of its input features) of the down projection.
+    """
+
+    units: Units
+    weights: dict[str, tuple[gs.Constant, int]]
+    down: tuple[gs.Constant, int]
+
+
+def _stacked_operand(node: gs.Node, experts: int) -> tuple[gs.Constant, bool] | None:
+    """(stacked weight, is the left operand) of a MatMul that multiplies by the experts' picked weights."""
+    for k in (0, 1):
+        source = producer(node.inputs[k]) if len(node.inputs) > k else None
+        if source is not None and source.op in ("Gather", "GatherND") and _is_constant(source.inputs[0]) \
+                and len(source.inputs[0].shape) == 3 and int(source.inputs[0].shape[0]) == experts:
+            return source.inputs[0], k == 0
+    return None
+
+
+def stacked_units(moe: MoE, shapes: dict) -> StackedUnits | str:
+    """How the stacked experts of `moe` make their hidden units, or why that is not traced."""
+    matmuls = [(n, _stacked_operand(n, moe.experts)) for n in moe.nodes if n.op == "MatMul"]
+    matmuls = [(n, found) for n, found in matmuls if found is not None]
+    if len(matmuls) < 2:
+        return f"MoE '{moe.name}': its experts' projections are not MatMuls by stacked weights"
+    made = {id(n): {id(d) for d in _descendants([n.outputs[0]])} for n, _ in matmuls}
+    downs = [(n, f) for n, f in matmuls if any(id(n) in made[id(m)] for m, _ in matmuls if m is not n)]
+    if len(downs) != 1:
+        return f"MoE '{moe.name}': no single down projection among its experts' MatMuls"
+    down, (down_weight, down_left) = downs[0]
+    sources: dict[int, tuple[int, int]] = {}
+    weights: dict[str, tuple[gs.Constant, int]] = {}
+    for node, (weight, left) in matmuls:
+        if node is down:
+            continue
+        # W @ x: W is [E, out, in] and the output's features are on axis -2; x @ W: W is [E, in, out], axis -1
+        out_axis = 1 if left else 2
+        sources[id(node)] = (int(weight.shape[out_axis]), -2 if left else -1)
+        weights[node.name] = (weight, out_axis)
+    hidden = int(down_weight.shape[2 if down_left else 1])
+    units = _trace(moe.nodes, sources, down, 1 if down_left else 0, -2 if down_left else -1, hidden, shapes)
+    if isinstance(units, str):
+        return units
+    return StackedUnits(units, weights, (down_weight, 2 if down_left else 1))
