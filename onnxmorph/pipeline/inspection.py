@@ -65,8 +65,8 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
         "outputs": [_value_info(o) for o in model.graph.output],
         "nodes": len(model.graph.node),
         "layers": layers,
-        "blocks": [{"after": b.index, "kind": b.kind, "norms": b.norms, "module": b.module, "output": b.output.name}
-                   for b in found],
+        "blocks": [{"after": b.index, "kind": b.kind, "norms": b.norms, "module": b.module, "output": b.output.name,
+                    "parallel": b.parallel, "experts": b.experts, "top_k": b.top_k} for b in found],
         "attention": mattention.attention_modules(analysis, analysis.view, found),
         "history": receipt.history(model),
     }
@@ -152,8 +152,10 @@ def _transformer_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"transformer blocks ({len(info['blocks'])}; `block --after` takes the number or the module):")
         for b in info["blocks"]:
             where = b["module"] or f"output {b['output']}"
-            lines.append(f"  {b['after']}  {b['kind']}  {where}  norms: {', '.join(b['norms'])}"
-                         + ("" if b["kind"] == "pre-norm" else "  (block: refused, post-norm)"))
+            shape = ("  parallel attention and MLP" if b.get("parallel") else "") + (
+                f"  {b['experts']} experts, top {b['top_k'] or '?'}" if b.get("experts") else "")
+            lines.append(f"  {b['after']}  {b['kind']}  {where}  norms: {', '.join(b['norms'])}{shape}"
+                         + ("  (block: refused, post-norm)" if b["kind"] == "post-norm" else ""))
     if info.get("attention"):
         lines.append(f"attention ({len(info['attention'])}):")
         for a in info["attention"]:
