@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,9 +378,16 @@ class _Upcycler:
         self.scope = mgraph.fresh_scope(self.namer, f"{ffn.module or ffn.down.name}/morph_moe")
         self.rng = np.random.default_rng(step.seed)
         self.made: list[gs.Node] = []
+        # copies are named after the FFN's own nodes less their common path: expert_1/c_fc/Gemm
+        names = [n.name for n in ffn.nodes if n.name]
+        common = os.path.commonprefix(names) if len(names) > 1 else ""
+        self.prefix = common[:common.rfind("/") + 1] if "/" in common else ""
 
     def name(self, *parts: str) -> str:
         return self.namer(self.scope, *parts)
+
+    def short(self, name: str) -> str:
+        return (name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name).strip("/")
 
     # -- copies of the FFN
 
@@ -393,7 +401,7 @@ class _Upcycler:
                 if t.name in tensors:
                     inputs.append(tensors[t.name])
                 elif isinstance(t, gs.Constant) and np.dtype(t.dtype).kind == "f" and int(np.prod(t.shape)) > 1:
-                    new = mgraph.constant(self.name(tag, t.name.strip("/")), mgraph.values(t), mgraph.values(t).dtype)
+                    new = mgraph.constant(self.name(tag, self.short(t.name)), mgraph.values(t), mgraph.values(t).dtype)
                     tensors[t.name] = new
                     inputs.append(new)
                 else:
@@ -402,10 +410,10 @@ class _Upcycler:
             for out in node.outputs:
                 # a shard's tensors are narrower than the FFN's: shapes are left to inference
                 shape = out.shape if out is self.ffn.output or self.plan.layout.shards == 1 else None
-                new = gs.Variable(self.name(tag, out.name.strip("/")), dtype=out.dtype, shape=shape)
+                new = gs.Variable(self.name(tag, self.short(out.name)), dtype=out.dtype, shape=shape)
                 tensors[out.name] = new
                 outputs.append(new)
-            copy = gs.Node(node.op, self.name(tag, (node.name or node.op).strip("/")), attrs=dict(node.attrs),
+            copy = gs.Node(node.op, self.name(tag, self.short(node.name or node.op)), attrs=dict(node.attrs),
                            inputs=inputs, outputs=outputs, domain=node.domain)
             self.graph.nodes.append(copy)
             self.made.append(copy)

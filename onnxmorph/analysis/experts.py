@@ -567,6 +567,7 @@ class MoE:
     combine: gs.Node | None  # the sum over the chosen experts' outputs
     module: str | None = None
     block: int | None = None
+    shared: list[FFN] = field(default_factory=list)  # FFNs added to the sum with weight 1 (shared experts)
 
     @property
     def name(self) -> str:
@@ -631,30 +632,31 @@ def moes(graph: gs.Graph, ffn_list: Sequence[FFN] = (), modules: dict[str, str] 
             routing = "softmax-topk-renormalised"
         if not softmax_first and not any(n.op == "Softmax" for n in values_side):
             routing = "topk"
+        joined = [n for n in index_side if id(n) in in_values]
+        joined.sort(key=lambda n: order.get(id(n), 0))
+        combine = next((n for n in joined if n.op in ("ReduceSum", "Sum")), None)
+        start = _link_chain(router.inputs[0])[-1]
+        nodes = _between(graph, start, combine.outputs[0]) if combine is not None else []
+        # what the routing picks: only up to the sum over the chosen experts (later layers' experts are their own)
+        inside = {id(n) for n in nodes}
         stacked = []
         for node in index_side:
-            if node.op in ("Gather", "GatherND") and _is_constant(node.inputs[0]) \
+            if id(node) in inside and node.op in ("Gather", "GatherND") and _is_constant(node.inputs[0]) \
                     and int(node.inputs[0].shape[0]) == experts and node.inputs[0] not in stacked:
                 stacked.append(node.inputs[0])
         dense: list[FFN] = []
         for node in index_side:
-            if node.op == "Split" and len(node.outputs) == experts:
+            if id(node) in inside and node.op == "Split":
                 for out in node.outputs:
                     for mul in out.outputs:
                         if mul.op == "Mul":
                             ffn = next((by_output[t.name] for t in mul.inputs if t.name in by_output), None)
                             if ffn is not None and ffn not in dense:
                                 dense.append(ffn)
-        joined = [n for n in index_side if id(n) in in_values]
-        joined.sort(key=lambda n: order.get(id(n), 0))
-        combine = next((n for n in joined if n.op in ("ReduceSum", "Sum")), None)
-        if combine is None:
-            combine = next((n for n in joined if n.op == "Add" and stacked == [] and dense), None)
-        start = router.inputs[0]
-        nodes = _between(graph, _link_chain(start)[-1], combine.outputs[0]) if combine is not None else []
+        shared = [by_output[t.name] for t in combine.inputs if t.name in by_output] if combine is not None else []
         names = [router.name] + [n.name for f in dense for n in f.layers] + [n.name for n in nodes]
         found.append(MoE(router, topk, experts, top_k, routing, stacked, dense, nodes, combine,
-                         mblocks.common_module(names, modules or {}), block_of.get(id(router))))
+                         mblocks.common_module(names, modules or {}), block_of.get(id(router)), shared))
     return found
 
 
@@ -713,3 +715,38 @@ def stacked_units(moe: MoE, shapes: dict) -> StackedUnits | str:
     if isinstance(units, str):
         return units
     return StackedUnits(units, weights, (down_weight, 2 if down_left else 1))
+
+
+# --------------------------------------------------------------------------- for inspect
+
+
+def summary(analysis: Analysis) -> dict[str, list[dict]]:
+    """What `inspect` lists under "experts": every FFN (what upcycling would copy) and every MoE with its experts.
+
+    The routing groups of one mixture (onnxmorph's shards, one router each) are listed as one MoE.
+    """
+    moe_list = model_moes(analysis)
+    in_moe = {id(f) for m in moe_list for f in (*m.dense, *m.shared)}
+    ffn_rows = []
+    for ffn in model_ffns(analysis):
+        if id(ffn) in in_moe:
+            continue
+        ffn_rows.append({"name": ffn.name, "block": ffn.block, "hidden": ffn.hidden,
+                         "activations": list(ffn.activations), "inner": [n.name for n in ffn.inner],
+                         "down": ffn.down.name, "input": ffn.input.name, "output": ffn.output.name})
+    merged: dict[str, dict] = {}
+    for moe in moe_list:
+        key = moe.combine.name if moe.combine is not None else moe.router.name
+        row = merged.setdefault(key, {
+            "name": moe.name, "block": moe.block, "experts": 0, "top_k": 0, "groups": 0, "routing": moe.routing,
+            "form": moe.form, "routers": [], "expert_weights": [], "experts_list": []})
+        row["experts"] += moe.experts
+        row["top_k"] += moe.top_k or 0
+        row["groups"] += 1
+        row["routers"].append(moe.router.name)
+        row["expert_weights"] += [{"name": w.name, "shape": [int(d) for d in w.shape]} for w in moe.stacked]
+        row["experts_list"] += [{"name": f.name, "down": f.down.name, "hidden": f.hidden} for f in moe.dense]
+        row.setdefault("shared", [])
+        row["shared"] += [{"name": f.name, "down": f.down.name, "hidden": f.hidden} for f in moe.shared
+                          if f.down.name not in {e["down"] for e in row["shared"]}]
+    return {"ffns": ffn_rows, "moes": list(merged.values())}
