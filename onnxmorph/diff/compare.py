@@ -127,7 +127,8 @@ def _weight_changes(p: ModelView, c: ModelView) -> list[dict[str, Any]]:
     """Weights whose dims changed: by name, then by input slot of a node in both (a renamed weight)."""
     out: dict[str, dict[str, Any]] = {}
     for name, dims in c.weights.items():
-        if name in p.weights and p.weights[name] != dims:
+        # a computed weight whose dims one side could not infer is not a change of shape
+        if name in p.weights and p.weights[name] != dims and p.weights[name] is not None and dims is not None:
             out[name] = {"name": name, "old": list(p.weights[name]), "new": list(dims),
                          "nodes": c.consumers.get(name, [])}
     for node_name, old in p.nodes.items():
@@ -135,7 +136,8 @@ def _weight_changes(p: ModelView, c: ModelView) -> list[dict[str, Any]]:
         if new is None:
             continue
         for k, (a, b) in enumerate(zip(old.inputs, new.inputs)):
-            if a != b and a in p.weights and b in c.weights and p.weights[a] != c.weights[b] and b not in out:
+            if a != b and a in p.weights and b in c.weights and p.weights[a] != c.weights[b] and b not in out \
+                    and p.weights[a] is not None and c.weights[b] is not None:
                 out[b] = {"name": b, "old_name": a, "old": list(p.weights[a]), "new": list(c.weights[b]),
                           "nodes": [node_name], "input": k}
     return list(out.values())
