@@ -191,6 +191,14 @@ def _groups(p: ModelView, c: ModelView, added: list[str], steps: list[dict[str, 
                 group["step"] = {"index": k + 1, "pass": step.get("pass"), "params": params}
                 claimed.add(k)
                 break
+    # A step that names its target another way (a block index, a module path): the one step of that morph left.
+    for group in groups.values():
+        left = [k for k, step in enumerate(steps) if k not in claimed and step.get("pass") == group["morph"]]
+        same = [g for g in groups.values() if g["step"] is None and g["morph"] == group["morph"]]
+        if group["step"] is None and len(left) == 1 and len(same) == 1:
+            step = steps[left[0]]
+            group["step"] = {"index": left[0] + 1, "pass": step.get("pass"), "params": step.get("params", {})}
+            claimed.add(left[0])
     return list(groups.values())
 
 
