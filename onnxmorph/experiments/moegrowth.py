@@ -59,7 +59,7 @@ ARMS: dict[str, dict[str, int]] = {
 class Config:
     """Budgets, shapes and optimiser settings of one run."""
 
-    steps: int = 2000  # the whole budget in steps: the parent's, and the parent's snapshot + a child's
+    steps: int = 1000  # the whole budget in steps: the parent's, and the parent's snapshot + a child's
     growth: float = 0.5  # the growth point, as a share of the budget
     batch: int = 8
     context: int = 64
@@ -70,7 +70,7 @@ class Config:
     warmup: float = 0.05
     floor: float = 0.1
     rewarm: int = 50  # steps of warmup after growth (a fresh Adam)
-    eval_every: int = 50
+    eval_every: int = 25
     validation_windows: int = 64
     arms: tuple[str, ...] = tuple(ARMS)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budgets and one seed (a smoke test, < 60 s)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the results (default: docs)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="the whole budget in steps (default: 2000)")
+    parser.add_argument("--steps", type=int, default=None, help="the whole budget in steps (default: 1000)")
     parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 2, quick: 1)")
     parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per process (default: 1)")
