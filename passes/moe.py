@@ -256,8 +256,6 @@ class MoEPass(MorphPass):
                                           ffn.hidden)
         except ValueError as exc:
             raise NotApplicable(f"FFN '{ffn.name}': {exc}") from None
-        if mgraph.is_graph_output(analysis.view, ffn.output):
-            raise NotApplicable(f"FFN '{ffn.name}': its output '{ffn.output.name}' is a graph output")
         nested = [n.name for n in ffn.nodes if any(isinstance(v, gs.Graph) for v in n.attrs.values())]
         if nested:
             raise NotApplicable(f"FFN '{ffn.name}': node '{nested[0]}' holds a subgraph; it is not copied")
@@ -642,7 +640,9 @@ class _Upcycler:
         if shared is not None:
             terms.append(shared)
         (mixed,) = self.node("Sum", "mixture", terms, dtype=plan.dtype)
-        mgraph.replace_all_uses(self.graph, ffn.output, mixed, readers)
+        renamed = self.name("expert_0", "output") if mgraph.is_graph_output(self.graph, ffn.output) else None
+        mixed.shape = ffn.output.shape  # the same shape as the FFN's output, whose place it takes
+        mgraph.replace_all_uses(self.graph, ffn.output, mixed, readers, renamed=renamed)
         self._drop_dead()
         log.info("moe: FFN %s -> %d experts (%d shards), top-%d %s routing, router %s%s", plan.name, layout.experts,
                  layout.shards, layout.top_k, layout.routing, layout.router,
