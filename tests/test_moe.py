@@ -285,3 +285,19 @@ def test_the_upcycled_gpt_trains_its_router() -> None:
     assert grads[0] < 1e-6 < grads[2]
     assert float((params[router].detach() - before).abs().max()) > 1e-4
     assert downs
+
+
+def test_the_cost_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/moe_cost.py --quick: the dense graph computes every expert, top-k would need k of them."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("moe_cost", Path(__file__).parent.parent / "benchmarks" / "moe_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", str(tmp_path / "cost.json")]) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "cost.json").read_text())["rows"]}
+    assert rows["8 experts, top-2"]["dense_flops_ratio"] > rows["4 experts, top-2"]["dense_flops_ratio"] > 1.5
+    assert rows["8 experts, top-2"]["active_flops_ratio"] == pytest.approx(
+        rows["4 experts, top-2"]["active_flops_ratio"], rel=0.05)
+    assert rows["4 shards, all active"]["dense_flops_ratio"] == pytest.approx(1.0, abs=0.05)
