@@ -292,7 +292,8 @@ def test_the_cost_benchmark_runs(tmp_path: Path) -> None:
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("moe_cost", Path(__file__).parent.parent / "benchmarks" / "moe_cost.py")
+    script = Path(__file__).parent.parent / "benchmarks" / "moe_cost.py"
+    spec = importlib.util.spec_from_file_location("moe_cost", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--quick", "--out", str(tmp_path / "cost.json")]) == 0
