@@ -18,5 +18,6 @@ opset, metadata and receipt, with the initializers replaced by the trained value
 
 from onnxmorph.lazy import lazy_attributes
 
-__all__ = ["OnnxModule", "SUPPORTED_OPS", "activation_parameters", "fit", "predict", "to_onnx", "to_torch"]
+__all__ = ["IGNORE_INDEX", "OnnxModule", "SUPPORTED_OPS", "activation_parameters", "causal_lm_labels", "fit", "predict",
+           "to_onnx", "to_torch"]
 __getattr__ = lazy_attributes(__name__, {name: "onnxmorph.train.adapter" for name in __all__})

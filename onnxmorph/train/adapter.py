@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -15,13 +14,16 @@ from onnx import helper, numpy_helper
 
 from onnxmorph.errors import UsageError
 from onnxmorph.graph.build import P_ACTIVATION_SUFFIX
-from onnxmorph.io.loading import normalize, true_inputs
-from onnxmorph.train.ops import OPS as _TENSOR_OPS
+from onnxmorph.io.loading import true_inputs
+from onnxmorph.train.ops import SUPPORTED_OPS, Call, check_graph, resolve
+from onnxmorph.train.ops_shape import from_numpy
 
 __all__ = [
+    "IGNORE_INDEX",
     "OnnxModule",
     "SUPPORTED_OPS",
     "activation_parameters",
+    "causal_lm_labels",
     "fit",
     "predict",
     "to_onnx",
@@ -32,221 +34,27 @@ __all__ = [
 # slope is also recognised by position, whatever its name.
 ACTIVATION_SUFFIXES = (P_ACTIVATION_SUFFIX,)
 
+# Labels that the token losses skip (padding), as in torch and Hugging Face.
+IGNORE_INDEX = -100
+
+Inputs = Union[np.ndarray, torch.Tensor, Mapping[str, Any], Sequence[Any]]
 LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 OptimizerLike = Union[torch.optim.Optimizer, Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer], None]
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-
-
-# --------------------------------------------------------------------------- operators
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _pad_spatial(x: torch.Tensor, pads: Sequence[int], value: float = 0.0) -> torch.Tensor:
-    """Apply ONNX pads [b1, b2, ..., e1, e2, ...] to the spatial axes of NC... `x`."""
-    n = len(pads) // 2
-    if not any(pads):
-        return x
-    torch_pads: list[int] = []
-    for axis in reversed(range(n)):  # F.pad lists the last axis first
-        torch_pads += [pads[axis], pads[axis + n]]
-    return F.pad(x, torch_pads, value=value)
-
-
-def _check_auto_pad(node: onnx.NodeProto, a: Mapping[str, Any]) -> None:
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto not in ("NOTSET", "VALID"):
-        raise UsageError(f"node {node.name}: auto_pad={auto} is not supported by onnxmorph.train")
-
-
-def _conv(node, a, x, w, b=None):
-    _check_auto_pad(node, a)
-    nd = w.dim() - 2
-    x = _pad_spatial(x, a.get("pads", [0] * 2 * nd))
-    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    return fn(x, w, b, stride=a.get("strides", [1] * nd), dilation=a.get("dilations", [1] * nd),
-              groups=a.get("group", 1))
-
-
-def _gemm(node, a, x, w, c=None):
-    if a.get("transA", 0):
-        x = x.t()
-    if a.get("transB", 0):
-        w = w.t()
-    y = a.get("alpha", 1.0) * (x @ w)
-    if c is not None:
-        y = y + a.get("beta", 1.0) * c
-    return y
-
-
-def _pool(node, a, x, kind):
-    _check_auto_pad(node, a)
-    k = a["kernel_shape"]
-    nd = len(k)
-    strides = a.get("strides", [1] * nd)
-    pads = a.get("pads", [0] * 2 * nd)
-    ceil = bool(a.get("ceil_mode", 0))
-    if kind == "max":
-        if a.get("dilations", [1] * nd) != [1] * nd or len(node.output) > 1:
-            raise UsageError(f"node {node.name}: MaxPool with dilations or indices is not supported")
-        x = _pad_spatial(x, pads, value=-math.inf)
-        return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1](x, k, strides, ceil_mode=ceil)
-    if a.get("count_include_pad", 0):
-        x = _pad_spatial(x, pads)
-        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](x, k, strides, ceil_mode=ceil)
-    if any(pads):
-        # Average over the real pixels only: divide the padded sum by the padded count of ones.
-        total = _pad_spatial(x, pads)
-        ones = _pad_spatial(torch.ones_like(x[:1, :1]), pads)
-        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
-        return pool(total, k, strides, ceil_mode=ceil) / pool(ones, k, strides, ceil_mode=ceil)
-    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](x, k, strides, ceil_mode=ceil)
-
-
-def _softmax(a, x, fn, opset):
-    axis = a.get("axis", -1 if opset >= 13 else 1)
-    if opset >= 13:
-        return fn(x, dim=axis)
-    # Before opset 13 the input was coerced to 2-D at `axis`.
-    shape = x.shape
-    axis = axis % x.dim()
-    return fn(x.reshape(int(np.prod(shape[:axis])), -1), dim=1).reshape(shape)
-
-
-def _reshape(node, a, x, shape):
-    dims = [int(d) for d in shape.tolist()]
-    if not a.get("allowzero", 0):
-        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
-
-
-def _axes(node, a, inputs, opset, attr_until):
-    if opset < attr_until:
-        return a.get("axes")
-    return inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else None
-
-
-def _squeeze(node, a, inputs, opset):
-    axes = _axes(node, a, inputs, opset, 13)
-    x = inputs[0]
-    if axes is None:
-        return x.squeeze()
-    for axis in sorted((int(ax) % x.dim() for ax in axes), reverse=True):
-        x = x.squeeze(axis)
-    return x
-
-
-def _unsqueeze(node, a, inputs, opset):
-    axes = _axes(node, a, inputs, opset, 13)
-    x = inputs[0]
-    rank = x.dim() + len(axes)
-    for axis in sorted(int(ax) % rank for ax in axes):
-        x = x.unsqueeze(axis)
-    return x
-
-
-def _reduce(node, a, inputs, opset, fn, attr_until):
-    axes = _axes(node, a, inputs, opset, attr_until)
-    keep = bool(a.get("keepdims", 1))
-    x = inputs[0]
-    if not axes:
-        if a.get("noop_with_empty_axes", 0):
-            return x
-        axes = list(range(x.dim()))
-    return fn(x, dim=[int(ax) for ax in axes], keepdim=keep)
-
-
-def _clip(node, a, inputs, opset):
-    x = inputs[0]
-    if opset < 11:
-        lo, hi = a.get("min"), a.get("max")
-    else:
-        lo = inputs[1] if len(inputs) > 1 else None
-        hi = inputs[2] if len(inputs) > 2 else None
-    return torch.clamp(x, min=lo, max=hi)
-
-
-def _batchnorm(node, a, x, scale, bias, mean, var):
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    inv = scale / torch.sqrt(var + a.get("epsilon", 1e-5))
-    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
-
-
-def _layernorm(node, a, x, scale, bias=None):
-    axis = a.get("axis", -1) % x.dim()
-    y = F.layer_norm(x, x.shape[axis:], eps=a.get("epsilon", 1e-5))
-    y = y * scale
-    return y if bias is None else y + bias
-
-
-def _gelu(node, a, x):
-    approx = a.get("approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
-    return F.gelu(x, approximate=approx)
-
-
-# op -> function(node, attrs, inputs, opset); inputs may hold None for an omitted optional input.
-_OPS: dict[str, Callable[..., torch.Tensor]] = {
-    "Conv": lambda n, a, i, o: _conv(n, a, *i),
-    "Gemm": lambda n, a, i, o: _gemm(n, a, *i),
-    "MatMul": lambda n, a, i, o: torch.matmul(i[0], i[1]),
-    "Add": lambda n, a, i, o: i[0] + i[1],
-    "Sub": lambda n, a, i, o: i[0] - i[1],
-    "Mul": lambda n, a, i, o: i[0] * i[1],
-    "Div": lambda n, a, i, o: i[0] / i[1],
-    "Pow": lambda n, a, i, o: torch.pow(i[0], i[1]),
-    "Sum": lambda n, a, i, o: sum(i[1:], i[0]),
-    "Neg": lambda n, a, i, o: -i[0],
-    "Abs": lambda n, a, i, o: torch.abs(i[0]),
-    "Sqrt": lambda n, a, i, o: torch.sqrt(i[0]),
-    "Exp": lambda n, a, i, o: torch.exp(i[0]),
-    "Log": lambda n, a, i, o: torch.log(i[0]),
-    "Erf": lambda n, a, i, o: torch.erf(i[0]),
-    "Relu": lambda n, a, i, o: torch.relu(i[0]),
-    "PRelu": lambda n, a, i, o: torch.where(i[0] >= 0, i[0], i[0] * i[1]),
-    "LeakyRelu": lambda n, a, i, o: F.leaky_relu(i[0], a.get("alpha", 0.01)),
-    "Elu": lambda n, a, i, o: F.elu(i[0], a.get("alpha", 1.0)),
-    "Tanh": lambda n, a, i, o: torch.tanh(i[0]),
-    "Sigmoid": lambda n, a, i, o: torch.sigmoid(i[0]),
-    "Softplus": lambda n, a, i, o: F.softplus(i[0]),
-    "Gelu": lambda n, a, i, o: _gelu(n, a, i[0]),
-    "Clip": lambda n, a, i, o: _clip(n, a, i, o),
-    "Identity": lambda n, a, i, o: i[0],
-    "Dropout": lambda n, a, i, o: i[0],  # inference graph: dropout is the identity
-    "MaxPool": lambda n, a, i, o: _pool(n, a, i[0], "max"),
-    "AveragePool": lambda n, a, i, o: _pool(n, a, i[0], "avg"),
-    "GlobalAveragePool": lambda n, a, i, o: i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True),
-    "GlobalMaxPool": lambda n, a, i, o: i[0].amax(dim=tuple(range(2, i[0].dim())), keepdim=True),
-    "Flatten": lambda n, a, i, o: i[0].reshape(int(np.prod(i[0].shape[: a.get("axis", 1)])), -1),
-    "Reshape": lambda n, a, i, o: _reshape(n, a, i[0], i[1]),
-    "Transpose": lambda n, a, i, o: i[0].permute(a.get("perm", list(reversed(range(i[0].dim()))))),
-    "Concat": lambda n, a, i, o: torch.cat(i, dim=a["axis"]),
-    "Squeeze": lambda n, a, i, o: _squeeze(n, a, i, o),
-    "Unsqueeze": lambda n, a, i, o: _unsqueeze(n, a, i, o),
-    "ReduceMean": lambda n, a, i, o: _reduce(n, a, i, o, torch.mean, 18),
-    "ReduceSum": lambda n, a, i, o: _reduce(n, a, i, o, torch.sum, 13),
-    "Softmax": lambda n, a, i, o: _softmax(a, i[0], torch.softmax, o),
-    "LogSoftmax": lambda n, a, i, o: _softmax(a, i[0], torch.log_softmax, o),
-    "LRN": lambda n, a, i, o: F.local_response_norm(i[0], a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75),
-                                                    a.get("bias", 1.0)),
-    "BatchNormalization": lambda n, a, i, o: _batchnorm(n, a, *i[:5]),
-    "LayerNormalization": lambda n, a, i, o: _layernorm(n, a, *i[:3]),
-}
-# Shape, mask and indexing ops of exported language models (Gather, Where, Trilu, Range, ...);
-# their Div also truncates integer division, as ONNX does.
-_OPS.update(_TENSOR_OPS)
-
-SUPPORTED_OPS = frozenset(_OPS)
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+# Half-precision weights are trained as float32 copies (master weights) and cast for each forward pass.
+_HALF_TYPES = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
 
 # Inputs that are running statistics, not weights: gradient descent must not move them.
 _STATISTICS = {"BatchNormalization": (3, 4)}
 
+# Ops whose output does not depend on their input's values through anything a weight should learn:
+# positional tables (sin/cos of a frequency buffer), sizes.
+_TABLE_OPS = ("Sin", "Cos")
+_SIZE_OPS = ("Shape", "Size")
 
-# --------------------------------------------------------------------------- the module
+
+# --------------------------------------------------------------------------- which initializers train
 
 
 def _torch_key(name: str, taken: set[str]) -> str:
@@ -267,16 +75,98 @@ def _activation_names(nodes: Iterable[onnx.NodeProto], names: Iterable[str]) -> 
     return list(dict.fromkeys(found))
 
 
-def _default_trainable(model: onnx.ModelProto) -> Callable[[str], bool]:
-    """Every float initializer except single numbers that are not P-activation parameters.
+def _learnable(graph: onnx.GraphProto) -> set[str]:
+    """Tensors whose values reach a graph output other than through Sin/Cos (a positional table) or a size."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    seen: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type not in _TABLE_OPS + _SIZE_OPS:
+            stack.extend(i for i in node.input if i)
+    return seen
 
-    Single numbers are the constants of exported formulas (GELU's 0.5 and sqrt 2, the attention
-    scale, a mask's -inf) and the `1` of a P-activation's `1 - a`: training them would change what
+
+def _default_trainable(model: onnx.ModelProto) -> Callable[[str], bool]:
+    """Every float initializer except constants of the graph's formulas.
+
+    Constants are: single numbers that are not P-activation parameters (GELU's 0.5 and sqrt 2, the
+    attention scale, the `1` of a P-activation's `1 - a`), masks (tensors holding an infinity or NaN,
+    or only 0 and one number <= -100), and tensors that reach the outputs only through Sin/Cos
+    (rotary frequencies, a buffer in the source model) or a Shape. Training them would change what
     the graph computes rather than fit its weights.
     """
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    activations = set(_activation_names(model.graph.node, sizes))
-    return lambda name: sizes.get(name, 2) > 1 or name in activations
+    arrays = {t.name: t for t in model.graph.initializer}
+    activations = set(_activation_names(model.graph.node, arrays))
+    reach = _learnable(model.graph)
+
+    def trainable(name: str) -> bool:
+        if name in activations:
+            return True
+        tensor = arrays.get(name)
+        if tensor is None or int(np.prod(tensor.dims)) <= 1 or name not in reach:
+            return False
+        values = _float_array(tensor)
+        return bool(np.isfinite(values).all()) and not _additive_mask(values)
+
+    return trainable
+
+
+def _additive_mask(values: np.ndarray) -> bool:
+    """0 where attention may look and one large negative number elsewhere (Swin's shifted windows: -100)."""
+    low, high = float(values.min()), float(values.max())
+    return high == 0.0 and low <= -100.0 and bool(np.all((values == 0) | (values == low)))
+
+
+def _float_array(tensor: onnx.TensorProto) -> np.ndarray:
+    array = numpy_helper.to_array(tensor)
+    return np.asarray(array, np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def _tied_heads(model: onnx.ModelProto, floats: Mapping[str, onnx.TensorProto]) -> dict[str, tuple[str, bool]]:
+    """Output heads that the exporter wrote as a copy of a token embedding table: head -> (table, transposed).
+
+    Tied embeddings (GPT-2, BERT, OPT, Gemma...) are one tensor in the source model; both exporters
+    write the head's MatMul operand as its own initializer, equal to the table or its transpose.
+    Training keeps them one parameter, as the source model would. Only a table read by a Gather
+    (an embedding) and a head read by a MatMul/Gemm qualify, and only with equal values (a zero or
+    constant table ties nothing).
+    """
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats
+              and not any(a.name == "axis" and a.i != 0 for a in n.attribute)}
+    heads = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+             and n.input[1] in floats} - tables
+    found: dict[str, tuple[str, bool]] = {}
+    for table in tables:
+        t = floats[table]
+        if len(t.dims) != 2 or int(np.prod(t.dims)) < 2:
+            continue
+        values = None
+        for head in sorted(heads - set(found)):
+            h = floats[head]
+            if h.data_type != t.data_type or sorted(h.dims) != sorted(t.dims):
+                continue
+            if values is None:
+                values = _float_array(t)
+                if values.min() == values.max():
+                    break
+            other = _float_array(h)
+            if tuple(h.dims) == tuple(t.dims) and np.array_equal(other, values):
+                found[head] = (table, False)
+            elif tuple(h.dims) == tuple(reversed(t.dims)) and np.array_equal(other, values.T):
+                found[head] = (table, True)
+    return found
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 class OnnxModule(torch.nn.Module):
@@ -284,78 +174,131 @@ class OnnxModule(torch.nn.Module):
 
     Call it with the graph's true inputs (positionally, in graph order, or by name); it returns
     the single output, or a tuple when the graph has several. Parameters are registered under
-    sanitised names; `onnx_names` maps each ONNX initializer name to its parameter.
+    sanitised names; `onnx_names` maps each ONNX initializer name to its parameter. The graph runs
+    as it is (nothing is folded or rewritten), so `to_onnx` gives back the same graph.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, trainable: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, *, trainable: Callable[[str], bool] | None = None,
+                 tie_embeddings: bool = True) -> None:
         super().__init__()
-        model = normalize(model)
         graph = model.graph
-        if any(n.op_type in ("If", "Loop", "Scan") for n in graph.node):
-            raise UsageError("onnxmorph.train does not run graphs with control flow (If, Loop, Scan)")
-        unsupported = sorted({n.op_type for n in graph.node if n.domain not in ("", "ai.onnx")
-                              or n.op_type not in _OPS})
-        if unsupported:
-            raise UsageError(f"onnxmorph.train cannot run op(s) {', '.join(unsupported)}; "
-                             f"supported: {', '.join(sorted(_OPS))}")
+        opset = _opset(model)
+        functions = {(f.domain, f.name) for f in model.functions}
+        check_graph(graph.node, opset, functions)
+        runnable = model
+        if functions:
+            import onnx.inliner
+
+            runnable = onnx.inliner.inline_local_functions(model)
+            check_graph(runnable.graph.node, opset)  # what the functions held
         self._model = model
-        self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self._nodes = [(n, _attrs(n)) for n in graph.node]
+        self._opset = opset
         self.input_names = [i.name for i in true_inputs(model)]
         self.output_names = [o.name for o in graph.output]
+        # Constant nodes are evaluated once into buffers, so that `module.to(device)` moves them too.
+        self._constant_keys: dict[str, str] = {}
+        taken: set[str] = set()
+        nodes: list[onnx.NodeProto] = []
+        calls: list[tuple[Call, Callable[..., Any]]] = []
+        for node in runnable.graph.node:
+            call, function = Call.of(node, opset), resolve(node, opset).function
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                key = "const_" + _torch_key(node.output[0], taken)
+                self.register_buffer(key, function(call), persistent=False)
+                self._constant_keys[node.output[0]] = key
+            else:
+                nodes.append(node)
+                calls.append((call, function))
+        self._calls = calls
+        self._release = self._last_uses(nodes, self.output_names)
         statistics = {n.input[k] for n in graph.node for k in _STATISTICS.get(n.op_type, ()) if k < len(n.input)}
         if trainable is None:
             trainable = _default_trainable(model)
+        floats = {t.name: t for t in graph.initializer if t.data_type in _FLOAT_TYPES and t.name not in statistics}
+        # head -> (table, transposed): computed from the table's parameter in every forward pass.
+        self.tied: dict[str, tuple[str, bool]] = _tied_heads(model, floats) if tie_embeddings else {}
         self.params = torch.nn.ParameterDict()
         # Constants are non-persistent buffers, so that `module.to(device)` moves them with the weights.
-        self._constant_keys: dict[str, str] = {}
+        self._half: dict[str, torch.dtype] = {}
         self.onnx_names: dict[str, str] = {}
-        taken: set[str] = set()
         for init in graph.initializer:
-            array = numpy_helper.to_array(init)
+            if init.name in self.tied:
+                continue
             key = _torch_key(init.name, taken)
-            if init.data_type in _FLOAT_TYPES and init.name not in statistics:
-                data = torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype == np.float16 else array.dtype))
+            if init.name in floats:
+                data = from_numpy(_float_array(init))
+                if init.data_type in _HALF_TYPES:
+                    data = data.float()
+                    self._half[init.name] = _HALF_TYPES[init.data_type]
                 self.params[key] = torch.nn.Parameter(data, requires_grad=trainable(init.name))
                 self.onnx_names[init.name] = key
             else:
-                self.register_buffer("const_" + key, torch.from_numpy(np.array(array)), persistent=False)
+                self.register_buffer("const_" + key, from_numpy(numpy_helper.to_array(init)), persistent=False)
                 self._constant_keys[init.name] = "const_" + key
 
+    @staticmethod
+    def _last_uses(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[list[str]]:
+        """Per node, the tensors that no later node reads: freed after it runs (inference keeps less memory)."""
+        keep = set(outputs)
+        last: dict[str, int] = {}
+        for k, node in enumerate(nodes):
+            for name in node.input:
+                last[name] = k
+        release: list[list[str]] = [[] for _ in nodes]
+        for name, k in last.items():
+            if name and name not in keep:
+                release[k].append(name)
+        return release
+
     def parameter(self, onnx_name: str) -> torch.nn.Parameter:
-        """The parameter holding the ONNX initializer `onnx_name`."""
+        """The parameter of the ONNX initializer `onnx_name`."""
         try:
             return self.params[self.onnx_names[onnx_name]]
         except KeyError:
             raise UsageError(f"no trainable initializer named {onnx_name!r}") from None
 
     def onnx_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """ONNX initializer name -> parameter, for every float initializer."""
+        """ONNX initializer name -> parameter, for every float initializer (a tied head is its table's)."""
         return {name: self.params[key] for name, key in self.onnx_names.items()}
 
     @property
     def model(self) -> onnx.ModelProto:
-        """The (normalised) ONNX model this module was built from; its weights are the original ones."""
+        """The ONNX model this module was built from; its weights are the original ones."""
         return self._model
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every float initializer's current value as the graph reads it (half-precision ones cast, tied heads
+        computed from their table)."""
+        values: dict[str, torch.Tensor] = {}
+        for name, key in self.onnx_names.items():
+            value = self.params[key]
+            values[name] = value.to(self._half[name]) if name in self._half else value
+        for head, (table, transposed) in self.tied.items():
+            values[head] = values[table].t() if transposed else values[table]
+        return values
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         env: dict[str, torch.Tensor | None] = {"": None}
         if len(args) > len(self.input_names):
             raise UsageError(f"the model takes {len(self.input_names)} input(s), got {len(args)}")
         env.update(zip(self.input_names, args))
+        unknown = [name for name in kwargs if name not in self.input_names]
+        if unknown:
+            raise UsageError(f"unknown model input(s) {', '.join(unknown)}; inputs: {', '.join(self.input_names)}")
         env.update(kwargs)
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise UsageError(f"missing model input(s): {', '.join(missing)}")
         env.update({name: getattr(self, key) for name, key in self._constant_keys.items()})
-        env.update({name: self.params[key] for name, key in self.onnx_names.items()})
-        for node, attrs in self._nodes:
-            inputs = [env[name] for name in node.input]
-            result = _OPS[node.op_type](node, attrs, inputs, self._opset)
+        env.update(self.weights())
+        for (call, function), release in zip(self._calls, self._release):
+            result = function(call, *[env[name] for name in call.node.input])
             if isinstance(result, tuple):
-                env.update(zip(node.output, result))
+                env.update((name, value) for name, value in zip(call.node.output, result) if name)
             else:
-                env[node.output[0]] = result
+                env[call.node.output[0]] = result
+            for name in release:
+                env.pop(name, None)
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -363,35 +306,42 @@ class OnnxModule(torch.nn.Module):
 # --------------------------------------------------------------------------- public API
 
 
-def to_torch(model: onnx.ModelProto | str, *, trainable: Callable[[str], bool] | None = None) -> OnnxModule:
+def to_torch(model: onnx.ModelProto | str, *, trainable: Callable[[str], bool] | None = None,
+             tie_embeddings: bool = True) -> OnnxModule:
     """Load an ONNX model (ModelProto or path) as a trainable `OnnxModule`.
 
-    Every float initializer becomes a parameter (BatchNormalization's running mean and variance
-    stay constants). By default single numbers are frozen (an exported formula's constants such as
-    GELU's 0.5, the `1` of a P-activation's `1 - a`) except P-activation parameters; `trainable(name)`
-    replaces that rule.
+    Every float initializer becomes a parameter (BatchNormalization's running mean and variance stay
+    constants; float16/bfloat16 weights train as float32 copies, cast for each forward pass). By
+    default the graph's constants are frozen (see `_default_trainable`): single numbers other than
+    P-activation parameters, masks holding infinities, rotary frequencies; `trainable(name)` replaces
+    that rule. With `tie_embeddings`, an output head that the exporter wrote as a copy of the token
+    embedding table trains as that table (see `_tied_heads`).
     """
     if not isinstance(model, onnx.ModelProto):
         from onnxmorph.io.loading import load
 
         model = load(model)
-    return OnnxModule(model, trainable=trainable)
+    return OnnxModule(model, trainable=trainable, tie_embeddings=tie_embeddings)
 
 
 def to_onnx(module: OnnxModule) -> onnx.ModelProto:
-    """The module's ONNX model with every initializer replaced by the module's current value.
+    """The module's ONNX model with every float initializer replaced by the module's current value.
 
     The graph, names, opset, metadata and receipt are those of the model the module was built
-    from; values are cast back to each initializer's own dtype.
+    from; values are cast back to each initializer's own dtype (a tied head is written from its table).
     """
     model = onnx.ModelProto()
     model.CopyFrom(module.model)
-    params = module.onnx_parameters()
+    with torch.no_grad():
+        values = module.weights()
     for k, init in enumerate(model.graph.initializer):
-        if init.name not in params:
+        if init.name not in values:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-        array = params[init.name].detach().cpu().numpy().astype(dtype)
+        tensor = values[init.name].detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            array = tensor.float().numpy().astype(helper.tensor_dtype_to_np_dtype(init.data_type))
+        else:
+            array = tensor.numpy().astype(helper.tensor_dtype_to_np_dtype(init.data_type))
         model.graph.initializer[k].CopyFrom(numpy_helper.from_array(array, init.name))
     return model
 
@@ -404,21 +354,88 @@ def activation_parameters(module: OnnxModule) -> dict[str, torch.nn.Parameter]:
     them toward 0 (the plain non-linearity).
     """
     params = module.onnx_parameters()
-    names = _activation_names((n for n, _ in module._nodes), module.onnx_names)
+    names = _activation_names(module.model.graph.node, module.onnx_names)
     return {name: params[name] for name in names if name in params}
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: the logits at position t predict label t + 1; IGNORE_INDEX labels are skipped."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise UsageError(f"causal_lm needs logits [batch, sequence, vocabulary] and labels [batch, sequence], "
+                         f"got {list(logits.shape)} and {list(labels.shape)}")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).long(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position with the classes on the last axis (masked LM, CTC frames, tagging)."""
+    if labels.shape != logits.shape[:-1]:
+        raise UsageError(f"token_cross_entropy needs labels shaped like the logits without their last axis, "
+                         f"got {list(logits.shape)} and {list(labels.shape)}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long(),
+                           ignore_index=IGNORE_INDEX)
+
+
+_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy, "mse": F.mse_loss, "causal_lm": _causal_lm,
+    "token_cross_entropy": _token_cross_entropy,
+}
 
 
 def _loss_function(loss: LossLike) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if callable(loss):
         return loss
-    known = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-    if loss not in known:
-        raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(known)} or a callable")
-    return known[loss]
+    if loss not in _LOSSES:
+        raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)} or a callable")
+    return _LOSSES[loss]
+
+
+def causal_lm_labels(input_ids: np.ndarray | torch.Tensor,
+                     attention_mask: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """Labels for loss="causal_lm": the ids themselves, IGNORE_INDEX where the attention mask is 0 (padding)."""
+    ids = _as_tensor(input_ids).long()
+    if attention_mask is None:
+        return ids.clone()
+    return torch.where(_as_tensor(attention_mask).to(torch.bool), ids, IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- fitting
 
 
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+
+
+class _Batches:
+    """The model inputs as tensors of one length: an array, a sequence of arrays (positional inputs) or a
+    mapping of input name -> array; `take(index)` gives the rows `index` of each, `call(module, rows)` runs it."""
+
+    def __init__(self, inputs: Inputs) -> None:
+        if isinstance(inputs, Mapping):
+            self.names: list[str] | None = list(inputs)
+            self.tensors = [_as_tensor(inputs[name]) for name in self.names]
+        elif isinstance(inputs, (list, tuple)):
+            self.names, self.tensors = None, [_as_tensor(x) for x in inputs]
+        else:
+            self.names, self.tensors = None, [_as_tensor(inputs)]
+        lengths = {len(t) if t.dim() else -1 for t in self.tensors}
+        if len(lengths) != 1 or lengths == {0} or -1 in lengths:
+            raise UsageError(f"every input must have the same non-zero length on its first axis, got "
+                             f"{[list(t.shape) for t in self.tensors]}")
+        self.length = lengths.pop()
+
+    def named(self, name: str) -> torch.Tensor | None:
+        if self.names is None:
+            return None
+        return self.tensors[self.names.index(name)] if name in self.names else None
+
+    def call(self, module: torch.nn.Module, index: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
+        rows = [t[index].to(device) for t in self.tensors]
+        out = module(**dict(zip(self.names, rows))) if self.names is not None else module(*rows)
+        return out[0] if isinstance(out, tuple) else out  # the first output is the one to fit
 
 
 def _make_optimizer(module: torch.nn.Module, optimizer: OptimizerLike) -> torch.optim.Optimizer:
@@ -451,10 +468,23 @@ class _Annealer:
                 a.clamp_(-bound, bound)
 
 
+def _targets(batches: _Batches, targets: np.ndarray | torch.Tensor | None, loss: LossLike) -> torch.Tensor:
+    if targets is not None:
+        y = _as_tensor(targets)
+    elif loss == "causal_lm" and batches.named("input_ids") is not None:
+        y = causal_lm_labels(batches.named("input_ids"), batches.named("attention_mask"))
+    else:
+        raise UsageError("targets are needed (only loss='causal_lm' with inputs {'input_ids': ..., "
+                         "'attention_mask': ...} makes its labels from the ids)")
+    if len(y) != batches.length:
+        raise UsageError(f"inputs and targets must be of one length, got {batches.length} and {len(y)}")
+    return y
+
+
 def fit(
     module: torch.nn.Module,
-    inputs: np.ndarray | torch.Tensor,
-    targets: np.ndarray | torch.Tensor,
+    inputs: Inputs,
+    targets: np.ndarray | torch.Tensor | None = None,
     *,
     loss: LossLike = "cross_entropy",
     optimizer: OptimizerLike = None,
@@ -467,40 +497,45 @@ def fit(
 ) -> list[float]:
     """Train `module` for `steps` minibatch steps on (`inputs`, `targets`); returns the losses.
 
-    `loss` is "cross_entropy", "mse" or a callable(output, target). `optimizer` is an optimiser
-    over the module's parameters, or a factory called with its trainable parameters (default:
-    Adam, lr 1e-3). Minibatches are drawn from a seeded permutation, reshuffled every epoch, so
-    a run is reproducible, and moved to the module's device. `callback(step, loss)` is called after
-    each step (step counts from 1). `lr_schedule(step)` multiplies every parameter group's initial
-    learning rate at that step. `anneal_activations=N` pulls the P-activations' `a` to 0 over the
-    first N steps (see `_Annealer`), so that the layers a morph inserted become non-linear.
+    `inputs` is an array (a model with one input), a tuple of arrays (the inputs in order) or a dict
+    of input name -> array, e.g. `{"input_ids": ids, "attention_mask": mask}`; every array has the
+    examples on its first axis. The module's first output goes to the loss. `loss` is
+    "cross_entropy" (classes on axis 1), "mse", "causal_lm" (next-token prediction from logits
+    [batch, sequence, vocabulary]; without `targets` the labels are the input_ids, padding skipped:
+    `causal_lm_labels`), "token_cross_entropy" (classes on the last axis, IGNORE_INDEX skipped) or a
+    callable(output, target). `optimizer` is an optimiser over the module's parameters, or a factory
+    called with its trainable parameters (default: Adam, lr 1e-3). Minibatches are drawn from a
+    seeded permutation, reshuffled every epoch, so a run is reproducible, and moved to the module's
+    device. `callback(step, loss)` is called after each step (step counts from 1).
+    `lr_schedule(step)` multiplies every parameter group's initial learning rate at that step.
+    `anneal_activations=N` pulls the P-activations' `a` to 0 over the first N steps (see
+    `_Annealer`), so that the layers a morph inserted become non-linear.
     """
     if steps < 0 or batch_size < 1:
         raise UsageError("steps must be >= 0 and batch_size >= 1")
-    x, y = _as_tensor(inputs), _as_tensor(targets)
-    if len(x) != len(y) or len(x) == 0:
-        raise UsageError(f"inputs and targets must be non-empty and of one length, got {len(x)} and {len(y)}")
+    batches = _Batches(inputs)
+    y = _targets(batches, targets, loss)
     loss_fn = _loss_function(loss)
     anneal = _Annealer(module, anneal_activations) if anneal_activations is not None else None
     optimizer = _make_optimizer(module, optimizer)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    batch_size = min(batch_size, len(x))
-    order = torch.randperm(len(x), generator=generator)
+    batch_size = min(batch_size, batches.length)
+    order = torch.randperm(batches.length, generator=generator)
     position = 0
     losses: list[float] = []
     module.train()
     for step in range(1, steps + 1):
-        if position + batch_size > len(x):
-            order, position = torch.randperm(len(x), generator=generator), 0
+        if position + batch_size > batches.length:
+            order, position = torch.randperm(batches.length, generator=generator), 0
         index = order[position:position + batch_size]
         position += batch_size
         if lr_schedule is not None:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_schedule(step)
         optimizer.zero_grad()
-        value = loss_fn(module(x[index].to(device)), y[index].to(device))
+        value = loss_fn(batches.call(module, index, device), y[index].to(device))
         value.backward()
         optimizer.step()
         if anneal is not None:
@@ -512,16 +547,13 @@ def fit(
     return losses
 
 
-def predict(module: torch.nn.Module, inputs: np.ndarray | torch.Tensor, *, batch_size: int = 1024) -> np.ndarray:
-    """The module's (first) output on `inputs`, computed in batches without gradients."""
-    x = _as_tensor(inputs)
-    if len(x) == 0:
-        raise UsageError("no inputs")
+def predict(module: torch.nn.Module, inputs: Inputs, *, batch_size: int = 1024) -> np.ndarray:
+    """The module's (first) output on `inputs` (as `fit` takes them), computed in batches without gradients."""
+    batches = _Batches(inputs)
     outputs = []
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            out = module(x[start:start + batch_size].to(device))
-            outputs.append((out[0] if isinstance(out, tuple) else out).cpu().numpy())
+        for start in range(0, batches.length, batch_size):
+            out = batches.call(module, slice(start, start + batch_size), device)
+            outputs.append(out.float().cpu().numpy() if out.dtype == torch.bfloat16 else out.cpu().numpy())
     return np.concatenate(outputs)
-
