@@ -302,3 +302,31 @@ def test_the_cost_benchmark_runs(tmp_path: Path) -> None:
     assert rows["8 experts, top-2"]["active_flops_ratio"] == pytest.approx(
         rows["4 experts, top-2"]["active_flops_ratio"], rel=0.05)
     assert rows["4 shards, all active"]["dense_flops_ratio"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_a_grown_moe_trains_and_its_copies_separate_only_with_noise(hf_export, noise) -> None:  # noqa: F811
+    """Copies share their expert's logit, so they are always chosen together with equal weights: without the
+    rescaling they get the same gradients and stay equal; with it they move apart, router rows included."""
+    torch = pytest.importorskip("torch")
+    from onnxmorph.train import adapter as ot
+
+    hf = hf_export("mixtral", False)
+    child = _grow(hf, 8, 4, noise=noise)
+    net = ot.to_torch(child)
+    feed = hf.feed(seed=3, batch=2, sequence=8)
+    inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
+    np.testing.assert_allclose(net(**inputs).detach().numpy(), hf.logits(feed), atol=1e-4, rtol=1e-4)
+    params = net.onnx_parameters()
+    router = next(p for name, p in params.items() if name.endswith("morph_moe/router_weight"))
+    torch.manual_seed(0)
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.from_numpy(np.random.default_rng(4).integers(0, 100, (2, 8)))
+    for _ in range(3):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(net(**inputs).reshape(-1, 100), target.reshape(-1)).backward()
+        optimiser.step()
+    rows = router.detach().numpy()
+    rows = rows if rows.shape[0] == 8 else rows.T  # [experts, hidden]
+    apart = float(np.abs(rows[:4] - rows[4:]).max())
+    assert (apart > 1e-3) if noise else (apart < 1e-6), apart
