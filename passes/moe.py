@@ -141,13 +141,6 @@ def _out_axis(node: gs.Node) -> int:
     return 1
 
 
-def _in_features_of(node: gs.Node) -> int:
-    shape = node.inputs[1].shape
-    if node.op == "Gemm":
-        return int(shape[1] if node.attrs.get("transB", 0) else shape[0])
-    return int(shape[0])
-
-
 def _noise_problem(ffn: mexperts.FFN, units: mexperts.Units | str) -> str | None:
     if isinstance(units, str):
         return f"the FFN's hidden units are not traced unit by unit ({units})"
@@ -191,7 +184,7 @@ class MoEPass(MorphPass):
         Param("layer", _ffn_ref, "the FFN: its block index, module path or one of its layers; or an existing MoE "
               "(inspect lists them)", metavar="FFN"),
         Param("experts", _experts, "number of experts E", metavar="E"),
-        Param("top_k", positive_int, "experts chosen per token (per shard with --shards)", metavar="K"),
+        Param("top_k", positive_int, "experts chosen per token (per shard group with --shards)", metavar="K"),
         Param("shards", positive_int, "split the FFN's hidden units into S shards, E/S copies of each (fine-grained "
               "experts); exact with one routing group per shard, or with E = S all active (--top-k E)",
               default=1, metavar="S"),
@@ -235,7 +228,7 @@ class MoEPass(MorphPass):
             return total * (factor - 1), 0
         size = sum(int(np.prod(n.inputs[1].shape)) * np.dtype(n.inputs[1].dtype).itemsize for n in target.layers)
         copies = self.experts + (self.shared_expert != "none")
-        router = int(target.inner[0].inputs[1].shape[1 - _out_axis(target.inner[0])])
+        router = mexperts.in_features(target.inner[0])
         return size * copies // max(self.shards, 1) + router * self.experts * 4, len(target.layers) * copies
 
     # ----------------------------------------------------------------- requires
@@ -280,7 +273,7 @@ class MoEPass(MorphPass):
             if problem is not None:
                 raise NotApplicable(f"--noise: {problem}")
             noise_part = units.scalable[0]  # type: ignore[union-attr]
-        width = int(ffn.inner[0].inputs[1].shape[1 - _out_axis(ffn.inner[0])])
+        width = mexperts.in_features(ffn.inner[0])
         return UpcyclePlan(ffn.down.name, ffn.name, layout, units if isinstance(units, mexperts.Units) else None,
                            noise_part, dtype, width)
 
@@ -330,7 +323,7 @@ class MoEPass(MorphPass):
         equals one of the experts' other sizes, or k is 1 (a 1 is also every unit axis).
         """
         E, k = moe.experts, moe.top_k or 0
-        other = {int(d) for w in moe.stacked for d in w.shape[1:]} | {_in_features_of(moe.router)}
+        other = {int(d) for w in moe.stacked for d in w.shape[1:]} | {mexperts.in_features(moe.router)}
         found = []
         for node in moe.nodes:
             k_in = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}.get(node.op)
@@ -644,9 +637,9 @@ class _Upcycler:
         mixed.shape = ffn.output.shape  # the same shape as the FFN's output, whose place it takes
         mgraph.replace_all_uses(self.graph, ffn.output, mixed, readers, renamed=renamed)
         self._drop_dead()
-        log.info("moe: FFN %s -> %d experts (%d shards), top-%d %s routing, router %s%s", plan.name, layout.experts,
-                 layout.shards, layout.top_k, layout.routing, layout.router,
-                 ", shared expert" if shared is not None else "")
+        log.info("moe: FFN %s -> %d experts (%d shards), top-%d %s routing, router %s%s; exact because %s", plan.name,
+                 layout.experts, layout.shards, layout.top_k, layout.routing, layout.router,
+                 ", shared expert" if shared is not None else "", layout.reason)
 
     def _drop_dead(self) -> None:
         """Copied shape computations a shard no longer reads (its Slices now take constants)."""
@@ -726,5 +719,5 @@ def _grow(graph: gs.Graph, model: onnx.ModelProto, plan: GrowPlan, rng: np.rando
     by_name = {n.name: n for n in moe.nodes}
     for name, i, values in plan.shapes:
         mgraph.set_input_constant(by_name[name], i, values, name=namer(scope, "shape"))
-    log.info("moe: %s grown to %d experts, top-%d (%d copies of each; noise %g)", plan.name, plan.experts,
-             plan.top_k, m, plan.noise)
+    log.info("moe: %s grown to %d experts, top-%d (noise %g); exact because %s", plan.name, plan.experts,
+             plan.top_k, plan.noise, plan.reason)

@@ -26,7 +26,8 @@ import onnx_graphsurgeon as gs
 from onnxmorph.analysis import blocks as mblocks
 from onnxmorph.graph.core import Analysis, layer_info, producer
 
-__all__ = ["FFN", "Units", "MoE", "ffns", "model_ffns", "unit_structure", "moes", "model_moes", "int_values"]
+__all__ = ["FFN", "Units", "MoE", "StackedUnits", "ffns", "model_ffns", "unit_structure", "stacked_units", "moes",
+           "model_moes", "int_values", "in_features", "out_features", "summary"]
 
 # ops that pass their first input's values on (data input 0; other inputs are shapes or axes)
 LINKS = ("Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Dropout")
@@ -153,14 +154,16 @@ def _down_input(node: gs.Node) -> gs.Tensor | None:
     return node.inputs[0] if node.inputs and node.inputs[0].name else None
 
 
-def _in_features(node: gs.Node) -> int:
+def in_features(node: gs.Node) -> int:
+    """The input features of a 2-d MatMul/Gemm layer (its weight's contracted axis)."""
     shape = node.inputs[1].shape
     if node.op == "Gemm":
         return int(shape[1] if node.attrs.get("transB", 0) else shape[0])
     return int(shape[-2]) if len(shape) >= 2 else int(shape[0])
 
 
-def _out_features(node: gs.Node) -> int:
+def out_features(node: gs.Node) -> int:
+    """The output features of a MatMul/Gemm layer."""
     shape = node.inputs[1].shape
     if node.op == "Gemm":
         return int(shape[0] if node.attrs.get("transB", 0) else shape[1])
@@ -289,7 +292,7 @@ def ffns(graph: gs.Graph, modules: dict[str, str] | None = None, blocks: Sequenc
         activations = tuple(dict.fromkeys(n.op for n in sorted(hidden_nodes, key=lambda n: order[id(n)])
                                           if n.op not in LINKS))
         named = [n.name for n in (*inner, node)]
-        found.append(FFN(start, end, node, inner, nodes, _in_features(node), activations,
+        found.append(FFN(start, end, node, inner, nodes, in_features(node), activations,
                          mblocks.common_module(named, modules or {}), block_of.get(id(node))))
     return found
 
@@ -421,7 +424,7 @@ def _split_ranges(node: gs.Node, shapes: dict, length: int) -> list[tuple[int, i
 
 def unit_structure(ffn: FFN, shapes: dict) -> Units | str:
     """The FFN's hidden units (see `Units`), or the reason, naming the node, why they are not made unit by unit."""
-    sources = {id(n): (_out_features(n), -1) for n in ffn.inner}
+    sources = {id(n): (out_features(n), -1) for n in ffn.inner}
     return _trace(ffn.nodes, sources, ffn.down, 0, -1, ffn.hidden, shapes)
 
 
@@ -621,7 +624,7 @@ def moes(graph: gs.Graph, ffn_list: Sequence[FFN] = (), modules: dict[str, str] 
         if routed is None:
             continue
         router, softmax_first = routed
-        experts = _out_features(router)
+        experts = out_features(router)
         k_values = int_values(topk.inputs[1], {}) if len(topk.inputs) > 1 else [topk.attrs.get("k")]
         top_k = k_values[0] if k_values and len(k_values) == 1 else None
         values_side = _descendants([topk.outputs[0]])
