@@ -26,10 +26,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "moe_cost_results.json"
 
 # child -> the moe morph's parameters, applied to every block's FFN
-CHILDREN: dict[str, dict[str, int]] = {
+CHILDREN: dict[str, dict[str, Any]] = {
     "4 experts, top-2": {"experts": 4, "top_k": 2},
     "8 experts, top-2": {"experts": 8, "top_k": 2},
-    "8 experts from 2 shards, top-1 per shard": {"experts": 8, "top_k": 1, "shards": 2},
+    "8 experts from 2 shards, top-1 per shard": {"experts": 8, "top_k": 1, "shards": 2, "routing": "softmax-topk"},
     "4 shards, all active": {"experts": 4, "top_k": 4, "shards": 4},
 }
 

@@ -108,15 +108,15 @@ def test_upcycling_every_dense_family(hf_export, kind, dynamo) -> None:  # noqa:
         pytest.skip("no faithful export")
     hf = hf_export(kind, dynamo)
     _upcycle_checked(hf)
-    child = _upcycle(hf, experts=4, top_k=1, shards=2, shared_expert="copy")
+    child = _upcycle(hf, experts=4, top_k=1, shards=2, shared_expert="copy", routing="softmax-topk")
     _check(hf, child)
 
 
 @pytest.mark.parametrize("kind,params", [
     ("llama", {"experts": 8, "top_k": 2, "shards": 2, "noise": 0.3, "shared_expert": "copy"}),
     ("llama", {"experts": 4, "top_k": 4, "shards": 4}),
-    ("phi3", {"experts": 4, "top_k": 1, "shards": 2, "noise": 0.3}),  # a fused gate-up projection, halved
-    ("gpt2", {"experts": 6, "top_k": 1, "shards": 2, "shared_expert": "random"}),
+    ("phi3", {"experts": 4, "top_k": 1, "shards": 2, "noise": 0.3, "routing": "softmax-topk"}),  # fused gate-up
+    ("gpt2", {"experts": 6, "top_k": 1, "shards": 2, "shared_expert": "random", "routing": "softmax-topk"}),
     ("opt", {"experts": 4, "top_k": 2, "noise": 0.3}),  # relu: the up rows rescale
     ("qwen2", {"experts": 4, "top_k": 2, "routing": "softmax-topk"}),
 ])
@@ -133,7 +133,7 @@ def test_shards_noise_shared_expert_and_routings_stay_exact(hf_export, kind, par
 
 def test_noise_makes_the_copies_other_parameters_of_one_function(hf_export) -> None:  # noqa: F811
     hf = hf_export("llama", False)
-    child = _upcycle(hf, experts=3, top_k=1, noise=0.3)
+    child = _upcycle(hf, experts=3, top_k=2, noise=0.3)
     _check(hf, child)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in child.graph.initializer}
     ups = [weights[n.input[1]] for n in child.graph.node if n.op_type == "MatMul" and n.name.endswith("up_proj/MatMul")
@@ -149,6 +149,7 @@ def test_noise_makes_the_copies_other_parameters_of_one_function(hf_export) -> N
     ("llama", {"experts": 4, "top_k": 2, "shards": 4}, "exact only with --top-k 4"),
     ("llama", {"experts": 4, "top_k": 2, "routing": "softmax-topk", "router": "random"}, "must start at zero"),
     ("llama", {"experts": 6, "top_k": 2, "shards": 4}, "multiple of shards"),
+    ("llama", {"experts": 4, "top_k": 1}, "never gets a gradient"),
 ])
 def test_inexact_requests_are_refused_in_one_line(hf_export, kind, params, message) -> None:  # noqa: F811
     parent = onnxmorph.load(hf_export(kind, False).path)
@@ -174,7 +175,7 @@ def test_an_opset_without_scatter_elements_is_refused() -> None:
                        {"up": rng.normal(size=(4, 8)), "down": rng.normal(size=(8, 4))},
                        x="float[2, 4]", y="float[2, 4]", opset=10)
     with pytest.raises(onnxmorph.NotApplicable, match="opset 11"):
-        onnxmorph.moe(model, layer="y", experts=2, top_k=1)
+        onnxmorph.moe(model, layer="y", experts=2, top_k=2)
 
 
 def test_a_hand_built_relu_ffn_upcycles_with_rescaled_copies() -> None:
@@ -184,7 +185,8 @@ def test_a_hand_built_relu_ffn_upcycles_with_rescaled_copies() -> None:
     model = text_model("h = MatMul(x, up)\n hb = Add(h, b1)\n a = Relu(hb)\n z = MatMul(a, down)\n y = Add(z, b2)",
                        {"up": rng.normal(size=(4, 8)), "b1": rng.normal(size=8), "down": rng.normal(size=(8, 4)),
                         "b2": rng.normal(size=4)}, x="float[3, 4]", y="float[3, 4]", opset=13)
-    child, report = onnxmorph.morph(model, "moe", layer="z", experts=4, top_k=1, shards=2, noise=0.5)
+    child, report = onnxmorph.morph(model, "moe", layer="z", experts=4, top_k=1, shards=2, noise=0.5,
+                                    routing="softmax-topk")
     assert report, report.summary()
     x = rng.normal(size=(3, 4)).astype(np.float32)
     np.testing.assert_allclose(_session(child).run(None, {"x": x})[0], _session(model).run(None, {"x": x})[0],

@@ -56,8 +56,9 @@ def test_flops_are_counted_active_and_dense(quick_run) -> None:
     parent = seed["parent"]["flops_per_step"]
     ffn = results["ffn_flops_per_step"]
     arms = {a["arm"]: a for a in seed["arms"]}
-    # top-2 of copies: the FFN twice per token (and the router); the graph computes all E
-    assert arms["moe4"]["active_flops_per_step"] > parent + ffn > arms["fine8"]["active_flops_per_step"] > parent
+    # top-2 of copies: the FFN twice per token (and the router); fine8's 2 x top-2 half-size experts the same
+    assert arms["moe4"]["active_flops_per_step"] > parent + ffn
+    assert arms["fine8"]["active_flops_per_step"] == pytest.approx(arms["moe4"]["active_flops_per_step"], rel=0.02)
     assert arms["moe4"]["dense_flops_per_step"] >= parent + 3 * ffn
     assert arms["moe8"]["dense_flops_per_step"] >= parent + 7 * ffn
     # fine8's dense graph: 8 half-size experts, 4 FFNs' worth

@@ -51,8 +51,8 @@ def _experts(f: FFN, layout: ne.Layout, rng: np.random.Generator, noise: float =
 
 
 EXACT = [  # (experts, top_k, shards, routing)
-    (2, 1, 1, "topk-softmax"), (4, 2, 1, "topk-softmax"), (8, 2, 1, "topk-softmax"), (4, 4, 1, "topk-softmax"),
-    (4, 2, 1, "softmax-topk"), (8, 3, 1, "softmax-topk"), (4, 1, 2, "topk-softmax"), (8, 2, 2, "topk-softmax"),
+    (2, 1, 1, "softmax-topk"), (4, 2, 1, "topk-softmax"), (8, 2, 1, "topk-softmax"), (4, 4, 1, "topk-softmax"),
+    (4, 2, 1, "softmax-topk"), (8, 3, 1, "softmax-topk"), (4, 1, 2, "softmax-topk"), (8, 2, 2, "topk-softmax"),
     (8, 1, 4, "softmax-topk"), (4, 4, 4, "topk-softmax"), (8, 8, 8, "softmax-topk"),
 ]
 
@@ -79,7 +79,7 @@ def test_every_accepted_layout_computes_the_ffn_whatever_the_router(experts, top
 def test_rescaled_copies_stay_exact_where_the_unit_is_linear_or_relu_like(gated, act, shards) -> None:
     rng = np.random.default_rng(3)
     f = FFN(rng, gated, act)
-    layout = ne.plan_layout(4 * shards, 1, shards, hidden=H)
+    layout = ne.plan_layout(4 * shards, 2, shards, hidden=H)
     experts = _experts(f, layout, rng, noise=0.5)
     x = rng.normal(size=(32, D))
     router = ne.router_weights(rng, D, layout.experts, 1.0, "random")
@@ -102,11 +102,12 @@ def test_noise_cancelling_in_pairs_is_not_exact_under_top_k() -> None:
     rng = np.random.default_rng(5)
     f = FFN(rng, gated=True, act=_silu)
     noise = rng.normal(size=f.down.shape) * 0.1
-    experts = [lambda x: f(x, down=f.down + noise), lambda x: f(x, down=f.down - noise)]
-    layout = ne.plan_layout(2, 1)  # top-1: a token gets one copy or the other
+    experts = [lambda x: f(x, down=f.down + noise), lambda x: f(x, down=f.down - noise), f, f]
+    layout = ne.plan_layout(4, 2)  # top-2 of 4: a token often gets one twin without the other
     x = rng.normal(size=(32, D))
-    y = ne.mixture(x, ne.router_weights(rng, D, 2, 1.0, "random"), experts, layout)
+    y = ne.mixture(x, ne.router_weights(rng, D, 4, 1.0, "random"), experts, layout)
     assert np.abs(y - f(x)).max() > 1e-2
+    experts = experts[:2]
     both = ne.plan_layout(2, 2)  # both always chosen, but with unequal weights: still not exact
     y = ne.mixture(x, ne.router_weights(rng, D, 2, 1.0, "random"), experts, both)
     assert np.abs(y - f(x)).max() > 1e-3
@@ -121,6 +122,8 @@ def test_noise_cancelling_in_pairs_is_not_exact_under_top_k() -> None:
     ((1, 1), "at least 2 experts"),
     ((4, 0), "positive whole number"),
     ((4, 2, 1, "sigmoid"), "routing must be one of"),
+    ((4, 1), "router never gets a gradient"),
+    ((8, 1, 2), "router never gets a gradient"),
 ])
 def test_inexact_layouts_are_refused_with_the_reason(args, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -143,14 +146,15 @@ def test_gates_break_ties_toward_the_lower_index_and_scale_each_group() -> None:
     layout = ne.plan_layout(4, 2, routing="softmax-topk")
     gates = ne.gates(np.zeros((1, 4)), layout)
     np.testing.assert_allclose(gates, [[0.5, 0.5, 0.0, 0.0]])  # 1/4 each, times 4/2
-    grouped = ne.plan_layout(8, 1, 2)
+    grouped = ne.plan_layout(8, 2, 2)
     gates = ne.gates(np.arange(8.0)[None], grouped)
-    assert list(np.flatnonzero(gates[0])) == [3, 7] and np.allclose(gates[0, [3, 7]], 1.0)
+    assert list(np.flatnonzero(gates[0])) == [2, 3, 6, 7]
+    assert np.allclose(gates[0, :4].sum(), 1.0) and np.allclose(gates[0, 4:].sum(), 1.0)
 
 
 def test_ffn_multiples_count_the_active_and_the_dense_experts() -> None:
     assert ne.ffn_multiples(ne.plan_layout(4, 2)) == (2.0, 4.0)
-    assert ne.ffn_multiples(ne.plan_layout(8, 1, 2)) == (1.0, 4.0)  # two half-size experts per token
+    assert ne.ffn_multiples(ne.plan_layout(8, 1, 2, "softmax-topk")) == (1.0, 4.0)  # two half-size experts a token
     assert ne.ffn_multiples(ne.plan_layout(4, 4, 4)) == (1.0, 1.0)  # fine-grained, all active: the FFN itself
 
 

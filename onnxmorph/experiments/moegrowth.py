@@ -9,10 +9,11 @@ growth point its snapshot is exported to ONNX and every block's FFN is upcycled 
 (verified equal by onnxruntime), loaded with onnxmorph.train.to_torch and trained for the rest of
 the budget with a fresh Adam (re-warmed). Arms:
 
-* moe4: 4 experts, top-2 (each a copy of the FFN; topk-softmax routing, random router);
+* moe4: 4 experts, top-2 (each a copy of the FFN; topk-softmax routing, as Mixtral: a softmax over
+  the two chosen logits; random router);
 * moe8: 8 experts, top-2;
-* fine8: 8 experts made of 2 shards of the FFN (4 copies of each half), top-1 per shard: two
-  half-size experts per token, the active FLOPs of the dense FFN.
+* fine8: 8 fine-grained experts, 2 shards of the FFN's hidden units with 4 copies of each, top-2
+  per shard: four half-size experts per token, the active FLOPs of moe4 and moe8.
 
 Baselines, all from the same snapshot: the parent trained on (its own run: same steps, Adam state
 kept), the parent restarted like the children (fresh Adam, same re-warm, same steps), and the
@@ -48,10 +49,10 @@ from onnxmorph.train import adapter as ot
 log = logging.getLogger("onnxmorph.experiments.moegrowth")
 
 # arm -> the moe morph's parameters (applied to every block's FFN)
-ARMS: dict[str, dict[str, int]] = {
+ARMS: dict[str, dict[str, Any]] = {
     "moe4": {"experts": 4, "top_k": 2},
     "moe8": {"experts": 8, "top_k": 2},
-    "fine8": {"experts": 8, "top_k": 1, "shards": 2},
+    "fine8": {"experts": 8, "top_k": 2, "shards": 2},
 }
 
 

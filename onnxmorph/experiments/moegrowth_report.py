@@ -64,6 +64,7 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
         name = f"{arm['arm']}: {params['experts']} experts" + (f" from {params['shards']} shards, top-{params['top_k']}"
                                                                 f" per shard" if params.get("shards", 1) > 1
                                                                 else f", top-{params['top_k']}")
+        name += f", {params.get('routing', 'topk-softmax')}"
         rows.append({
             "model": name, "kind": "moe", "arm": arm["arm"], "parameters": arm["parameters"],
             "active_flops": arm["active_flops_per_step"], "dense_flops": arm["dense_flops_per_step"],
@@ -113,8 +114,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"FFN {4 * cfg['width']}, {cfg['heads']} heads, context {cfg['context']}. Budget {cfg['steps']} steps of "
         f"{cfg['batch']} windows; Adam (0.9, 0.95), lr {cfg['lr']}, warmup {cfg['warmup']:.0%}, cosine to "
         f"{cfg['floor']:.0%}. At step {results['growth_step']} every block's FFN is upcycled by `onnxmorph.moe` "
-        f"(random router, topk-softmax routing) and trained to the end with a fresh Adam re-warmed over "
-        f"{cfg['rewarm']} steps. {len(cfg['seeds'])} seed(s); mean ± sample std; validation loss in nats per byte "
+        "(the arm's routing: topk-softmax from a random router, softmax-topk from a zero one) and trained to the "
+        f"end with a fresh Adam re-warmed over {cfg['rewarm']} steps. {len(cfg['seeds'])} seed(s); mean ± sample "
+        "std; validation loss in nats per byte "
         f"over {cfg['validation_windows']} windows, evaluated every {cfg['eval_every']} steps. Differences are "
         "the MoE minus a dense baseline, paired by seed (seeds where the MoE was ahead in brackets): the parent "
         "trained on (same steps, its Adam state kept), the parent restarted like the MoE (fresh Adam, same "

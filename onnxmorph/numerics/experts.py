@@ -72,7 +72,8 @@ def plan_layout(experts: int, top_k: int, shards: int = 1, routing: str = "topk-
     Exact layouts (y = f(x) for every x):
 
     * one shard (every expert a copy of f), topk-softmax: the k chosen weights sum to 1 whatever the
-      router, so `sum w_e f(x) = f(x)`: any router, default random.
+      router, so `sum w_e f(x) = f(x)`: any router, default random. Not with k = 1: the one weight is 1
+      whatever the logits, so the router would get no gradient (refused; softmax-topk trains it).
     * one shard, softmax-topk: the chosen weights are softmax probabilities summing to less than 1; with
       a zero router each is 1/E, so scaling the gates by E/k makes them sum to 1: zero router only.
     * S shards with C = E/S >= 2 copies each: one routing group per shard (top-k of its C copies, k <= C),
@@ -115,6 +116,11 @@ def plan_layout(experts: int, top_k: int, shards: int = 1, routing: str = "topk-
         per = f" of each shard's {copies} copies" if shards > 1 else ""
         raise ValueError(f"top-k {top_k} is more than the {copies} experts to choose from{per}")
     if routing == "topk-softmax":
+        if top_k == 1:
+            raise ValueError(
+                "topk-softmax with top-1: a softmax over the one chosen logit is 1 whatever the router, so the mixture "
+                "is exact but the router never gets a gradient and never learns; use --routing softmax-topk (Switch: "
+                "the chosen expert's probability over all, from a zero router) or top-k >= 2")
         scale = 1.0
         chosen = router or "random"
         reason = (f"the {top_k} chosen weights of a group are a softmax over the chosen logits and sum to 1 whatever "
