@@ -81,13 +81,16 @@ def _upcycle_checked(hf, experts: int = 4, top_k: int = 2) -> None:
     assert len(routes) > 1 and all(len(r) == top_k for r in routes), routes
     moe = next(m for m in onnxmorph.inspect(child)["experts"]["moes"] if m["form"] == "dense")
     assert (moe["experts"], moe["top_k"]) == (experts, top_k) and len(moe["experts_list"]) == experts
-    # every expert counts: zeroing the down projection of the last copy changes the output
+    # every expert counts: other down weights in the last copy change the output (random ones, not zeros: a norm
+    # after the FFN, as in Gemma 2, would not see the copy's output merely scaled)
     broken = onnx.ModelProto()
     broken.CopyFrom(child)
     down = moe["experts_list"][-1]["down"]
     weight = next(n.input[1] for n in broken.graph.node if n.name == down)
     init = next(t for t in broken.graph.initializer if t.name == weight)
-    init.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(init)), weight))
+    old = onnx.numpy_helper.to_array(init)
+    new = np.random.default_rng(0).normal(0, old.std(), old.shape).astype(old.dtype)
+    init.CopyFrom(onnx.numpy_helper.from_array(new, weight))
     assert np.abs(_session(broken).run(None, feed)[0] - _session(child).run(None, feed)[0]).max() > 1e-4
 
 
