@@ -350,10 +350,12 @@ class MoEPass(MorphPass):
         if isinstance(plan, GrowPlan):
             _grow(graph, model, plan, np.random.default_rng(self.seed))
             return PassResult(mgraph.export_model(graph, like=model), True)
-        ffn = next((f for f in mexperts.ffns(graph, mblocks.node_modules(model)) if f.down.name == plan.ffn), None)
+        shapes = mgraph.analysis(model).shapes
+        ffn = next((f for f in mexperts.ffns(graph, mblocks.node_modules(model), shapes=shapes)
+                    if f.down.name == plan.ffn), None)
         if ffn is None:  # the plan was made on the read view of this very model
             raise NotApplicable(f"FFN '{plan.name}' was not found again in the editable graph (a bug in onnxmorph)")
-        _Upcycler(graph, ffn, plan, self, mgraph.analysis(model).shapes).build()
+        _Upcycler(graph, ffn, plan, self, shapes).build()
         return PassResult(mgraph.export_model(graph, like=model), True)
 
 

@@ -213,14 +213,17 @@ def _link_chain(tensor: gs.Tensor) -> list[gs.Tensor]:
     return chain
 
 
-def _common_input(inner: list[gs.Node]) -> gs.Tensor | None:
+def _common_input(inner: list[gs.Node], rank: int | None = None, shapes: dict | None = None) -> gs.Tensor | None:
     chains = [_link_chain(n.inputs[0]) for n in inner]
     # the farthest tensor that every inner layer reaches through links: the FFN reads it, whatever the
-    # reshapes in front of each projection (GPT-2's Gemms read a 2-d view of the 3-d stream)
-    for tensor in reversed(chains[0]):
-        if all(any(t is tensor for t in chain) for chain in chains[1:]):
-            return tensor
-    return None
+    # reshapes in front of each projection (GPT-2's Gemms read a 2-d view of the 3-d stream); of those, one
+    # of the output's rank when the shapes say (Qwen-MoE's shared expert works on a 2-d view)
+    common = [t for t in reversed(chains[0]) if all(any(c is t for c in chain) for chain in chains[1:])]
+    if rank is not None and shapes:
+        same = [t for t in common if shapes.get(t.name) is not None and len(shapes[t.name]) == rank]
+        if same and not any(shapes.get(t.name) is not None and len(shapes[t.name]) == rank for t in common[:1]):
+            return same[0]
+    return common[0] if common else None
 
 
 def _linear_end(down: gs.Node) -> gs.Tensor:
@@ -269,8 +272,9 @@ def _between(graph: gs.Graph, start: gs.Tensor, end: gs.Tensor) -> list[gs.Node]
     return found
 
 
-def ffns(graph: gs.Graph, modules: dict[str, str] | None = None, blocks: Sequence[mblocks.Block] = ()) -> list[FFN]:
-    """Every FFN of `graph`, in the graph order of their down projections."""
+def ffns(graph: gs.Graph, modules: dict[str, str] | None = None, blocks: Sequence[mblocks.Block] = (),
+         shapes: dict | None = None) -> list[FFN]:
+    """Every FFN of `graph`, in the graph order of their down projections (`shapes`: to match in- and output ranks)."""
     found = []
     block_of = {id(n): b.index for b in blocks for n in b.nodes}
     for node in graph.nodes:
@@ -280,10 +284,11 @@ def ffns(graph: gs.Graph, modules: dict[str, str] | None = None, blocks: Sequenc
         if path is None:
             continue
         inner, hidden_nodes = path
-        start = _common_input(inner)
+        end = _linear_end(node)
+        out_shape = (shapes or {}).get(end.name)
+        start = _common_input(inner, len(out_shape) if out_shape is not None else None, shapes)
         if start is None:
             continue
-        end = _linear_end(node)
         nodes = _between(graph, start, end)
         if not nodes or not all(any(n is m for n in nodes) for m in (*inner, node, *hidden_nodes)):
             continue
@@ -300,7 +305,7 @@ def ffns(graph: gs.Graph, modules: dict[str, str] | None = None, blocks: Sequenc
 def model_ffns(analysis: Analysis) -> list[FFN]:
     """The FFNs of a model's analysis view (found once per Analysis)."""
     return analysis.memo("ffns", None, lambda: ffns(analysis.view, mblocks.node_modules(analysis.model),
-                                                    mblocks.model_blocks(analysis)))
+                                                    mblocks.model_blocks(analysis), analysis.shapes))
 
 
 # --------------------------------------------------------------------------- hidden units
