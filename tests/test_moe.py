@@ -335,3 +335,15 @@ def test_a_grown_moe_trains_and_its_copies_separate_only_with_noise(hf_export, n
     rows = rows if rows.shape[0] == 8 else rows.T  # [experts, hidden]
     apart = float(np.abs(rows[:4] - rows[4:]).max())
     assert (apart > 1e-3) if noise else (apart < 1e-6), apart
+
+
+def test_qwen_moes_shared_expert_upcycles_inside_its_moe(hf_export) -> None:  # noqa: F811
+    """Qwen2-MoE's shared expert is an FFN on the 2-d tokens beside the routed experts: it becomes experts too."""
+    hf = hf_export("qwen2_moe", False)
+    parent = onnxmorph.load(hf.path)
+    child, report = onnxmorph.morph(parent, "moe", layer="model.model.layers.0.mlp.shared_expert", experts=4, top_k=2)
+    assert report, report.summary()
+    _check(hf, child)
+    names = {m["name"]: m for m in onnxmorph.inspect(child)["experts"]["moes"]}
+    assert names["model.model.layers.0.mlp.shared_expert"]["experts"] == 4  # beside the 4 routed experts of layer 0
+    assert names["model.model.layers.0.mlp"]["form"] == "stacked"

@@ -662,7 +662,8 @@ def moes(graph: gs.Graph, ffn_list: Sequence[FFN] = (), modules: dict[str, str] 
                             if ffn is not None and ffn not in dense:
                                 dense.append(ffn)
         shared = [by_output[t.name] for t in combine.inputs if t.name in by_output] if combine is not None else []
-        names = [router.name] + [n.name for f in dense for n in f.layers] + [n.name for n in nodes]
+        # a dense mixture is named after its experts' module (the FFN it was made of), a stacked one after its nodes'
+        names = [n.name for f in dense for n in f.layers] if dense else [router.name] + [n.name for n in nodes]
         found.append(MoE(router, topk, experts, top_k, routing, stacked, dense, nodes, combine,
                          mblocks.common_module(names, modules or {}), block_of.get(id(router)), shared))
     return found
