@@ -1,14 +1,19 @@
-"""How fast the `diff --html` page of a ResNet-50-sized and a 12-block transformer morph opens in a browser.
+"""How fast the `diff --html` page of a ResNet-50-sized and of transformer morphs opens in a browser.
 
-    python benchmarks/diff_page.py          # 1-3 minutes on 2 cores (40 chromium runs); needs chromium
+    python benchmarks/diff_page.py          # 2-4 minutes on 2 cores (50 chromium runs); needs chromium
 
-For each diff: the time onnxmorph takes to compare the two files and write the page, the page's
-size, and in headless chromium (median of 5 runs): the page's own time from navigation start to
-its load event (`performance.now()` at `load`, which the page stores on <body>: parsing, style,
-layout of the SVG and the script), and the wall time of a screenshot of the page against that of
-an empty page (chromium's start-up, which any page pays, is the difference's floor). Results go
-to benchmarks/out/diff_page.json (benchmarks/diff_page_results.json is the committed run). The goal is a
-page that opens in under 2 seconds.
+Cases: ResNet-50 widened and deepened; a 12-block stack of feed-forward blocks deepened and
+widened; and, when torch and transformers are installed, a 4-block Qwen2 (random weights from a
+config, TorchScript export: attention with reshapes computed from Shape, a symbolic sequence)
+grown by a pre-norm block after block 1. For each diff: the time onnxmorph takes to compare the
+two files and write the page, the page's size, the child's drawing in px (before the page zooms
+it to its pane), and in headless chromium (median of 5 runs): the page's own time from
+navigation start to its load event (`performance.now()` at `load`, which the page stores on
+<body>: parsing, style, layout of the SVG, the script's zoom and scroll), and the wall time of a
+screenshot of the page against that of an empty page (chromium's start-up, which any page pays,
+is the difference's floor). Results go to benchmarks/out/diff_page.json
+(benchmarks/diff_page_results.json is the committed run). The goal is a page that opens in under
+2 seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,37 @@ def transformer(blocks: int = 12, d: int = 64, ff: int = 256, tokens: int = 16) 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def qwen2(folder: Path, blocks: int = 4) -> Path | None:
+    """A 4-block Qwen2 with random weights exported with TorchScript (dynamic batch and sequence), or None."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=100, hidden_size=32, num_hidden_layers=blocks, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    path = folder / "qwen2_4.onnx"
+    names = ["input_ids", "attention_mask"]
+    args = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits().eval(), args, str(path), input_names=names, output_names=["logits"], dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, opset_version=17)
+    return path
+
+
 def chromium_seconds(browser: str, url: str, profile: Path, shot: Path) -> tuple[float, float | None]:
     """(wall seconds of a headless screenshot of `url`, the page's own load time in ms or None)."""
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
@@ -101,9 +138,13 @@ def measure(browser: str, name: str, parent: Path, child: Path, folder: Path) ->
         loads.append(load)
         blanks.append(chromium_seconds(browser, blank.as_uri(), folder / f"blank{k}", folder / "blank.png")[0])
     text = page.read_text()
+    drawing = re.search(r'data-side="child"[^>]* width="(\d+)" height="(\d+)"', text)
     return {
         "diff": name,
         "page_bytes": page.stat().st_size,
+        "child_drawing_px": [int(drawing.group(1)), int(drawing.group(2))] if drawing else None,
+        "flops_parent_child": list(re.search(r"<th>FLOPs per example</th><td>([^<]*)</td><td>([^<]*)</td>",
+                                             text).groups()),
         "drawn_nodes": text.count("data-node="),
         "collapsed_boxes": text.count("data-collapsed="),
         "cli_diff_and_write_seconds": round(write_seconds, 3),
@@ -132,6 +173,11 @@ def main() -> int:
         onnx.save(transformer(), tf)
         cases += [("transformer12_deepen_b5_ff1", tf, "deepen", {"layer": "b5_ff1"}),
                   ("transformer12_widen_b5_ff1", tf, "widen", {"layer": "b5_ff1", "width": 384})]
+        qwen = qwen2(folder)
+        if qwen is None:
+            print("torch or transformers missing: the Qwen2 case is left out")
+        else:
+            cases.append(("qwen2_4_block_after_1", qwen, "block", {"after": 1}))
         for name, parent, morph, params in cases:
             child, _ = onnxmorph.morph(parent, morph, verify=False, **params)
             child_path = onnxmorph.save(child, folder / f"{name}.onnx")

@@ -17,6 +17,8 @@ from onnxmorph import limits
 from onnxmorph.contract import registry
 from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
+from onnxmorph.hf.cli import add_arguments as export_hf_arguments
+from onnxmorph.hf.cli import run_command as run_export_hf
 from onnxmorph.io import loading as mio
 from onnxmorph.pipeline.inspection import format_inspection, inspect
 from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, run_passes
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--html", metavar="OUT.html", help="write a self-contained page drawing the changed region")
     p.add_argument("--model-explorer", metavar="OUT.json", help="write the node mapping for Model Explorer")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="input sizes to count FLOPs at, as verify takes them (repeatable; by default a dynamic "
+                        "batch is 1, per example, and a dynamic sequence axis 16)")
 
     p = sub.add_parser("verify", parents=[common], help="check that CHILD computes PARENT's function")
     p.add_argument("parent", metavar="PARENT")
@@ -111,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", parents=[common], help="architecture search: morph, train briefly, keep the best")
     search_arguments(p)
+
+    p = sub.add_parser("export-hf", parents=[common], help="write a child grown by widen and block as a Hugging Face "
+                       "checkpoint like its parent's")
+    export_hf_arguments(p)
 
     p = sub.add_parser("apply", parents=[common], help="apply a recipe of morphs (JSON or YAML list of steps)")
     p.add_argument("model", metavar="MODEL")
@@ -189,7 +198,7 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
-    info = inspect(model)
+    info = inspect(model, args.model)
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2))
     else:
@@ -220,7 +229,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for target in (args.html, args.model_explorer):
         for model in (args.parent, args.child) if target else ():
             _check_output(model, target)
-    result = diff(args.parent, args.child)
+    result = diff(args.parent, args.child, dict(parse_shape(text) for text in args.shape))
     write_outputs(result, html=args.html, model_explorer=args.model_explorer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -237,7 +246,17 @@ def _check_page(args: argparse.Namespace, out: Path) -> None:
             raise UsageError(f"--html {args.html}: is the child's own file; choose another path")
 
 
-def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
+@contextlib.contextmanager
+def _one_output(args: argparse.Namespace, out: Path) -> Any:
+    """The child, its weights file and its --html page are one output: a failure in any leaves none changed."""
+    with contextlib.ExitStack() as written:
+        for path in (out, out.with_name(out.name + ".data"), getattr(args, "html", None)):
+            if path:  # (a symlinked page: the file it names is what is written, and kept)
+                written.enter_context(mio.restored_on_failure(mio.check_output_path(path)))
+        yield
+
+
+def _write_child(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> None:
     # A parent kept with external data gets a child in the same form; the child is not used after
     # saving, so its weights go to the file without a copy.
     if outcome.saved is None:  # a streaming child was saved (and verified by path) by run_passes
@@ -247,7 +266,10 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
         from onnxmorph.diff.page import write_diff_page
 
         log.info("writing the diff page %s", args.html)
-        write_diff_page(args.model, out, args.html)
+        write_diff_page(args.model, out, args.html, shapes=dict(parse_shape(text) for text in args.shape))
+
+
+def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
     steps = [{"pass": s.name, "params": s.config} for s in outcome.steps]
     if args.json:
         _print_report(outcome.report, True, {"model": args.model, "output": str(out), "steps": steps})
@@ -267,7 +289,9 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, [step], options, output=out)
+    with _one_output(args, out):
+        outcome = run_passes(args.model, [step], options, output=out)
+        _write_child(args, outcome, out)
     return _finish_morph(args, outcome, out)
 
 
@@ -278,7 +302,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
-    outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
+    with _one_output(args, out):
+        outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
+        _write_child(args, outcome, out)
     return _finish_morph(args, outcome, out)
 
 
@@ -317,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_apply(args)
         if args.command == "search":
             return run_search(args)
+        if args.command == "export-hf":
+            return run_export_hf(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:
         as_json = getattr(args, "json", False)

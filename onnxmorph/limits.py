@@ -8,6 +8,7 @@ Each limit is an environment variable, so a user who does mean it can raise it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ class Limit:
 
     variable: str
     what: str
-    unit: str  # "bytes" or "" (a count)
+    unit: str  # "bytes", "seconds" or "" (a count)
 
     def default(self) -> int:
         return _DEFAULTS[self.variable]()
@@ -37,13 +38,7 @@ class Limit:
         text = os.environ.get(self.variable, "").strip()
         if not text:
             return self.default()
-        try:
-            number = int(float(text))
-        except ValueError:
-            raise UsageError(f"{self.variable}={text[:40]!r}: expected a whole number") from None
-        if number < 0:
-            raise UsageError(f"{self.variable}={text[:40]!r}: expected a non-negative number")
-        return number
+        return parse_amount(text, self.variable)
 
     def check(self, amount: float, subject: str, error: type[Exception] = UsageError) -> None:
         """Refuse `amount` of this resource for `subject` when it passes the limit."""
@@ -55,7 +50,27 @@ class Limit:
             )
 
 
+def parse_amount(text: str, name: str) -> int:
+    """A limit's value as a user writes it (`1000`, `2e9`): a finite, non-negative whole number, or UsageError.
+
+    `inf`, `nan`, `1e400` (infinity once read) and numbers too long to read are refused in one
+    line, never an OverflowError.
+    """
+    shown = quote(repr(text), 40)
+    try:
+        number = float(text)
+    except ValueError:
+        raise UsageError(f"{name}={shown}: expected a whole number") from None
+    if not math.isfinite(number):
+        raise UsageError(f"{name}={shown}: expected a finite whole number")
+    if number < 0:
+        raise UsageError(f"{name}={shown}: expected a non-negative number")
+    return int(number)
+
+
 def _show(amount: float, unit: str) -> str:
+    if unit == "seconds":
+        return f"{amount:g} s"
     if unit != "bytes":
         return f"{int(amount)}"
     for name, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -77,6 +92,13 @@ _DEFAULTS = {
     "ONNXMORPH_MAX_RECIPE_STEPS": lambda: 1000,
     # Verification inputs (--inputs X.npz and the random ones): bytes in memory.
     "ONNXMORPH_MAX_INPUT_BYTES": lambda: physical_memory() // 8,
+    # A search's worker processes: each holds PyTorch and a model; more than the CPUs only queue.
+    "ONNXMORPH_MAX_WORKERS": lambda: max(2, os.cpu_count() or 1),
+    # The candidates one search call may train (rounds x (children + 1), and the root): each is
+    # a morph, a verification and a training run, and is planned before the round starts.
+    "ONNXMORPH_MAX_CANDIDATES": lambda: 10_000,
+    # Connecting to an existing Ray cluster (--ray-address): Ray itself retries for minutes.
+    "ONNXMORPH_RAY_TIMEOUT": lambda: 30,
 }
 
 MODEL_BYTES = Limit("ONNXMORPH_MAX_MODEL_BYTES", "a model", "bytes")
@@ -85,8 +107,11 @@ NEW_LAYERS = Limit("ONNXMORPH_MAX_NEW_LAYERS", "the layers one morph adds", "")
 RECIPE_BYTES = Limit("ONNXMORPH_MAX_RECIPE_BYTES", "a recipe file", "bytes")
 RECIPE_STEPS = Limit("ONNXMORPH_MAX_RECIPE_STEPS", "the steps of a recipe", "")
 INPUT_BYTES = Limit("ONNXMORPH_MAX_INPUT_BYTES", "verification inputs", "bytes")
+WORKERS = Limit("ONNXMORPH_MAX_WORKERS", "a search's worker processes", "")
+CANDIDATES = Limit("ONNXMORPH_MAX_CANDIDATES", "the candidates of one search", "")
+RAY_TIMEOUT = Limit("ONNXMORPH_RAY_TIMEOUT", "connecting to a Ray cluster", "seconds")
 
-ALL = (MODEL_BYTES, NEW_BYTES, NEW_LAYERS, RECIPE_BYTES, RECIPE_STEPS, INPUT_BYTES)
+ALL = (MODEL_BYTES, NEW_BYTES, NEW_LAYERS, RECIPE_BYTES, RECIPE_STEPS, INPUT_BYTES, WORKERS, CANDIDATES, RAY_TIMEOUT)
 
 # Nesting of a recipe document: a list of flat objects needs 3; JSON and YAML parsers recurse.
 MAX_RECIPE_DEPTH = 16

@@ -130,8 +130,8 @@ def test_receipt_of_another_parent_is_flagged(children: dict[str, Path]) -> None
     assert "another parent" in str(d)
 
 
-def _unnamed_model_with_symbolic_length() -> onnx.ModelProto:
-    """MatMul on [N, T, 8] with T symbolic, unnamed nodes, and a weight made by a Constant node."""
+def _unnamed_model_with_symbolic_length(dims: tuple = ("N", "T", 8)) -> onnx.ModelProto:
+    """MatMul on `dims` ([N, T, 8]: T symbolic), unnamed nodes, and a weight made by a Constant node."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "w")
     nodes = [
@@ -141,14 +141,15 @@ def _unnamed_model_with_symbolic_length() -> onnx.ModelProto:
         helper.make_node("MatMul", ["h_relu", "w2"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 4])],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims[:-1], 4])],
         [numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "w2")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_unknown_dimensions_leave_flops_unknown_and_unnamed_nodes_match(tmp_path: Path) -> None:
+def test_flops_are_counted_at_verifications_sequence_length_and_unnamed_nodes_match(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parent_path = tmp_path / "parent.onnx"
     onnx.save(_unnamed_model_with_symbolic_length(), parent_path)
     child, _ = onnxmorph.morph(parent_path, "widen", layer="h", width=10, shapes={"x": [2, 5, 8]})
@@ -158,16 +159,41 @@ def test_unknown_dimensions_leave_flops_unknown_and_unnamed_nodes_match(tmp_path
     assert not d.added and not d.removed and d.parent.unnamed_nodes == 3
     assert [w["name"] for w in d.weights] == ["w_c", "w2"]
     info = d.to_dict()["summary"]
-    assert info["flops_unknown_nodes"] == [["h", "y"], ["h", "y"]]  # T is not the batch: not guessed
+    # T is axis 1 of a rank-3 input: verification's sequence, 16; the batch N is 1 (per example)
+    assert info["flops_unknown_nodes"] == [[], []]
+    assert info["flops_input_sizes"] == [{"x": [1, 16, 8]}, {"x": [1, 16, 8]}]
+    assert info["flops_per_example"] == [2 * 16 * (8 * 6 + 6 * 4), 2 * 16 * (8 * 10 + 10 * 4)]
     text = str(d)
-    assert "FLOPs unknown for 2 node(s)" in text and "not comparable" in text and "have no name" in text
-    # with T fixed the same graph is counted: 2 * T * 8 * 6 per example for the first MatMul
-    view = model_view(parent_path)
-    view.shapes["h"] = (None, 5, 6)
-    view.shapes["x"] = ("N", 5, 8)
+    assert "at input sizes x 1x16x8" in text and "+66.7%" in text and "have no name" in text
+    # --shape sets the length (the batch given is still counted as 1: FLOPs are per example)
+    assert main(["diff", str(parent_path), str(child_path), "--shape", "x:3x5x8", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["flops_input_sizes"][1] == {"x": [1, 5, 8]}
+    assert summary["flops_per_example"] == [2 * 5 * (8 * 6 + 6 * 4), 2 * 5 * (8 * 10 + 10 * 4)]
+    assert main(["diff", str(parent_path), str(child_path), "--shape", "x:3x5x9"]) == 2
+    assert "dimension 2 is fixed at 8, not 9" in capsys.readouterr().err
+
+
+def test_a_dynamic_axis_without_a_default_leaves_flops_unknown(tmp_path: Path) -> None:
+    # axis 2 of a rank-4 input, named H: neither a batch nor a sequence, so verification has no size for it
+    path = tmp_path / "parent.onnx"
+    onnx.save(_unnamed_model_with_symbolic_length(("N", 2, "H", 8)), path)
+    d = diff(path, path)
+    info = d.to_dict()["summary"]
+    assert info["flops_unknown_nodes"] == [["h", "y"], ["h", "y"]]  # not guessed
+    assert info["flops_input_sizes"] == [{}, {}] and "no default" in info["flops_notes"][0]
+    text = str(d)
+    assert "FLOPs unknown for 2 node(s)" in text and "not comparable" in text and "--shape x:" in text
+    assert diff(path, path, {"x": [1, 2, 7, 8]}).to_dict()["summary"]["flops_per_example"] == \
+        [2 * 2 * 7 * (8 * 6 + 6 * 4)] * 2
+    # counted from the symbolic shapes, a leading symbol of the inputs is the batch (1); no other is guessed
+    view = model_view(path)
+    assert view.flop_shapes is None
+    view.shapes["h"] = (None, 2, 5, 6)
+    view.shapes["x"] = ("N", 2, 5, 8)
     assert node_flops(view, view.nodes["h"]) is None  # a leading None is not a declared batch
-    view.shapes["h"] = ("N", 5, 6)
-    assert node_flops(view, view.nodes["h"]) == 2 * 5 * 8 * 6
+    view.shapes["h"] = ("N", 2, 5, 6)
+    assert node_flops(view, view.nodes["h"]) == 2 * 2 * 5 * 8 * 6
 
 
 def test_morph_command_writes_the_page_after_saving(tmp_path: Path) -> None:
@@ -229,3 +255,32 @@ def test_a_grandchild_shows_the_runs_since_each_ancestor(children: dict[str, Pat
     assert [r["steps"][0]["pass"] for r in from_parent.history] == ["deepen", "widen"]
     assert from_parent.receipt_note == "" and from_parent.groups[0]["step"]["index"] == 1
     assert "run 2: widen(" in str(from_parent)
+
+
+def _llama_flops(sequence: int, blocks: int) -> int:
+    """FLOPs per example of tests/hf_support.py's Llama: hidden 32, 4 query and 2 key/value heads of 8, MLP 64."""
+    s, h, kv, mlp, vocab = sequence, 32, 16, 64, 100
+    projections = 2 * s * h * (h + kv + kv + h) + 3 * 2 * s * h * mlp  # q, k, v, o; gate, up, down
+    attention = 2 * (2 * 4 * s * s * 8)  # scores and the weighted sum, 4 heads of 8
+    return blocks * (projections + attention) + 2 * s * h * vocab
+
+
+def test_transformer_flops_are_counted_at_the_sequence_length(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    hf_support = pytest.importorskip("hf_support")  # torch and transformers
+    parent = hf_support.export("llama", False, tmp_path).path
+    child = onnxmorph.save(onnxmorph.block(parent, after=0, verify=False), tmp_path / "grown.onnx")
+    # the exported attention reshapes with sizes computed from Shape: counted after they are computed
+    d = diff(parent, child)
+    summary = d.to_dict()["summary"]
+    assert summary["flops_unknown_nodes"] == [[], []]
+    assert summary["flops_per_example"] == [_llama_flops(16, 2), _llama_flops(16, 3)]
+    assert summary["flops_input_sizes"][0] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    [group] = d.groups  # `block --after 0` names its block by index: the one block step is still found
+    assert group["morph"] == "block" and group["step"]["index"] == 1
+    assert "block of model.model.layers.0 (receipt step 1):" in str(d)
+    assert main(["diff", str(parent), str(child), "--shape", "input_ids:2x5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    # the mask's sequence axis takes the ids' size (as verification does); the batch is 1
+    assert summary["flops_input_sizes"][1] == {"input_ids": [1, 5], "attention_mask": [1, 5]}
+    assert summary["flops_per_example"] == [_llama_flops(5, 2), _llama_flops(5, 3)]

@@ -6,7 +6,9 @@ installs it: a skipped browser test there would hide a broken page.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -62,9 +64,12 @@ def _chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def _dom(browser: str, page: Path, tmp_path: Path, fragment: str = "") -> _Dom:
-    result = _chromium(browser, tmp_path / "profile", "--dump-dom", page.resolve().as_uri() + fragment)
+def _dom(browser: str, page: Path, tmp_path: Path, fragment: str = "", *args: str) -> _Dom:
+    # --enable-logging: the page's console (an uncaught exception in its script) goes to stderr
+    result = _chromium(browser, tmp_path / "profile", *args, "--enable-logging=stderr", "--v=0", "--dump-dom",
+                       page.resolve().as_uri() + fragment)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Uncaught" not in result.stderr, [line for line in result.stderr.splitlines() if "Uncaught" in line]
     dom = _Dom()
     dom.feed(result.stdout)
     return dom
@@ -168,6 +173,10 @@ def test_resnet50_page_collapses_the_untouched_rest(browser: str, tmp_path: Path
     drawn = dom.nodes["child"]
     assert {"n10", "n12", "n16", "n22", "n44"} <= {n for n, a in drawn.items() if a["data-change"] == "grown"}
     assert len(drawn) < 60 and dom.collapsed >= 3 and "data-render-ms" in dom.body
+    # a click on the child's last grown node scrolls the parent's pane to its counterpart
+    before, after = _geometry(browser, page, tmp_path, then="click('child', 'n44')")
+    assert _in_view(before["child"], before["child"]["first"]) and _in_view(before["parent"], before["parent"]["first"])
+    assert not _in_view(before["parent"], "n44") and _in_view(after["parent"], "n44")
 
 
 def test_drawn_region_is_capped_with_a_note(pages: dict[str, tuple[Path, Path]],
@@ -213,3 +222,124 @@ def test_layout_of_a_long_chain_needs_no_recursion() -> None:
     names = [f"n{k}" for k in range(3000)]
     layout = layered_layout(list(reversed(names)), list(zip(names, names[1:])))  # every edge points backwards
     assert len({y for _, y in layout.centres.values()}) == 3000
+
+
+# Measures the drawn nodes where the browser put them, once on load and once after `then` (a
+# statement using click(side, name)): {side: {view: the pane's visible rectangle, first, scale,
+# nodes: {name: rectangle}, pinned}}, written to <body data-geometry> for --dump-dom.
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  function measure() {
+    var out = {window: [scrollX, scrollY]};
+    ['parent', 'child'].forEach(function (side) {
+      var box = document.querySelector('#' + side + '-pane .scroll'), b = box.getBoundingClientRect();
+      var left = b.left + box.clientLeft, top = b.top + box.clientTop, svg = box.querySelector('svg');
+      var nodes = {}, pinned = null;
+      svg.querySelectorAll('g.node[data-node]').forEach(function (g) {
+        var r = g.getBoundingClientRect();
+        nodes[g.dataset.node] = [r.left, r.top, r.right, r.bottom];
+        if (g.classList.contains('pinned')) pinned = g.dataset.node;
+      });
+      out[side] = {view: [Math.max(left, 0), Math.max(top, 0), Math.min(left + box.clientWidth, innerWidth),
+                          Math.min(top + box.clientHeight, innerHeight)],
+                   first: svg.dataset.first, scale: svg.width.baseVal.value / svg.viewBox.baseVal.width,
+                   nodes: nodes, pinned: pinned};
+    });
+    return out;
+  }
+  function click(side, name) {
+    var g = document.querySelector('svg[data-side=' + side + '] g[data-node="' + CSS.escape(name) + '"]');
+    g.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+  }
+  var before = measure();
+  THEN;
+  document.body.dataset.geometry = JSON.stringify([before, measure()]);
+});
+</script>"""
+
+
+def _geometry(browser: str, page: Path, tmp_path: Path, fragment: str = "", then: str = "") -> list[dict]:
+    """[on load, after `then`] as _PROBE measures them, in a 1400x1000 window, the page opened at `fragment`."""
+    probe = tmp_path / f"probe-{page.name}"
+    probe.write_text(page.read_text().replace("</body>", _PROBE.replace("THEN", then) + "</body>"))
+    dom = _dom(browser, probe, tmp_path, fragment, "--window-size=1400,1000")
+    return json.loads(dom.body["data-geometry"])
+
+
+def _in_view(pane: dict, name: str) -> bool:
+    """Whether the node's whole box lies in the visible part of its pane."""
+    box, view = pane["nodes"][name], pane["view"]
+    return box[0] >= view[0] - 1 and box[1] >= view[1] - 1 and box[2] <= view[2] + 1 and box[3] <= view[3] + 1
+
+
+@pytest.fixture(scope="module")
+def transformer_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny Llama (2 pre-norm blocks, TorchScript export) grown by a block after block 0, and their page."""
+    hf_support = pytest.importorskip("hf_support")  # torch and transformers
+    folder = tmp_path_factory.mktemp("transformer")
+    parent = hf_support.export("llama", False, folder).path
+    child = onnxmorph.save(onnxmorph.block(parent, after=0), folder / "grown.onnx")
+    page = folder / "grown.html"
+    assert main(["diff", str(parent), str(child), "--html", str(page), "-q"]) == 0
+    return parent, child, page
+
+
+def _page_data(page: Path) -> dict:
+    found = re.search(r'<script type="application/json" id="diff-data">(.*?)</script>', page.read_text())
+    assert found
+    return json.loads(found.group(1))
+
+
+def test_transformer_page_opens_at_the_first_change_at_a_readable_zoom(
+        browser: str, transformer_page: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    parent, child, page = transformer_page
+    d = diff(parent, child)
+    [(geometry, _)] = [_geometry(browser, page, tmp_path)]
+    assert geometry["window"] == [0, 0]  # the page fits the window: the panes scroll, not the page
+    kid, old = geometry["child"], geometry["parent"]
+    assert kid["first"] in d.added and old["first"] in d.changes("parent")
+    assert _in_view(kid, kid["first"]) and _in_view(old, old["first"])
+    view = kid["view"]
+    assert view[2] - view[0] > 400 and view[3] - view[1] > 400
+    # the child's drawing (a whole block: 9 boxes across) is zoomed out to fit, not below a readable 70%
+    assert 0.7 - 1e-6 <= kid["scale"] < 1 and old["scale"] == 1
+    seen = [n for n in d.added if _in_view(kid, n)]
+    assert len(seen) >= 8 and len(seen) < len(d.added)  # the change fills the pane; the rest is a scroll away
+    # the page is small, and its FLOPs are numbers, counted at verification's sequence length
+    text = page.read_text()
+    assert page.stat().st_size < 200_000
+    assert "<tr><th>FLOPs per example</th><td>758 k</td><td>1.09 M</td><td>+328 k, +43.2%</td></tr>" in text
+    assert "at input sizes input_ids 1x16, attention_mask 1x16" in text
+
+
+def test_transformer_page_scrolls_to_the_node_a_link_names(
+        browser: str, transformer_page: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    parent, child, page = transformer_page
+    d = diff(parent, child)
+    target = [n for n in d.added if d.child.nodes[n].op == "MatMul"][-1]  # the new block's down projection
+    assert target.endswith("mlp/down_proj/MatMul")
+    [(plain, _)] = [_geometry(browser, page, tmp_path)]
+    assert not _in_view(plain["child"], target)  # the link has to scroll there
+    [(linked, _)] = [_geometry(browser, page, tmp_path, "#child:" + quote(target, safe=""))]
+    assert linked["child"]["pinned"] == target and _in_view(linked["child"], target)
+    # the parent has no counterpart of a new node: its pane shows the nearest node that has one
+    near = _page_data(page)["child"][target]["near"]
+    assert near in d.parent.nodes and _in_view(linked["parent"], near)
+    [(back, _)] = [_geometry(browser, page, tmp_path, "#parent:" + quote(near, safe=""))]
+    assert back["parent"]["pinned"] == near and _in_view(back["parent"], near)
+    missing = _dom(browser, page, tmp_path, "#child:no-such-node")
+    assert "not drawn" in missing.details
+
+
+def test_transformer_page_screenshot_shows_the_new_block(
+        browser: str, transformer_page: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from matplotlib.image import imread  # the train extra, installed in CI
+
+    shot = tmp_path / "shot.png"
+    result = _chromium(browser, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,1000",
+                       transformer_page[2].resolve().as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = (imread(shot)[..., :3] * 255).round().astype(np.int16)
+    green = (np.abs(pixels - np.array((0xDA, 0xFB, 0xE1))).max(axis=-1) <= 2)
+    # the new block's green boxes are painted in the child's pane (the middle column) on load
+    assert green[:, 530:1060].sum() > 20_000

@@ -161,7 +161,7 @@ LAYERS = {
     "contract": ["contract"],
     "passes": ["passes"],
     "pipeline": ["pipeline"],
-    "tools": ["diff", "train", "search", "experiments"],
+    "tools": ["diff", "train", "search", "experiments", "hf"],
     "cli": ["cli", "__main__", "__init__"],
 }
 RANK = {unit: rank for rank, units in enumerate(LAYERS.values()) for unit in units}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ class Diff:
                 "parameters": [parameter_count(self.parent), parameter_count(self.child)],
                 "flops_per_example": [p_flops, c_flops],
                 "flops_unknown_nodes": [p_unknown, c_unknown],
+                # the input sizes the FLOPs are counted at ({} where counted at declared or symbolic sizes)
+                "flops_input_sizes": [self.parent.flop_inputs, self.child.flop_inputs],
+                "flops_notes": [self.parent.flop_note, self.child.flop_note],
                 "shape_notes": [self.parent.shape_note, self.child.shape_note],
             },
             "added": self.added,
@@ -87,9 +91,13 @@ class Diff:
 _TAG_ORDER = ["added", "removed", "grown", "modified", "rewired"]
 
 
-def diff(parent: Source, child: Source) -> Diff:
-    """Compare two models (paths, read from their headers, or ModelProtos)."""
-    p, c = model_view(parent), model_view(child)
+def diff(parent: Source, child: Source, shapes: Mapping[str, Sequence[int]] | None = None) -> Diff:
+    """Compare two models (paths, read from their headers, or ModelProtos).
+
+    FLOPs are counted at `shapes` ({input: dims}, as `verify` takes them) and, for the dynamic
+    axes left open, verification's defaults (a batch of 1 per example, a sequence of 16).
+    """
+    p, c = model_view(parent, shapes), model_view(child, shapes)
     history, note = _new_history(p, c, parent if not isinstance(parent, onnx.ModelProto) else None)
     added = [n for n in c.nodes if n not in p.nodes]
     removed = [n for n in p.nodes if n not in c.nodes]
@@ -127,8 +135,7 @@ def _weight_changes(p: ModelView, c: ModelView) -> list[dict[str, Any]]:
     """Weights whose dims changed: by name, then by input slot of a node in both (a renamed weight)."""
     out: dict[str, dict[str, Any]] = {}
     for name, dims in c.weights.items():
-        # a computed weight whose dims one side could not infer is not a change of shape
-        if name in p.weights and p.weights[name] != dims and p.weights[name] is not None and dims is not None:
+        if name in p.weights and p.weights[name] != dims:
             out[name] = {"name": name, "old": list(p.weights[name]), "new": list(dims),
                          "nodes": c.consumers.get(name, [])}
     for node_name, old in p.nodes.items():
@@ -136,8 +143,7 @@ def _weight_changes(p: ModelView, c: ModelView) -> list[dict[str, Any]]:
         if new is None:
             continue
         for k, (a, b) in enumerate(zip(old.inputs, new.inputs)):
-            if a != b and a in p.weights and b in c.weights and p.weights[a] != c.weights[b] and b not in out \
-                    and p.weights[a] is not None and c.weights[b] is not None:
+            if a != b and a in p.weights and b in c.weights and p.weights[a] != c.weights[b] and b not in out:
                 out[b] = {"name": b, "old_name": a, "old": list(p.weights[a]), "new": list(c.weights[b]),
                           "nodes": [node_name], "input": k}
     return list(out.values())
@@ -191,14 +197,15 @@ def _groups(p: ModelView, c: ModelView, added: list[str], steps: list[dict[str, 
                 group["step"] = {"index": k + 1, "pass": step.get("pass"), "params": params}
                 claimed.add(k)
                 break
-    # A step that names its target another way (a block index, a module path): the one step of that morph left.
-    for group in groups.values():
-        left = [k for k, step in enumerate(steps) if k not in claimed and step.get("pass") == group["morph"]]
-        same = [g for g in groups.values() if g["step"] is None and g["morph"] == group["morph"]]
-        if group["step"] is None and len(left) == 1 and len(same) == 1:
-            step = steps[left[0]]
-            group["step"] = {"index": left[0] + 1, "pass": step.get("pass"), "params": step.get("params", {})}
-            claimed.add(left[0])
+    # A step may name its target otherwise (`block --after 0`: an index): one group and one step of
+    # a morph left unmatched belong together.
+    for morph in {g["morph"] for g in groups.values() if g["step"] is None}:
+        lone = [g for g in groups.values() if g["morph"] == morph and g["step"] is None]
+        left = [k for k, step in enumerate(steps) if k not in claimed and step.get("pass") == morph]
+        if len(lone) == 1 and len(left) == 1:
+            k = left[0]
+            lone[0]["step"] = {"index": k + 1, "pass": morph, "params": steps[k].get("params", {})}
+            claimed.add(k)
     return list(groups.values())
 
 

@@ -1,9 +1,12 @@
 """A layered (Sugiyama-style) layout of a small DAG for the diff page: iterative, no recursion, no library.
 
-Longest-path layering, dummy points on edges that span several layers, a few barycentre sweeps
-to reduce crossings, then x positions pulled toward the neighbours' mean and packed without
-overlap. The drawn region of a diff is a few dozen to a few hundred boxes, so this runs in
-milliseconds in Python and the page needs no layout code (or network) at view time.
+Longest-path layering (a node with no inputs drawn goes just above its first consumer, not to the
+top), dummy points on edges that span several layers, a few barycentre sweeps to reduce
+crossings, then x positions pulled toward the neighbours' mean: each row is placed as near those
+means as its order and spacing allow (isotonic regression, so rows do not drift apart and the
+drawing stays as narrow as its widest row needs). The drawn region of a diff is a few dozen to a
+few hundred boxes, so this runs in milliseconds in Python and the page needs no layout code (or
+network) at view time.
 """
 
 from __future__ import annotations
@@ -39,9 +42,18 @@ def layered_layout(order: Sequence[str], edges: Sequence[tuple[str, str]], sweep
     preds: dict[str, list[str]] = {name: [] for name in order}
     for u, v in forward:
         preds[v].append(u)
+    succs: dict[str, list[str]] = {name: [] for name in order}
+    for u, v in forward:
+        succs[u].append(v)
     for name in order:  # topological order: every predecessor's layer is final when it is read
         for u in preds[name]:
             layer[name] = max(layer[name], layer[u] + 1)
+    # A source (a node reading only weights or graph inputs, an unchanged run whose inputs are not
+    # drawn) sits just above its first consumer: on the top row it would widen the drawing and
+    # draw long edges down to where it is used.
+    for name in reversed(order):
+        if not preds[name] and succs[name]:
+            layer[name] = min(layer[v] for v in succs[name]) - 1
     # Edges spanning several layers get a dummy point per layer crossed, so ordering sees them.
     up: dict[str, list[str]] = {name: [] for name in order}
     down: dict[str, list[str]] = {name: [] for name in order}
@@ -102,7 +114,8 @@ def _order_layers(layers: list[list[str]], up: dict[str, list[str]], down: dict[
             current.sort(key=lambda n: keys[n])
 
 
-def _place_x(layers: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]]) -> dict[str, float]:
+def _place_x(layers: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]],
+             sweeps: int = 8) -> dict[str, float]:
     """x of every item: packed per layer, then pulled toward its neighbours' mean without overlapping."""
     xs: dict[str, float] = {}
     for names in layers:
@@ -110,12 +123,15 @@ def _place_x(layers: list[list[str]], up: dict[str, list[str]], down: dict[str, 
         for name in names:
             xs[name] = x + _width(name) / 2
             x += _width(name) + GAP_X
-    for sweep in range(4):
-        neighbours = up if sweep % 2 == 0 else down
-        for names in layers:
+    for sweep in range(sweeps):
+        # Down then up with one side's neighbours, then both sides: long edges (chains of dummies)
+        # straighten and every row settles between the rows around it.
+        both = sweep >= sweeps - 2
+        downward = sweep % 2 == 0
+        for names in layers if downward else reversed(layers):
             wanted = []
             for name in names:
-                seen = [xs[n] for n in neighbours[name]]
+                seen = [xs[n] for n in (up[name] + down[name] if both else up[name] if downward else down[name])]
                 wanted.append(sum(seen) / len(seen) if seen else xs[name])
             _pack(names, wanted, xs)
     low = min((xs[n] - _width(n) / 2 for names in layers for n in names), default=MARGIN)
@@ -123,12 +139,23 @@ def _place_x(layers: list[list[str]], up: dict[str, list[str]], down: dict[str, 
 
 
 def _pack(names: list[str], wanted: list[float], xs: dict[str, float]) -> None:
-    """Place `names` in order as near `wanted` as the minimum spacing allows."""
-    placed = list(wanted)
-    for k in range(1, len(names)):
-        least = placed[k - 1] + (_width(names[k - 1]) + _width(names[k])) / 2 + GAP_X
-        placed[k] = max(placed[k], least)
-    # The pass above only pushes rightward; shifting the row back by the mean push keeps its spacing.
-    shift = sum(p - w for p, w in zip(placed, wanted)) / max(len(names), 1)
-    for name, x in zip(names, placed):
-        xs[name] = x - shift
+    """Place `names` in order, no two closer than their spacing, as near `wanted` as possible (least squares).
+
+    With offsets o_k (the least distance from the first item), y_k = x_k - o_k must not decrease:
+    an isotonic regression of wanted_k - o_k, which pool-adjacent-violators solves in one pass.
+    """
+    offsets = [0.0]
+    for a, b in zip(names, names[1:]):
+        offsets.append(offsets[-1] + (_width(a) + _width(b)) / 2 + GAP_X)
+    blocks: list[list[float]] = []  # [sum, count] of runs of items that sit at their least spacing
+    for w, o in zip(wanted, offsets):
+        blocks.append([w - o, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    k = 0
+    for total, count in blocks:
+        for _ in range(int(count)):
+            xs[names[k]] = total / count + offsets[k]
+            k += 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from onnxmorph.diff.shapes import describe_sizes
 from onnxmorph.diff.views import MORPH_SCOPE, Dims, flop_count, parameter_count
+from onnxmorph.verification.feeds import DEFAULT_SEQUENCE
 
 if TYPE_CHECKING:  # compare imports this module for Diff.__str__
     from onnxmorph.diff.compare import Diff
@@ -59,8 +61,8 @@ def shape_text(dims: Dims | list[Any] | None) -> str:
 
 
 def count_text(n: float) -> str:
-    """A count in engineering units: 1.23 M, 4.56 G."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    """A count in engineering units: 1.23 M, 4.56 G (up to E: a long sequence squared)."""
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:g}"
@@ -91,17 +93,31 @@ def _summary(d: Diff) -> list[str]:
     rows = summary_rows(d)
     width = max(len(r[0]) for r in rows)
     lines = [f"  {what.ljust(width)}  {old} -> {new}  ({change})" for what, old, new, change in rows]
-    lines.append("  (FLOPs of Conv, ConvTranspose, Gemm and MatMul from inferred shapes, a multiply-add counted "
-                 "as 2, a symbolic batch as 1)")
+    lines.append(f"  (FLOPs of Conv, ConvTranspose, Gemm and MatMul, a multiply-add counted as 2, {flop_basis(d)})")
     for side, view in (("parent", d.parent), ("child", d.child)):
         _, unknown = flop_count(view)
         if unknown:
             more = ", ..." if len(unknown) > 5 else ""
             lines.append(f"  {side}: FLOPs unknown for {len(unknown)} node(s) whose shapes are not fully known: "
                          f"{', '.join(unknown[:5])}{more}")
-        if view.shape_note:
-            lines.append(f"  {side}: {view.shape_note}")
+        for note in (view.shape_note, view.flop_note if unknown or not view.flop_inputs else ""):
+            if note:
+                lines.append(f"  {side}: {note}")
     return lines
+
+
+def flop_basis(d: Diff) -> str:
+    """At which input sizes the FLOPs are counted, for the text and the page."""
+    sizes = [d.parent.flop_inputs, d.child.flop_inputs]
+    if not any(sizes):
+        symbolic = d.parent.flop_shapes is None and bool(d.parent.batch_dims or d.child.batch_dims)
+        return "from inferred shapes, a symbolic batch as 1" if symbolic else "at the inputs' declared sizes"
+    at = describe_sizes(sizes[1] or sizes[0]) if sizes[0] == sizes[1] or not all(sizes) else \
+        f"{describe_sizes(sizes[0])} (parent), {describe_sizes(sizes[1])} (child)"
+    how = "a dynamic batch counted as 1, per example"
+    if d.parent.flop_sequence or d.child.flop_sequence:
+        how += f"; other dynamic axes as verify sizes them: by --shape NAME:DIMS, else a sequence of {DEFAULT_SEQUENCE}"
+    return f"at input sizes {at} ({how})"
 
 
 def format_history(history: list[dict[str, Any]], note: str = "") -> list[str]:

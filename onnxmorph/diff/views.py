@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import onnx
 from onnx import numpy_helper
 
+from onnxmorph.diff.shapes import counting_shapes, has_dynamic_inputs
 from onnxmorph.errors import one_line
 from onnxmorph.io import folding
 from onnxmorph.io import loading as mio
@@ -50,6 +52,12 @@ class ModelView:
     history: list[dict[str, Any]]
     unnamed_nodes: int = 0
     shape_note: str = ""
+    # FLOPs are counted at these input sizes (verification's: batch 1, sequence 16, or --shape) with
+    # the tensors' dims at them; None: counted from `shapes`, a symbolic batch as 1 (see node_flops)
+    flop_inputs: dict[str, list[int]] = field(default_factory=dict)
+    flop_shapes: dict[str, Dims | None] | None = None
+    flop_note: str = ""
+    flop_sequence: bool = False  # whether an input has a dynamic axis besides the batch (sized like verify's)
     producer: dict[str, str] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)
 
@@ -72,8 +80,11 @@ class ModelView:
 # --------------------------------------------------------------------------- reading
 
 
-def model_view(source: Source) -> ModelView:
+def model_view(source: Source, shapes: Mapping[str, Sequence[int]] | None = None) -> ModelView:
     """Read a model for the diff: from a path its header only (weights' bytes skipped), or a ModelProto.
+
+    FLOPs are counted at `shapes` (input name -> dims, as `verify --shape` takes them) and the
+    defaults verification uses for the dynamic axes they leave open (onnxmorph.diff.shapes).
 
     Weights made by Constant/ConstantOfShape/shape ops become weights and unnamed nodes get the
     names `onnxmorph.io.loading.normalize` gives them, without evaluating anything: a parent file and the
@@ -84,7 +95,8 @@ def model_view(source: Source) -> ModelView:
         header, path = mio.skeleton(source), "<model>"
     else:
         header, path = read_model_file(source, check=False).header, str(source)
-    shapes, elem_types, note = _infer_shapes(header)
+    flop_inputs, flop_shapes, flop_note = counting_shapes(header, shapes)
+    inferred, elem_types, note = _infer_shapes(header)
     graph = header.graph
     weights: dict[str, Dims | None] = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
     for t in graph.initializer:
@@ -94,7 +106,9 @@ def model_view(source: Source) -> ModelView:
     constants = set(weights)
     for node in graph.node:
         if folding.foldable(node, constants, outputs):
-            weights[node.output[0]] = shapes.get(node.output[0]) or _constant_dims(node, graph)
+            # A scalar's dims are (), which is known: only a missing shape falls back to the node's own.
+            dims = inferred.get(node.output[0])
+            weights[node.output[0]] = dims if dims is not None else _constant_dims(node, graph)
             constants.add(node.output[0])
         else:
             kept.node.append(node)
@@ -115,7 +129,9 @@ def model_view(source: Source) -> ModelView:
     return ModelView(
         path=path, nodes=nodes, weights=weights,
         float_weights={w for w in weights if elem_types.get(w) in _FLOAT_TYPES},
-        shapes=shapes, batch_dims=batch, history=receipt.history(header), unnamed_nodes=unnamed, shape_note=note,
+        shapes=inferred, batch_dims=batch, history=receipt.history(header, path), unnamed_nodes=unnamed,
+        shape_note=note, flop_inputs=flop_inputs, flop_shapes=flop_shapes, flop_note=flop_note,
+        flop_sequence=has_dynamic_inputs(header, beyond_batch=True),
     )
 
 
@@ -200,8 +216,10 @@ def parameter_count(view: ModelView) -> int:
 def node_flops(view: ModelView, node: NodeView) -> int | None:
     """FLOPs of one Conv, ConvTranspose, Gemm or MatMul per example (a multiply-add is 2); None if unknown.
 
-    A leading symbolic dimension of the graph inputs (the batch) counts as 1; any other unknown
-    dimension makes the node's count unknown rather than guessed. Other ops count 0.
+    Counted from `view.flop_shapes` (the dims at `view.flop_inputs`, verification's sizes) when the
+    model has them; otherwise from the symbolic shapes, where a leading symbolic dimension of the
+    graph inputs (the batch) counts as 1. Any other unknown dimension makes the node's count
+    unknown rather than guessed. Other ops count 0.
     """
     if node.op not in _COUNTED_OPS:
         return 0
@@ -216,13 +234,20 @@ def node_flops(view: ModelView, node: NodeView) -> int | None:
         m, k = (x[1], x[0]) if attrs.get("transA") == "1" else (x[0], x[1])
         n = w[0] if attrs.get("transB") == "1" else w[1]
         return 2 * m * k * n
-    if node.op == "MatMul" and x and y is not None:
-        return 2 * math.prod(y) * x[-1]
+    if node.op == "MatMul" and y is not None and (x or w):
+        k = x[-1] if x else w[-2] if len(w) >= 2 else w[0]  # type: ignore[index]
+        return 2 * math.prod(y) * k
     return None
 
 
 def _known(view: ModelView, name: str) -> list[int] | None:
-    dims = view.weights.get(name) if name in view.weights else view.shapes.get(name)
+    if name in view.weights:
+        dims = view.weights[name]
+    elif view.flop_shapes is not None:
+        dims = view.flop_shapes.get(name)
+        return list(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None  # type: ignore
+    else:
+        dims = view.shapes.get(name)
     if dims is None:
         return None
     out = []

@@ -172,13 +172,22 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     """
     lazy: dict[str, tuple[gs.Constant, LazyValues]] = {}
     for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
         values = getattr(tensor, "_values", None)
-        # A weight kept in a file whose values a pass only looked at goes out as the reference again.
-        values = _mapped_source(values) or values
-        if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and values.nbytes >= 1024:
+        # A weight kept in a file whose values a pass only looked at goes out as the reference
+        # again, whatever its size (its bytes are in the file, not in this process).
+        source = _mapped_source(values)
+        values = source or values
+        if isinstance(values, LazyValues) and (source is not None or values.nbytes >= 1024):
             lazy[tensor.name] = (tensor, values)
             stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
             tensor._values = LazyValues(stub)
+        elif not isinstance(values, LazyValues):
+            # onnx-graphsurgeon keeps the data_location a weight was imported with and stamps it on
+            # the tensor it exports from the array: a weight read from external data (a norm's scale
+            # a block copies) would go out as inline bytes marked EXTERNAL, without a location.
+            tensor.data_location = None
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:

@@ -49,7 +49,12 @@ from onnxmorph.io.safety import (  # noqa: F401  (re-exported)
     external_data_files,
     memory_limit,
 )
-from onnxmorph.io.saving import check_output_path, save, write_with_external_data  # noqa: F401  (re-exported)
+from onnxmorph.io.saving import (  # noqa: F401  (re-exported)
+    check_output_path,
+    restored_on_failure,
+    save,
+    write_with_external_data,
+)
 
 log = logging.getLogger("onnxmorph")
 

@@ -9,6 +9,8 @@ from typing import Union
 
 import numpy as np
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from onnxmorph import limits
@@ -61,10 +63,34 @@ def check_header(header: onnx.ModelProto, skipped: dict[int, int], path: Path) -
                 f"{path}: tensor '{tensor.name}' declares {declared} bytes (dims {list(tensor.dims)}) "
                 f"but holds {length}"
             )
+    check_text(header, path)
     external = list(external_tensors(header))
     if external:
         _check_external_data(external, path.resolve().parent, path)
     check_declared_sizes(header, str(path))
+
+
+def check_text(header: onnx.ModelProto, path: Path) -> None:
+    """Refuse a string field that is not UTF-8 (ONNX's strings are): protobuf returns it as bytes, not text.
+
+    Names, op types, metadata and the like are read as text everywhere after loading; a node
+    named b'\\xff' would fail far from here. Weights' bytes fields are not strings and are skipped.
+    """
+    stack: list[Message] = [header]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                stack.extend(value if _repeated(field) else [value])
+            elif field.type == field.TYPE_STRING:
+                if any(isinstance(v, bytes) for v in (value if _repeated(field) else [value])):
+                    raise InvalidModelError(f"{path}: {message.DESCRIPTOR.name}.{field.name} holds text that is "
+                                            "not UTF-8 (ONNX strings are UTF-8)")
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 5; `label` before
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def external_data_files(path: PathLike) -> list[Path]:

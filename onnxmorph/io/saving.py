@@ -53,7 +53,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
             check_output_path(folder / data_name)
         # The weights are renamed into place before the model file: until the model's rename has
         # happened too, the old weights must come back on failure (old model + new weights is corrupt).
-        with _restored_on_failure(folder / data_name) if external_data else contextlib.nullcontext():
+        with restored_on_failure(folder / data_name) if external_data else contextlib.nullcontext():
             with _atomic_target(path) as tmp_model:
                 if external_data:
                     with _atomic_target(folder / data_name) as tmp_data:
@@ -199,18 +199,22 @@ def _atomic_target(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _restored_on_failure(path: Path) -> Iterator[None]:
-    """Put the file at `path` back as it was (or remove it, if there was none) when the block fails."""
+def restored_on_failure(path: Path) -> Iterator[None]:
+    """Put the file at `path` back as it was (or remove it, if there was none) when the block fails.
+
+    Several files written as one output (a child and its diff page) each get one: whichever
+    write fails, or an interrupt after the first, none of them is left changed.
+    """
     backup: Path | None = None
     if path.is_file():
         prefix, suffix = _temporary_name(path)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-        os.close(fd)
-        os.unlink(name)
         try:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+            os.close(fd)
+            os.unlink(name)
             os.link(path, name)  # a second name for the old bytes: no copy, even at 2 GiB
             backup = Path(name)
-        except OSError:
+        except OSError:  # no hard links here: the old file cannot be kept (the write itself is still atomic)
             backup = None
     existed = path.exists()
     try:

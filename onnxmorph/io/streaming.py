@@ -38,6 +38,7 @@ import onnx
 from onnxmorph.errors import UsageError
 from onnxmorph.io.framing import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, encode_varint, length_delimited
 from onnxmorph.io.proto import WHOLE_BYTE_TYPES, all_tensors, declared_bytes, external_tensors, iter_graphs, shell
+from onnxmorph.limits import quote
 
 # Tensors of at least this many bytes start at a multiple of BIG_ALIGNMENT (the allocation
 # granularity of every OS, so onnxruntime can map them anywhere); smaller ones at a page.
@@ -163,7 +164,13 @@ class _Scratch:
     marker = "onnxmorph-spill-"
 
     def __init__(self, parent: str | None) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix=self.marker, dir=parent))
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=self.marker, dir=parent))
+        except OSError as exc:  # a file, a missing or read-only folder: a setting to fix, not a bug
+            where = f"ONNXMORPH_SCRATCH={quote(repr(parent))}" if parent else \
+                f"the temporary folder {quote(tempfile.gettempdir())}"
+            raise UsageError(f"{where}: cannot make a scratch folder there for computed weights "
+                             f"({exc.strerror or exc}); set ONNXMORPH_SCRATCH to a writable folder") from None
         self.counter = itertools.count()
         self.files: list[Path] = []
 

@@ -30,8 +30,12 @@ def _value_info(info: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": info.name, "type": type_name, "shape": dims}
 
 
-def inspect(model: onnx.ModelProto) -> dict[str, Any]:
-    """Describe `model`: interface, opsets, morphable layers with per-morph applicability, history."""
+def inspect(model: onnx.ModelProto, source: str = "the model") -> dict[str, Any]:
+    """Describe `model`: interface, opsets, morphable layers with per-morph applicability, history.
+
+    A malformed receipt is refused (InvalidModelError naming `source`) before any other work.
+    """
+    history = receipt.history(model, source)
     model = mio.normalize(model)
     analysis = mgraph.Analysis(model)  # one view, one shape inference, shared by every probe
     modules = mblocks.node_modules(model)
@@ -70,7 +74,7 @@ def inspect(model: onnx.ModelProto) -> dict[str, Any]:
                     "parallel": b.parallel, "experts": b.experts, "top_k": b.top_k} for b in found],
         "attention": mattention.attention_modules(analysis, analysis.view, found),
         "experts": mexperts.summary(analysis),
-        "history": receipt.history(model),
+        "history": history,
     }
 
 

@@ -98,6 +98,8 @@ def run_passes(
     """
     options = options or VerifyOptions()
     parent_model, reference = _morphable(parent, lazy=output is not None)
+    # The child's receipt continues the parent's: a malformed one is refused before any work.
+    receipt.history(parent_model, str(parent) if not isinstance(parent, onnx.ModelProto) else "the parent")
     verifier = options.verifier(reference) if options.enabled else None
     # A parent kept with external data (a model that may not fit in memory) gets its computed weights
     # spilled to files as they are made; an inline one (under 2 GiB) keeps them in memory.

@@ -3,9 +3,9 @@
     import onnxmorph.search
     result = onnxmorph.search.search("parent.onnx", "digits", "out/", rounds=3, children=4, steps=200)
 
-`loop` runs the rounds and keeps the state; `space` draws morphs, `data` loads data sets,
-`workers` trains candidates (in processes or on Ray), `report` writes the summary, `cli` is the
-subcommand. See `onnxmorph.search.loop` for the whole story.
+`loop` runs the rounds and keeps the state; `state` reads a state back, checked; `space` draws
+morphs, `data` loads data sets, `workers` trains candidates (in processes of its own or on Ray),
+`report` writes the summary, `cli` is the subcommand. See `onnxmorph.search.loop` for the whole story.
 """
 
 from onnxmorph.lazy import lazy_attributes

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from onnxmorph.contract.passinfra import positive_int
+from onnxmorph.errors import UsageError
 from onnxmorph.search.space import DEFAULT_SPACE_TEXT
+from onnxmorph.search.state import STATE_FILE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def positive_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    """`--workers`: 0 or a positive whole number (argparse turns the refusal into its one-line usage error)."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return positive_int(text)
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive whole number, got {text[:40]!r}") from None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -52,8 +61,11 @@ def run_command(args: argparse.Namespace) -> int:
                         morphs_per_child=args.morphs_per_child, parent_steps=args.parent_steps,
                         workers=args.workers, ray=args.ray, ray_address=args.ray_address, seed=args.seed)
     except KeyboardInterrupt:
-        sys.stderr.write(f"onnxmorph: interrupted; every finished candidate is kept in {args.output}: "
-                         "rerun the same command to continue\n")
+        if (Path(args.output) / STATE_FILE).is_file():
+            sys.stderr.write(f"onnxmorph: interrupted; every finished candidate is kept in {args.output}: "
+                             "rerun the same command to continue\n")
+        else:
+            sys.stderr.write("onnxmorph: interrupted, nothing written\n")
         return 130
     document = json.loads((result.outdir / "leaderboard.json").read_text())
     if args.json:

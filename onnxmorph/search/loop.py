@@ -15,6 +15,8 @@ and ends with the same files as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,18 +24,29 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
+from onnxmorph import limits
 from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.io import loading as mio
 from onnxmorph.io import saving
+from onnxmorph.limits import quote
 from onnxmorph.search import report
 from onnxmorph.search.data import Dataset, fit_to_model, load_dataset
 from onnxmorph.search.space import MorphChoice, as_choices, propose, signature
-from onnxmorph.search.workers import CandidateTask, Training, check_reachable, executor, require_ray
+from onnxmorph.search.state import CANDIDATES, STATE_FILE, STATE_FORMAT, check_files, read_state
+from onnxmorph.search.workers import (
+    CandidateTask,
+    Training,
+    check_cluster,
+    check_workers,
+    executor,
+    parse_ray_address,
+    require_ray,
+)
 from onnxmorph.version import __version__
 
 try:
@@ -42,11 +55,6 @@ except ImportError:  # pragma: no cover - Windows: no lock, one search per folde
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("onnxmorph")
-
-STATE_FILE = "search-state.json"
-LOCK_FILE = ".search.lock"
-STATE_FORMAT = "onnxmorph-search/1"
-CANDIDATES = "candidates"
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,19 @@ class Settings:
     seed: int = 0
 
     def check(self) -> None:
+        for name in ("children", "keep", "steps", "batch_size", "morphs_per_child", "parent_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number, not {quote(repr(value), 40)}")
         for name in ("children", "keep", "steps", "batch_size", "morphs_per_child"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if self.parent_steps < 0 or self.seed < 0:
             raise UsageError("--parent-steps and --seed must not be negative")
-        if not 0 < self.lr < 10:
-            raise UsageError(f"--lr must be a positive learning rate, not {self.lr}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 10:
+            raise UsageError(f"--lr must be a positive learning rate below 10, not {quote(repr(self.lr), 40)}")
+        # Each child is that many morphs in a row, like the steps of a recipe.
+        limits.RECIPE_STEPS.check(self.morphs_per_child, f"--morphs-per-child {self.morphs_per_child}")
 
 
 @dataclass
@@ -97,30 +111,35 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
     """Run (or continue) a search from the model file `parent` on `data` ("digits" or an .npz), writing to `outdir`.
 
     Raises UsageError (nothing written) on bad input, or when `outdir` holds another search or
-    other files. Interrupted, it leaves OUTDIR consistent; the same call continues it.
+    other files. Everything is checked, and a Ray cluster connected to, before `outdir` is made;
+    a new `outdir` that fails before its first candidate is removed again. Interrupted, it leaves
+    OUTDIR consistent; the same call continues it.
     """
     settings = Settings(children, keep, steps, lr, batch_size, morphs_per_child, parent_steps, seed)
     settings.check()
-    if rounds < 0:
-        raise UsageError(f"--rounds must not be negative, not {rounds}")
+    _check_rounds(rounds, children)
     workers = _default_workers() if workers is None else workers
-    if workers < 0:
-        raise UsageError(f"--workers must not be negative, not {workers}")
+    check_workers(workers)
+    if ray_address:
+        parse_ray_address(ray_address)  # its form, before Ray is even imported
     if ray or ray_address:
         require_ray()
     if ray_address:
-        check_reachable(ray_address)
+        check_cluster(ray_address)
     space = tuple(as_choices(morphs))
     root_model, root_bytes, root_sha = _read_parent(Path(parent))
     _check_trainable(root_model)
     dataset = fit_to_model(load_dataset(data), root_model)
     identity = {"format": STATE_FORMAT, "parent": {"file": str(parent), "sha256": root_sha},
                 "data": dataset.describe(), "morphs": [str(c) for c in space], **asdict(settings)}
-    state, lock = _open_state(Path(outdir), identity)
+    outdir = Path(outdir)
+    state, lock, made = _open_state(outdir, identity)
+    run = None
     try:
-        run = _Run(Path(outdir), state, settings, space, progress)
+        run = _Run(outdir, state, settings, space, progress)
         run.save()
-        pool = executor(dataset, workers, ray, ray_address)
+        # No more processes than a round can keep busy (its children and the control).
+        pool = executor(dataset, min(workers, settings.children + 1), ray, ray_address)
         try:
             run.root(pool, root_bytes)
             for r in range(1, rounds + 1):
@@ -130,12 +149,26 @@ def search(parent: str | os.PathLike, data: str | os.PathLike | Dataset, outdir:
             raise
         pool.close()
         return run.finish()
+    except BaseException:
+        if made and (run is None or not run.by_id):
+            lock.close()
+            _discard(outdir, made)
+        raise
     finally:
         lock.close()
 
 
+def _check_rounds(rounds: int, children: int) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise UsageError(f"--rounds must be a whole number, 0 or more, not {rounds!r}")
+    # Each round plans all its children before the first is trained: sized before anything starts
+    # (a round's size alone too, whatever the rounds: a rerun may add rounds).
+    limits.CANDIDATES.check(children + 1, f"--children {children}")
+    limits.CANDIDATES.check(1 + rounds * (children + 1), f"--rounds {rounds} x --children {children}")
+
+
 def _default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    return max(1, min(os.cpu_count() or 1, limits.WORKERS.value()))
 
 
 def _read_parent(path: Path) -> tuple[onnx.ModelProto, bytes, str]:
@@ -159,51 +192,92 @@ def _check_trainable(model: onnx.ModelProto) -> None:
     ot.OnnxModule(model)  # refuses ops it cannot train, naming them
 
 
-def _open_state(outdir: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], IO[bytes]]:
-    """The state of the search in `outdir` (a new one, or the one there when it is this search) and its lock."""
+def _open_state(outdir: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], _Lock, str]:
+    """The state of the search in `outdir` (a new one, or the one there when it is this search), its lock,
+    and what this call made: "folder" (outdir itself), "contents" (in an empty outdir) or "" (a rerun).
+    """
     path = outdir / STATE_FILE
-    if path.is_file():
-        lock = _lock(outdir)
+    if path.is_file() or path.is_symlink():
+        lock = _Lock(outdir)
         try:
-            state = json.loads(path.read_text())
-            _check_same_search(state.get("settings", {}), identity, outdir)
-        except (OSError, json.JSONDecodeError) as exc:
-            lock.close()
-            raise UsageError(f"{path}: cannot read the search state ({exc})") from None
-        except UsageError:
+            state = read_state(outdir)
+            _check_same_search(state["settings"], identity, outdir)
+        except BaseException:
             lock.close()
             raise
-        return state, lock
+        return state, lock, ""
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise UsageError(f"{outdir}: exists and holds no search; give a new or empty folder")
     parent = outdir.parent if str(outdir.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{outdir}: folder '{parent}' does not exist")
+    made = "contents" if outdir.is_dir() else "folder"
     try:
-        (outdir / CANDIDATES).mkdir(parents=True, exist_ok=True)
+        outdir.mkdir(exist_ok=made == "contents")
+    except FileExistsError:
+        raise UsageError(f"{outdir}: another search made it just now") from None
     except OSError as exc:
         raise UsageError(f"{outdir}: cannot create it ({exc.strerror})") from None
-    state = {"settings": identity, "tool": f"onnxmorph {__version__}", "rounds_done": 0, "candidates": []}
-    return state, _lock(outdir)
-
-
-def _lock(outdir: Path) -> IO[bytes]:
-    """An exclusive lock on the search in `outdir`, held while the returned file is open (gone with the process)."""
-    handle = open(outdir / LOCK_FILE, "wb")  # noqa: SIM115  (held open on purpose)
-    if fcntl is None:
-        return handle
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UsageError(f"{outdir}: another search is running there") from None
-    return handle
+        lock = _Lock(outdir)
+    except BaseException:
+        _discard(outdir, made)
+        raise
+    try:
+        (outdir / CANDIDATES).mkdir()
+    except OSError as exc:
+        lock.close()
+        _discard(outdir, made)
+        raise UsageError(f"{outdir}: cannot create it ({exc.strerror})") from None
+    state = {"settings": identity, "tool": f"onnxmorph {__version__}", "rounds_done": 0, "candidates": []}
+    return state, lock, made
+
+
+def _discard(outdir: Path, made: str) -> None:
+    """Take back what a search that failed before its first candidate made: its files, and the folder if it made it."""
+    for name in (STATE_FILE, "leaderboard.json", "leaderboard.csv", "leaderboard.png", "best.onnx"):
+        with contextlib.suppress(FileNotFoundError):
+            (outdir / name).unlink()
+    with contextlib.suppress(OSError):  # not empty: something else is in there, which stays
+        (outdir / CANDIDATES).rmdir()
+    if made == "folder":
+        with contextlib.suppress(OSError):
+            outdir.rmdir()
+
+
+class _Lock:
+    """An exclusive lock on the search in `outdir` while it is open (gone with the process).
+
+    The folder itself is locked, not a lock file in it: refusing a folder leaves nothing behind.
+    """
+
+    def __init__(self, outdir: Path) -> None:
+        self.fd: int | None = None
+        if fcntl is None:
+            return
+        try:
+            self.fd = os.open(outdir, os.O_RDONLY)
+        except OSError as exc:
+            raise UsageError(f"{outdir}: cannot open it ({exc.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UsageError(f"{outdir}: another search is running there") from None
+            # A file system without locks (some network ones): one search per folder is up to the user.
+            log.debug("%s: cannot be locked (%s)", outdir, exc.strerror)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _check_same_search(saved: dict[str, Any], identity: dict[str, Any], outdir: Path) -> None:
     for key, value in identity.items():
         if key == "parent":
-            value, old = value["sha256"], saved.get("parent", {}).get("sha256")
+            value, old = value["sha256"], saved["parent"]["sha256"]
         else:
             old = saved.get(key)
         if old != value:
@@ -228,18 +302,7 @@ class _Run:
         self.outdir, self.state, self.settings, self.space = outdir, state, settings, space
         self.progress = progress
         self.by_id = {c["id"]: c for c in state["candidates"]}
-        self._check_files()
-
-    def _check_files(self) -> None:
-        """On a rerun, every file the state lists must still be the one the search wrote."""
-        for entry in self.by_id.values():
-            for key in ("file", "morphed_file"):
-                if key not in entry:
-                    continue
-                path = self.outdir / entry[key]
-                if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry[key[:-4] + "sha256"]:
-                    raise UsageError(f"{path}: missing or changed since the search wrote it; the search in "
-                                     f"{self.outdir} cannot continue from it")
+        check_files(outdir, state)  # on a rerun, every file listed must still be the one the search wrote
 
     def _training(self, steps: int) -> Training:
         return Training(steps, self.settings.lr, self.settings.batch_size)
@@ -273,7 +336,7 @@ class _Run:
                 self._record({"id": cid, "status": "not applicable", "reason": morphs, "morphs": []}, r,
                              parent["id"], (done, len(planned)), rounds)
                 continue
-            task = CandidateTask(cid, _task_seed(self.settings.seed, r, int(cid[-2:])), tuple(morphs),
+            task = CandidateTask(cid, _task_seed(self.settings.seed, r, int(cid.rpartition("c")[2])), tuple(morphs),
                                  self._training(self.settings.steps))
             jobs.append((task, (self.outdir / parent["file"]).read_bytes()))
         for result in pool.run(jobs):

@@ -15,6 +15,7 @@ from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.contract.registry import get_pass, load
 from onnxmorph.errors import NotApplicable, OnnxMorphError, UsageError
 from onnxmorph.graph import core as mgraph
+from onnxmorph.limits import quote
 
 # The search picks these itself: the layer (or the skip's two tensors) and each pass's seed.
 DRAWN = ("layer", "source", "target", "seed")
@@ -22,6 +23,9 @@ DRAWN = ("layer", "source", "target", "seed")
 # (a classifier cannot widen; a 3x3 kernel on a Gemm); it tries again, this many times in all.
 MAX_TRIES = 40
 MAX_REPEATS = 10
+# widen's factor of a layer's width: checked when the space is read, not when a draw meets it
+# (NaN passes every comparison but this one; 1e308 overflows the width).
+MAX_FACTOR = 64
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,9 @@ def _check_choice(cls: type[MorphPass], choice: MorphChoice, text: str) -> None:
                              f"(it may set: {', '.join(sorted(allowed)) or 'none'})")
         for value in values:
             if key == "factor":
-                if not isinstance(value, (int, float)) or value <= 1:
-                    raise UsageError(f"--morphs {text!r}: factor must be a number above 1, not {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 < value <= MAX_FACTOR:
+                    raise UsageError(f"--morphs {quote(repr(text), 80)}: factor must be a number above 1 and at "
+                                     f"most {MAX_FACTOR}, not {quote(repr(value), 40)}")
                 continue
             try:
                 cls(**{**_placeholders(cls), key: value})
