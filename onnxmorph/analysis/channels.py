@@ -109,6 +109,11 @@ class Analysis:
                 return tuple(d if d is not None else f for d, f in zip(shape or found, found))
         return shape
 
+    def _placed(self, space: int) -> str | None:
+        """Where a derived space's node put it: its first slot (met again at another tensor of that node, the same
+        channels must be followed there: a Split's other part)."""
+        return next((s.tensor for s in self.result.slots if s.space == space), None)
+
     def rank(self, tensor: gs.Tensor) -> int | None:
         return len(self.shape(tensor) or ()) or None
 
@@ -246,8 +251,8 @@ class Analysis:
         if key in self.done:
             return
         self.done.add(key)
-        if self.space(v.slot.space).derived_from == v.node.name:
-            return  # the node that re-arranged these channels: it has been followed already
+        if self.space(v.slot.space).derived_from == v.node.name and v.tensor.name == self._placed(v.slot.space):
+            return  # the node that re-arranged these channels, met where it put them: it has been followed already
         contrib = v.node.domain == "com.microsoft" and v.node.op in CONTRIB
         if v.node.domain not in ("", "ai.onnx", None) and not contrib:
             raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")
