@@ -54,3 +54,79 @@ def test_a_fused_gate_up_projection_grows_both_halves_alike(split: str, opset: i
     assert halves in (None, [width // 2] * 2)  # equal parts: explicit, or implied by num_outputs / no sizes
     weight = numpy_helper.to_array(next(t for t in child.graph.initializer if t.name == "wd"))
     assert weight.shape == (width // 2, 8)
+
+
+# ------------------------------------------------------------------ heads: one key/value head, fused multi-query
+
+H, HEADS, D = 16, 4, 4  # hidden, query heads, head size
+
+
+def _mqa_model(fused: bool) -> onnx.ModelProto:
+    """Multi-query attention (one key/value head shared by 4 query heads), a rotary-like table broadcast over the
+    heads, the key/value head repeated by Unsqueeze + Expand + Reshape as Hugging Face's repeat_kv.
+
+    fused: one projection of (H + 2) heads reshaped to [N, T, H + 2, d] and split on the head axis (Falcon);
+    else separate q (H heads) and k, v (one head each: [N, T, d] -> [N, T, 1, d], Gemma 2B)."""
+    floats = {"wo": _w(H, H), "scale": np.array(D ** -0.5), "table": _w(1, 1, 5, D), "w1": _w(H, H), "w2": _w(H, H)}
+    ints = {"q4": [0, 0, HEADS, D], "one": [0, 0, 1, D], "wide": [1, 1, HEADS, 1, 1], "merge": [0, HEADS, 5, D],
+            "back": [0, 0, H], "axis2": [2], "parts": [HEADS, 1, 1], "all6": [0, 0, HEADS + 2, D]}
+    if fused:
+        floats["wqkv"] = _w(H, H + 2 * D)
+        front = """
+    qkv = MatMul(x, wqkv)
+    hs = Reshape(qkv, all6)
+    qh, kh, vh = Split<axis = 2>(hs, parts)"""
+    else:
+        floats.update(wq=_w(H, H), wk=_w(H, D), wv=_w(H, D))
+        front = """
+    q = MatMul(x, wq)
+    kk = MatMul(x, wk)
+    v = MatMul(x, wv)
+    qh = Reshape(q, q4)
+    kh = Reshape(kk, one)
+    vh = Reshape(v, one)"""
+    body = front + """
+    qt = Transpose<perm = [0, 2, 1, 3]>(qh)
+    kt0 = Transpose<perm = [0, 2, 1, 3]>(kh)
+    vt0 = Transpose<perm = [0, 2, 1, 3]>(vh)
+    qr = Mul(qt, table)
+    kr = Mul(kt0, table)
+    ku = Unsqueeze(kr, axis2)
+    ke = Expand(ku, wide)
+    kt = Reshape(ke, merge)
+    vu = Unsqueeze(vt0, axis2)
+    ve = Expand(vu, wide)
+    vt = Reshape(ve, merge)
+    ktt = Transpose<perm = [0, 1, 3, 2]>(kt)
+    sc = MatMul(qr, ktt)
+    ss = Mul(sc, scale)
+    pr = Softmax<axis = -1>(ss)
+    at = MatMul(pr, vt)
+    ab = Transpose<perm = [0, 2, 1, 3]>(at)
+    am = Reshape(ab, back)
+    o = MatMul(am, wo)
+    s = Add(x, o)
+    h = MatMul(s, w1)
+    r = Relu(h)
+    f = MatMul(r, w2)
+    y = Add(s, f)"""
+    return text_model(body, floats, ints, x=f"float[N, 5, {H}]", y=f"float[N, 5, {H}]", opset=17)
+
+
+@pytest.mark.parametrize("layer, width", [("q", 2 * H), ("kk", 2 * D), ("v", 2 * D)])
+def test_multi_query_attention_grows_by_whole_key_value_heads(layer: str, width: int) -> None:
+    """A new key/value head brings its group of query heads: q, k and v grow together (4 + 4 query heads over 1 + 1
+    key/value heads); the table broadcast over one head stays a broadcast."""
+    model = _mqa_model(fused=False)
+    child = _widen(model, layer, width)
+    shapes = {t.name: numpy_helper.to_array(t).shape for t in child.graph.initializer}
+    assert (shapes["wq"], shapes["wk"], shapes["wv"]) == ((H, 2 * H), (H, 2 * D), (H, 2 * D))
+    assert onnxmorph.inspect(child)["attention"][0]["kv_heads"] == 2
+
+
+def test_a_fused_multi_query_projection_grows_each_part_in_proportion() -> None:
+    """[q heads | k head | v head] in one projection, split 4 : 1 : 1 on the head axis: doubling it gives 8 : 2 : 2."""
+    model = _mqa_model(fused=True)
+    child = _widen(model, "qkv", 2 * (H + 2 * D))
+    info = onnxmorph.inspect(child)["attention"][0]
+    assert (info["heads"], info["head_dim"], info["kv_heads"]) == (2 * HEADS, D, 2)

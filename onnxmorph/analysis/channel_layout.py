@@ -113,7 +113,11 @@ def reshape(a: Analysis, v: Visit) -> None:
     s_shape, d_shape = a.shape(src), a.shape(dst)
     if s_shape is None or d_shape is None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
+    if node.op in ("Squeeze", "Unsqueeze") and _squeeze(a, v, s_shape, d_shape):
+        return
     s_shape, d_shape = refine_reshape(a, node, s_shape, d_shape, v.backward)
+    if _one_head(a, v, s_shape, d_shape) and regroup(a, v, s_shape, d_shape, whole=True):
+        return
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
@@ -130,7 +134,47 @@ def reshape(a: Analysis, v: Visit) -> None:
     a.add_slot(dst, axis, offset, block, slot.space, v.where)
 
 
-def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+def _squeeze(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """An Unsqueeze or Squeeze with known axes: the channel axis moves by the unit axes inserted or removed before it
+    (read from its axes, not from the sizes: a channel axis of one head has size 1 too)."""
+    node, slot = v.node, v.slot
+    axes = constant_ints(node, 1, "axes")
+    if axes is None:
+        return False
+    unit_side = node.outputs[0] if node.op == "Unsqueeze" else node.inputs[0]
+    rank = a.rank(unit_side)
+    if rank is None or len(d_shape) != len(s_shape) + (1 if (node.op == "Unsqueeze") != v.backward else -1):
+        return False
+    units = sorted({x % rank for x in axes})
+    kept = [x for x in range(rank) if x not in units]  # the other side's axes, in the unit side's numbering
+    if (node.op == "Unsqueeze") != v.backward:  # to the side with the unit axes
+        to = kept[slot.axis] if slot.axis < len(kept) else None
+    else:
+        to = kept.index(slot.axis) if slot.axis in kept else None
+    if to is None:
+        raise NotApplicable(f"{v.where} removes the channel axis of '{v.tensor.name}'")
+    target = node.inputs[0] if v.backward else node.outputs[0]
+    a.add_slot(target, to, slot.offset, slot.block, slot.space, v.where)
+    return True
+
+
+def _one_head(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """A reshape [.., C] -> [.., 1, C] (forward; backward the reverse) of a whole channel axis growing by whole
+    multiples of C: one attention head of C channels (a multi-query key or value) getting new heads, not C growing."""
+    slot = v.slot
+    src, dst = (s_shape, d_shape)
+    ax = slot.axis
+    if v.node.op != "Reshape" or slot.block != 1 or slot.offset != 0 or src[ax] is None or len(dst) != len(src) + 1:
+        return False
+    size = src[ax]
+    if tuple(dst[:ax]) != tuple(src[:ax]) or tuple(dst[ax:ax + 2]) != (1, size) or tuple(dst[ax + 2:]) != tuple(
+            src[ax + 1:]):
+        return False
+    space = a.space(slot.space)
+    return space.old == size and all(at % size == 0 and c % size == 0 for at, c in insert_positions(space, slot))
+
+
+def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, whole: bool = False) -> bool:
     """A reshape that splits the channel axis into blocks of k (attention heads of size k; backwards, query heads
     merged from groups of k repeated key/value heads): when the new channels are whole blocks, the blocks are
     followed as channels (a derived space, one channel per block)."""
@@ -140,10 +184,11 @@ def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
     positions = insert_positions(space, slot)
     if slot.block != 1 or size is None:
         return False
-    for k in range(2, size + 1):
+    for k in ([size] if whole else range(2, size + 1)):
         if size % k or slot.offset % k or space.old % k or any(at % k or c % k for at, c in positions):
             continue
-        mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, k)
+        # one head of C channels ([.., C] -> [.., 1, C]): its new heads go on the unit axis
+        mapped = (slot.axis, 0, 1) if whole else map_reshape(s_shape, d_shape, slot.axis, slot.offset, k)
         if mapped is None:
             continue
         derived = a.derive(v.node, space.old // k, [((at - slot.offset) // k, c // k) for at, c in positions], "heads")
@@ -199,7 +244,10 @@ def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: li
     for k in range(ax + 1, len(d_shape)):
         if int(np.prod(d_shape[ax:k + 1])) != s_shape[ax] or tuple(d_shape[k + 1:]) != tuple(s_shape[ax + 1:]):
             continue
-        for c in reversed(range(ax, k + 1)):  # the innermost axis whose periods all repeat the new channels
+        # the innermost axis whose periods all repeat the new channels; an axis an Expand repeats (the query heads
+        # per key/value head of grouped-query attention) only when no other does: the heads grow, not their sharing
+        candidates = sorted(reversed(range(ax, k + 1)), key=lambda c: _repeated_axis(a, v, c))
+        for c in candidates:
             repeats, size, inner = int(np.prod(d_shape[ax:c])), d_shape[c], int(np.prod(d_shape[c + 1:k + 1]))
             period = _periodic(positions, repeats, size * inner)
             if period is None or any(at % inner or n % inner for at, n in period):
@@ -209,6 +257,21 @@ def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: li
             _fold_to(a, v, c, size, period, (c, growth) if not v.backward else (ax, grown))
             return True
     return False
+
+
+def _repeated_axis(a: Analysis, v: Visit, axis: int) -> bool:
+    """Whether `axis` of the reshape's split side is made by an Expand or Tile repeating a unit axis."""
+    tensor = v.node.inputs[0] if v.backward else v.node.outputs[0]
+    if not v.backward:
+        return False
+    maker = tensor.inputs[0] if tensor.inputs else None
+    if maker is None or maker.op not in ("Expand", "Tile"):
+        return False
+    before, after = a.shape(maker.inputs[0]), a.shape(tensor)
+    if before is None or after is None:
+        return False
+    at = axis - (len(after) - len(before))
+    return 0 <= at < len(before) and before[at] == 1 and after[axis] != 1
 
 
 def _fold_to(a: Analysis, v: Visit, axis: int, size: int, inserts: list[tuple[int, int]],
@@ -474,15 +537,31 @@ def split(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
                             "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
-    added = a.space(0).added
-    if slot.space == 0 and slot.offset == 0 and slot.block == 1 and a.space(0).old == dim and not added % len(sizes):
-        a.propose([(end, added // len(sizes)) for _, end in bounds])  # a fused QKV: each part grows alike
+    space = a.space(slot.space)
+    ratio = _ratio_to_root(a, slot.space)
+    if ratio and slot.offset == 0 and slot.block == 1 and space.old == dim and all(
+            space.added * size % dim == 0 for size in sizes):
+        # a fused projection: each part grows in proportion to its size (query, key and value alike; a multi-query
+        # split of H query heads and one key and one value head as H : 1 : 1)
+        a.propose([(end * ratio, space.added * size // dim * ratio) for (_, end), size in zip(bounds, sizes)])
     if v.backward:
         counts = _split_backward(a, v, bounds, dim)
     else:
         counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
     if any(counts):
         a.add_fix(SplitFix(node.name, tuple(s + c for s, c in zip(sizes, counts))))
+
+
+def _ratio_to_root(a: Analysis, space_id: int) -> int | None:
+    """Entries of the widened layer's channels (space 0) per channel of `space_id`: 1 for space 0 itself, k for a
+    space a reshape made by grouping them k at a time (heads of k channels); None for anything else."""
+    if space_id == 0:
+        return 1
+    space, root = a.space(space_id), a.space(0)
+    if space.kind not in ("heads", "fold") or not space.old or root.old % space.old:
+        return None
+    k = root.old // space.old
+    return k if root.inserts == tuple((p * k, c * k) for p, c in space.inserts) else None
 
 
 def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
@@ -548,7 +627,8 @@ def expand(a: Analysis, v: Visit) -> None:
         _grow_target(a, v, out_axis, out_axis, None)
     if not v.backward:
         a.add_slot(node.outputs[0], out_axis, slot.offset, slot.block, slot.space, v.where)
-    elif in_axis >= 0 and (a.shape(node.inputs[0]) or [None] * in_rank)[in_axis] != 1:
+    elif in_axis >= 0 and ((a.shape(node.inputs[0]) or [None] * in_rank)[in_axis] != 1 or (
+            a.shape(node.outputs[0]) or [None] * out_rank)[out_axis] == 1):  # (one channel, not broadcast)
         a.carry(node, 0, in_axis, slot.offset, slot.block, slot.space)
     else:
         a.blocker(node, slot.space)  # the new channels are copies of one broadcast value
