@@ -130,3 +130,61 @@ def test_a_fused_multi_query_projection_grows_each_part_in_proportion() -> None:
     child = _widen(model, "qkv", 2 * (H + 2 * D))
     info = onnxmorph.inspect(child)["attention"][0]
     assert (info["heads"], info["head_dim"], info["kv_heads"]) == (2 * HEADS, D, 2)
+
+
+def _fused_gqa_model() -> onnx.ModelProto:
+    """Query, key and value sliced out of one projection (4 query heads over 2 key/value heads of 4), targets built at
+    run time from Shape as the dynamo exporter writes them, one constant 2 standing for both the key/value heads and
+    the repeats in the Expand target, and slice bounds shared between neighbouring slices (Phi-3's qkv_proj)."""
+    floats = {"wqkv": _w(H, 32), "wo": _w(16, H), "scale": np.array(0.5), "w1": _w(H, H), "w2": _w(H, H)}
+    ints = {"zero": [0], "one": [1], "qe": [16], "ke": [24], "big": [2 ** 62], "last": [-1], "minus1": [-1],
+            "dsz": [4], "two": [2], "four": [4], "axis2": [2], "sixteen": [16]}
+    body = """
+    qkv = MatMul(x, wqkv)
+    q = Slice(qkv, zero, qe, last)
+    k = Slice(qkv, qe, ke, last)
+    v = Slice(qkv, ke, big, last)
+    sh = Shape(x)
+    n = Gather(sh, zero)
+    t = Gather(sh, one)
+    th = Concat<axis = 0>(n, t, minus1, dsz)
+    qh = Reshape(q, th)
+    kh = Reshape(k, th)
+    vh = Reshape(v, th)
+    qt = Transpose<perm = [0, 2, 1, 3]>(qh)
+    kt0 = Transpose<perm = [0, 2, 1, 3]>(kh)
+    vt0 = Transpose<perm = [0, 2, 1, 3]>(vh)
+    te = Concat<axis = 0>(n, two, two, t, dsz)
+    tm = Concat<axis = 0>(n, four, t, dsz)
+    ku = Unsqueeze(kt0, axis2)
+    ke2 = Expand(ku, te)
+    kt = Reshape(ke2, tm)
+    vu = Unsqueeze(vt0, axis2)
+    ve = Expand(vu, te)
+    vt = Reshape(ve, tm)
+    ktt = Transpose<perm = [0, 1, 3, 2]>(kt)
+    sc = MatMul(qt, ktt)
+    ss = Mul(sc, scale)
+    pr = Softmax<axis = -1>(ss)
+    at = MatMul(pr, vt)
+    ab = Transpose<perm = [0, 2, 1, 3]>(at)
+    tb = Concat<axis = 0>(n, t, sixteen)
+    am = Reshape(ab, tb)
+    o = MatMul(am, wo)
+    s = Add(x, o)
+    h = MatMul(s, w1)
+    r = Relu(h)
+    f = MatMul(r, w2)
+    y = Add(s, f)"""
+    return text_model(body, floats, ints, x=f"float[N, T, {H}]", y=f"float[N, T, {H}]", opset=17)
+
+
+@pytest.mark.parametrize("width", [64, 48])
+def test_a_fused_grouped_query_projection_sliced_into_parts_grows_each_part(width: int) -> None:
+    model = _fused_gqa_model()
+    assert [(a["heads"], a["head_dim"], a["kv_heads"]) for a in onnxmorph.inspect(model)["attention"]] == [(4, 4, 2)]
+    child = _widen(model, "qkv", width)
+    grown = width // 32
+    info = onnxmorph.inspect(child)["attention"][0] if width == 64 else None
+    if info is not None:
+        assert (info["heads"], info["head_dim"], info["kv_heads"]) == (4 * grown, 4, 2 * grown)

@@ -15,6 +15,7 @@ from onnxmorph.analysis.channel_shapes import grow_computed_target
 from onnxmorph.analysis.coupling import (
     Misfit,
     ShapeFix,
+    Slot,
     SplitFix,
     Visit,
     constant_ints,
@@ -502,6 +503,9 @@ def slice_(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} slices the channel axis of '{v.tensor.name}' (backward, with a step, from "
                             "the end or of unknown size): not supported")
     start, end = min(starts[i], dim), min(ends[i], dim)
+    parts = _sliced_parts(a, v.tensor, slot.axis, dim)
+    if parts is not None:
+        _propose_parts(a, slot, parts, dim)  # q, k and v sliced out of one projection (Phi-3's qkv_proj)
     head = [(0, start)] if start > 0 else []
     counts = _follow_parts(a, v, head + [(start, end), (end, dim)], [None] * len(head) + [node.outputs[0], None],
                            slot.axis)
@@ -537,19 +541,48 @@ def split(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
                             "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
-    space = a.space(slot.space)
-    ratio = _ratio_to_root(a, slot.space)
-    if ratio and slot.offset == 0 and slot.block == 1 and space.old == dim and all(
-            space.added * size % dim == 0 for size in sizes):
-        # a fused projection: each part grows in proportion to its size (query, key and value alike; a multi-query
-        # split of H query heads and one key and one value head as H : 1 : 1)
-        a.propose([(end * ratio, space.added * size // dim * ratio) for (_, end), size in zip(bounds, sizes)])
+    _propose_parts(a, slot, bounds, dim)
     if v.backward:
         counts = _split_backward(a, v, bounds, dim)
     else:
         counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
     if any(counts):
         a.add_fix(SplitFix(node.name, tuple(s + c for s, c in zip(sizes, counts))))
+
+
+def _propose_parts(a: Analysis, slot: Slot, bounds: list[tuple[int, int]], dim: int) -> None:
+    """A fused projection whose channel axis is cut into `bounds` (a partition of its `dim` entries): offer a growth
+    of each part in proportion to its size (query, key and value alike; a multi-query split of H query heads and
+    one key and one value head as H : 1 : 1), tried if the placement at the end is refused."""
+    space = a.space(slot.space)
+    ratio = _ratio_to_root(a, slot.space)
+    sizes = [end - start for start, end in bounds]
+    if ratio and slot.offset == 0 and slot.block == 1 and space.old == dim and all(
+            space.added * size % dim == 0 for size in sizes):
+        a.propose([(end * ratio, space.added * size // dim * ratio) for (_, end), size in zip(bounds, sizes)])
+
+
+def _sliced_parts(a: Analysis, tensor: gs.Tensor, axis: int, dim: int) -> list[tuple[int, int]] | None:
+    """The parts [start, end) that Slices of `tensor` on `axis` (constant, step 1) cut, when they partition it."""
+    rank = a.rank(tensor)
+    parts = []
+    for node in tensor.outputs:
+        if node.op != "Slice" or node.inputs[0] is not tensor or rank is None:
+            continue
+        starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
+        axes = constant_ints(node, 3, "axes")
+        axes = [x % rank for x in (axes if axes is not None else range(len(starts or [])))]
+        if starts is None or ends is None or axis not in axes or (constant_ints(node, 4) or [1] * len(axes))[
+                axes.index(axis)] != 1:
+            continue
+        start, end = starts[axes.index(axis)], ends[axes.index(axis)]
+        start, end = (start + dim if start < 0 else start), (end + dim if end < 0 else min(end, dim))
+        parts.append((start, end))
+    parts = sorted(set(parts))
+    if len(parts) < 2 or parts[0][0] != 0 or parts[-1][1] != dim or any(
+            p[1] != q[0] for p, q in zip(parts, parts[1:])):
+        return None
+    return parts
 
 
 def _ratio_to_root(a: Analysis, space_id: int) -> int | None:

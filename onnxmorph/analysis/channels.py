@@ -244,7 +244,21 @@ class Analysis:
                 self.visit(Visit(node, slot, tensor, False))
         for check in self.checks:
             check()
+        self._merge_shape_fixes()
         return self.result
+
+    def _merge_shape_fixes(self) -> None:
+        """One fix per constant entry: a target reached from both sides (a reshape of heads met forward and back)
+        is recorded twice, once with its growth and once as what its output grows by; they must agree."""
+        kept: dict[tuple, tuple[ShapeFix, int]] = {}
+        for fix in self.result.shape_fixes:
+            key = (fix.node, fix.index, fix.position, fix.attr, fix.reader)
+            growth = fix.delta if fix.delta is not None else self.result.added(fix.tensor, fix.axis)
+            if key in kept and kept[key][1] != growth:
+                raise NotApplicable(f"the entry {fix.position} of input {fix.index} of '{fix.node}' would grow by "
+                                    f"{kept[key][1]} and by {growth}: cannot preserve the function")
+            kept.setdefault(key, (fix, growth))
+        self.result.shape_fixes = [fix for fix, _ in kept.values()]
 
     def visit(self, v: Visit) -> None:
         key = (v.node.name + ("<" if v.backward else ">") + v.tensor.name, v.slot)
