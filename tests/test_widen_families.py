@@ -56,6 +56,39 @@ def test_a_fused_gate_up_projection_grows_both_halves_alike(split: str, opset: i
     assert weight.shape == (width // 2, 8)
 
 
+def _chunk_model(ends: str) -> onnx.ModelProto:
+    """`gate, up = gu.chunk(2)` as TorchScript writes it: bounds computed from Shape(gu)[-1] at run time."""
+    body = f"""
+    gu = MatMul(x, wgu)
+    sh = Shape(gu)
+    size = Gather<axis = 0>(sh, last)
+    plus = Add(size, one)
+    half = Div(plus, two)
+    mid = Mul(half, one)
+    g = Slice(gu, zero, mid, last)
+    u = Slice(gu, mid, {ends}, last)
+    s = Sigmoid(g)
+    a = Mul(g, s)
+    h = Mul(u, a)
+    y = MatMul(h, wd)"""
+    return text_model(body, {"wgu": _w(8, 16), "wd": _w(8, 8)},
+                      {"last": [-1], "one": [1], "two": [2], "zero": [0], "big": [2 ** 62], "twelve": [12]},
+                      x="float[N, 5, 8]", y="float[N, 5, 8]", opset=13)
+
+
+@pytest.mark.parametrize("width", [32, 24])
+def test_a_chunk_computed_from_the_size_moves_with_the_new_channels(width: int) -> None:
+    child = _widen(_chunk_model("big"), "gu", width)
+    assert numpy_helper.to_array(next(t for t in child.graph.initializer if t.name == "wd")).shape == (width // 2, 8)
+
+
+def test_a_slice_bound_computed_from_the_size_that_would_not_follow_is_refused() -> None:
+    """The up half ends at a constant 12 < 16 (a part of it unused): its start moves with the size, its end would
+    have to move by hand, and the computed start gives the gate part the wrong share."""
+    with pytest.raises(onnxmorph.NotApplicable, match="Slice 'g'|Slice 'u'"):
+        onnxmorph.get_pass("widen")(layer="gu", width=24).requires(_chunk_model("twelve"))
+
+
 # ------------------------------------------------------------------ heads: one key/value head, fused multi-query
 
 H, HEADS, D = 16, 4, 4  # hidden, query heads, head size

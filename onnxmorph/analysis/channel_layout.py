@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmorph.analysis import shape_eval
 from onnxmorph.analysis.channel_shapes import grow_computed_target
 from onnxmorph.analysis.coupling import (
     Misfit,
@@ -490,6 +491,9 @@ def slice_(a: Analysis, v: Visit) -> None:
     if rank is not None and given is not None and slot.axis not in [x % rank for x in given]:
         a.through(v)  # other axes sliced (a rotary half of each head): what it keeps does not matter here
         return
+    if (starts is None or ends is None) and rank is not None and not v.backward:
+        _computed_slice(a, v)
+        return
     if starts is None or ends is None or rank is None:
         raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
     axes = [x % rank for x in (given or range(len(starts)))]
@@ -515,6 +519,30 @@ def slice_(a: Analysis, v: Visit) -> None:
     if before + inside and ends[i] < dim + sum(counts):
         a.add_fix(ShapeFix(node.name, 2, i, node.outputs[0].name, slot.axis, before + inside,
                            "ends" if legacy else None))
+
+
+def _computed_slice(a: Analysis, v: Visit) -> None:
+    """A slice of the channel axis whose bounds are computed from sizes at run time (TorchScript's chunk: `[0,
+    size // 2)` and `[size // 2, size)`): it is followed as the slice it is now, and exact when its bounds, evaluated
+    at the grown size, are where the new channels put them."""
+    node, slot = v.node, v.slot
+    dim = (a.shape(node.inputs[0]) or [None] * (slot.axis + 1))[slot.axis]
+    bounds = slice_bounds(a, node, slot.axis, dim) if dim is not None else None
+    if bounds is None:
+        raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
+    start, end = bounds
+    parts = _sliced_parts(a, v.tensor, slot.axis, dim)
+    if parts is not None:
+        _propose_parts(a, slot, parts, dim)
+    head = [(0, start)] if start > 0 else []
+    counts = _follow_parts(a, v, head + [(start, end), (end, dim)], [None] * len(head) + [node.outputs[0], None],
+                           slot.axis)
+    before, inside = (counts[0], counts[1]) if head else (0, counts[0])
+    grown = slice_bounds(a, node, slot.axis, dim, dim + sum(counts))
+    want = (start + before, end + before + inside)
+    if grown != want:
+        raise NotApplicable(f"{v.where}: its bounds, computed from sizes, would become {list(grown or ())} where the "
+                            f"new channels need {list(want)}: cannot preserve the function")
 
 
 @rule("Split")
@@ -562,22 +590,55 @@ def _propose_parts(a: Analysis, slot: Slot, bounds: list[tuple[int, int]], dim: 
         a.propose([(end * ratio, space.added * size // dim * ratio) for (_, end), size in zip(bounds, sizes)])
 
 
+class _Resized(shape_eval.Evaluator):
+    """Shape arithmetic evaluated with the analysis's sizes, one tensor's axis taken at another size."""
+
+    def __init__(self, a: Analysis, tensor: gs.Tensor | None = None, axis: int = 0, size: int = 0) -> None:
+        super().__init__({})
+        self.a, self.tensor, self.axis, self.size = a, tensor, axis, size
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        shape = self.a.shape(tensor)
+        if tensor is self.tensor and shape is not None:
+            return tuple(self.size if k == self.axis else d for k, d in enumerate(shape))
+        return shape
+
+
+def slice_bounds(a: Analysis, node: gs.Node, axis: int, dim: int, size: int | None = None
+                 ) -> tuple[int, int] | None:
+    """[start, end) of Slice `node` on `axis` of its input (of `dim` entries), with step 1: constant, or computed at
+    run time from sizes (a chunk of `Shape(x)[axis] // 2`), then evaluated with the input's axis at `size` entries
+    when given. None when it does not slice that axis with step 1 or cannot be evaluated."""
+    rank = a.rank(node.inputs[0])
+    axes = constant_ints(node, 3, "axes")
+    if rank is None:
+        return None
+    axes = [x % rank for x in (axes if axes is not None else range(rank))]
+    if axis not in axes or (constant_ints(node, 4) or [1] * len(axes))[axes.index(axis)] != 1:
+        return None
+    ev = _Resized(a, node.inputs[0], axis, size) if size is not None else _Resized(a)
+    found = []
+    for k, attr in ((1, "starts"), (2, "ends")):
+        values = constant_ints(node, k, attr)
+        if values is None and k < len(node.inputs) and node.inputs[k].name:
+            values = ev.values(node.inputs[k])
+        if values is None or len(values) <= axes.index(axis) or values[axes.index(axis)] is None:
+            return None
+        found.append(values[axes.index(axis)])
+    length = dim if size is None else size
+    start, end = (found[0] + length if found[0] < 0 else found[0]), (found[1] + length if found[1] < 0 else found[1])
+    return min(start, length), min(end, length)
+
+
 def _sliced_parts(a: Analysis, tensor: gs.Tensor, axis: int, dim: int) -> list[tuple[int, int]] | None:
-    """The parts [start, end) that Slices of `tensor` on `axis` (constant, step 1) cut, when they partition it."""
-    rank = a.rank(tensor)
+    """The parts [start, end) that Slices of `tensor` on `axis` (step 1) cut, when they partition it."""
     parts = []
     for node in tensor.outputs:
-        if node.op != "Slice" or node.inputs[0] is not tensor or rank is None:
+        if node.op != "Slice" or node.inputs[0] is not tensor:
             continue
-        starts, ends = constant_ints(node, 1, "starts"), constant_ints(node, 2, "ends")
-        axes = constant_ints(node, 3, "axes")
-        axes = [x % rank for x in (axes if axes is not None else range(len(starts or [])))]
-        if starts is None or ends is None or axis not in axes or (constant_ints(node, 4) or [1] * len(axes))[
-                axes.index(axis)] != 1:
-            continue
-        start, end = starts[axes.index(axis)], ends[axes.index(axis)]
-        start, end = (start + dim if start < 0 else start), (end + dim if end < 0 else min(end, dim))
-        parts.append((start, end))
+        bounds = slice_bounds(a, node, axis, dim)
+        if bounds is not None:
+            parts.append(bounds)
     parts = sorted(set(parts))
     if len(parts) < 2 or parts[0][0] != 0 or parts[-1][1] != dim or any(
             p[1] != q[0] for p, q in zip(parts, parts[1:])):
