@@ -491,7 +491,10 @@ def slice_(a: Analysis, v: Visit) -> None:
     if rank is not None and given is not None and slot.axis not in [x % rank for x in given]:
         a.through(v)  # other axes sliced (a rotary half of each head): what it keeps does not matter here
         return
-    if (starts is None or ends is None) and rank is not None and not v.backward:
+    if (starts is None or ends is None) and rank is not None:
+        if v.backward:
+            raise NotApplicable(f"{v.where} slices the channel axis of '{node.inputs[0].name}' at bounds computed from "
+                                "its size: new channels of its output cannot come back through it (not supported)")
         _computed_slice(a, v)
         return
     if starts is None or ends is None or rank is None:
