@@ -208,8 +208,7 @@ def attention_modules(model: ModelOrAnalysis, graph: gs.Graph,
         return []  # no shape inference for models without attention
     inferred = tensor_shapes(model)
     # with generic numbers for the dynamic sizes (a sequence length), a reshape's -1 next to one is still known
-    analysis = mgraph.analysis(model)
-    generic = analysis.memo("generic_shapes", None, lambda: sizes.generic_shapes(analysis.model, analysis.shapes))
+    generic = sizes.analysis_shapes(mgraph.analysis(model))
     result = []
     for block in found:
         for sub in block.sublayers:
@@ -218,7 +217,7 @@ def attention_modules(model: ModelOrAnalysis, graph: gs.Graph,
                 continue
             members = {id(n) for n in sub.nodes}
             _softmax, scores, values = core
-            shapes = shape_eval.propagate(sub.nodes, generic)
+            shapes = generic
             q = _trace(scores.inputs[0], members, inferred)
             k = _trace(scores.inputs[1], members, inferred)
             v = _trace(values.inputs[1], members, inferred)

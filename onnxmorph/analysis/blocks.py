@@ -469,4 +469,6 @@ def common_module(names: Iterable[str], modules: dict[str, str]) -> str | None:
         while k < min(len(prefix), len(path)) and prefix[k] == path[k]:
             k += 1
         prefix = prefix[:k]
+    if prefix and any(len(p) > len(prefix) and p[len(prefix)].isdigit() for p in paths):
+        prefix = prefix[:-1]  # the names differ by an index into a list (T5's block.0.layer.0, layer.1): not a module
     return ".".join(prefix) or None

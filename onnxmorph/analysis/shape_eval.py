@@ -22,7 +22,10 @@ Entries = list["int | None"]
 _MAX_ENTRIES = 64  # a shape tensor, not data
 _SAME = ("Cast", "Identity", "Dropout", "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Exp", "Softmax",
          "LogSoftmax", "Abs", "Reciprocal", "Sin", "Cos", "Softplus", "IsNaN", "Not", "LayerNormalization",
-         "SimplifiedLayerNormalization", "RMSNormalization", "Clip", "HardSwish", "LeakyRelu", "Elu", "Mish")
+         "SimplifiedLayerNormalization", "RMSNormalization", "Clip", "HardSwish", "LeakyRelu", "Elu", "Mish", "Trilu",
+         "CumSum", "IsInf", "Floor", "Ceil", "Round", "Sign", "Log")
+_REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare",
+           "ReduceL1", "ReduceLogSumExp", "ArgMax", "ArgMin")
 _BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Max", "Min", "Equal", "Less", "Greater",
               "LessOrEqual", "GreaterOrEqual", "Mod")
 
@@ -228,12 +231,53 @@ def _output_shape(node: gs.Node, ev: Evaluator) -> Shape | list[Shape | None] | 
         out = list(_broadcast([tuple(d for i, d in enumerate(p) if i != axis) for p in parts]))  # type: ignore
         out.insert(axis, None if None in sizes else sum(sizes))  # type: ignore[arg-type]
         return tuple(out)
+    if op == "Range":
+        start, limit, delta = (ev.values(t) for t in node.inputs[:3])
+        if not (start and limit and delta) or None in (start[0], limit[0], delta[0]) or not delta[0]:
+            return (None,)
+        return (max(0, -(-(limit[0] - start[0]) // delta[0])),)  # type: ignore[operator]
+    if op == "Shape":
+        return (len(data),) if data is not None else None
+    if op == "ConstantOfShape":
+        target = ev.values(node.inputs[0])
+        return tuple(target) if target is not None else None
+    if op == "Gather":
+        index = shape_of(node.inputs[1])
+        if data is None or index is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % len(data)
+        return (*data[:axis], *index, *data[axis + 1:])
+    if op == "Flatten":
+        if data is None:
+            return None
+        axis = int(node.attrs.get("axis", 1)) % (len(data) + 1)
+        head, tail = data[:axis], data[axis:]
+        return (int(np.prod(head)) if None not in head else None, int(np.prod(tail)) if None not in tail else None)
+    if op in _REDUCE:
+        return _reduce(node, data, ev)
     if op == "MatMul":
         a, b = data, shape_of(node.inputs[1])
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
         return (*_broadcast([a[:-2], b[:-2]]), a[-2], b[-1]) if len(a) > 2 or len(b) > 2 else (a[-2], b[-1])
     return None
+
+
+def _reduce(node: gs.Node, data: Shape | None, ev: Evaluator) -> Shape | None:
+    if data is None:
+        return None
+    if node.op in ("ArgMax", "ArgMin"):
+        axes: Entries | None = [int(node.attrs.get("axis", 0))]
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        axes = ev.values(node.inputs[1])
+    else:
+        axes = [int(a) for a in node.attrs["axes"]] if "axes" in node.attrs else []
+    if axes is None or None in axes:
+        return None
+    keep = bool(int(node.attrs.get("keepdims", 1)))
+    chosen = {a % len(data) for a in axes} if axes else (  # type: ignore[operator]
+        set() if int(node.attrs.get("noop_with_empty_axes", 0)) else set(range(len(data))))
+    return tuple(1 if i in chosen else d for i, d in enumerate(data) if keep or i not in chosen)
 
 
 def _slice(node: gs.Node, data: Shape | None, ev: Evaluator) -> Shape | None:
