@@ -347,3 +347,19 @@ def test_qwen_moes_shared_expert_upcycles_inside_its_moe(hf_export) -> None:  # 
     names = {m["name"]: m for m in onnxmorph.inspect(child)["experts"]["moes"]}
     assert names["model.model.layers.0.mlp.shared_expert"]["experts"] == 4  # beside the 4 routed experts of layer 0
     assert names["model.model.layers.0.mlp"]["form"] == "stacked"
+
+
+def test_diff_draws_each_expert_copy_as_one_box(hf_export, tmp_path: Path) -> None:  # noqa: F811
+    from onnxmorph.diff import diff, write_page
+
+    path = hf_export("gpt2", False).path
+    child = tmp_path / "moe.onnx"
+    onnxmorph.save(onnxmorph.moe(path, layer="0", experts=4, top_k=2, shared_expert="copy"), child)
+    d = diff(path, child)
+    [group] = d.groups
+    assert group["morph"] == "moe" and group["step"]["index"] == 1  # named by `--layer 0`, matched all the same
+    text = str(d)
+    for copy in ("expert_1", "expert_2", "expert_3", "shared_expert"):
+        assert sum(f"/morph_moe/{copy}/...  " in line for line in text.splitlines()) == 1, copy
+    page = write_page(d, tmp_path / "diff.html").read_text()
+    assert page.count("data-bundle=") == 4 and page.count('class="node added"') < 20

@@ -185,9 +185,10 @@ def _added(d: Diff) -> list[str]:
 
 
 def scope_bundles(names: list[str], least: int = 10) -> dict[str, list[str]]:
-    """Names grouped by the scope one level under their morph's (`X/morph_moe/expert_3`), groups of `least` or more.
+    """Names grouped by the scope one level under their morph's (`X/morph_moe/expert_3`), groups of `least` or more,
+    where one morph made two or more such groups: the copies of a sublayer (an upcycled FFN's experts).
 
-    A morph that copies a whole sublayer (an upcycled FFN's experts) makes dozens of nodes per copy.
+    A morph that makes one copy (a new block) keeps its nodes listed one by one.
     """
     groups: dict[str, list[str]] = {}
     for name in names:
@@ -195,7 +196,9 @@ def scope_bundles(names: list[str], least: int = 10) -> dict[str, list[str]]:
         rest = name[matches[-1].end():].strip("/") if matches else ""
         if "/" in rest:
             groups.setdefault(name[:matches[-1].end()] + "/" + rest.split("/")[0], []).append(name)
-    return {k: v for k, v in groups.items() if len(v) >= least}
+    big = {k: v for k, v in groups.items() if len(v) >= least}
+    per_morph = Counter(k.rsplit("/", 1)[0] for k in big)
+    return {k: v for k, v in big.items() if per_morph[k.rsplit("/", 1)[0]] >= 2}
 
 
 def _bundle_line(d: Diff, scope: str, members: list[str]) -> str:
