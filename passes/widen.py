@@ -86,7 +86,7 @@ class WidenPass(MorphPass):
     def _plan(self, model: mgraph.Analysis) -> _Plan:
         view = mgraph.read_view(model)
         node = mgraph.find_layer(view, self.layer)
-        shapes = model.memo("generic_shapes", None, lambda: sizes.generic_shapes(model.model, model.shapes))
+        shapes = sizes.analysis_shapes(model)
         axis, old, groups = layers.out_channels(node, shapes)
         where = f"layer '{self.layer}'"
         if self.width <= old:

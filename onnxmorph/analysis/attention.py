@@ -10,7 +10,6 @@ piece) and the head count H (the width entering the Reshape over d).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +17,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmorph.analysis import blocks as mblocks
+from onnxmorph.analysis import shape_eval, sizes
+from onnxmorph.graph import core as mgraph
 from onnxmorph.graph.core import ModelOrAnalysis, layer_info, model_of, producer, tensor_shapes
-
-_SCORE_PATH = ("Add", "Mul", "Div", "Where", "Cast", "Softmax", "IsNaN", "Dropout", "Identity", "Sub")
 
 
 @dataclass
@@ -34,35 +33,10 @@ def _computed(node: gs.Node) -> list[gs.Tensor]:
     return [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
 
 
-def _nearest_product(start: gs.Node, members: set[int], neighbours: Callable[[gs.Node], list[gs.Node]]
-                     ) -> gs.Node | None:
-    """The first MatMul of two computed tensors reached from `start` through score-path ops, inside the sublayer."""
-    stack = [start]
-    while stack:
-        node = stack.pop()
-        for near in neighbours(node):
-            if id(near) not in members:
-                continue
-            if near.op == "MatMul" and len(_computed(near)) == 2:
-                return near
-            if near.op in _SCORE_PATH:
-                stack.append(near)
-    return None
-
-
-def _producers(node: gs.Node) -> list[gs.Node]:
-    return [p for p in (producer(t) for t in _computed(node)) if p is not None]
-
-
 def _score_matmuls(sub: mblocks.Sublayer) -> tuple[gs.Node, gs.Node] | None:
-    """(scores MatMul, probabilities-times-values MatMul) around the first Softmax of `sub`."""
-    members = {id(n) for n in sub.nodes}
-    softmax = next((n for n in sub.nodes if n.op == "Softmax"), None)
-    if softmax is None:
-        return None
-    scores = _nearest_product(softmax, members, _producers)
-    values = _nearest_product(softmax, members, lambda node: list(node.outputs[0].outputs))
-    return (scores, values) if scores is not None and values is not None else None
+    """(scores MatMul, probabilities-times-values MatMul) around the attention Softmax of `sub`."""
+    core = mblocks.attention_core(sub.nodes)
+    return (core[1], core[2]) if core is not None else None
 
 
 def _shape_entries(tensor: gs.Tensor) -> list[int | None]:
@@ -108,45 +82,176 @@ def _trace(tensor: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> Proj
     return None
 
 
+_SAME_AXES = ("Cast", "Identity", "Dropout", "Neg", "Relu", "Tanh", "Sigmoid", "LayerNormalization",
+              "SimplifiedLayerNormalization", "RMSNormalization", "Softmax")
+
+
+def _reshape_groups(before: tuple, after: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of `before` and `after` paired in runs of equal size (a reshape's merges and splits, in order);
+    an unknown size pairs only with an unknown size."""
+    groups, i, j = [], 0, 0
+    while i < len(before) and j < len(after):
+        ins, outs = [i], [j]
+        a, b = before[i], after[j]
+        if a is None or b is None:
+            if a is not None or b is not None:
+                return None
+        else:
+            while a != b:
+                if a < b and i + 1 < len(before) and before[i + 1] is not None:
+                    i += 1
+                    ins.append(i)
+                    a *= before[i]
+                elif b < a and j + 1 < len(after) and after[j + 1] is not None:
+                    j += 1
+                    outs.append(j)
+                    b *= after[j]
+                else:
+                    return None
+        groups.append((ins, outs))
+        i, j = i + 1, j + 1
+    while i < len(before) and before[i] == 1:  # trailing unit axes
+        groups[-1][0].append(i) if groups else None
+        i += 1
+    while j < len(after) and after[j] == 1:
+        groups[-1][1].append(j) if groups else None
+        j += 1
+    return groups if i == len(before) and j == len(after) else None
+
+
+def _count(shape: tuple | None, axes: set[int]) -> int | None:
+    if shape is None or any(a >= len(shape) or shape[a] is None for a in axes):
+        return None
+    return int(np.prod([shape[a] for a in axes])) if axes else 1
+
+
+def _heads(operand: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> int | None:
+    """The heads `operand` of an attention product holds, counted where its projection's channels were split into
+    heads: walking back from the operand's head axes (those before its last two, batch aside) through transposes,
+    rotary arithmetic and the repetition of key/value heads (an Expand/Tile of a unit axis: grouped-query
+    attention), up to the Reshape that splits the channels into (heads, head size), or up to a Slice/Split of the
+    head axis (Falcon's fused query/key/value heads). Where a Slice of the last axis cut the head size out of the
+    split (GPT-NeoX's interleaved [H, 3d]) the heads are the split's."""
+    shape = shapes.get(operand.name)
+    if shape is None or len(shape) < 4:
+        return None
+    axes, tensor = set(range(1, len(shape) - 2)), operand
+    while True:
+        node = producer(tensor)
+        shape = shapes.get(tensor.name)
+        if node is None or id(node) not in members or shape is None or layer_info(node) is not None:
+            return _count(shape, axes)
+        data = node.inputs[0]
+        before = shapes.get(data.name) if data.name else None
+        if node.op == "Transpose":
+            perm = [int(p) for p in node.attrs.get("perm", range(len(shape) - 1, -1, -1))]
+            axes = {perm[a] for a in axes}
+        elif node.op in ("Slice", "Split"):
+            if before is None or len(before) != len(shape):
+                return _count(shape, axes)
+            if any(before[a] != shape[a] for a in axes):
+                return _count(shape, axes)  # the heads were cut out of a wider tensor here
+        elif node.op in ("Expand", "Tile"):
+            if before is None:
+                return _count(shape, axes)
+            offset = len(shape) - len(before)
+            axes = {a - offset for a in axes if a - offset >= 0 and not (before[a - offset] == 1 != shape[a])}
+        elif node.op == "Unsqueeze":
+            given = (shape_eval.Evaluator(shapes).values(node.inputs[1]) if len(node.inputs) > 1
+                     else [int(a) for a in node.attrs.get("axes", [])])
+            if not given or None in given:
+                return _count(shape, axes)
+            inserted = {a % len(shape) for a in given}  # type: ignore[operator]
+            kept = [a for a in range(len(shape)) if a not in inserted]
+            axes = {kept.index(a) for a in axes if a in kept}
+        elif node.op in ("Reshape", "Squeeze", "Flatten"):
+            groups = _reshape_groups(before, shape) if before is not None else None
+            if groups is None:
+                return _count(shape, axes)
+            mapped: set[int] = set()
+            for ins, outs in groups:
+                if not axes & set(outs):
+                    continue
+                wide = {o for o in outs if shape[o] != 1}  # a unit axis beside the heads is a batch of 1
+                if len(ins) == 1 and len(wide) > 1 and (before[ins[0]] or 0) > 1 and axes & wide != wide:
+                    return _count(shape, axes)  # the split of the channels into heads
+                mapped |= {i for i in ins if before[i] != 1 or len(ins) == 1}
+            axes = mapped
+        elif node.op in _SAME_AXES:
+            pass
+        elif node.op in ("Add", "Mul", "Sub", "Div", "Concat", "Where"):
+            # rotary embedding and scaling: the operand of the same shape carries the heads (a Concat along the head
+            # size joins a tensor's rotated and passed parts; along a head axis it would not be one tensor's heads)
+            if node.op == "Concat" and int(node.attrs.get("axis", 0)) % len(shape) in axes:
+                return _count(shape, axes)
+            same = [t for t in _computed(node) if shapes.get(t.name) is not None and len(shapes[t.name]) == len(shape)
+                    and all(shapes[t.name][a] == shape[a] for a in axes)]
+            if not same:
+                return _count(shape, axes)
+            data = same[0]
+        else:
+            return _count(shape, axes)
+        tensor = data
+
+
 def attention_modules(model: ModelOrAnalysis, graph: gs.Graph,
                       found: list[mblocks.Block] | None = None) -> list[dict[str, Any]]:
-    """One entry per attention sublayer: the layers (names `widen`/`deepen` take), heads, head size, key/value heads."""
+    """One entry per attention sublayer: the layers (names `widen`/`deepen` take), heads, head size, key/value heads.
+
+    Heads and head size are read from the shapes at the attention's products (completed by evaluating the shape
+    arithmetic that inference leaves out, `onnxmorph.analysis.shape_eval`); where those are unknown, from the
+    Reshape that splits the query projection's channels.
+    """
     modules = mblocks.node_modules(model_of(model))
     found = found if found is not None else mblocks.blocks(graph, modules)
     if not any(sub.attention for block in found for sub in block.sublayers):
         return []  # no shape inference for models without attention
-    shapes = tensor_shapes(model)
+    inferred = tensor_shapes(model)
+    # with generic numbers for the dynamic sizes (a sequence length), a reshape's -1 next to one is still known
+    generic = sizes.analysis_shapes(mgraph.analysis(model))
     result = []
     for block in found:
         for sub in block.sublayers:
-            pair = _score_matmuls(sub) if sub.attention else None
-            if pair is None:
+            core = mblocks.attention_core(sub.nodes) if sub.attention else None
+            if core is None:
                 continue
             members = {id(n) for n in sub.nodes}
-            scores, values = pair
-            q = _trace(scores.inputs[0], members, shapes)
-            k = _trace(scores.inputs[1], members, shapes)
-            v = _trace(values.inputs[1], members, shapes)
+            _softmax, scores, values = core
+            shapes = generic
+            q = _trace(scores.inputs[0], members, inferred)
+            k = _trace(scores.inputs[1], members, inferred)
+            v = _trace(values.inputs[1], members, inferred)
             if q is None:
                 continue
-            writer = _writer_name(sub)
+            writer = _writer_name(sub, values)
+            query_shape = shapes.get(scores.inputs[0].name)
+            head_dim = query_shape[-1] if query_shape and len(query_shape) >= 3 and query_shape[-1] else q.head_dim
+            heads = _heads(scores.inputs[0], members, shapes) or q.heads
+            kv_heads = _heads(scores.inputs[1], members, shapes) or (k.heads if k else None)
             result.append({
                 "layer": q.layer, "block": block.index,
                 "module": mblocks.common_module([n for n in (q.layer, k and k.layer, v and v.layer, writer) if n],
                                                 modules),
-                "heads": q.heads, "head_dim": q.head_dim, "kv_heads": k.heads if k else None,
+                "heads": heads, "head_dim": head_dim, "kv_heads": kv_heads,
                 "query": q.layer, "key": k.layer if k else None, "value": v.layer if v else None,
                 "output": writer,
             })
     return result
 
 
-def _writer_name(sub: mblocks.Sublayer) -> str | None:
+def _writer_name(sub: mblocks.Sublayer, values: gs.Node) -> str | None:
+    """The first layer after the attention's values product: its output projection (in a parallel block the branch
+    also holds the MLP, so the walk goes forward from the attention, not back from the residual Add)."""
     members = {id(n) for n in sub.nodes}
-    node = producer(sub.branch)
-    while node is not None and id(node) in members:
-        if layer_info(node) is not None:
-            return node.name
-        computed = _computed(node)
-        node = producer(computed[0]) if computed else None
+    frontier, seen = [values], set()
+    while frontier:
+        node = frontier.pop(0)
+        for tensor in node.outputs:
+            for reader in tensor.outputs:
+                if id(reader) not in members or id(reader) in seen:
+                    continue
+                seen.add(id(reader))
+                if layer_info(reader) is not None:
+                    return reader.name
+                frontier.append(reader)
     return None

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmorph.analysis import shape_eval
 from onnxmorph.analysis.channel_shapes import grow_computed_target
 from onnxmorph.analysis.coupling import (
     Misfit,
     ShapeFix,
+    Slot,
     SplitFix,
     Visit,
     constant_ints,
@@ -113,7 +115,11 @@ def reshape(a: Analysis, v: Visit) -> None:
     s_shape, d_shape = a.shape(src), a.shape(dst)
     if s_shape is None or d_shape is None:
         raise NotApplicable(f"{v.where}: the shapes around it are unknown, cannot follow the channels")
+    if node.op in ("Squeeze", "Unsqueeze") and _squeeze(a, v, s_shape, d_shape):
+        return
     s_shape, d_shape = refine_reshape(a, node, s_shape, d_shape, v.backward)
+    if _one_head(a, v, s_shape, d_shape) and regroup(a, v, s_shape, d_shape, whole=True):
+        return
     mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, slot.block)
     if mapped is None:
         shuffled = node.op == "Reshape" and not v.backward and _shuffle_around(a, node, slot.axis) is not None
@@ -130,7 +136,47 @@ def reshape(a: Analysis, v: Visit) -> None:
     a.add_slot(dst, axis, offset, block, slot.space, v.where)
 
 
-def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+def _squeeze(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """An Unsqueeze or Squeeze with known axes: the channel axis moves by the unit axes inserted or removed before it
+    (read from its axes, not from the sizes: a channel axis of one head has size 1 too)."""
+    node, slot = v.node, v.slot
+    axes = constant_ints(node, 1, "axes")
+    if axes is None:
+        return False
+    unit_side = node.outputs[0] if node.op == "Unsqueeze" else node.inputs[0]
+    rank = a.rank(unit_side)
+    if rank is None or len(d_shape) != len(s_shape) + (1 if (node.op == "Unsqueeze") != v.backward else -1):
+        return False
+    units = sorted({x % rank for x in axes})
+    kept = [x for x in range(rank) if x not in units]  # the other side's axes, in the unit side's numbering
+    if (node.op == "Unsqueeze") != v.backward:  # to the side with the unit axes
+        to = kept[slot.axis] if slot.axis < len(kept) else None
+    else:
+        to = kept.index(slot.axis) if slot.axis in kept else None
+    if to is None:
+        raise NotApplicable(f"{v.where} removes the channel axis of '{v.tensor.name}'")
+    target = node.inputs[0] if v.backward else node.outputs[0]
+    a.add_slot(target, to, slot.offset, slot.block, slot.space, v.where)
+    return True
+
+
+def _one_head(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
+    """A reshape [.., C] -> [.., 1, C] (forward; backward the reverse) of a whole channel axis growing by whole
+    multiples of C: one attention head of C channels (a multi-query key or value) getting new heads, not C growing."""
+    slot = v.slot
+    src, dst = (s_shape, d_shape)
+    ax = slot.axis
+    if v.node.op != "Reshape" or slot.block != 1 or slot.offset != 0 or src[ax] is None or len(dst) != len(src) + 1:
+        return False
+    size = src[ax]
+    if tuple(dst[:ax]) != tuple(src[:ax]) or tuple(dst[ax:ax + 2]) != (1, size) or tuple(dst[ax + 2:]) != tuple(
+            src[ax + 1:]):
+        return False
+    space = a.space(slot.space)
+    return space.old == size and all(at % size == 0 and c % size == 0 for at, c in insert_positions(space, slot))
+
+
+def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, whole: bool = False) -> bool:
     """A reshape that splits the channel axis into blocks of k (attention heads of size k; backwards, query heads
     merged from groups of k repeated key/value heads): when the new channels are whole blocks, the blocks are
     followed as channels (a derived space, one channel per block)."""
@@ -140,10 +186,11 @@ def regroup(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
     positions = insert_positions(space, slot)
     if slot.block != 1 or size is None:
         return False
-    for k in range(2, size + 1):
+    for k in ([size] if whole else range(2, size + 1)):
         if size % k or slot.offset % k or space.old % k or any(at % k or c % k for at, c in positions):
             continue
-        mapped = map_reshape(s_shape, d_shape, slot.axis, slot.offset, k)
+        # one head of C channels ([.., C] -> [.., 1, C]): its new heads go on the unit axis
+        mapped = (slot.axis, 0, 1) if whole else map_reshape(s_shape, d_shape, slot.axis, slot.offset, k)
         if mapped is None:
             continue
         derived = a.derive(v.node, space.old // k, [((at - slot.offset) // k, c // k) for at, c in positions], "heads")
@@ -199,7 +246,10 @@ def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: li
     for k in range(ax + 1, len(d_shape)):
         if int(np.prod(d_shape[ax:k + 1])) != s_shape[ax] or tuple(d_shape[k + 1:]) != tuple(s_shape[ax + 1:]):
             continue
-        for c in reversed(range(ax, k + 1)):  # the innermost axis whose periods all repeat the new channels
+        # the innermost axis whose periods all repeat the new channels; an axis an Expand repeats (the query heads
+        # per key/value head of grouped-query attention) only when no other does: the heads grow, not their sharing
+        candidates = sorted(reversed(range(ax, k + 1)), key=lambda c: _repeated_axis(a, v, c))
+        for c in candidates:
             repeats, size, inner = int(np.prod(d_shape[ax:c])), d_shape[c], int(np.prod(d_shape[c + 1:k + 1]))
             period = _periodic(positions, repeats, size * inner)
             if period is None or any(at % inner or n % inner for at, n in period):
@@ -209,6 +259,21 @@ def _unfold(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple, positions: li
             _fold_to(a, v, c, size, period, (c, growth) if not v.backward else (ax, grown))
             return True
     return False
+
+
+def _repeated_axis(a: Analysis, v: Visit, axis: int) -> bool:
+    """Whether `axis` of the reshape's split side is made by an Expand or Tile repeating a unit axis."""
+    tensor = v.node.inputs[0] if v.backward else v.node.outputs[0]
+    if not v.backward:
+        return False
+    maker = tensor.inputs[0] if tensor.inputs else None
+    if maker is None or maker.op not in ("Expand", "Tile"):
+        return False
+    before, after = a.shape(maker.inputs[0]), a.shape(tensor)
+    if before is None or after is None:
+        return False
+    at = axis - (len(after) - len(before))
+    return 0 <= at < len(before) and before[at] == 1 and after[axis] != 1
 
 
 def _fold_to(a: Analysis, v: Visit, axis: int, size: int, inserts: list[tuple[int, int]],
@@ -426,6 +491,12 @@ def slice_(a: Analysis, v: Visit) -> None:
     if rank is not None and given is not None and slot.axis not in [x % rank for x in given]:
         a.through(v)  # other axes sliced (a rotary half of each head): what it keeps does not matter here
         return
+    if (starts is None or ends is None) and rank is not None:
+        if v.backward:
+            raise NotApplicable(f"{v.where} slices the channel axis of '{node.inputs[0].name}' at bounds computed from "
+                                "its size: new channels of its output cannot come back through it (not supported)")
+        _computed_slice(a, v)
+        return
     if starts is None or ends is None or rank is None:
         raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
     axes = [x % rank for x in (given or range(len(starts)))]
@@ -439,6 +510,9 @@ def slice_(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} slices the channel axis of '{v.tensor.name}' (backward, with a step, from "
                             "the end or of unknown size): not supported")
     start, end = min(starts[i], dim), min(ends[i], dim)
+    parts = _sliced_parts(a, v.tensor, slot.axis, dim)
+    if parts is not None:
+        _propose_parts(a, slot, parts, dim)  # q, k and v sliced out of one projection (Phi-3's qkv_proj)
     head = [(0, start)] if start > 0 else []
     counts = _follow_parts(a, v, head + [(start, end), (end, dim)], [None] * len(head) + [node.outputs[0], None],
                            slot.axis)
@@ -448,6 +522,30 @@ def slice_(a: Analysis, v: Visit) -> None:
     if before + inside and ends[i] < dim + sum(counts):
         a.add_fix(ShapeFix(node.name, 2, i, node.outputs[0].name, slot.axis, before + inside,
                            "ends" if legacy else None))
+
+
+def _computed_slice(a: Analysis, v: Visit) -> None:
+    """A slice of the channel axis whose bounds are computed from sizes at run time (TorchScript's chunk: `[0,
+    size // 2)` and `[size // 2, size)`): it is followed as the slice it is now, and exact when its bounds, evaluated
+    at the grown size, are where the new channels put them."""
+    node, slot = v.node, v.slot
+    dim = (a.shape(node.inputs[0]) or [None] * (slot.axis + 1))[slot.axis]
+    bounds = slice_bounds(a, node, slot.axis, dim) if dim is not None else None
+    if bounds is None:
+        raise NotApplicable(f"{v.where}: its starts and ends are computed, cannot tell what it keeps")
+    start, end = bounds
+    parts = _sliced_parts(a, v.tensor, slot.axis, dim)
+    if parts is not None:
+        _propose_parts(a, slot, parts, dim)
+    head = [(0, start)] if start > 0 else []
+    counts = _follow_parts(a, v, head + [(start, end), (end, dim)], [None] * len(head) + [node.outputs[0], None],
+                           slot.axis)
+    before, inside = (counts[0], counts[1]) if head else (0, counts[0])
+    grown = slice_bounds(a, node, slot.axis, dim, dim + sum(counts))
+    want = (start + before, end + before + inside)
+    if grown != want:
+        raise NotApplicable(f"{v.where}: its bounds, computed from sizes, would become {list(grown or ())} where the "
+                            f"new channels need {list(want)}: cannot preserve the function")
 
 
 @rule("Split")
@@ -474,15 +572,93 @@ def split(a: Analysis, v: Visit) -> None:
         raise NotApplicable(f"{v.where} splits the channel axis of '{v.tensor.name}' with computed sizes: cannot "
                             "follow the channels")
     bounds = [(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(sizes))]
-    added = a.space(0).added
-    if slot.space == 0 and slot.offset == 0 and slot.block == 1 and a.space(0).old == dim and not added % len(sizes):
-        a.propose([(end, added // len(sizes)) for _, end in bounds])  # a fused QKV: each part grows alike
+    _propose_parts(a, slot, bounds, dim)
     if v.backward:
         counts = _split_backward(a, v, bounds, dim)
     else:
         counts = _follow_parts(a, v, bounds, list(node.outputs), axis)
     if any(counts):
         a.add_fix(SplitFix(node.name, tuple(s + c for s, c in zip(sizes, counts))))
+
+
+def _propose_parts(a: Analysis, slot: Slot, bounds: list[tuple[int, int]], dim: int) -> None:
+    """A fused projection whose channel axis is cut into `bounds` (a partition of its `dim` entries): offer a growth
+    of each part in proportion to its size (query, key and value alike; a multi-query split of H query heads and
+    one key and one value head as H : 1 : 1), tried if the placement at the end is refused."""
+    space = a.space(slot.space)
+    ratio = _ratio_to_root(a, slot.space)
+    sizes = [end - start for start, end in bounds]
+    if ratio and slot.offset == 0 and slot.block == 1 and space.old == dim and all(
+            space.added * size % dim == 0 for size in sizes):
+        a.propose([(end * ratio, space.added * size // dim * ratio) for (_, end), size in zip(bounds, sizes)])
+
+
+class _Resized(shape_eval.Evaluator):
+    """Shape arithmetic evaluated with the analysis's sizes, one tensor's axis taken at another size."""
+
+    def __init__(self, a: Analysis, tensor: gs.Tensor | None = None, axis: int = 0, size: int = 0) -> None:
+        super().__init__({})
+        self.a, self.tensor, self.axis, self.size = a, tensor, axis, size
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        shape = self.a.shape(tensor)
+        if tensor is self.tensor and shape is not None:
+            return tuple(self.size if k == self.axis else d for k, d in enumerate(shape))
+        return shape
+
+
+def slice_bounds(a: Analysis, node: gs.Node, axis: int, dim: int, size: int | None = None
+                 ) -> tuple[int, int] | None:
+    """[start, end) of Slice `node` on `axis` of its input (of `dim` entries), with step 1: constant, or computed at
+    run time from sizes (a chunk of `Shape(x)[axis] // 2`), then evaluated with the input's axis at `size` entries
+    when given. None when it does not slice that axis with step 1 or cannot be evaluated."""
+    rank = a.rank(node.inputs[0])
+    axes = constant_ints(node, 3, "axes")
+    if rank is None:
+        return None
+    axes = [x % rank for x in (axes if axes is not None else range(rank))]
+    if axis not in axes or (constant_ints(node, 4) or [1] * len(axes))[axes.index(axis)] != 1:
+        return None
+    ev = _Resized(a, node.inputs[0], axis, size) if size is not None else _Resized(a)
+    found = []
+    for k, attr in ((1, "starts"), (2, "ends")):
+        values = constant_ints(node, k, attr)
+        if values is None and k < len(node.inputs) and node.inputs[k].name:
+            values = ev.values(node.inputs[k])
+        if values is None or len(values) <= axes.index(axis) or values[axes.index(axis)] is None:
+            return None
+        found.append(values[axes.index(axis)])
+    length = dim if size is None else size
+    start, end = (found[0] + length if found[0] < 0 else found[0]), (found[1] + length if found[1] < 0 else found[1])
+    return min(start, length), min(end, length)
+
+
+def _sliced_parts(a: Analysis, tensor: gs.Tensor, axis: int, dim: int) -> list[tuple[int, int]] | None:
+    """The parts [start, end) that Slices of `tensor` on `axis` (step 1) cut, when they partition it."""
+    parts = []
+    for node in tensor.outputs:
+        if node.op != "Slice" or node.inputs[0] is not tensor:
+            continue
+        bounds = slice_bounds(a, node, axis, dim)
+        if bounds is not None:
+            parts.append(bounds)
+    parts = sorted(set(parts))
+    if len(parts) < 2 or parts[0][0] != 0 or parts[-1][1] != dim or any(
+            p[1] != q[0] for p, q in zip(parts, parts[1:])):
+        return None
+    return parts
+
+
+def _ratio_to_root(a: Analysis, space_id: int) -> int | None:
+    """Entries of the widened layer's channels (space 0) per channel of `space_id`: 1 for space 0 itself, k for a
+    space a reshape made by grouping them k at a time (heads of k channels); None for anything else."""
+    if space_id == 0:
+        return 1
+    space, root = a.space(space_id), a.space(0)
+    if space.kind not in ("heads", "fold") or not space.old or root.old % space.old:
+        return None
+    k = root.old // space.old
+    return k if root.inserts == tuple((p * k, c * k) for p, c in space.inserts) else None
 
 
 def _split_backward(a: Analysis, v: Visit, bounds: list[tuple[int, int]], dim: int) -> list[int]:
@@ -548,7 +724,8 @@ def expand(a: Analysis, v: Visit) -> None:
         _grow_target(a, v, out_axis, out_axis, None)
     if not v.backward:
         a.add_slot(node.outputs[0], out_axis, slot.offset, slot.block, slot.space, v.where)
-    elif in_axis >= 0 and (a.shape(node.inputs[0]) or [None] * in_rank)[in_axis] != 1:
+    elif in_axis >= 0 and ((a.shape(node.inputs[0]) or [None] * in_rank)[in_axis] != 1 or (
+            a.shape(node.outputs[0]) or [None] * out_rank)[out_axis] == 1):  # (one channel, not broadcast)
         a.carry(node, 0, in_axis, slot.offset, slot.block, slot.space)
     else:
         a.blocker(node, slot.space)  # the new channels are copies of one broadcast value

@@ -13,6 +13,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmorph.analysis.coupling import (
+    LAYERS as LAYER_OPS,
+)
+from onnxmorph.analysis.coupling import (
     Consumer,
     GroupChange,
     Misfit,
@@ -100,7 +103,10 @@ def broadcast(a: Analysis, v: Visit) -> None:
         shape = a.shape(t)
         r = len(shape) if shape is not None else rank
         axis = r - from_right
-        if axis < 0 or (shape[axis] if shape is not None else size) == 1 and size != 1:
+        # an operand of size 1 on the channel axis broadcasts (a rotary table over the heads), also when the axis
+        # has one channel (one key/value head): widened, it stays a broadcast
+        unit = size == 1 and a.space(slot.space).old * slot.block == 1 and not _from_layer(a, t)
+        if axis < 0 or (shape[axis] if shape is not None else size) == 1 and (size != 1 or unit):
             continue
         if isinstance(t, gs.Constant) and node.op in ("Max", "Min", "Mean", "Sum"):
             a.blocker(node, slot.space)
@@ -110,6 +116,24 @@ def broadcast(a: Analysis, v: Visit) -> None:
         shape = a.shape(out)
         a.add_slot(out, (len(shape) if shape is not None else rank) - from_right, slot.offset, slot.block,
                    slot.space, v.where)
+
+
+def _from_layer(a: Analysis, tensor: gs.Tensor) -> bool:
+    """Whether `tensor` is computed from a layer's output (a projection's heads), not only from inputs and constants
+    (a rotary table, a mask): a unit axis of the former is a channel, of the latter a broadcast."""
+    key = ("from_layer", tensor.name)
+    if key not in a.memo:
+        found, stack, seen = False, [tensor], set()
+        while stack and not found:
+            t = stack.pop()
+            node = t.inputs[0] if t.inputs else None
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            found = node.op in LAYER_OPS and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant)
+            stack += [i for i in node.inputs if not isinstance(i, gs.Constant)]
+        a.memo[key] = found
+    return bool(a.memo[key])
 
 
 @rule(*NORMS)

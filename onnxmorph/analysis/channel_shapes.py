@@ -80,9 +80,42 @@ def shape(a: Analysis, v: Visit) -> None:
             elif node.op in PASS + PICK and node.inputs[0] is tensor or node.op == "Concat" or (
                     node.op in ("Mul", "Where") and entries(a, node.outputs[0]) is not None):
                 stack.append(node.outputs[0])
+            elif _slice_bounds_of(a, node, v.tensor, v.slot.axis):
+                continue  # a chunk of the tensor itself (size // 2): the Slice rule checks its bounds
             else:
                 raise NotApplicable(f"{where}, and {node.op} '{node.name}' computes with it: widening it cannot "
                                     "preserve the function")
+
+
+_BOUND_ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Gather",
+                     "Slice", "Concat")
+
+
+def _slice_bounds_of(a: Analysis, node: gs.Node, source: gs.Tensor, axis: int) -> bool:
+    """Whether what `node` computes from a size read of `source` only ends as starts or ends of Slices of `source`
+    itself on the channel `axis` (the Slice rule then checks that the bounds move with the new channels)."""
+    rank = a.rank(source)
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.op not in _BOUND_ARITHMETIC or not current.outputs:
+            return False
+        for out in current.outputs:
+            if not out.outputs:
+                return False
+            for reader in out.outputs:
+                axes = constant_ints(reader, 3, "axes") if reader.op == "Slice" else None
+                if reader.op == "Slice" and reader.inputs[0] is source and out in reader.inputs[1:3] and not any(
+                        t is out for t in reader.inputs[3:]) and rank and axes in ([axis], [axis - rank]):
+                    continue
+                if reader.op == "Slice" and reader.inputs[0] is out:
+                    stack.append(reader)  # picking an entry of the size vector
+                    continue
+                stack.append(reader)
+    return True
 
 
 def grow_computed_target(a: Analysis, v: Visit, position: int, out_axis: int, delta: int | None) -> None:

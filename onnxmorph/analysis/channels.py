@@ -109,6 +109,11 @@ class Analysis:
                 return tuple(d if d is not None else f for d, f in zip(shape or found, found))
         return shape
 
+    def _placed(self, space: int) -> str | None:
+        """Where a derived space's node put it: its first slot (met again at another tensor of that node, the same
+        channels must be followed there: a Split's other part)."""
+        return next((s.tensor for s in self.result.slots if s.space == space), None)
+
     def rank(self, tensor: gs.Tensor) -> int | None:
         return len(self.shape(tensor) or ()) or None
 
@@ -239,15 +244,29 @@ class Analysis:
                 self.visit(Visit(node, slot, tensor, False))
         for check in self.checks:
             check()
+        self._merge_shape_fixes()
         return self.result
+
+    def _merge_shape_fixes(self) -> None:
+        """One fix per constant entry: a target reached from both sides (a reshape of heads met forward and back)
+        is recorded twice, once with its growth and once as what its output grows by; they must agree."""
+        kept: dict[tuple, tuple[ShapeFix, int]] = {}
+        for fix in self.result.shape_fixes:
+            key = (fix.node, fix.index, fix.position, fix.attr, fix.reader)
+            growth = fix.delta if fix.delta is not None else self.result.added(fix.tensor, fix.axis)
+            if key in kept and kept[key][1] != growth:
+                raise NotApplicable(f"the entry {fix.position} of input {fix.index} of '{fix.node}' would grow by "
+                                    f"{kept[key][1]} and by {growth}: cannot preserve the function")
+            kept.setdefault(key, (fix, growth))
+        self.result.shape_fixes = [fix for fix, _ in kept.values()]
 
     def visit(self, v: Visit) -> None:
         key = (v.node.name + ("<" if v.backward else ">") + v.tensor.name, v.slot)
         if key in self.done:
             return
         self.done.add(key)
-        if self.space(v.slot.space).derived_from == v.node.name:
-            return  # the node that re-arranged these channels: it has been followed already
+        if self.space(v.slot.space).derived_from == v.node.name and v.tensor.name == self._placed(v.slot.space):
+            return  # the node that re-arranged these channels, met where it put them: it has been followed already
         contrib = v.node.domain == "com.microsoft" and v.node.op in CONTRIB
         if v.node.domain not in ("", "ai.onnx", None) and not contrib:
             raise NotApplicable(f"{v.where} (domain {v.node.domain}) is in the way of the channels")

@@ -284,19 +284,23 @@ def map_reshape(src: Sequence[int | None], dst: Sequence[int | None], axis: int,
         head = prod(dst[:a])
         if prod(dst[a:]) != rest or (before is not None and head is not None and head != before):
             continue
-        if dst[a] == 1 and a + 1 < len(dst):
-            continue
         inner_dst = prod(dst[a + 1:])
+        # a unit axis (an unsqueezed one, or one head) takes the channels only when they fit it whole; else the
+        # next axis, of the same tail size, is tried
+        unit = dst[a] == 1 and a + 1 < len(dst)
+        if unit and tuple(dst[:a]) != tuple(src[:axis]):
+            continue  # (a unit batch before it is not the channel axis)
         if inner_dst is None or inner_dst == 0:
             return None
-        if inner % inner_dst == 0:
+        if inner % inner_dst == 0 and not unit:
             k = inner // inner_dst
             return a, offset * k, block * k
         if inner_dst % inner == 0:
             k = inner_dst // inner
             if offset % k == 0 and block % k == 0:
                 return a, offset // k, block // k
-        return None
+        if not unit:
+            return None
     return None
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxmorph.analysis import shape_eval
 from onnxmorph.analysis.coupling import constant_ints, ints
 
 if TYPE_CHECKING:  # the traversal imports this module
@@ -467,6 +468,16 @@ def generic_shapes(model: onnx.ModelProto, known: dict[str, tuple[int | None, ..
         else:
             found[name] = tuple(d if d is not None else m for d, m in zip(shape, mine))
     return found
+
+
+def analysis_shapes(analysis: mgraph.Analysis) -> Shapes:
+    """`generic_shapes` of the analysed model completed along its graph where shape arithmetic that inference does
+    not propagate (a division, a Range, a gathered mask) can be evaluated (`shape_eval.propagate`); one per
+    Analysis."""
+    def compute() -> Shapes:
+        generic = generic_shapes(analysis.model, analysis.shapes)
+        return Shapes(shape_eval.propagate(analysis.view.nodes, generic))
+    return analysis.memo("generic_shapes", None, compute)
 
 
 def _one_unknown(ins: list, outs: list) -> None:

@@ -19,19 +19,22 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onnxmorph.diff.compare import Diff, ModelView, diff, model_explorer_mapping
 from onnxmorph.diff.layout import NODE_H, NODE_W, Layout, layered_layout
-from onnxmorph.diff.text import flop_basis, shape_text, step_text, summary_rows
+from onnxmorph.diff.text import flop_basis, scope_bundles, shape_text, step_text, summary_rows
 from onnxmorph.diff.views import flop_count
 from onnxmorph.io import saving
 from onnxmorph.io.loading import PathLike
 
 # More drawn nodes than this per side and only the changed ones are drawn (then only the first ones).
 MAX_DRAWN = 400
+# Added nodes one level under a morph's scope (`X/morph_moe/expert_3/...`) are drawn as one box when
+# there are at least this many: an upcycled FFN's experts are whole copies, one box each.
+BUNDLE_MIN = 10
 _LABEL_CHARS = 25
 
 
@@ -47,6 +50,7 @@ class Pane:
     drawn: list[str]
     truncated: str  # why fewer nodes are drawn than the changed region and its neighbours, if so
     focus: list[str]  # the changed nodes drawn on this side (where the page opens), topmost first
+    bundles: dict[str, list[str]] = field(default_factory=dict)  # box -> the added nodes it stands for
 
 
 def write_diff_page(parent: PathLike, child: PathLike, out: PathLike,
@@ -113,14 +117,39 @@ def _pane(d: Diff, side: str) -> Pane:
     if len(drawn) > MAX_DRAWN:
         drawn = set([n for n in view.nodes if n in changed][:MAX_DRAWN])
         truncated = f"more than {MAX_DRAWN} changed nodes: only the first {MAX_DRAWN} are drawn"
-    order, edges, collapsed = _items(view, drawn)
+    bundles = _bundles(view, [n for n in view.nodes if "added" in tags.get(n, ())])
+    order, edges, collapsed = _items(view, drawn, bundles)
     layout = layered_layout(order, edges)
     # Where the page opens: this side's changes, else the other side's changes drawn here (the node
     # a removed one fed), else whatever is drawn; topmost first, then leftmost.
     focus = [n for n in layout.centres if n in tags] or [n for n in layout.centres if n in changed] or \
         [n for n in layout.centres if n not in collapsed]
     focus.sort(key=lambda n: (layout.centres[n][1], layout.centres[n][0]))
-    return Pane(side, view, tags, collapsed, layout, [n for n in view.nodes if n in drawn], truncated, focus)
+    return Pane(side, view, tags, collapsed, layout, [n for n in view.nodes if n in drawn], truncated, focus, bundles)
+
+
+def _bundles(view: ModelView, added: list[str]) -> dict[str, list[str]]:
+    """Added nodes grouped by the scope one level under their morph's (`X/morph_moe/expert_3`), for groups of at
+    least BUNDLE_MIN nodes that no path leaves and re-enters (so that one box keeps the drawing acyclic)."""
+    return {key: members for key, members in scope_bundles(added, BUNDLE_MIN).items()
+            if _convex(view, set(members))}
+
+
+def _convex(view: ModelView, members: set[str]) -> bool:
+    """Whether no path from `members` to `members` passes outside them."""
+    stack = [c for m in members for t in view.nodes[m].outputs for c in view.consumers.get(t, []) if c not in members]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for t in view.nodes[name].outputs:
+            for c in view.consumers.get(t, []):
+                if c in members:
+                    return False
+                stack.append(c)
+    return True
 
 
 def _neighbours(view: ModelView, names: set[str]) -> set[str]:
@@ -134,16 +163,23 @@ def _neighbours(view: ModelView, names: set[str]) -> set[str]:
     return out - names
 
 
-def _items(view: ModelView, drawn: set[str]) -> tuple[list[str], list[tuple[str, str]], dict[str, int]]:
-    """Drawn nodes and one box per run of undrawn nodes (in graph order), with the edges between them.
+def _items(view: ModelView, drawn: set[str], bundles: dict[str, list[str]] | None = None
+           ) -> tuple[list[str], list[tuple[str, str]], dict[str, int]]:
+    """Drawn nodes, one box per bundle and one per run of undrawn nodes (in graph order), with the edges between.
 
     Runs are contiguous in topological order, so an edge between two items always points forward:
-    collapsing keeps the picture acyclic.
+    collapsing keeps the picture acyclic; bundles are convex, and the items are sorted again.
     """
     order: list[str] = []
     item_of: dict[str, str] = {}
     collapsed: dict[str, int] = {}
+    bundle_of = {m: key for key, members in (bundles or {}).items() for m in members}
     for name in view.nodes:
+        if name in bundle_of:
+            if bundle_of[name] not in item_of.values():
+                order.append(bundle_of[name])
+            item_of[name] = bundle_of[name]
+            continue
         if name in drawn:
             order.append(name)
         elif not order or order[-1] not in collapsed:
@@ -158,7 +194,32 @@ def _items(view: ModelView, drawn: set[str]) -> tuple[list[str], list[tuple[str,
             source = view.producer.get(t)
             if source is not None and item_of[source] != item_of[name]:
                 edges.add((item_of[source], item_of[name]))
+    if bundle_of:
+        order = _topological(order, edges)
     return order, sorted(edges), collapsed
+
+
+def _topological(order: list[str], edges: set[tuple[str, str]]) -> list[str]:
+    """`order` sorted so that every edge points forward, keeping the given order where it does (Kahn, stable)."""
+    import heapq
+
+    rank = {name: k for k, name in enumerate(order)}
+    indegree = dict.fromkeys(order, 0)
+    after: dict[str, list[str]] = {name: [] for name in order}
+    for u, v in edges:
+        after[u].append(v)
+        indegree[v] += 1
+    ready = [rank[n] for n in order if indegree[n] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        name = order[heapq.heappop(ready)]
+        out.append(name)
+        for v in after[name]:
+            indegree[v] -= 1
+            if indegree[v] == 0:
+                heapq.heappush(ready, rank[v])
+    return out if len(out) == len(order) else order
 
 
 # --------------------------------------------------------------------------- SVG
@@ -208,6 +269,17 @@ def _path(points: list[tuple[float, float]]) -> str:
 
 
 def _box(pane: Pane, name: str, x: float, y: float) -> str:
+    if name in pane.bundles:
+        members = pane.bundles[name]
+        layers = [m for m in members if pane.view.nodes[m].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+        scope = name.rsplit("/", 1)[-1]
+        title = f"{name}: {len(members)} added nodes" + (f", layers {', '.join(layers)}" if layers else "")
+        return (f"<g class=\"node added bundle\" data-bundle=\"{_e(name)}\" data-count=\"{len(members)}\" "
+                f"transform=\"translate({x:.1f},{y:.1f})\"><title>{_e(title)}</title>"
+                f"<rect width=\"{NODE_W:.0f}\" height=\"{NODE_H:.0f}\" rx=\"10\"/>"
+                f"<text x=\"{NODE_W / 2:.0f}\" y=\"16\" class=\"op\">{_e(scope)}</text>"
+                f"<text x=\"{NODE_W / 2:.0f}\" y=\"31\" class=\"name\">{len(members)} added nodes, "
+                f"{len(layers)} layers</text></g>")
     if name in pane.collapsed:
         count = pane.collapsed[name]
         return (f"<g class=\"node collapsed\" data-collapsed=\"{count}\" transform=\"translate({x:.0f},{y:.0f})\">"
@@ -392,7 +464,7 @@ border-radius:4px;cursor:pointer}.zoom output{display:inline-block;min-width:42p
 .node rect{fill:#fff;stroke:#8a8f98;stroke-width:1.2}.node{cursor:pointer}
 .node text{text-anchor:middle;font-size:11px;fill:#1f2328}.node .op{font-weight:600}.node .name{fill:#57606a}
 .node.collapsed rect{fill:#f3f4f6;stroke-dasharray:4 3}.node.collapsed{cursor:default}
-.node.added rect{fill:#dafbe1;stroke:#1a7f37;stroke-width:2}
+.node.added rect{fill:#dafbe1;stroke:#1a7f37;stroke-width:2}.node.bundle rect{stroke-width:3.5}
 .node.removed rect{fill:#ffebe9;stroke:#cf222e;stroke-width:2}
 .node.grown rect{fill:#fff1e5;stroke:#bc4c00;stroke-width:2}
 .node.modified rect{fill:#fbefff;stroke:#8250df;stroke-width:2}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from onnxmorph.diff.shapes import describe_sizes
-from onnxmorph.diff.views import Dims, flop_count, parameter_count
+from onnxmorph.diff.views import MORPH_SCOPE, Dims, flop_count, parameter_count
 from onnxmorph.verification.feeds import DEFAULT_SEQUENCE
 
 if TYPE_CHECKING:  # compare imports this module for Diff.__str__
@@ -169,8 +170,46 @@ def _added(d: Diff) -> list[str]:
         head = "not made by a morph (no /morph_ in their names)" if group["morph"] == "unattributed" else \
             f"{group['morph']} of {where}{step}"
         lines.append(f"  {head}:")
+        bundles = scope_bundles(group["nodes"])
+        bundled = {m for members in bundles.values() for m in members}
         for name in group["nodes"]:
+            if name in bundled:
+                key = next(k for k, members in bundles.items() if name in members)
+                if bundles[key][0] == name:
+                    lines.append(_bundle_line(d, key, bundles[key]))
+                continue
             node = d.child.nodes[name]
             weights = ", ".join(f"{shape_text(dims)}" for _, _, dims in d.child.node_weights(node))
             lines.append(f"    + {name}  {node.op}" + (f"  weights {weights}" if weights else ""))
     return lines
+
+
+def scope_bundles(names: list[str], least: int = 10) -> dict[str, list[str]]:
+    """Names grouped by the scope one level under their morph's (`X/morph_moe/expert_3`), groups of `least` or more,
+    where one morph made two or more such groups: the copies of a sublayer (an upcycled FFN's experts).
+
+    A morph that makes one copy (a new block) keeps its nodes listed one by one.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        matches = list(MORPH_SCOPE.finditer(name))
+        rest = name[matches[-1].end():].strip("/") if matches else ""
+        if "/" in rest:
+            groups.setdefault(name[:matches[-1].end()] + "/" + rest.split("/")[0], []).append(name)
+    big = {k: v for k, v in groups.items() if len(v) >= least}
+    per_morph = Counter(k.rsplit("/", 1)[0] for k in big)
+    return {k: v for k, v in big.items() if per_morph[k.rsplit("/", 1)[0]] >= 2}
+
+
+def _bundle_line(d: Diff, scope: str, members: list[str]) -> str:
+    layers, others = [], Counter()
+    for name in members:
+        node = d.child.nodes[name]
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and d.child.node_weights(node):
+            weights = ", ".join(shape_text(dims) for _, _, dims in d.child.node_weights(node))
+            layers.append(f"{node.op} {weights}")
+        else:
+            others[node.op] += 1
+    rest = ", ".join(f"{op} {n}" for op, n in others.most_common())
+    return (f"    + {scope}/...  {len(members)} nodes: " + "; ".join(layers)
+            + (f"; and {sum(others.values())} others ({rest})" if others else ""))

@@ -10,6 +10,7 @@ import onnx
 
 from onnxmorph.analysis import attention as mattention
 from onnxmorph.analysis import blocks as mblocks
+from onnxmorph.analysis import experts as mexperts
 from onnxmorph.contract import registry
 from onnxmorph.errors import NotApplicable, OnnxMorphError
 from onnxmorph.graph import core as mgraph
@@ -69,9 +70,10 @@ def inspect(model: onnx.ModelProto, source: str = "the model") -> dict[str, Any]
         "outputs": [_value_info(o) for o in model.graph.output],
         "nodes": len(model.graph.node),
         "layers": layers,
-        "blocks": [{"after": b.index, "kind": b.kind, "norms": b.norms, "module": b.module, "output": b.output.name}
-                   for b in found],
+        "blocks": [{"after": b.index, "kind": b.kind, "norms": b.norms, "module": b.module, "output": b.output.name,
+                    "parallel": b.parallel, "experts": b.experts, "top_k": b.top_k} for b in found],
         "attention": mattention.attention_modules(analysis, analysis.view, found),
+        "experts": mexperts.summary(analysis),
         "history": history,
     }
 
@@ -90,6 +92,7 @@ def format_inspection(info: dict[str, Any], title: str = "model") -> str:
         lines += [f"  {v['name']}  {v['type']}[{shape(v)}]" for v in info[kind]]
     lines += _layer_lines(info["layers"])
     lines += _transformer_lines(info)
+    lines += _expert_lines(info.get("experts") or {})
     if info["history"]:
         lines.append(f"history ({len(info['history'])} morph run(s)):")
         for k, record in enumerate(info["history"], 1):
@@ -156,8 +159,10 @@ def _transformer_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"transformer blocks ({len(info['blocks'])}; `block --after` takes the number or the module):")
         for b in info["blocks"]:
             where = b["module"] or f"output {b['output']}"
-            lines.append(f"  {b['after']}  {b['kind']}  {where}  norms: {', '.join(b['norms'])}"
-                         + ("" if b["kind"] == "pre-norm" else "  (block: refused, post-norm)"))
+            shape = ("  parallel attention and MLP" if b.get("parallel") else "") + (
+                f"  {b['experts']} experts, top {b['top_k'] or '?'}" if b.get("experts") else "")
+            lines.append(f"  {b['after']}  {b['kind']}  {where}  norms: {', '.join(b['norms'])}{shape}"
+                         + ("  (block: refused, post-norm)" if b["kind"] == "post-norm" else ""))
     if info.get("attention"):
         lines.append(f"attention ({len(info['attention'])}):")
         for a in info["attention"]:
@@ -166,4 +171,32 @@ def _transformer_lines(info: dict[str, Any]) -> list[str]:
                 heads += f", {a['kv_heads']} key/value heads"
             lines.append(f"  block {a['block']}  {a['module'] or ''}  {heads}: query {a['query']}, key {a['key']}, "
                          f"value {a['value']}, output {a['output']}")
+    return lines
+
+
+def _expert_lines(experts: dict[str, Any]) -> list[str]:
+    """FFNs that `moe` can upcycle and the mixtures of experts already in the model."""
+    lines = []
+    if experts.get("moes"):
+        lines.append(f"mixtures of experts ({len(experts['moes'])}; `moe --layer` takes the module or block):")
+        for m in experts["moes"]:
+            where = f"block {m['block']}  " if m["block"] is not None else ""
+            chosen = f"top-{m['top_k']}" if m["groups"] == 1 else \
+                f"{m['top_k']} active (top-{m['top_k'] // m['groups']} in each of {m['groups']} routing groups)"
+            lines.append(f"  {where}{m['name']}: {m['experts']} experts, {chosen}, {m['routing']} routing, router "
+                         f"{', '.join(m['routers'])}")
+            if m["expert_weights"]:
+                lines.append("    experts stacked in " + ", ".join(
+                    f"{w['name']} [{'x'.join(map(str, w['shape']))}]" for w in m["expert_weights"]))
+            for k, e in enumerate(m["experts_list"]):
+                lines.append(f"    expert {k}: {e['hidden']} hidden units, down projection {e['down']}")
+            for e in m.get("shared", []):
+                lines.append(f"    shared expert (always active): {e['hidden']} hidden units, down projection "
+                             f"{e['down']}")
+    if experts.get("ffns"):
+        lines.append(f"feed-forward sublayers ({len(experts['ffns'])}; `moe --layer` upcycles one into experts):")
+        for f in experts["ffns"]:
+            where = f"block {f['block']}  " if f["block"] is not None else ""
+            lines.append(f"  {where}{f['name']}: {f['hidden']} hidden units ({', '.join(f['activations'])}), "
+                         f"{' + '.join(f['inner'])} -> {f['down']}")
     return lines
