@@ -56,7 +56,8 @@ class WidenPass(MorphPass):
     name = "widen"
     summary = "more output channels for a Conv/Gemm/MatMul (coupled layers follow)"
     params = (
-        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer: node name, output name or module "
+              "path, as inspect prints them", metavar="L"),
         Param("width", positive_int, "the new number of output channels (units)", metavar="N"),
         Param("method", str, "how the new channels are filled", default="netmorph", choices=wsolve.METHODS),
         SEED,
