@@ -70,7 +70,7 @@ def find_block(model: mgraph.ModelOrAnalysis, ref: str, graph: gs.Graph | None =
                 return block
         raise UsageError(f"'{ref}' ({node.op} '{node.name}') is in no transformer block (blocks: {listed})")
     names = [b.module or b.output.name for b in found] + list(mgraph.module_paths(view).values())
-    raise UsageError(f"no block '{ref}' (blocks: {listed}; `inspect` lists them); {mgraph.suggest(ref, names)}")
+    raise UsageError(f"no block '{ref}' (blocks: {listed}); {mgraph.suggest(ref, names)}")
 
 
 def _writer(block: mblocks.Block, sub: mblocks.Sublayer) -> Writer:

@@ -181,6 +181,14 @@ class GrowPass(MorphPass):
                 "steps": [s.line() for s in plan.steps]}
 
     def call(self, model: mgraph.ModelOrAnalysis, plan: GrowPlan) -> PassResult:
+        # A streaming parent (its weights left in their files, the child to be saved from them: the CLI) gets
+        # its computed weights spilled too, as run_passes does for a parent kept in external data: the steps
+        # rewrite the grown weights several times over, and each then hands on references, not the model.
+        spill = streaming.streams(mgraph.model_of(model)) and not streaming.is_spilling()
+        with streaming.spilling() if spill else contextlib.nullcontext():
+            return PassResult(self._steps(model, plan), True)
+
+    def _steps(self, model: mgraph.ModelOrAnalysis, plan: GrowPlan) -> onnx.ModelProto:
         child = mgraph.model_of(model)
         count = len(plan.steps)
         for k, item in enumerate(plan.steps, 1):
@@ -199,7 +207,7 @@ class GrowPass(MorphPass):
             del analysis, planned
             child = result.model
             streaming.drop_superseded([child])  # weights a later step replaced again: their scratch files go
-        return PassResult(child, True)
+        return child
 
 
 @contextlib.contextmanager
@@ -347,11 +355,12 @@ class _Planner:
         attention = {a["block"]: a for a in mattention.attention_modules(self.analysis, self.view, self.blocks)}
         before, after = [], []
         for block in self.blocks:
-            where = f"--ffn: {self._label(block)}"
             router = next((n for n in block.nodes if n.op == "TopK"), None)
             if router is not None:
-                raise NotApplicable(f"{where} routes tokens to experts (TopK '{router.name}'): a mixture of experts "
-                                    "is not grown by --ffn")
+                raise NotApplicable(f"--ffn: {self._label(block)} routes tokens to experts (TopK '{router.name}'): "
+                                    "a mixture of experts is not grown by --ffn")
+        for block in self.blocks:
+            where = f"--ffn: {self._label(block)}"
             if block.index not in attention and any(s.attention for s in block.sublayers):
                 raise NotApplicable(f"{where}: its attention's projections are not found, so its feed-forward "
                                     "layers cannot be told from them")

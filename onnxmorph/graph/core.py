@@ -229,11 +229,17 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
         # A weight kept in a file whose values a pass only looked at goes out as the reference again.
-        values = _mapped_source(values) or values
-        if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and values.nbytes >= 1024:
+        mapped = _mapped_source(values)
+        values = mapped or values
+        if not isinstance(tensor, gs.Constant):
+            continue
+        if isinstance(values, LazyValues) and (values.nbytes >= 1024 or mapped is not None):
             lazy[tensor.name] = (tensor, values)
             stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
             tensor._values = LazyValues(stub)
+        elif not isinstance(values, LazyValues) and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            # onnx-graphsurgeon would flag the inline array it writes EXTERNAL, with no location to read
+            tensor.data_location = None
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
