@@ -154,6 +154,14 @@ class GrowPass(MorphPass):
         SEED,
     )
 
+    @classmethod
+    def probe(cls, model: mgraph.ModelOrAnalysis, layer: mgraph.LayerInfo) -> MorphPass | None:
+        """`--layers +1`, asked at the first layer of the first block only: `inspect` says once whether grow
+        finds blocks to grow (the other options plan from the same blocks and attention, listed beside)."""
+        found = mblocks.model_blocks(model)
+        first = next((n for n in found[0].nodes if mgraph.layer_info(n) is not None), None) if found else None
+        return cls(layers="+1") if first is not None and first.name == layer.name else None
+
     def _structure(self, model: mgraph.Analysis) -> GrowPlan:
         """The plan without the first step's check (which may allocate as much as the sizes asked for)."""
         return model.memo("grow", repr(self), lambda: _Planner(self, model).plan())
