@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "grow_hypercloning.py"
 
 
-def test_a_quick_run_grows_both_ways_and_both_children_verify(tmp_path: Path) -> None:
+def test_a_quick_run_grows_both_ways_and_both_children_are_the_parent(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "-o", str(out), "--workdir", str(tmp_path / "w")],
@@ -25,13 +25,13 @@ def test_a_quick_run_grows_both_ways_and_both_children_verify(tmp_path: Path) ->
     results = json.loads(out.read_text())
     model, r = results["model"], results["result"]
     assert results["quick"] and model["n_embd"] == 64
-    for key in ("grow", "grow_no_verify", "hypercloning"):
+    assert "grow_no_verify" not in r  # a full run only
+    for key in ("grow", "hypercloning"):
         assert r[key]["returncode"] == 0 and r[key]["seconds"] > 0 and r[key]["peak_rss_bytes"] > 0, r[key]
     # both children are the 2x model: 4x the parameters of the blocks, twice the embeddings
     assert 3.0 < r["hypercloning"]["parameters"] / model["parameters"] < 4.0
     assert 0.8 < r["grow"]["child_bytes"] / r["hypercloning"]["child_bytes"] < 1.25
     assert r["hypercloning"]["max_abs_error"] < 1e-4
-    assert r["grow"]["verify_against_parent"]["returncode"] == 0
-    assert r["hypercloning"]["verify_against_parent"]["returncode"] == 0
-    assert r["grow"]["time_vs_hypercloning"] > 0 and r["grow_no_verify"]["memory_vs_hypercloning"] > 0
+    assert r["hypercloning"]["verify_against_parent"]["returncode"] == 0  # grow verified its own before writing
+    assert r["grow"]["time_vs_hypercloning"] > 0 and r["grow"]["memory_vs_hypercloning"] > 0
     assert not list((tmp_path / "w").iterdir())  # the models are deleted
