@@ -97,8 +97,7 @@ def read_growth(value: int | str) -> Growth:
 
 
 def _decimal(value: Fraction) -> str:
-    text = f"{float(value):.12g}"
-    return text
+    return f"{float(value):.12g}"
 
 
 @dataclass
@@ -156,11 +155,11 @@ class GrowPass(MorphPass):
 
     @classmethod
     def probe(cls, model: mgraph.ModelOrAnalysis, layer: mgraph.LayerInfo) -> MorphPass | None:
-        """`--layers +1`, asked at the first layer of the first block only: `inspect` says once whether grow
-        finds blocks to grow (the other options plan from the same blocks and attention, listed beside)."""
+        """`--ffn 2x` (what applies to every family with blocks, post-norm ones too), asked at the first layer of
+        the first block only: `inspect` says once whether grow finds blocks to grow, and why not."""
         found = mblocks.model_blocks(model)
         first = next((n for n in found[0].nodes if mgraph.layer_info(n) is not None), None) if found else None
-        return cls(layers="+1") if first is not None and first.name == layer.name else None
+        return cls(ffn="2x") if first is not None and first.name == layer.name else None
 
     def _structure(self, model: mgraph.Analysis) -> GrowPlan:
         """The plan without the first step's check (which may allocate as much as the sizes asked for)."""
