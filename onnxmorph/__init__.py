@@ -30,7 +30,7 @@ from onnxmorph.io.loading import digest, load, normalize, save
 from onnxmorph.pipeline.inspection import inspect
 from onnxmorph.pipeline.receipt import history
 from onnxmorph.pipeline.recipe import read_recipe
-from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, morph, run_passes
+from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, morph, plan, run_passes
 from onnxmorph.verification.verifier import Report, Verifier, verify
 from onnxmorph.version import __version__ as __version__
 
@@ -72,5 +72,5 @@ __all__ = [
     "InvalidModelError", "MorphOutcome", "MorphPass", "NotApplicable", "OnnxMorphError", "Param",
     "PassResult", "REGISTRY", "Report", "UnsafeModelError", "UsageError", "VerificationFailed",
     "Verifier", "VerifyOptions", "apply", "digest", "get_pass", "history", "inspect", "load",
-    "morph", "normalize", "read_recipe", "run_passes", "save", "verify", *REGISTRY,
+    "morph", "normalize", "plan", "read_recipe", "run_passes", "save", "verify", *REGISTRY,
 ]

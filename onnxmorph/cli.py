@@ -21,7 +21,7 @@ from onnxmorph.hf.cli import add_arguments as export_hf_arguments
 from onnxmorph.hf.cli import run_command as run_export_hf
 from onnxmorph.io import loading as mio
 from onnxmorph.pipeline.inspection import format_inspection, inspect
-from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, run_passes
+from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, plan, run_passes
 from onnxmorph.search.cli import add_arguments as search_arguments
 from onnxmorph.search.cli import run_command as run_search
 from onnxmorph.verification.verifier import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in sorted(registry.load().items()):
         p = sub.add_parser(name, parents=[common], help=cls.summary, description=cls.__doc__)
         p.add_argument("model", metavar="MODEL")
-        p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the child")
+        p.add_argument("-o", "--output", metavar="OUT", help="where to write the child (required unless --dry-run)")
+        p.add_argument("--dry-run", action="store_true", help="print the plan (every step, for grow) and write nothing")
         group = p.add_argument_group(f"{name} parameters")
         for param in cls.params:
             kwargs: dict[str, Any] = {"dest": f"param_{param.name}", "help": param.help}
@@ -282,9 +283,31 @@ def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) ->
     return EXIT_OK
 
 
+def _format_plan(info: dict[str, Any], model: str) -> str:
+    """The text of a dry run: the pass, its sizes before -> after, its steps, its other facts."""
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items() if v is not None)
+    lines = [f"{info['pass']} {model} ({params}): dry run, nothing written"]
+    for key, value in info.items():
+        if key == "sizes":
+            lines.append("sizes: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in value.items()))
+        elif key == "steps":
+            lines.append(f"steps ({len(value)}, one verification at the end):")
+            lines += [f"  {k}. {line}" for k, line in enumerate(value, 1)]
+        elif key not in ("pass", "params"):
+            shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            lines.append(f"{key}: {shown}")
+    return "\n".join(lines)
+
+
 def _cmd_morph(args: argparse.Namespace) -> int:
     cls: type[MorphPass] = args.pass_class
     params = {p.name: getattr(args, f"param_{p.name}") for p in cls.params}
+    if args.dry_run:
+        info = plan(args.model, cls.name, **{k: v for k, v in params.items() if v is not None})
+        print(json.dumps({"model": args.model, **info}, indent=2) if args.json else _format_plan(info, args.model))
+        return EXIT_OK
+    if not args.output:
+        raise UsageError(f"{cls.name}: -o/--output is required (where to write the child), unless --dry-run")
     step = cls(**{k: v for k, v in params.items() if v is not None})
     out = _check_output(args.model, args.output)
     _check_page(args, out)

@@ -3,6 +3,7 @@
 from onnxmorph.passes import (
     block,  # noqa: F401
     deepen,  # noqa: F401
+    grow,  # noqa: F401
     kernel,  # noqa: F401
     moe,  # noqa: F401
     skip,  # noqa: F401

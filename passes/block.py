@@ -55,14 +55,15 @@ class Writer:
         return [*self.layers, *(f"{node}[{k}]" for node, k in self.constants)]
 
 
-def find_block(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None,
+def find_block(model: mgraph.ModelOrAnalysis, ref: str, graph: gs.Graph | None = None,
                shapes: mblocks.Shapes | None = None) -> mblocks.Block:
-    """The block named by `ref`: its index, its output tensor, its last residual Add or its module path.
+    """The block named by `ref`: its index, output tensor, last residual Add or module path, or whatever names a
+    node inside it as `inspect` prints it (a node or output name, a module path such as `model.layers.3.mlp`).
 
     In `graph` (a graph being edited, with the model's `shapes`) when given, else in the model's analysis view.
     """
-    found = mblocks.model_blocks(model) if graph is None else mblocks.blocks(graph, mblocks.node_modules(model),
-                                                                                shapes)
+    found = mblocks.model_blocks(model) if graph is None else \
+        mblocks.blocks(graph, mgraph.node_modules(mgraph.model_of(model)), shapes)
     if not found:
         raise NotApplicable("no transformer blocks found: no chain of residual Adds (x + f(x), f holding a "
                             "MatMul/Gemm/Conv layer) on a stream")
@@ -70,8 +71,20 @@ def find_block(model: onnx.ModelProto, ref: str, graph: gs.Graph | None = None,
         names = {str(block.index), block.output.name, block.sublayers[-1].add.name, block.module}
         if ref in names:
             return block
-    listed = ", ".join(f"{b.index} ({b.module or b.output.name})" for b in found)
-    raise UsageError(f"no block '{ref}' (blocks: {listed}; `inspect` lists them)")
+    listed = ", ".join(f"{b.index} ({b.module or b.output.name})" for b in found[:8])
+    listed += f", ... ({len(found)} in all)" if len(found) > 8 else ""
+    view = graph if graph is not None else mgraph.read_view(model)
+    try:
+        node = mgraph.find_node(view, ref) if not ref.isdigit() else None
+    except UsageError:
+        node = None
+    if node is not None:
+        for block in found:
+            if any(n.name == node.name for n in block.nodes):
+                return block
+        raise UsageError(f"'{ref}' ({node.op} '{node.name}') is in no transformer block (blocks: {listed})")
+    names = [b.module or b.output.name for b in found] + list(mgraph.module_paths(view).values())
+    raise UsageError(f"no block '{ref}' (blocks: {listed}); {mgraph.suggest(ref, names)}")
 
 
 class _Refusal(Exception):

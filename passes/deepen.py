@@ -79,7 +79,8 @@ class DeepenPass(MorphPass):
     name = "deepen"
     summary = "replace a layer by two layers (dense NetMorph or identity) with a P-activation between"
     params = (
-        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer: node name, output name or module "
+              "path, as inspect prints them", metavar="L"),
         Param("kernel", dims, "kernel of the new second layer, one number or one per axis (Conv only; "
               f"default {DEFAULT_CONV_KERNEL}, Gemm/MatMul: 1)", default=None, metavar="K"),
         Param("width", positive_int, "channels between the two layers (default: the layer's output channels)",

@@ -53,7 +53,8 @@ class KernelPass(MorphPass):
     name = "kernel"
     summary = "grow a Conv's kernel (zero-padded kernel, larger padding)"
     params = (
-        Param("layer", layer_name, "the Conv layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv layer: node name, output name or module "
+              "path, as inspect prints them", metavar="L"),
         Param("size", dims, "new kernel size, one number for every axis or one per axis (5, 1x7)",
               metavar="K"),
     )

@@ -109,9 +109,10 @@ class SkipPass(MorphPass):
     name = "skip"
     summary = "add a skip connection from tensor A to a later tensor B (zero-initialised add, or concat)"
     params = (
-        Param("source", layer_name, "tensor A (or the node producing it)", flag="--from", metavar="A"),
-        Param("target", layer_name, "tensor B, computed from A (or the node producing it)", flag="--to",
-              metavar="B"),
+        Param("source", layer_name, "tensor A: its name, or the node or module making it, as inspect "
+              "prints them", flag="--from", metavar="A"),
+        Param("target", layer_name, "tensor B, computed from A: its name, or the node or module making "
+              "it", flag="--to", metavar="B"),
         Param("mode", str, "add (B + zero 1x1 projection of A) or concat (B, A with zero consumer weights)",
               default="add", choices=MODES),
     )

@@ -76,7 +76,8 @@ class SubnetPass(MorphPass):
     name = "subnet"
     summary = "morph a layer into a module: a chain, parallel branches, or a residual block"
     params = (
-        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer: node name, output name or module "
+              "path, as inspect prints them", metavar="L"),
         Param("kind", str, "sequential, parallel or residual", choices=KINDS),
         Param("depth", positive_int, "layers per chain (sequential: default 2; parallel: per branch, "
               "default 1)", default=None, metavar="N"),

@@ -56,7 +56,8 @@ class WidenPass(MorphPass):
     name = "widen"
     summary = "more output channels for a Conv/Gemm/MatMul (coupled layers follow)"
     params = (
-        Param("layer", layer_name, "the Conv, Gemm or MatMul layer (node or output name)", metavar="L"),
+        Param("layer", layer_name, "the Conv, Gemm or MatMul layer: node name, output name or module "
+              "path, as inspect prints them", metavar="L"),
         Param("width", positive_int, "the new number of output channels (units)", metavar="N"),
         Param("method", str, "how the new channels are filled", default="netmorph", choices=wsolve.METHODS),
         SEED,
@@ -129,7 +130,7 @@ class WidenPass(MorphPass):
         """The coupling of the widened channels and where the new ones go (the insertions)."""
         added = self.width - old
         tensor = node.outputs[0].name
-        if not (node.op == "Conv" and groups > 1 and node.inputs[1].values.shape[1] != 1):
+        if not (node.op == "Conv" and groups > 1 and node.inputs[1].shape[1] != 1):
             # where the new channels go is ours to choose: a grouped reader or a channel shuffle may ask
             # for them spread over its groups
             return channels.analyze_placements(view, tensor, axis, [(old, added)], shapes, old=old)
@@ -187,7 +188,7 @@ class WidenPass(MorphPass):
             groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
             if groups == 1:
                 continue
-            per_in = node.inputs[1].values.shape[1]
+            per_in = node.inputs[1].shape[1]
             start = 0
             space = coupling.spaces[consumer.slot.space]
             for g, (_pos, count) in enumerate(space.inserts):

@@ -96,7 +96,7 @@ def test_yaml_recipe(tmp_path: Path) -> None:
     ("{}", "non-empty list"),
     ("[1]", "step 1 is a int"),
     ('[{"layer": "conv1"}]', "no \"morph\" name"),
-    ('[{"morph": "grow"}]', "unknown morph 'grow'"),
+    ('[{"morph": "shrink"}]', "unknown morph 'shrink'"),
     ('[{"morph": "kernel", "layer": "conv1"}]', "missing parameter 'size'"),
     ('[{"morph": "kernel", "layer": "conv1", "size": 5, "output": "x.onnx"}]', "not files"),
     ("[{", "not valid JSON"),

@@ -17,14 +17,21 @@ its branch may also end in a norm (Gemma 2's and OLMo 2's norm after the sublaye
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmorph.graph.core import LAYER_OPS, Analysis, ModelOrAnalysis, layer_info, producer, read_view, tensor_shapes
+from onnxmorph.graph.core import (
+    LAYER_OPS,
+    Analysis,
+    ModelOrAnalysis,
+    layer_info,
+    node_modules,
+    producer,
+    read_view,
+    tensor_shapes,
+)
 
 FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
                "SkipSimplifiedLayerNormalization")
@@ -434,28 +441,6 @@ def model_blocks(model: ModelOrAnalysis) -> list[Block]:
 
 
 # --------------------------------------------------------------------------- module paths
-
-
-def node_modules(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> the module path the exporter recorded (dynamo's name_scopes/namespace, TorchScript's names)."""
-    paths = {}
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        path = None
-        if "pkg.torch.onnx.name_scopes" in meta:
-            try:
-                scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
-                path = scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
-            except (ValueError, SyntaxError, TypeError, IndexError):
-                path = None
-        elif "namespace" in meta:
-            parts = [p.split(":")[0].strip() for p in meta["namespace"].split("/") if ":" in p]
-            path = parts[-1] if parts and parts[-1] else None
-        elif node.name.startswith("/") and node.name.count("/") >= 2:
-            path = ".".join(node.name.strip("/").split("/")[:-1])
-        if path:
-            paths[node.name] = path
-    return paths
 
 
 def common_module(names: Iterable[str], modules: dict[str, str]) -> str | None:

@@ -686,7 +686,7 @@ def gather(a: Analysis, v: Visit) -> None:
     """Gathering along another axis passes the channels (shifted by the indices' rank)."""
     node, slot = v.node, v.slot
     rank = a.rank(node.inputs[0])
-    idx = a.rank(node.inputs[1]) if not isinstance(node.inputs[1], gs.Constant) else node.inputs[1].values.ndim
+    idx = a.rank(node.inputs[1]) if not isinstance(node.inputs[1], gs.Constant) else len(node.inputs[1].shape)
     if rank is None or idx is None and not isinstance(node.inputs[1], gs.Constant):
         raise NotApplicable(f"{v.where}: the ranks around it are unknown, cannot follow the channels")
     idx = idx or 0

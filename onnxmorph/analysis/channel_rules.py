@@ -350,7 +350,7 @@ def layer(a: Analysis, v: Visit) -> None:
     if v.tensor is weight:
         raise NotApplicable(f"{where}: the channels reach its weight input")
     _shared("weight", where, weight, node)
-    wshape = tuple(weight.values.shape)
+    wshape = tuple(weight.shape)
     if node.op == "Conv" and is_depthwise(a, node, wshape):
         depthwise(a, v, wshape)
     elif v.backward or v.tensor is node.outputs[0]:

@@ -181,7 +181,7 @@ class Analysis:
 
     def add_param(self, node: gs.Node, index: int, axis: int, offset: int, block: int, space: int, role: str) -> None:
         """Constant input `index` of `node` grows on `axis`; shared constants are resolved by `grow_params`."""
-        rank = len(node.inputs[index].values.shape)
+        rank = len(node.inputs[index].shape)
         param = Param(node.name, node.op, index, axis % rank if rank else axis, offset, block, space, role)
         if param not in self.result.params:
             self.result.params.append(param)

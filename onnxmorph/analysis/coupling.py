@@ -239,7 +239,7 @@ def rule(*ops: str, keeps_zero: bool = True, domain: str = "") -> Callable[[Rule
 
 def shape_of(shapes: Shapes, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
     if isinstance(tensor, gs.Constant):
-        return tuple(int(d) for d in tensor.values.shape)
+        return tuple(int(d) for d in tensor.shape)  # declared dims: a weight is not read for them
     shape = shapes.get(tensor.name)
     if shape is None and tensor.shape is not None:
         shape = tuple(d if isinstance(d, int) else None for d in tensor.shape)

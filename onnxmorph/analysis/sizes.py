@@ -85,7 +85,7 @@ def entries(a: Analysis, tensor: gs.Tensor) -> list | None:
 
 def _entries(a: Analysis, tensor: gs.Tensor) -> list | None:
     if isinstance(tensor, gs.Constant):
-        return ints(tensor.values) if tensor.values.ndim <= 1 else None
+        return ints(tensor.values) if len(tensor.shape) <= 1 else None
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or tensor is not node.outputs[0]:
         return None
@@ -350,7 +350,7 @@ def _window_dim(a: Analysis, node: gs.Node, axis: int) -> tuple | None:
     i = axis - 2
     kernel = constant_ints(node, 99, "kernel_shape")
     if kernel is None and node.op == "Conv" and isinstance(node.inputs[1], gs.Constant):
-        kernel = [int(d) for d in node.inputs[1].values.shape[2:]]
+        kernel = [int(d) for d in node.inputs[1].shape[2:]]
     auto = node.attrs.get("auto_pad", "NOTSET")
     if kernel is None or i >= len(kernel) or (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET" \
             or int(node.attrs.get("ceil_mode", 0)):
@@ -543,7 +543,7 @@ def _is_one(a: Analysis, root: tuple[str, int]) -> bool:
     tensor = a.tensors.get(root[0])
     if root == ONE:
         return True
-    return isinstance(tensor, gs.Constant) and 0 <= root[1] < tensor.values.ndim and tensor.values.shape[root[1]] == 1
+    return isinstance(tensor, gs.Constant) and 0 <= root[1] < len(tensor.shape) and tensor.shape[root[1]] == 1
 
 
 def _entry_size(a: Analysis, entry: object) -> int | None:

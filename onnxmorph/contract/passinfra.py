@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmorph.errors import OnnxMorphError, UsageError
-from onnxmorph.graph.core import LayerInfo, ModelOrAnalysis, find_node, model_of, opset, read_view, weight_index
+from onnxmorph.graph.core import LayerInfo, ModelOrAnalysis, find_layer, model_of, opset, read_view, weight_index
 from onnxmorph.limits import quote
 from onnxmorph.verification.verifier import interface_problems
 
@@ -165,7 +165,7 @@ def differs(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
 def layer_weight(model: onnx.ModelProto, layer: str) -> tuple[tuple[int, ...], int] | None:
     """(shape, itemsize) of the weight of `layer`, or None when it is not a layer with a constant weight."""
     try:
-        node = find_node(read_view(model), layer)
+        node = find_layer(read_view(model), layer)
     except Exception:
         return None
     k = weight_index(node)

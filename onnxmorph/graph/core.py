@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
+import difflib
 import heapq
 import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -60,7 +62,60 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         lazy = getattr(tensor, "_values", None)
         if type(lazy) is LazyValues and streaming.is_reference(lazy.tensor):
             tensor._values = MappedValues(lazy.tensor)
+    graph.__dict__[_SOURCE] = model  # for module_paths, read only if a name is looked up by its module
     return graph
+
+
+# --------------------------------------------------------------------------- module paths
+
+
+def node_modules(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> the module path the exporter recorded (dynamo's name_scopes/namespace, TorchScript's names)."""
+    paths = {}
+    for node in model.graph.node:
+        path = _module_path(node.name, {p.key: p.value for p in node.metadata_props})
+        if path:
+            paths[node.name] = path
+    return paths
+
+
+def _module_path(name: str, meta: dict[str, str]) -> str | None:
+    if "pkg.torch.onnx.name_scopes" in meta:
+        try:
+            scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+            return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+        except (ValueError, SyntaxError, TypeError, IndexError):
+            return None
+    if "namespace" in meta:
+        parts = [p.split(":")[0].strip() for p in meta["namespace"].split("/") if ":" in p]
+        return parts[-1] if parts and parts[-1] else None
+    if name.startswith("/") and name.count("/") >= 2:
+        return ".".join(name.strip("/").split("/")[:-1])
+    return None
+
+
+_SOURCE = "_onnxmorph_source"  # the model a graph was imported from (onnx-graphsurgeon drops node metadata)
+_PATHS = "_onnxmorph_module_paths"
+
+
+def module_paths(graph: gs.Graph) -> dict[str, str]:
+    """Node name -> module path for the nodes of `graph` (computed once per graph, when first asked).
+
+    From the metadata of the model the graph was imported from, else from TorchScript's node names.
+    """
+    # through __dict__: onnx-graphsurgeon's Graph.__getattr__ looks a missing name up as a registered function
+    paths = graph.__dict__.get(_PATHS)
+    if paths is None:
+        source = graph.__dict__.get(_SOURCE)
+        paths = node_modules(source) if source is not None else {}
+        for node in graph.nodes:
+            if node.name not in paths:
+                path = _module_path(node.name or "", {})
+                if path:
+                    paths[node.name] = path
+        graph.__dict__[_PATHS] = paths
+        graph.__dict__.pop(_SOURCE, None)
+    return paths
 
 
 class MappedValues(LazyValues):
@@ -326,7 +381,33 @@ def layers(graph: gs.Graph) -> list[LayerInfo]:
 
 
 def find_node(graph: gs.Graph, name: str) -> gs.Node:
-    """The node called `name`, or the node whose output tensor is called `name`."""
+    """The node `name` names, as `inspect` prints it: a node name, an output tensor's name or a module path.
+
+    A module path names the node whose output leaves the module (a `Linear`'s bias Add, say). An
+    unknown name is a UsageError that lists the closest names of every kind in one line.
+    """
+    return _resolve(graph, name, None)
+
+
+def find_layer(graph: gs.Graph, name: str, ops: Sequence[str] = LAYER_OPS) -> gs.Node:
+    """The morphable layer `name` (node name, output name or module path) whose op is one of `ops`.
+
+    A module path names the one layer of `ops` inside the module (its MatMul, not its bias Add).
+    """
+    node = _resolve(graph, name, tuple(ops))
+    if node.op not in ops:
+        raise NotApplicable(f"layer '{name}' is a {node.op}, not one of {', '.join(ops)}")
+    k = weight_index(node)
+    if k is None or len(node.inputs) <= k:
+        raise NotApplicable(f"layer '{name}' ({node.op}) has no weight input")
+    weight = node.inputs[k]
+    if not isinstance(weight, gs.Constant):
+        raise NotApplicable(f"layer '{name}': its weight '{weight.name}' is computed, not a constant")
+    return node
+
+
+def _resolve(graph: gs.Graph, name: str, ops: tuple[str, ...] | None) -> gs.Node:
+    """One resolver for every option that names a place in the model (see find_node and find_layer)."""
     by_name = [n for n in graph.nodes if n.name == name]
     if len(by_name) == 1:
         return by_name[0]
@@ -338,25 +419,52 @@ def find_node(graph: gs.Graph, name: str) -> gs.Node:
     for node in graph.nodes:
         if any(out.name == name for out in node.outputs):
             return node
-    candidates = [info.name for info in layers(graph)]
-    hint = f"; morphable layers: {', '.join(candidates[:8])}" if candidates else ""
-    if len(candidates) > 8:
-        hint += f", ... ({len(candidates)} in all)"
-    raise UsageError(f"no layer '{name}' in the model{hint}")
+    paths = module_paths(graph)
+    inside = [n for n in graph.nodes if _within(paths.get(n.name), name)]
+    if inside:
+        return _module_node(graph, name, inside, paths, ops)
+    raise UsageError(f"no layer '{name}' in the model; {suggest(name, _names(graph, paths, ops))}")
 
 
-def find_layer(graph: gs.Graph, name: str, ops: Sequence[str] = LAYER_OPS) -> gs.Node:
-    """The morphable layer `name` (node or output name) whose op is one of `ops`."""
-    node = find_node(graph, name)
-    if node.op not in ops:
-        raise NotApplicable(f"layer '{name}' is a {node.op}, not one of {', '.join(ops)}")
-    k = weight_index(node)
-    if k is None or len(node.inputs) <= k:
-        raise NotApplicable(f"layer '{name}' ({node.op}) has no weight input")
-    weight = node.inputs[k]
-    if not isinstance(weight, gs.Constant):
-        raise NotApplicable(f"layer '{name}': its weight '{weight.name}' is computed, not a constant")
-    return node
+def _within(path: str | None, module: str) -> bool:
+    return path is not None and (path == module or path.startswith(module + "."))
+
+
+def _module_node(graph: gs.Graph, module: str, inside: list[gs.Node], paths: dict[str, str],
+                 ops: tuple[str, ...] | None) -> gs.Node:
+    """The layer of `ops` in `module` (ops given), or the node whose output leaves it."""
+    if ops is not None:
+        found = [n for n in inside if n.op in ops and layer_info(n) is not None]
+        if not found:
+            raise NotApplicable(f"module '{module}' holds no {'/'.join(ops)} layer with a constant weight")
+    else:
+        members = {id(n) for n in inside}
+        found = [n for n in inside if any(is_graph_output(graph, t) or any(id(r) not in members for r in t.outputs)
+                                          for t in n.outputs)]
+    if len(found) == 1:
+        return found[0]
+    named = [paths[n.name] if paths.get(n.name) not in (None, module) else n.name for n in found]
+    kind = "layers" if ops is not None else "outputs"
+    listed = ", ".join(named[:6]) + (", ..." if len(named) > 6 else "")
+    raise UsageError(f"module '{module}' has {len(found)} {kind} ({listed}); name one of them")
+
+
+def _names(graph: gs.Graph, paths: dict[str, str], ops: tuple[str, ...] | None) -> list[str]:
+    """What a user may write for a node (a layer of `ops` when given): node, output and module names."""
+    nodes = [n for n in graph.nodes if ops is None or (n.op in ops and layer_info(n) is not None)]
+    names = [n.name for n in nodes if n.name] + [t.name for n in nodes for t in n.outputs if t.name]
+    return names + [paths[n.name] for n in nodes if n.name in paths]
+
+
+def suggest(name: str, candidates: Iterable[str], count: int = 5) -> str:
+    """'closest: a, b, c' for an unknown `name` (difflib over `candidates`), for one-line errors."""
+    unique = list(dict.fromkeys(c for c in candidates if c))
+    close = difflib.get_close_matches(name, unique, n=count, cutoff=0.6)
+    if not close:  # a short or odd name: the names that contain it, if any
+        close = [c for c in unique if name and name.lower() in c.lower()][:count]
+    if close:
+        return "closest: " + ", ".join(close) + " (`inspect` lists them all)"
+    return "no close match (`inspect` lists them)"
 
 
 def exclusive_constant(node: gs.Node, k: int, what: str = "weight") -> gs.Constant:

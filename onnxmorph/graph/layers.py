@@ -175,7 +175,7 @@ def detach(graph: gs.Graph, layer: Layer) -> Detached:
 
 def out_channels(node: gs.Node, shapes: Shapes) -> tuple[int, int, int]:
     """(channel axis of the output, channel count, groups) of layer `node` (any of graph.LAYER_OPS)."""
-    w = node.inputs[1].values.shape
+    w = node.inputs[1].shape  # the declared dims: a weight kept lazily is not read for them
     if node.op == "Conv":
         return 1, int(w[0]), int(node.attrs.get("group", 1))
     if node.op == "ConvTranspose":

@@ -239,6 +239,19 @@ def drop_unreferenced(scratch: _Scratch, models: Iterable[onnx.ModelProto]) -> N
     scratch.files = kept
 
 
+def is_spilling() -> bool:
+    """Whether computed weights are being spilled now (inside `spilling()`)."""
+    return _SPILL.get() is not None
+
+
+def drop_superseded(models: Iterable[onnx.ModelProto]) -> None:
+    """While spilling, remove the scratch files none of `models` refers to (a pass that runs several
+    morphs in turn drops the weights a later one replaced again, as run_passes does between passes)."""
+    scratch = _SPILL.get()
+    if scratch is not None:
+        drop_unreferenced(scratch, models)
+
+
 def release() -> None:
     """Remove every scratch folder (models that still refer to them can no longer be saved)."""
     while _SCRATCHES:

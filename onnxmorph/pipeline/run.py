@@ -119,9 +119,7 @@ def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier:
         log.info("morphing: %s", label)
         analysis = Analysis(child)  # one per model state: what requires() reads, call() reuses
         try:
-            new_bytes, new_layers = step.new_weights(analysis)
-            limits.NEW_BYTES.check(new_bytes, label)
-            limits.NEW_LAYERS.check(new_layers, label)
+            _check_limits(step, analysis, label)
             result = step.apply(analysis)
         except (NotApplicable, UsageError) as exc:
             if len(passes) == 1:
@@ -140,6 +138,26 @@ def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier:
         child = onnx.ModelProto()
         child.CopyFrom(parent_model)
     return child
+
+
+def _check_limits(step: MorphPass, analysis: Analysis, label: str) -> None:
+    """Refuse a step whose new weights or layers pass the limits, before its plan allocates anything."""
+    new_bytes, new_layers = step.new_weights(analysis)
+    limits.NEW_BYTES.check(new_bytes, label)
+    limits.NEW_LAYERS.check(new_layers, label)
+
+
+def plan(model: ModelLike, name: str, **params: Any) -> dict[str, Any]:
+    """What the registered pass `name` with `params` would do to `model`, without doing it.
+
+    Returns {"pass", "params", ...its plan as `describe` gives it} (for `grow`: "sizes" and every
+    "steps"); raises NotApplicable or UsageError as the morph itself would. Nothing is written.
+    """
+    step = get_pass(name)(**params)
+    parent_model, _ = _morphable(model, lazy=not isinstance(model, onnx.ModelProto))
+    analysis = Analysis(parent_model)
+    _check_limits(step, analysis, repr(step))
+    return {"pass": step.name, "params": dict(step.config), **step.describe(step.requires(analysis))}
 
 
 def _save_verified(parent_model: onnx.ModelProto, child: onnx.ModelProto, passes: Sequence[MorphPass],
