@@ -221,3 +221,16 @@ def test_a_fused_grouped_query_projection_sliced_into_parts_grows_each_part(widt
     info = onnxmorph.inspect(child)["attention"][0] if width == 64 else None
     if info is not None:
         assert (info["heads"], info["head_dim"], info["kv_heads"]) == (4 * grown, 4, 2 * grown)
+
+
+def test_a_one_channel_gate_broadcast_over_an_expert_is_refused_by_name() -> None:
+    """Qwen2-MoE's shared expert is scaled by sigmoid(x w) of width 1: that one channel cannot grow."""
+    body = """
+    g = MatMul(x, wg)
+    s = Sigmoid(g)
+    e = MatMul(x, we)
+    m = Mul(s, e)
+    y = MatMul(m, wo)"""
+    model = text_model(body, {"wg": _w(8, 1), "we": _w(8, 8), "wo": _w(8, 8)}, {}, x="float[N, 8]", y="float[N, 8]")
+    with pytest.raises(onnxmorph.NotApplicable, match=r"the one channel of 's' is broadcast over the 8 of 'e'"):
+        onnxmorph.get_pass("widen")(layer="g", width=2).requires(model)

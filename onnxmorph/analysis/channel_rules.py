@@ -108,6 +108,10 @@ def broadcast(a: Analysis, v: Visit) -> None:
         unit = size == 1 and a.space(slot.space).old * slot.block == 1 and not _from_layer(a, t)
         if axis < 0 or (shape[axis] if shape is not None else size) == 1 and (size != 1 or unit):
             continue
+        other = shape[axis] if shape is not None else None
+        if size == 1 and other is not None and other > 1 and not v.backward and v.tensor in node.inputs:
+            raise NotApplicable(f"{v.where}: the one channel of '{v.tensor.name}' is broadcast over the {other} of "
+                                f"'{t.name}' (a gate): widening it cannot preserve the function")
         if isinstance(t, gs.Constant) and node.op in ("Max", "Min", "Mean", "Sum"):
             a.blocker(node, slot.space)
         a.carry(node, k, axis, slot.offset, slot.block, slot.space, ROLES.get(node.op, "copy-only"))
