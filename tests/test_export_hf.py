@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from hf_support import HIDDEN, build_hf_model, facts, hf_export  # noqa: F401  (fixture)
+from onnx import numpy_helper
 
 import onnxmorph
 from onnxmorph import cli
@@ -297,6 +298,30 @@ def test_an_inserted_block_is_a_new_layer_and_the_layers_after_it_move(grown_chi
     assert not child["model.layers.1.mlp.down_proj.weight"].any()
     for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
         np.testing.assert_array_equal(child[f"model.layers.2.{name}"], parent[f"model.layers.1.{name}"])
+
+
+def test_a_grow_child_keeps_every_inserted_layer(parent_checkpoint, tmp_path: Path) -> None:
+    """`grow --layers +2` inserts blocks without a `block` step in the receipt: each must become a layer.
+
+    The built-in check cannot see a dropped identity block (it adds nothing), so the layer count and
+    the inserted writers (perturbed in the ONNX child and read back from the checkpoint) are checked.
+    """
+    hf, folder = parent_checkpoint("llama")
+    child = onnxmorph.grow(onnxmorph.load(hf.path), hidden="2x", ffn="2x", layers="+2")
+    copies = [t for t in child.graph.initializer if "/morph_block/" in t.name and len(t.dims) == 2]
+    writers = [t for t in copies if not numpy_helper.to_array(t).any()]
+    assert len(writers) == 2 * 2  # each new block's attention output and FFN down projection start at zero
+    rng = np.random.default_rng(0)
+    for tensor in copies:  # make the new layers count, so that a dropped or misplaced one changes the logits
+        tensor.CopyFrom(numpy_helper.from_array(
+            rng.normal(0, 0.05, numpy_helper.to_array(tensor).shape).astype(np.float32), tensor.name))
+    path = tmp_path / "child.onnx"
+    onnxmorph.save(child, path)
+    export_hf(path, like=folder, out=tmp_path / "child_hf", parent=hf.path)
+    loaded = load_back("llama", tmp_path / "child_hf")
+    assert loaded.config.num_hidden_layers == facts("llama")["layers"] + 2
+    feed = hf.feed(seed=3)
+    np.testing.assert_allclose(hf_logits(loaded, feed), _session_logits(path, feed), rtol=1e-4, atol=1e-5)
 
 
 def test_the_family_table_matches_transformers() -> None:

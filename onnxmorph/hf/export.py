@@ -50,8 +50,8 @@ from onnxmorph.pipeline import receipt
 log = logging.getLogger("onnxmorph")
 
 ModelLike = Union[onnx.ModelProto, str, os.PathLike]
-# The morphs whose children are still the same architecture, at other sizes.
-WRITABLE = ("widen", "block")
+# The morphs whose children are still the same architecture, at other sizes (grow runs widen and block).
+WRITABLE = ("widen", "block", "grow")
 _WHY_NOT = {
     "deepen": "adds a layer inside a block",
     "subnet": "adds a sub-network beside a layer",
@@ -121,7 +121,7 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
     parent_model, parent_name, other_digest = _find_parent(parent, history, like, child)
     plan = _Plan(family, checkpoint, child_model, child_name, parent_model, parent_name)
     try:
-        config, tensors, sizes = plan.run(history)
+        config, tensors, sizes = plan.run()
     except NotApplicable as exc:
         if other_digest:  # what the receipt says, beside what the weights say
             raise NotApplicable(f"{exc} ({other_digest})") from exc
@@ -167,7 +167,8 @@ def _check_history(history: list[dict[str, Any]], child: str, family: Family) ->
         params = " ".join(f"{k}={v}" for k, v in sorted((step.get("params") or {}).items()) if k != "seed")
         why = _WHY_NOT.get(name, "is not a growth that keeps the architecture")
         raise NotApplicable(f"{child}: step {n} of {len(steps)} is {name} ({params}), which {why}: a {family.name} "
-                            f"config cannot express it; export-hf writes back children grown by widen and block only")
+                            "config cannot express it; export-hf writes back children grown by widen, block and grow "
+                            "only")
 
 
 
@@ -213,7 +214,7 @@ class _Plan:
 
     # ------------------------------------------------------------------ the whole export
 
-    def run(self, history: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray], Sizes]:
+    def run(self) -> tuple[dict[str, Any], dict[str, np.ndarray], Sizes]:
         family, tensors = self.family, self.checkpoint.tensors
         for key in family.same_width:
             if self.config.get(key) not in (None, self.parent_sizes.D):
@@ -226,9 +227,15 @@ class _Plan:
         fixed = self._solve_parent()
         self.parent_map = matching.match_parent(self.parent, tensors, family, tied and absent, self.parent_name,
                                                 self.like)
-        inserted = sum(s.get("pass") == "block" for r in history for s in r.get("steps") or [])
-        layers = self._child_layers(inserted)
+        # Inserted blocks are read off the graph (their weights are copies under `<block>/morph_block/`),
+        # not counted from the receipt: `grow` inserts them too, and a count that missed one would drop a layer.
+        copies = {t.name for t in self.child.graph.initializer if matching.is_copy(t.name)}
+        layers = self._child_layers(bool(copies))
         grown, origin = self._follow(layers)
+        unused = copies - {name for _, renames in layers for name in renames.values()}
+        if unused:
+            raise NotApplicable(f"{self.child_name}: the inserted weight '{sorted(unused)[0]}' belongs to no layer "
+                                "export-hf can number: the checkpoint would lose it")
         if tied and absent:
             grown, origin = self._tie(grown, origin)
         sizes = self._solve_child(grown, origin, fixed, len(layers))
@@ -264,7 +271,7 @@ class _Plan:
 
     # ------------------------------------------------------------------ the child's layers and weights
 
-    def _child_layers(self, inserted: int) -> list[tuple[int, dict[str, str]]]:
+    def _child_layers(self, inserted: bool) -> list[tuple[int, dict[str, str]]]:
         """Per layer of the child: the parent layer it is or copies, and the child's names of that layer's weights."""
         count = self.parent_sizes.layers
         if not inserted:
@@ -280,9 +287,9 @@ class _Plan:
                 continue  # not one of the model's layers (a block the analysis sees elsewhere)
             layers.append((sources.pop(), renames))
         originals = [j for j, renames in layers if not any(matching.is_copy(n) for n in renames.values())]
-        if originals != list(range(count)) or len(layers) != count + inserted:
+        if originals != list(range(count)):
             raise NotApplicable(f"{self.child_name}: its blocks ({len(layers)} found) are not the parent's {count} "
-                                f"layers in order with the {inserted} that block inserted: cannot number the layers "
+                                "layers in order with inserted copies between them: cannot number the layers "
                                 "of the checkpoint")
         return layers
 
