@@ -171,19 +171,30 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     tensors (still lazy) are exported as empty stand-ins and then copied once into place.
     """
     lazy: dict[str, tuple[gs.Constant, LazyValues]] = {}
+    relocated: list[gs.Constant] = []
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
         # A weight kept in a file whose values a pass only looked at goes out as the reference again.
-        values = _mapped_source(values) or values
-        if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and values.nbytes >= 1024:
+        mapped = _mapped_source(values)
+        values = mapped or values
+        # A weight kept in a file goes out as its reference whatever its size: read into an array,
+        # onnx-graphsurgeon would export its bytes still marked as external data, without a location.
+        if isinstance(tensor, gs.Constant) and isinstance(values, LazyValues) and (
+                values.nbytes >= 1024 or mapped is not None):
             lazy[tensor.name] = (tensor, values)
             stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
             tensor._values = LazyValues(stub)
+        elif isinstance(tensor, gs.Constant) and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            # its values are in memory now (read, or computed): they go out inline
+            relocated.append(tensor)
+            tensor.data_location = None
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for tensor, values in lazy.values():
             tensor._values = values
+        for tensor in relocated:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
     placed = 0
     for slot in model.graph.initializer:
         if slot.name in lazy:
@@ -446,12 +457,14 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, readers: I
 def constant(name: str, array: np.ndarray, dtype: np.dtype | type) -> gs.Constant:
     """A new constant holding a fresh copy of `array` cast to `dtype`.
 
-    While `streaming.spilling()` is on, a large one is written to a scratch file at once and held
-    as a reference: a pass that recomputes every weight holds one at a time (see streaming).
+    While `streaming.spilling()` is on, a large one is written to a scratch file at once (cast on
+    the way, no copy of it made) and held as a reference: a pass that recomputes every weight
+    holds one at a time (see streaming).
     """
-    fresh = np.ascontiguousarray(np.array(array, dtype=dtype, copy=True))
-    spilled = streaming.spill(name, fresh)
-    return gs.Constant(name, fresh if spilled is None else MappedValues(spilled))
+    spilled = streaming.spill(name, np.asarray(array), np.dtype(dtype))
+    if spilled is not None:
+        return gs.Constant(name, MappedValues(spilled))
+    return gs.Constant(name, np.ascontiguousarray(np.array(array, dtype=dtype, copy=True)))
 
 
 def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | None = None) -> gs.Constant:

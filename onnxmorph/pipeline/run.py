@@ -99,10 +99,13 @@ def run_passes(
     options = options or VerifyOptions()
     parent_model, reference = _morphable(parent, lazy=output is not None)
     verifier = options.verifier(reference) if options.enabled else None
-    # A parent kept with external data (a model that may not fit in memory) gets its computed weights
-    # spilled to files as they are made; an inline one (under 2 GiB) keeps them in memory.
-    spill = mio.had_external_data(parent_model) and streaming.streams(parent_model)
-    with streaming.spilling() if spill else contextlib.nullcontext() as scratch:
+    # A parent whose weights stay in their files (external data, or a model file read lazily because
+    # the child is saved here) gets its computed weights written to a file as they are made: beside the
+    # output, where saving takes that file over as the child's data file.
+    spill = streaming.streams(parent_model)
+    where = Path(output).resolve().parent if output is not None else None
+    stem = Path(output).name if output is not None else ""
+    with streaming.spilling(where, stem) if spill else contextlib.nullcontext() as scratch:
         child = _apply(parent_model, passes, verifier, verify_each, scratch)
     if output is not None and streaming.streams(child):
         return _save_verified(parent_model, child, passes, verifier, Path(output))
