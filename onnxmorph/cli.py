@@ -58,6 +58,10 @@ def _verification_options(parser: argparse.ArgumentParser, seed_flag: str) -> No
                        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable; "
                             "by default a dynamic batch dimension is 2 and a dynamic sequence axis 16)")
     group.add_argument("--inputs", metavar="X.npz", help="compare on these inputs (an .npz with one array per input)")
+    group.add_argument("--verify-by", dest="verify_by", choices=("auto", "outputs", "regions"), default="auto",
+                       help="run both models whole and compare outputs, or check the changed regions one by one and "
+                            "every other node and weight for identity (for models larger than memory); auto: by "
+                            "regions when a model is over ONNXMORPH_MAX_MODEL_BYTES (default auto)")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -151,7 +155,7 @@ def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOpt
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, not {args.trials}")
     return VerifyOptions(enabled=enabled, atol=args.atol, rtol=args.rtol, trials=args.trials,
-                         seed=args.verify_seed, shapes=shapes, inputs=args.inputs)
+                         seed=args.verify_seed, shapes=shapes, inputs=args.inputs, method=args.verify_by)
 
 
 def _check_output(model: str, output: str) -> Path:
@@ -203,7 +207,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     # input, exit 2, not a child that computes something else); onnxruntime then loads it by path.
     parent, child = (read_model_file(path) for path in (args.parent, args.child))
     report = verify(parent, child, atol=options.atol, rtol=options.rtol, trials=options.trials,
-                    seed=options.seed, shapes=options.shapes, inputs=options.inputs)
+                    seed=options.seed, shapes=options.shapes, inputs=options.inputs, method=options.method)
     if args.json or not args.quiet:
         _print_report(report, args.json, {"parent": args.parent, "child": args.child})
     if not report:

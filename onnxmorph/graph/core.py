@@ -60,7 +60,21 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         lazy = getattr(tensor, "_values", None)
         if type(lazy) is LazyValues and streaming.is_reference(lazy.tensor):
             tensor._values = MappedValues(lazy.tensor)
+        elif type(lazy) is LazyValues and lazy.tensor.data_type in _NUMPY_LACKS:
+            tensor._values = TypedValues(lazy.tensor)
     return graph
+
+
+# Types onnx-graphsurgeon reads as float32 (numpy lacks them): read as ml_dtypes' types instead.
+_NUMPY_LACKS = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+                onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ)
+
+
+class TypedValues(LazyValues):
+    """Lazy values of an inline bfloat16 (or float8) weight, read in its own type, not cast to float32."""
+
+    def load(self) -> np.ndarray:
+        return onnx.numpy_helper.to_array(self.tensor)
 
 
 class MappedValues(LazyValues):
@@ -483,8 +497,15 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
 
 
 def dtype_of(tensor: gs.Tensor) -> np.dtype:
-    """The element type of a tensor (float32 where the graph does not say)."""
-    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+    """The element type of a tensor (float32 where the graph does not say).
+
+    onnx-graphsurgeon gives a type numpy lacks (bfloat16) as its ONNX number: mapped through onnx.
+    """
+    if tensor.dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(tensor.dtype, int):
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype))
+    return np.dtype(tensor.dtype)
 
 
 def opset(model_or_graph: ModelOrAnalysis | gs.Graph) -> int:

@@ -141,6 +141,46 @@ def map_array(tensor: onnx.TensorProto) -> np.ndarray:
     return array
 
 
+def _data_reader(tensor: onnx.TensorProto) -> tuple[int, Callable[[int, int], bytes]]:
+    """(byte count, read(start, count)) of a tensor's data, wherever it is (a file, raw data, typed fields)."""
+    if is_reference(tensor):
+        path, offset, length = _span(tensor)
+        fd = os.open(path, os.O_RDONLY)
+
+        def read_file(start: int, count: int) -> bytes:
+            return os.pread(fd, count, offset + start)
+
+        read_file.fd = fd  # type: ignore[attr-defined]
+        return length, read_file
+    data = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+    view = memoryview(data)
+    return len(data), lambda start, count: bytes(view[start:start + count])
+
+
+def same_data(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    """Whether two tensors hold the same type, dims and bytes (read a chunk at a time, never whole).
+
+    Two references to the same bytes of the same file are the same without reading them.
+    """
+    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
+        return False
+    if is_reference(a) and is_reference(b) and _span(a) == _span(b):
+        return True
+    (length_a, read_a), (length_b, read_b) = _data_reader(a), _data_reader(b)
+    try:
+        if length_a != length_b:
+            return False
+        for start in range(0, length_a, _READ_CHUNK):
+            count = min(_READ_CHUNK, length_a - start)
+            if read_a(start, count) != read_b(start, count):
+                return False
+        return True
+    finally:
+        for read in (read_a, read_b):
+            if hasattr(read, "fd"):
+                os.close(read.fd)
+
+
 def materialize(tensor: onnx.TensorProto) -> None:
     """Read a referenced tensor's bytes into the tensor itself."""
     data = read_bytes(tensor)
@@ -205,7 +245,7 @@ class _Scratch:
         try:
             position = offset
             for piece in _pieces(array, dtype):
-                _pwrite_all(self.fd, memoryview(piece).cast("B"), position)
+                _pwrite_all(self.fd, memoryview(piece.view(np.uint8)), position)  # bytes: any dtype, bfloat16 too
                 position += piece.nbytes
         except OSError as exc:
             raise UsageError(f"cannot write a computed weight to the scratch file {self.path} "

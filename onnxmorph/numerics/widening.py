@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from onnxmorph.numerics.dtypes import compute_dtype
+
 Insertions = Sequence[tuple[int, int]]
 
 METHODS = ("netmorph", "net2net", "lemon")
@@ -26,16 +28,6 @@ METHODS = ("netmorph", "net2net", "lemon")
 # The entries of one slab: a few of them fit in a CPU cache's neighbourhood, and they bound the
 # work arrays of a solver whatever the size of the weight.
 CHUNK_BYTES = 16 * 2**20
-
-
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """The type arithmetic on a weight of `dtype` is done in: float32 for 16-bit floats, else its own."""
-    dtype = np.dtype(dtype)
-    if dtype.itemsize < 4 and (dtype.kind == "f" or dtype.name == "bfloat16"):
-        return np.dtype(np.float32)
-    if dtype.kind in "fc":
-        return dtype
-    return np.dtype(np.float64)  # integer per-channel constants: exact in float64 for what they hold
 
 
 def _take(array: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:

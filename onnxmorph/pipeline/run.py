@@ -41,10 +41,11 @@ class VerifyOptions:
     seed: int = 0
     shapes: Mapping[str, Sequence[int]] | None = None
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
+    method: str = "auto"  # outputs (run whole), regions, or auto: by regions when a model does not fit
 
     def verifier(self, parent: onnx.ModelProto | str | os.PathLike) -> Verifier:
         return Verifier(parent, atol=self.atol, rtol=self.rtol, trials=self.trials, seed=self.seed,
-                        shapes=self.shapes, inputs=self.inputs)
+                        shapes=self.shapes, inputs=self.inputs, method=self.method)
 
 
 @dataclass
@@ -78,7 +79,9 @@ def _morphable(parent: ModelLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
     # Weights stay in their files until a pass touches them (see streaming): always those kept in
     # external data, and those inside the model file when run_passes saves the child itself.
     lazy = lazy or bool(mio.external_data_files(parent))
-    return mio.load(parent, normalize_model=True, lazy=lazy), Path(parent)
+    model = mio.load(parent, normalize_model=True, lazy=lazy)
+    mio.start_digest(model)  # the receipt needs it: read beside the morph
+    return model, Path(parent)
 
 
 def run_passes(
@@ -198,12 +201,19 @@ def _record(parent: onnx.ModelProto, passes: Sequence[MorphPass], report: Report
             "inputs": report.input_source,
             "max_abs_error": report.max_abs_error,
             "max_rel_error": report.max_rel_error,
+            "method": report.method,
             "outputs": [
                 {"name": o.name, "max_abs_error": o.max_abs_error, "max_rel_error": o.max_rel_error,
                  "atol": o.atol, "rtol": o.rtol}
                 for o in report.outputs
             ],
         }
+        if report.computed_in:
+            verification["computed_in"] = report.computed_in
+        if report.method == "regions":
+            verification.update(regions=len(report.regions), unchanged_nodes=report.unchanged_nodes,
+                                identical_weights=report.identical_weights,
+                                identical_weight_bytes=report.identical_weight_bytes)
     return {
         "tool": f"onnxmorph {__version__}",
         "parent_sha256": mio.digest(parent),

@@ -28,6 +28,7 @@ import onnx
 from onnxmorph import limits
 from onnxmorph.errors import UnsafeModelError, UsageError
 from onnxmorph.io import loading as mio
+from onnxmorph.numerics.dtypes import is_float
 
 DEFAULT_BATCH = 2
 DEFAULT_SEQUENCE = 16
@@ -211,7 +212,7 @@ def input_draws(model: onnx.ModelProto) -> dict[str, Draw]:
     for info in mio.true_inputs(model):
         dtype = np_dtype(info.type.tensor_type.elem_type, info.name)
         masky = "mask" in info.name.lower()
-        if dtype.kind == "f":
+        if is_float(dtype):
             draws[info.name] = Draw("float", *INPUT_RANGE)
         elif dtype.kind not in "iub":
             raise UsageError(f"input '{info.name}' of type {dtype} needs --inputs")
