@@ -213,7 +213,8 @@ def build_graph(shape: LlamaShape, w: _Writer) -> Any:
         y = rms_norm(x, f"{p}/input_layernorm")
         heads = []
         for proj in ("q_proj", "k_proj", "v_proj"):
-            z = node("Reshape", [linear(y, f"{p}/self_attn/{proj}", h, h), heads_shape], f"/{p}/self_attn/{proj}/Reshape")
+            z = node("Reshape", [linear(y, f"{p}/self_attn/{proj}", h, h), heads_shape],
+                     f"/{p}/self_attn/{proj}/Reshape")
             heads.append(node("Transpose", [z], f"/{p}/self_attn/{proj}/Transpose", perm=[0, 2, 1, 3]))
         q, k = (rotate(t, f"/{p}/self_attn/rotary_{n}") for t, n in zip(heads[:2], "qk"))
         kt = node("Transpose", [k], f"/{p}/self_attn/Transpose_k", perm=[0, 1, 3, 2])

@@ -94,7 +94,7 @@ with open(report, "w") as f:
 """
 
 
-def measure(cmd: Sequence[str], *, cwd: Path | None = None) -> dict[str, Any]:
+def measure(cmd: Sequence[str], *, cwd: Path | None = None, stdout_tail: int = 2000) -> dict[str, Any]:
     """Run `cmd` in a new process: wall seconds, peak resident memory (bytes), exit code, stderr tail.
 
     The peak comes from wait4's rusage of that one process, taken by a small launcher process,
@@ -115,7 +115,7 @@ def measure(cmd: Sequence[str], *, cwd: Path | None = None) -> dict[str, Any]:
         else:  # the launcher itself failed: report it as a failed run
             result = {"seconds": float("nan"), "peak_rss_bytes": 0, "returncode": -1}
     result["stderr"] = stderr.decode(errors="replace")[-2000:]
-    result["stdout"] = stdout.decode(errors="replace")[-2000:]
+    result["stdout"] = stdout.decode(errors="replace")[-stdout_tail:]
     return result
 
 

@@ -11,19 +11,21 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from onnxmorph import limits
 from onnxmorph.contract import registry
-from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.io import loading as mio
-from onnxmorph.pipeline.inspection import format_inspection, inspect
-from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, run_passes
 from onnxmorph.search.cli import add_arguments as search_arguments
-from onnxmorph.search.cli import run_command as run_search
-from onnxmorph.verification.verifier import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
+from onnxmorph.verification import DEFAULT_TRIALS
 from onnxmorph.version import __version__
+
+# What a command needs is imported when it runs (`inspect` never loads the verifier or the pipeline).
+if TYPE_CHECKING:
+    from onnxmorph.contract.passinfra import MorphPass
+    from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions
+    from onnxmorph.verification.report import Report
 
 log = logging.getLogger("onnxmorph")
 
@@ -151,6 +153,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOptions:
+    from onnxmorph.pipeline.run import VerifyOptions
+    from onnxmorph.verification.verifier import parse_shape
+
     shapes = dict(parse_shape(text) for text in args.shape)
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, not {args.trials}")
@@ -192,6 +197,8 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxmorph.pipeline.inspection import format_inspection, inspect
+
     model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
     info = inspect(model)
     if args.json:
@@ -202,6 +209,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from onnxmorph.verification.verifier import read_model_file, verify
+
     options = _verify_options(args)
     # Each file is checked once, from its header (safety, then onnx.checker: a failing file is bad
     # input, exit 2, not a child that computes something else); onnxruntime then loads it by path.
@@ -271,6 +280,8 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
+    from onnxmorph.pipeline.run import run_passes
+
     outcome = run_passes(args.model, [step], options, output=out)
     return _finish_morph(args, outcome, out)
 
@@ -282,6 +293,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
+    from onnxmorph.pipeline.run import run_passes
+
     outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
     return _finish_morph(args, outcome, out)
 
@@ -320,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "apply":
             return _cmd_apply(args)
         if args.command == "search":
+            from onnxmorph.search.cli import run_command as run_search
+
             return run_search(args)
         return _cmd_morph(args)
     except VerificationFailed as exc:

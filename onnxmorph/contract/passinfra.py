@@ -24,7 +24,7 @@ from onnxmorph.graph.core import (
     weight_index,
 )
 from onnxmorph.limits import quote
-from onnxmorph.verification.verifier import interface_problems
+from onnxmorph.verification.interface import interface_problems
 
 REQUIRED = object()
 

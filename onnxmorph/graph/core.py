@@ -488,7 +488,7 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
     (lazily shared by onnx-graphsurgeon) untouched.
     """
     old = node.inputs[k]
-    dtype = old.dtype if isinstance(old, gs.Constant) else array.dtype
+    dtype = dtype_of(old) if isinstance(old, gs.Constant) else array.dtype
     new = constant(name or old.name, array, dtype)
     node.inputs[k] = new
     return new

@@ -80,6 +80,12 @@ class _Layout:
         if cursor < length:
             self.runs.append((cursor, length, cursor + shift))
 
+    def contiguous(self, old: int) -> bool:
+        """Whether the old entries come first, in one run, and the new ones after them in insertion order."""
+        if self.runs not in ([(0, old, 0)], []) or (not self.runs and old):
+            return False
+        return all(at == old + start for start, _, at in self.pieces)
+
     def place(self, out: np.ndarray, old: np.ndarray | None, new: np.ndarray | None) -> None:
         """Write `old` (every old entry, axis first) and `new` (the new entries in insertion order) into `out`."""
         if old is not None:
@@ -101,19 +107,24 @@ def _slabs(shape: Sequence[int], axis: int, itemsize: int) -> tuple[int | None, 
     return cut, (slice(k, min(k + per, shape[cut])) for k in range(0, max(shape[cut], 1), per))
 
 
-def _grow(w: np.ndarray, axis: int, layout: _Layout,
-          solve: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray | None]],
-          *, exact_copy: bool = False) -> np.ndarray:
-    """The widened weight, slab by slab: `solve(slab, slab's slot in the result)` returns (old, new) entries.
+Solver = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _grow(w: np.ndarray, axis: int, layout: _Layout, solve: Solver, *, exact_copy: bool = False) -> np.ndarray:
+    """The widened weight, slab by slab: `solve(slab, old entries, new entries)` fills the two.
 
     Slabs have the widened axis first and are in the compute dtype (in the weight's own with
-    `exact_copy`, for solvers that only move entries); `old` None keeps the slab's old entries.
+    `exact_copy`, for solvers that only move entries); the two it fills are in the weight's dtype,
+    and are the result's own entries where the new ones all follow the old ones (a widened
+    layer's usual case), else slabs placed afterwards.
     """
     ax = axis % w.ndim
+    old_length = w.shape[ax]
     shape = list(w.shape)
     shape[ax] = layout.length
     out = np.empty(shape, dtype=w.dtype)
     work = w.dtype if exact_copy else compute_dtype(w.dtype)
+    direct = layout.contiguous(old_length)
     cut, slabs = _slabs(w.shape, ax, max(work.itemsize, w.dtype.itemsize))
     for part in slabs:
         index = [slice(None)] * w.ndim
@@ -122,9 +133,15 @@ def _grow(w: np.ndarray, axis: int, layout: _Layout,
         source = np.moveaxis(w[tuple(index)], ax, 0)
         slab = source if source.dtype == work else source.astype(work)
         target = np.moveaxis(out[tuple(index)], ax, 0)
-        old, new = solve(slab, target)
-        layout.place(target, slab if old is None else old, new)
-        del slab, source, old, new
+        if direct:
+            solve(slab, target[:old_length], target[old_length:])
+        else:
+            old = np.empty(slab.shape, dtype=w.dtype)
+            new = np.empty((layout.added, *slab.shape[1:]), dtype=w.dtype)
+            solve(slab, old, new)
+            layout.place(target, old, new)
+            del old, new
+        del slab, source
     return out
 
 
@@ -164,20 +181,27 @@ def _normal(rng: np.random.Generator, std: float, shape: Sequence[int], dtype: n
     return values.astype(dtype, copy=False)
 
 
-def _gathered(slab: np.ndarray, offset: int, block: int, sources: np.ndarray, old: int | None) -> np.ndarray:
+def _gathered(slab: np.ndarray, offset: int, block: int, sources: np.ndarray, old: int | None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """The entries (axis first) of new channels that copy `sources`: -1 the mean of the `old` channels, -2 zero."""
     sources = np.asarray(sources, dtype=np.int64)
-    picked = slab[channel_index(offset, block, np.maximum(sources, 0))]
+    index = channel_index(offset, block, np.maximum(sources, 0))
+    if out is None:
+        out = slab[index]
+    elif out.dtype == slab.dtype:
+        np.take(slab, index, axis=0, out=out)
+    else:
+        out[...] = slab[index]
     if (sources == -2).any():
-        picked[np.repeat(sources == -2, block)] = 0
+        out[np.repeat(sources == -2, block)] = 0
     if (sources == -1).any():
         if old is None:
             raise ValueError("a mean channel needs the number of old channels")
         entries = slab[offset:offset + old * block]
-        mean = entries.reshape(old, block, *entries.shape[1:]).mean(axis=0, dtype=np.float64).astype(slab.dtype)
+        mean = entries.reshape(old, block, *entries.shape[1:]).mean(axis=0, dtype=np.float64)
         for i in np.nonzero(sources == -1)[0]:
-            picked[i * block:(i + 1) * block] = mean
-    return picked
+            out[i * block:(i + 1) * block] = mean
+    return out
 
 
 # --------------------------------------------------------------------------- public solvers
@@ -266,18 +290,21 @@ def solve_widen_incoming(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     layout = _Layout(w.shape[ax], offset, block, inserts)
     n = layout.added
     if mode == "copy":
-        return _grow(w, ax, layout, lambda slab, _: (None, _gathered(slab, offset, block, sources, old)),
-                     exact_copy=not (np.asarray(sources) == -1).any())
+        def copy(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+            old_out[...] = slab
+            _gathered(slab, offset, block, sources, old, new_out)
+
+        return _grow(w, ax, layout, copy, exact_copy=not (np.asarray(sources) == -1).any())
     if mode != "random":
         raise ValueError(f"unknown incoming mode {mode!r}")
     shape = list(w.shape)
     shape[ax] = n
     std = _scale(w, int(np.prod(shape)) // max(n, 1))
 
-    def random(slab: np.ndarray, _: np.ndarray) -> tuple[None, np.ndarray]:
-        new = _normal(rng, std, (n, *slab.shape[1:]), slab.dtype)
-        new[:zero_first * block] = 0
-        return None, new
+    def random(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+        old_out[...] = slab
+        new_out[...] = _normal(rng, std, new_out.shape, new_out.dtype)
+        new_out[:zero_first * block] = 0
 
     return _grow(w, ax, layout, random, exact_copy=True)
 
@@ -289,12 +316,12 @@ def fill_channels(p: np.ndarray, axis: int, inserts: Insertions, value: float, *
         return solve_widen_incoming(p, axis, inserts, np.random.default_rng(0), mode="copy", sources=sources,
                                     offset=offset, block=block, old=old)
     ax = axis % p.ndim
-    layout = _Layout(p.shape[ax], offset, block, inserts)
 
-    def constant(slab: np.ndarray, _: np.ndarray) -> tuple[None, np.ndarray]:
-        return None, np.full((layout.added, *slab.shape[1:]), value, dtype=slab.dtype)
+    def constant(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+        old_out[...] = slab
+        new_out[...] = value
 
-    return _grow(p, ax, layout, constant, exact_copy=True)
+    return _grow(p, ax, _Layout(p.shape[ax], offset, block, inserts), constant, exact_copy=True)
 
 
 def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.random.Generator, *,
@@ -315,12 +342,12 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     if method == "netmorph":
         std = _scale(w, w.shape[ax]) if random_first else 0.0
 
-        def zero(slab: np.ndarray, _: np.ndarray) -> tuple[None, np.ndarray]:
-            new = np.zeros((n, *slab.shape[1:]), dtype=slab.dtype)
+        def zero(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+            old_out[...] = slab
+            new_out[...] = 0
             if random_first:
-                live = new[:random_first * block]
-                live[...] = _normal(rng, std, live.shape, slab.dtype)
-            return None, new
+                live = new_out[:random_first * block]
+                live[...] = _normal(rng, std, live.shape, live.dtype)
 
         return _grow(w, ax, layout, zero, exact_copy=True)
     if method not in ("net2net", "lemon"):
@@ -333,17 +360,27 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
     np.add.at(counts, src_index[live], 1)
     shared = bool((counts > 1).any())
     std = _scale(w, w.shape[ax]) if method == "lemon" or noise > 0.0 else 0.0
+    noisy = method == "net2net" and noise > 0.0 and bool(live.any())
 
-    def solve(slab: np.ndarray, _: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def split(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+        # the division straight into the result (cast to its dtype), and the copies taken from it
+        if shared:
+            np.divide(slab, counts.astype(slab.dtype).reshape((-1,) + (1,) * (slab.ndim - 1)), out=old_out,
+                      casting="unsafe")
+        else:
+            old_out[...] = slab
+        np.take(old_out, src_index, axis=0, out=new_out)
+        new_out[~live] = 0
+
+    def corrected(slab: np.ndarray, old_out: np.ndarray, new_out: np.ndarray) -> None:
+        # perturbed copies (noise, lemon): the corrections summed in the compute dtype, then stored
         if method == "net2net":
-            # `slab` may be the parent's mapped weight itself: divided into a new array, never in place
-            old = slab / counts.astype(slab.dtype).reshape((-1,) + (1,) * (slab.ndim - 1)) if shared else slab
+            old = slab / counts.astype(slab.dtype).reshape((-1,) + (1,) * (slab.ndim - 1))
             new = old[src_index]
-            if noise > 0.0 and live.any():
-                eps = _normal(rng, noise * std, new.shape, slab.dtype)
-                eps[~live] = 0
-                new += eps
-                np.subtract.at(old, src_index[live], eps[live])
+            eps = _normal(rng, noise * std, new.shape, slab.dtype)
+            eps[~live] = 0
+            new += eps
+            np.subtract.at(old, src_index[live], eps[live])
         else:
             new = _normal(rng, std, (n, *slab.shape[1:]), slab.dtype)
             new[~live] = 0
@@ -351,6 +388,7 @@ def solve_widen_outgoing(w: np.ndarray, axis: int, inserts: Insertions, rng: np.
             old = slab.copy()
             np.subtract.at(old, src_index[live], new[live])
         new[~live] = 0
-        return old, new
+        old_out[...] = old
+        new_out[...] = new
 
-    return _grow(w, ax, layout, solve)
+    return _grow(w, ax, layout, corrected if noisy or method == "lemon" else split)

@@ -23,7 +23,9 @@ from onnxmorph import limits
 from onnxmorph.errors import InvalidModelError, UsageError, one_line
 from onnxmorph.io import casting, saving, streaming
 from onnxmorph.io import loading as mio
+from onnxmorph.verification import DEFAULT_TRIALS as DEFAULT_TRIALS
 from onnxmorph.verification import feeds, regions
+from onnxmorph.verification.interface import interface_problems  # noqa: F401  (re-exported)
 from onnxmorph.verification.report import (  # noqa: F401  (re-exported)
     OutputCheck,
     Report,
@@ -38,7 +40,6 @@ log = logging.getLogger("onnxmorph")
 
 ModelLike = Union[onnx.ModelProto, str, os.PathLike, "ModelFile"]
 
-DEFAULT_TRIALS = 3
 DEFAULT_BATCH = feeds.DEFAULT_BATCH
 INPUT_RANGE = feeds.INPUT_RANGE
 
@@ -267,39 +268,6 @@ def fits(model: onnx.ModelProto | ModelFile) -> bool:
 
 
 # --------------------------------------------------------------------------- comparison
-
-
-def _io_signature(info: onnx.ValueInfoProto) -> tuple[str, int, tuple | None]:
-    tt = info.type.tensor_type
-    shape = tuple(_declared_dims(info)) if tt.HasField("shape") else None
-    return info.name, tt.elem_type, shape
-
-
-def interface_problems(parent: onnx.ModelProto, child: onnx.ModelProto) -> list[str]:
-    """Differences between the parent's and the child's inputs and outputs."""
-    problems = []
-    for kind, p_list, c_list in (
-        ("input", mio.true_inputs(parent), mio.true_inputs(child)),
-        ("output", list(parent.graph.output), list(child.graph.output)),
-    ):
-        p_sig = [_io_signature(i) for i in p_list]
-        c_sig = [_io_signature(i) for i in c_list]
-        if [s[0] for s in p_sig] != [s[0] for s in c_sig]:
-            problems.append(
-                f"the child's {kind}s {[s[0] for s in c_sig]} differ from the parent's {[s[0] for s in p_sig]}"
-            )
-            continue
-        for p, c in zip(p_sig, c_sig):
-            if p[1] != c[1]:
-                problems.append(
-                    f"{kind} '{p[0]}': type {onnx.TensorProto.DataType.Name(c[1])} differs from the "
-                    f"parent's {onnx.TensorProto.DataType.Name(p[1])}"
-                )
-            elif p[2] != c[2]:
-                problems.append(
-                    f"{kind} '{p[0]}': shape {list(c[2] or [])} differs from the parent's {list(p[2] or [])}"
-                )
-    return problems
 
 
 def _open(model: ModelLike) -> onnx.ModelProto | ModelFile:
