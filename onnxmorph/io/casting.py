@@ -5,8 +5,9 @@ Softmax, ...) and lacks some float16 ones; a model of such weights is verified o
 of itself. Every 16-bit float in its *declarations* becomes float32 here: graph inputs and
 outputs, value infos, the `to` and `dtype` attributes of casts and generators, inline tensors
 (small initializers, Constant and ConstantOfShape values), in every graph. Each value widens
-exactly (float32 holds every float16 and bfloat16), so a parent and its child cast alike compute
-the same functions they did, in float32 arithmetic. The weights kept in files are widened by
+exactly (float32 holds every float16 and bfloat16) and every Cast to a 16-bit type still rounds
+there, so a parent and its child cast alike compute the functions they did, with the arithmetic
+between the casts in float32. The weights kept in files are widened by
 whoever loads them (`onnxmorph.verification.runtime`), a slab at a time.
 """
 
@@ -40,17 +41,30 @@ def half_float_types(model: onnx.ModelProto) -> set[int]:
 def declare_float32(model: onnx.ModelProto) -> None:
     """Make every 16-bit float that `model` declares float32, in place (see the module's docstring).
 
-    Tensors whose bytes are in files (external data, references) keep their type: their data is
-    widened where it is read.
+    A Cast to a 16-bit float rounds: it stays, followed by a Cast back to float32, so that the
+    values the model rounds are rounded alike (what changes is the precision of the arithmetic
+    between the casts, not the values the model stores). Tensors whose bytes are in files
+    (external data, references) keep their type: their data is widened where it is read.
     """
     for graph in iter_graphs(model.graph):
         for info in (*graph.input, *graph.output, *graph.value_info):
             if info.type.tensor_type.elem_type in HALF_FLOATS:
                 info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        nodes: list[onnx.NodeProto] = []
         for node in graph.node:
+            nodes.append(node)
+            if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and len(node.output) == 1 and any(
+                    a.name == "to" and a.i in HALF_FLOATS for a in node.attribute):
+                rounded = f"{node.output[0]}/onnxmorph_rounded"
+                nodes.append(onnx.helper.make_node("Cast", [rounded], [node.output[0]], to=onnx.TensorProto.FLOAT,
+                                                   name=f"{node.name or node.output[0]}/onnxmorph_float32"))
+                node.output[0] = rounded
+                continue
             for attr in node.attribute:
                 if attr.name in _TYPE_ATTRIBUTES and attr.type == onnx.AttributeProto.INT and attr.i in HALF_FLOATS:
                     attr.i = onnx.TensorProto.FLOAT
+        del graph.node[:]
+        graph.node.extend(nodes)
     for tensor in all_tensors(model):
         if tensor.data_type in HALF_FLOATS and tensor.data_location != onnx.TensorProto.EXTERNAL:
             widen_inline(tensor)

@@ -215,11 +215,10 @@ class _Scratch:
     marker = "onnxmorph-spill-"
 
     def __init__(self, folder: str | None, stem: str = "") -> None:
-        prefix = f".{stem[:80]}.{self.marker}" if stem else self.marker
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=folder)
-        self.fd = fd
-        self.path = Path(name)
-        self.folder = self.path.parent
+        self.prefix = f".{stem[:80]}.{self.marker}" if stem else self.marker
+        self.folder = Path(folder if folder else tempfile.gettempdir())
+        self.fd = -1
+        self.path = self.folder / f"{self.prefix}unused"  # made by the first write: a morph may spill nothing
         self.end = 0
         self.extents: dict[int, int] = {}  # offset -> length of every weight written
         self.free: list[tuple[int, int]] = []  # (offset, length) of holes left by superseded weights
@@ -240,6 +239,13 @@ class _Scratch:
 
     def write(self, array: np.ndarray, dtype: np.dtype) -> int:
         """Write `array` as `dtype` (cast a slab at a time, never copied whole); returns its offset."""
+        if self.fd < 0:
+            try:
+                self.fd, name = tempfile.mkstemp(prefix=self.prefix, suffix=".bin", dir=self.folder)
+            except OSError as exc:
+                raise UsageError(f"cannot make a scratch file in {self.folder} (set ONNXMORPH_SCRATCH to another "
+                                 f"folder): {exc.strerror or exc}") from exc
+            self.path = Path(name)
         length = array.size * dtype.itemsize
         offset = self._allocate(length)
         try:
@@ -368,13 +374,17 @@ def _adopt(model: onnx.ModelProto, data_path: Path) -> tuple[str, int] | None:
     return str(scratch.path), scratch.end
 
 
-def release() -> None:
-    """Remove every scratch file (models that still refer to them can no longer be saved)."""
-    while _SCRATCHES:
-        scratch = _SCRATCHES.pop()
-        scratch.close()
-        with contextlib.suppress(FileNotFoundError):
-            scratch.path.unlink()
+def release(scratch: _Scratch | None = None) -> None:
+    """Remove `scratch`'s file, or every scratch file (models that still refer to them can no longer be saved)."""
+    for item in [scratch] if scratch is not None else list(_SCRATCHES):
+        if item not in _SCRATCHES:
+            continue  # taken over by a save, or removed already
+        _SCRATCHES.remove(item)
+        opened = item.fd >= 0
+        item.close()
+        if opened:
+            with contextlib.suppress(FileNotFoundError):
+                item.path.unlink()
 
 
 import atexit  # noqa: E402  (registered once the function exists)
@@ -520,10 +530,7 @@ def discard(model: onnx.ModelProto) -> None:
     """Remove the scratch files `model` refers to (it gave its computed weights up: it cannot be saved again)."""
     sources = {_span(t)[0] for t in model.graph.initializer if is_reference(t)}
     for scratch in [s for s in _SCRATCHES if str(s.path) in sources]:
-        scratch.close()
-        _SCRATCHES.remove(scratch)
-        with contextlib.suppress(FileNotFoundError):
-            scratch.path.unlink()
+        release(scratch)
 
 
 def _materialize_nested(header: onnx.ModelProto) -> None:

@@ -108,11 +108,17 @@ def run_passes(
     spill = streaming.streams(parent_model)
     where = Path(output).resolve().parent if output is not None else None
     stem = Path(output).name if output is not None else ""
-    with streaming.spilling(where, stem) if spill else contextlib.nullcontext() as scratch:
-        child = _apply(parent_model, passes, verifier, verify_each, scratch)
-    if output is not None and streaming.streams(child):
-        return _save_verified(parent_model, child, passes, verifier, Path(output))
-    return _finish(parent_model, child, passes, verifier, verify_each)
+    scratch = None
+    try:
+        with streaming.spilling(where, stem) if spill else contextlib.nullcontext() as scratch:
+            child = _apply(parent_model, passes, verifier, verify_each, scratch)
+        if output is not None and streaming.streams(child):
+            return _save_verified(parent_model, child, passes, verifier, Path(output))
+        return _finish(parent_model, child, passes, verifier, verify_each)
+    except BaseException:
+        if scratch is not None:  # nothing is written when a morph fails: its computed weights go too
+            streaming.release(scratch)
+        raise
 
 
 def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier: Verifier | None,

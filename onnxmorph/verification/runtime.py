@@ -64,6 +64,9 @@ class Session:
             if float32 or (isinstance(model, onnx.ModelProto) and streaming.streams(model)):
                 proto = _as_proto(model)
                 header, names, arrays = detach(proto, float32=float32)
+                foreign = next((a.dtype.name for a in arrays if a.dtype.kind == "V"), None)
+                if foreign:  # ml_dtypes' types: onnxruntime makes no tensor of them from numpy
+                    raise RuntimeProblem(f"NOT_IMPLEMENTED: onnxruntime takes no {foreign} array from numpy")
                 if names:
                     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
                     options.add_external_initializers(names, values)

@@ -327,15 +327,17 @@ class Verifier:
             ]
             self.input_source = feeds.describe_inputs(self.parent_header, resolved, draws)
         self.output_names = [o.name for o in self.parent_header.graph.output]
-        # bfloat16 has no CPU kernels in onnxruntime: such a model runs as a float32 copy from the start
+        # what onnxruntime runs instead of the models, when it has no kernels for their 16-bit floats
         self.float32 = ""
-        if onnx.TensorProto.BFLOAT16 in casting.half_float_types(self.parent_header):
-            self.float32 = "float32 copies of both models (onnxruntime has no CPU kernels for bfloat16)"
         self.expected: list[list[np.ndarray]] | None = None
         self.blind_spots = blind_spots(self.feeds, [[] for _ in self.feeds], [])
         self.scales: list[float] = []
         if method == "outputs" or (method == "auto" and fits(parent)):
             self._run_parent()
+
+    def _half(self) -> str:
+        names = sorted(onnx.TensorProto.DataType.Name(t).lower() for t in casting.half_float_types(self.parent_header))
+        return f"the model computes in {' and '.join(names) or '16-bit floats'}"
 
     def _run_parent(self) -> None:
         log.info("running the parent (%d trial(s))", len(self.feeds))
@@ -350,7 +352,7 @@ class Verifier:
             except RuntimeProblem as exc:
                 if self.float32 or not missing_kernel(exc):
                     raise InvalidModelError(str(exc)) from exc
-                self.float32 = f"float32 copies of both models ({_missing(exc)})"
+                self.float32 = f"float32 copies of both models ({self._half()}: {_missing(exc)})"
         self.blind_spots = blind_spots(self.feeds, self.expected, self.output_names)
         self.scales = [output_scale(trial[k] for trial in self.expected) for k in range(len(self.output_names))]
 
@@ -421,7 +423,7 @@ class Verifier:
         except RuntimeProblem as exc:
             if self.float32 or not missing_kernel(exc):
                 raise
-            self.float32 = f"float32 copies of both models (the child's {_missing(exc)})"
+            self.float32 = f"float32 copies of both models ({self._half()}: for the child, {_missing(exc)})"
             self._run_parent()
             session = Session(_runnable(source), "child", float32=True)
         try:
@@ -437,7 +439,8 @@ class Verifier:
         float32 = regions.verify_regions(parent_model, child_model, self.feeds, report, atol=self.atol,
                                          rtol=self.rtol, seed=self.seed, float32=bool(self.float32))
         if float32:
-            report.computed_in = self.float32 or "float32 copies of the regions (onnxruntime lacks 16-bit kernels)"
+            report.computed_in = self.float32 or (f"float32 copies of the regions ({self._half()}: onnxruntime "
+                                                  "lacks CPU kernels for it)")
         log.info("verified by regions; peak memory of this process so far: %.0f MB",
                  streaming.peak_memory() / 2**20)
         return report
