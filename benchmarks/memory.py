@@ -1,7 +1,7 @@
 """Growing checkpoint-sized models in bounded memory: each morph beside the floor, measured in one run.
 
     python benchmarks/memory.py                      # every section at full size (~45 GB of disk at peak)
-    python benchmarks/memory.py --only growth        # one section: onefile | growth | halves | regions | cli
+    python benchmarks/memory.py --only growth        # one section: onefile | growth | halves | regions | cli | verify
     python benchmarks/memory.py --quick              # the same commands on models of a few MB (seconds)
     python benchmarks/memory.py --before /tmp/old    # also run the commands with the code at /tmp/old
 
@@ -24,6 +24,7 @@ Sections:
   < 3 GiB.
 * cli: `inspect` of a small model against `python -c "import onnx, onnxruntime"` (median of
   repeated runs); goal: within 1.2x. Also what `import onnx` costs, and how much of it ml_dtypes.
+* verify: a ResNet-50 deepen verified whole and by regions, beside two bare onnxruntime sessions.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SIZES = {  # section -> (full size, quick size)
     "onefile": ("0.5b", "small"),
     "growth": ("1b", "small"),
     "halves": (llama.LlamaShape(hidden=768, layers=8, heads=12, intermediate=2048, vocab=32000), "small"),
-    "regions": ("7b", llama.LlamaShape(hidden=256, layers=10, heads=4, intermediate=688, vocab=4000)),
+    "regions": ("7b", llama.LlamaShape(hidden=64, layers=8, heads=4, intermediate=160, vocab=256)),
 }
 
 
@@ -80,7 +81,8 @@ class Runner:
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(code or bench.ROOT), saved) if p)
         try:
-            return bench.measure(list(args), cwd=bench.ROOT, stdout_tail=2**24)  # a JSON report whole
+            # run in the code's own folder: `python -m` looks in the current folder first
+            return bench.measure(list(args), cwd=code or bench.ROOT, stdout_tail=2**24)  # a JSON report whole
         finally:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
@@ -223,6 +225,14 @@ def bench_halves(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any]
                              if report["outputs"] else None)
             results.append(entry)
             shutil.rmtree(child.parent, ignore_errors=True)
+            if runner.before is not None:
+                child.parent.mkdir(parents=True, exist_ok=True)
+                if args is None:
+                    old = _widen(runner, parent, child, shape, "--trials", "1", "-q", code=runner.before)
+                else:
+                    old = runner.cli(*args, "-o", str(child), "--trials", "1", "-q", code=runner.before)
+                results.append({"dtype": dtype, "code": "before", **_entry(label, old)})
+                shutil.rmtree(child.parent, ignore_errors=True)
         shutil.rmtree(parent.parent, ignore_errors=True)
     return results
 
@@ -264,6 +274,35 @@ def bench_regions(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any
     return results
 
 
+def bench_verify(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any]]:
+    """A ResNet-50 deepen verified whole and by regions (default trials), against two bare sessions."""
+    scale, image = (0.125, 64) if quick else (1.0, 224)
+    folder = work / "resnet50"
+    folder.mkdir(parents=True, exist_ok=True)
+    parent, child = folder / "resnet50.onnx", folder / "child.onnx"
+    built = bench.measure([sys.executable, str(HERE / "bigmodels.py"), "resnet50", str(parent), "--scale", str(scale),
+                           "--image", str(image)])
+    if built["returncode"] != 0:
+        raise RuntimeError(f"building ResNet-50 failed: {built['stderr'][-500:]}")
+    layer = bench.bigmodels.MIDDLE_LAYER["resnet50"]
+    deepen = runner.cli("deepen", str(parent), "--layer", layer, "-o", str(child), "--no-verify", "-q")
+    if deepen["returncode"] != 0:
+        raise RuntimeError(f"deepen failed: {deepen['stderr'][-500:]}")
+    dims = f"1x3x{image}x{image}"
+    sessions = runner.measure(_python(bench.FLOOR_SESSIONS) + [str(parent), str(child), dims])
+    parameters = json.loads(built["stdout"])["parameters"]
+    results = [{"model": "resnet50", "parameters": parameters, "child": f"deepen {layer}",
+                **_entry("floor: two onnxruntime sessions run once (batch 1)", sessions)}]
+    for method in ("outputs", "regions"):
+        m = runner.cli("verify", str(parent), str(child), "--verify-by", method, "--json")
+        entry = _entry(f"verify --verify-by {method} (3 trials, batch 2)", m)
+        if m["returncode"] == 0:
+            report = json.loads(m["stdout"])["verification"]
+            entry.update(passed=report["passed"], regions=len(report["regions"]))
+        results.append(entry)
+    return results
+
+
 _IMPORT_COST = """
 import json, time
 start = time.perf_counter()
@@ -286,6 +325,7 @@ def bench_cli(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any]]:
     if runner.before is not None:
         commands["inspect (before)"] = commands["inspect"]
     times: dict[str, list[float]] = {k: [] for k in commands}
+    cpu: dict[str, list[float]] = {k: [] for k in commands}  # user + system: what the machine's load adds nothing to
     peaks: dict[str, list[int]] = {k: [] for k in commands}
     for _ in range(repeat):  # interleaved: drift on a shared machine hits every command alike
         for key, cmd in commands.items():
@@ -293,16 +333,19 @@ def bench_cli(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any]]:
             if m["returncode"] != 0:
                 raise RuntimeError(f"{key} failed: {m['stderr'][-500:]}")
             times[key].append(m["seconds"])
+            cpu[key].append(m["cpu_seconds"])
             peaks[key].append(m["peak_rss_bytes"])
     median = {k: statistics.median(v) for k, v in times.items()}
+    median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     split = [json.loads(runner.measure(_python(_IMPORT_COST))["stdout"]) for _ in range(repeat)]
     results = []
     for key in commands:
-        entry = {"command": key, "median_seconds": round(median[key], 3), "all_seconds": [round(t, 3) for t in
-                                                                                           times[key]],
+        entry = {"command": key, "median_seconds": round(median[key], 3),
+                 "all_seconds": [round(t, 3) for t in times[key]], "median_cpu_seconds": round(median_cpu[key], 3),
                  "peak_rss_bytes": min(peaks[key])}
         if key != "floor":
             entry["vs_floor"] = bench._ratio(median[key], median["floor"])
+            entry["cpu_vs_floor"] = bench._ratio(median_cpu[key], median_cpu["floor"])
         results.append(entry)
     results[2].update(goal=GOAL_CLI, goal_met=results[2]["vs_floor"] <= GOAL_CLI)
     results.append({"measure": "import onnx: ml_dtypes (which onnx imports first) and the rest",
@@ -312,8 +355,8 @@ def bench_cli(runner: Runner, work: Path, quick: bool) -> list[dict[str, Any]]:
 
 
 SECTIONS: dict[str, Callable[[Runner, Path, bool], list[dict[str, Any]]]] = {
-    "cli": bench_cli, "halves": bench_halves, "onefile": bench_onefile, "growth": bench_growth,
-    "regions": bench_regions,
+    "cli": bench_cli, "verify": bench_verify, "halves": bench_halves, "onefile": bench_onefile,
+    "growth": bench_growth, "regions": bench_regions,
 }
 
 

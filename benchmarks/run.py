@@ -90,6 +90,7 @@ with open(os.devnull, "rb") as stdin:
     seconds = time.perf_counter() - start
 with open(report, "w") as f:
     json.dump({"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+               "cpu_seconds": usage.ru_utime + usage.ru_stime,
                "returncode": os.waitstatus_to_exitcode(status)}, f)
 """
 
