@@ -106,7 +106,7 @@ def run_passes(
     # the child is saved here) gets its computed weights written to a file as they are made: beside the
     # output, where saving takes that file over as the child's data file.
     spill = streaming.streams(parent_model)
-    where = Path(output).resolve().parent if output is not None else None
+    where = Path(os.path.realpath(output)).parent if output is not None else None  # where the output really is
     stem = Path(output).name if output is not None else ""
     scratch = None
     try:
