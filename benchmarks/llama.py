@@ -325,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = PRESETS[args.size]
     if args.layers:
         shape = LlamaShape(**{**asdict(shape), "layers": args.layers})
+    args.path.parent.mkdir(parents=True, exist_ok=True)
     json.dump(write_llama(args.path, shape, dtype=args.dtype, one_file=args.one_file, seed=args.seed), sys.stdout)
     print()
     return 0
