@@ -90,11 +90,12 @@ with open(os.devnull, "rb") as stdin:
     seconds = time.perf_counter() - start
 with open(report, "w") as f:
     json.dump({"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+               "cpu_seconds": usage.ru_utime + usage.ru_stime,
                "returncode": os.waitstatus_to_exitcode(status)}, f)
 """
 
 
-def measure(cmd: Sequence[str], *, cwd: Path | None = None) -> dict[str, Any]:
+def measure(cmd: Sequence[str], *, cwd: Path | None = None, stdout_tail: int = 2000) -> dict[str, Any]:
     """Run `cmd` in a new process: wall seconds, peak resident memory (bytes), exit code, stderr tail.
 
     The peak comes from wait4's rusage of that one process, taken by a small launcher process,
@@ -115,7 +116,7 @@ def measure(cmd: Sequence[str], *, cwd: Path | None = None) -> dict[str, Any]:
         else:  # the launcher itself failed: report it as a failed run
             result = {"seconds": float("nan"), "peak_rss_bytes": 0, "returncode": -1}
     result["stderr"] = stderr.decode(errors="replace")[-2000:]
-    result["stdout"] = stdout.decode(errors="replace")[-2000:]
+    result["stdout"] = stdout.decode(errors="replace")[-stdout_tail:]
     return result
 
 

@@ -27,16 +27,30 @@ from onnxmorph.errors import (
     VerificationFailed,
 )
 from onnxmorph.io.loading import digest, load, normalize, save
-from onnxmorph.pipeline.inspection import inspect
-from onnxmorph.pipeline.receipt import history
-from onnxmorph.pipeline.recipe import read_recipe
-from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, morph, plan, run_passes
-from onnxmorph.verification.verifier import Report, Verifier, verify
+from onnxmorph.lazy import lazy_attributes
 from onnxmorph.version import __version__ as __version__
+
+# Loaded when first used: a command that does not verify (`inspect`) never loads onnxruntime's side.
+__getattr__ = lazy_attributes(__name__, {
+    "inspect": "onnxmorph.pipeline.inspection",
+    "history": "onnxmorph.pipeline.receipt",
+    "read_recipe": "onnxmorph.pipeline.recipe",
+    "MorphOutcome": "onnxmorph.pipeline.run",
+    "VerifyOptions": "onnxmorph.pipeline.run",
+    "morph": "onnxmorph.pipeline.run",
+    "run_passes": "onnxmorph.pipeline.run",
+    "plan": "onnxmorph.pipeline.run",
+    "Report": "onnxmorph.verification.report",
+    "Verifier": "onnxmorph.verification.verifier",
+    "verify": "onnxmorph.verification.verifier",
+})
 
 
 def apply(model: Any, recipe: Any, *, verify: bool = True, verify_each: bool = False, **options: Any) -> Any:
     """Apply a recipe (path or list of steps) to `model`; returns the child (see `run_passes`)."""
+    from onnxmorph.pipeline.recipe import read_recipe
+    from onnxmorph.pipeline.run import VerifyOptions, run_passes
+
     opts = VerifyOptions(enabled=verify, **options)
     return run_passes(model, read_recipe(recipe), opts, verify_each=verify_each).child
 
@@ -46,6 +60,8 @@ _VERIFY_KWARGS = ("verify", "atol", "rtol", "trials", "verify_seed", "shapes", "
 
 def _make_morph_function(name: str, cls: type[MorphPass]) -> Any:
     def function(model: Any, **kwargs: Any) -> Any:
+        from onnxmorph.pipeline.run import morph
+
         child, _ = morph(model, name, **kwargs)
         return child
 

@@ -11,21 +11,23 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from onnxmorph import limits
 from onnxmorph.contract import registry
-from onnxmorph.contract.passinfra import MorphPass
 from onnxmorph.errors import OnnxMorphError, UsageError, VerificationFailed
 from onnxmorph.hf.cli import add_arguments as export_hf_arguments
 from onnxmorph.hf.cli import run_command as run_export_hf
 from onnxmorph.io import loading as mio
-from onnxmorph.pipeline.inspection import format_inspection, inspect
-from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions, plan, run_passes
 from onnxmorph.search.cli import add_arguments as search_arguments
-from onnxmorph.search.cli import run_command as run_search
-from onnxmorph.verification.verifier import DEFAULT_TRIALS, Report, parse_shape, read_model_file, verify
+from onnxmorph.verification import DEFAULT_TRIALS
 from onnxmorph.version import __version__
+
+# What a command needs is imported when it runs (`inspect` never loads the verifier or the pipeline).
+if TYPE_CHECKING:
+    from onnxmorph.contract.passinfra import MorphPass
+    from onnxmorph.pipeline.run import MorphOutcome, VerifyOptions
+    from onnxmorph.verification.report import Report
 
 log = logging.getLogger("onnxmorph")
 
@@ -60,6 +62,10 @@ def _verification_options(parser: argparse.ArgumentParser, seed_flag: str) -> No
                        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable; "
                             "by default a dynamic batch dimension is 2 and a dynamic sequence axis 16)")
     group.add_argument("--inputs", metavar="X.npz", help="compare on these inputs (an .npz with one array per input)")
+    group.add_argument("--verify-by", dest="verify_by", choices=("auto", "outputs", "regions"), default="auto",
+                       help="run both models whole and compare outputs, or check the changed regions one by one and "
+                            "every other node and weight for identity (for models larger than memory); auto: by "
+                            "regions when a model is over ONNXMORPH_MAX_MODEL_BYTES (default auto)")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -156,12 +162,21 @@ def _setup_logging(args: argparse.Namespace) -> None:
     log.propagate = False
 
 
+def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
+    """The --shape NAME:DIMS options, parsed."""
+    from onnxmorph.verification.verifier import parse_shape
+
+    return dict(parse_shape(text) for text in args.shape)
+
+
 def _verify_options(args: argparse.Namespace, enabled: bool = True) -> VerifyOptions:
-    shapes = dict(parse_shape(text) for text in args.shape)
+    from onnxmorph.pipeline.run import VerifyOptions
+
+    shapes = _shapes(args)
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, not {args.trials}")
     return VerifyOptions(enabled=enabled, atol=args.atol, rtol=args.rtol, trials=args.trials,
-                         seed=args.verify_seed, shapes=shapes, inputs=args.inputs)
+                         seed=args.verify_seed, shapes=shapes, inputs=args.inputs, method=args.verify_by)
 
 
 def _check_output(model: str, output: str) -> Path:
@@ -198,6 +213,8 @@ def _print_report(report: Report | None, as_json: bool, extra: dict[str, Any] | 
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxmorph.pipeline.inspection import format_inspection, inspect
+
     model = mio.load(args.model, normalize_model=True, lazy=True)  # weights mapped only where read
     info = inspect(model, args.model)
     if args.json:
@@ -208,12 +225,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from onnxmorph.verification.verifier import read_model_file, verify
+
     options = _verify_options(args)
     # Each file is checked once, from its header (safety, then onnx.checker: a failing file is bad
     # input, exit 2, not a child that computes something else); onnxruntime then loads it by path.
     parent, child = (read_model_file(path) for path in (args.parent, args.child))
     report = verify(parent, child, atol=options.atol, rtol=options.rtol, trials=options.trials,
-                    seed=options.seed, shapes=options.shapes, inputs=options.inputs)
+                    seed=options.seed, shapes=options.shapes, inputs=options.inputs, method=options.method)
     if args.json or not args.quiet:
         _print_report(report, args.json, {"parent": args.parent, "child": args.child})
     if not report:
@@ -230,7 +249,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for target in (args.html, args.model_explorer):
         for model in (args.parent, args.child) if target else ():
             _check_output(model, target)
-    result = diff(args.parent, args.child, dict(parse_shape(text) for text in args.shape))
+    result = diff(args.parent, args.child, _shapes(args))
     write_outputs(result, html=args.html, model_explorer=args.model_explorer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -267,7 +286,7 @@ def _write_child(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> 
         from onnxmorph.diff.page import write_diff_page
 
         log.info("writing the diff page %s", args.html)
-        write_diff_page(args.model, out, args.html, shapes=dict(parse_shape(text) for text in args.shape))
+        write_diff_page(args.model, out, args.html, shapes=_shapes(args))
 
 
 def _finish_morph(args: argparse.Namespace, outcome: MorphOutcome, out: Path) -> int:
@@ -303,6 +322,8 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     cls: type[MorphPass] = args.pass_class
     params = {p.name: getattr(args, f"param_{p.name}") for p in cls.params}
     if args.dry_run:
+        from onnxmorph.pipeline.run import plan
+
         info = plan(args.model, cls.name, **{k: v for k, v in params.items() if v is not None})
         print(json.dumps({"model": args.model, **info}, indent=2) if args.json else _format_plan(info, args.model))
         return EXIT_OK
@@ -312,6 +333,8 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
+    from onnxmorph.pipeline.run import run_passes
+
     with _one_output(args, out):
         outcome = run_passes(args.model, [step], options, output=out)
         _write_child(args, outcome, out)
@@ -325,6 +348,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     out = _check_output(args.model, args.output)
     _check_page(args, out)
     options = _verify_options(args, enabled=not args.no_verify)
+    from onnxmorph.pipeline.run import run_passes
+
     with _one_output(args, out):
         outcome = run_passes(args.model, passes, options, verify_each=args.verify_each, output=out)
         _write_child(args, outcome, out)
@@ -365,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "apply":
             return _cmd_apply(args)
         if args.command == "search":
+            from onnxmorph.search.cli import run_command as run_search
+
             return run_search(args)
         if args.command == "export-hf":
             return run_export_hf(args)

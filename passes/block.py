@@ -17,6 +17,7 @@ from onnxmorph.errors import NotApplicable, UsageError
 from onnxmorph.graph import build
 from onnxmorph.graph import core as mgraph
 from onnxmorph.graph.core import LayerInfo
+from onnxmorph.numerics.dtypes import is_float
 
 log = logging.getLogger("onnxmorph")
 
@@ -227,7 +228,7 @@ class _Copier:
     def _input(self, tensor: gs.Tensor) -> gs.Tensor:
         if tensor.name in self.tensors:
             return self.tensors[tensor.name]
-        if isinstance(tensor, gs.Constant) and tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f" \
+        if isinstance(tensor, gs.Constant) and tensor.dtype is not None and is_float(tensor.dtype) \
                 and int(np.prod(tensor.shape)) > 1:
             # The new block's weights are its own (a shared one would tie it to its source in training).
             copy = mgraph.constant(self._name(tensor.name), mgraph.values(tensor), mgraph.values(tensor).dtype)

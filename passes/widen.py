@@ -18,6 +18,7 @@ from onnxmorph.graph import core as mgraph
 from onnxmorph.graph import layers
 from onnxmorph.graph.core import LayerInfo
 from onnxmorph.numerics import widening as wsolve
+from onnxmorph.numerics.dtypes import is_float
 
 
 def non_negative_float(value: Any) -> float:
@@ -275,9 +276,9 @@ def _check_types(view: gs.Graph, coupling: channels.Coupling) -> None:
     for name in coupling.layers + [p.node for p in coupling.params]:
         n = mgraph.find_node(view, name)
         for t in n.inputs[1:]:
-            if isinstance(t, gs.Constant) and t.values.dtype.kind not in "fiu":
+            if isinstance(t, gs.Constant) and t.values.dtype.kind not in "iu" and not is_float(t.values.dtype):
                 raise NotApplicable(f"{n.op} '{n.name}': constant '{t.name}' has type {t.values.dtype}")
-        if n.op in channels.LAYERS and n.inputs[1].values.dtype.kind != "f":
+        if n.op in channels.LAYERS and not is_float(n.inputs[1].values.dtype):
             raise NotApplicable(f"{n.op} '{n.name}': its weight type {n.inputs[1].values.dtype} is not a float type")
 
 

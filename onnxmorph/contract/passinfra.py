@@ -9,14 +9,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmorph.errors import OnnxMorphError, UsageError
-from onnxmorph.graph.core import LayerInfo, ModelOrAnalysis, find_layer, model_of, opset, read_view, weight_index
+from onnxmorph.graph.core import (
+    LayerInfo,
+    ModelOrAnalysis,
+    dtype_of,
+    find_layer,
+    model_of,
+    opset,
+    read_view,
+    weight_index,
+)
 from onnxmorph.limits import quote
-from onnxmorph.verification.verifier import interface_problems
+from onnxmorph.verification.interface import interface_problems
 
 REQUIRED = object()
 
@@ -172,7 +180,7 @@ def layer_weight(model: onnx.ModelProto, layer: str) -> tuple[tuple[int, ...], i
     if k is None or len(node.inputs) <= k or not isinstance(node.inputs[k], gs.Constant):
         return None
     weight = node.inputs[k]
-    return tuple(int(d) for d in weight.shape), np.dtype(weight.dtype).itemsize
+    return tuple(int(d) for d in weight.shape), dtype_of(weight).itemsize
 
 
 def new_layer_bytes(model: onnx.ModelProto, layer: str, width: int | None, kernel: Sequence[int] | None,

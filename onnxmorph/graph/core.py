@@ -62,8 +62,22 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         lazy = getattr(tensor, "_values", None)
         if type(lazy) is LazyValues and streaming.is_reference(lazy.tensor):
             tensor._values = MappedValues(lazy.tensor)
+        elif type(lazy) is LazyValues and lazy.tensor.data_type in _NUMPY_LACKS:
+            tensor._values = TypedValues(lazy.tensor)
     graph.__dict__[_SOURCE] = model  # for module_paths, read only if a name is looked up by its module
     return graph
+
+
+# Types onnx-graphsurgeon reads as float32 (numpy lacks them): read as ml_dtypes' types instead.
+_NUMPY_LACKS = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+                onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ)
+
+
+class TypedValues(LazyValues):
+    """Lazy values of an inline bfloat16 (or float8) weight, read in its own type, not cast to float32."""
+
+    def load(self) -> np.ndarray:
+        return onnx.numpy_helper.to_array(self.tensor)
 
 
 # --------------------------------------------------------------------------- module paths
@@ -226,28 +240,32 @@ def _export_copying_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     tensors (still lazy) are exported as empty stand-ins and then copied once into place.
     """
     lazy: dict[str, tuple[gs.Constant, LazyValues]] = {}
+    relocated: list[gs.Constant] = []
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant):
             continue
         values = getattr(tensor, "_values", None)
-        # A weight kept in a file whose values a pass only looked at goes out as the reference
-        # again, whatever its size (its bytes are in the file, not in this process).
-        source = _mapped_source(values)
-        values = source or values
-        if isinstance(values, LazyValues) and (source is not None or values.nbytes >= 1024):
+        # A weight kept in a file whose values a pass only looked at goes out as the reference again.
+        mapped = _mapped_source(values)
+        values = mapped or values
+        # A weight kept in a file goes out as its reference whatever its size: read into an array,
+        # onnx-graphsurgeon would export its bytes still marked as external data, without a location.
+        if isinstance(values, LazyValues) and (
+                values.nbytes >= 1024 or mapped is not None):
             lazy[tensor.name] = (tensor, values)
             stub = onnx.TensorProto(name=tensor.name, data_type=values.tensor.data_type, dims=[0])
             tensor._values = LazyValues(stub)
-        elif not isinstance(values, LazyValues):
-            # onnx-graphsurgeon keeps the data_location a weight was imported with and stamps it on
-            # the tensor it exports from the array: a weight read from external data (a norm's scale
-            # a block copies) would go out as inline bytes marked EXTERNAL, without a location.
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            # its values are in memory now (read, or computed): they go out inline
+            relocated.append(tensor)
             tensor.data_location = None
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for tensor, values in lazy.values():
             tensor._values = values
+        for tensor in relocated:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
     placed = 0
     for slot in model.graph.initializer:
         if slot.name in lazy:
@@ -563,12 +581,14 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, readers: I
 def constant(name: str, array: np.ndarray, dtype: np.dtype | type) -> gs.Constant:
     """A new constant holding a fresh copy of `array` cast to `dtype`.
 
-    While `streaming.spilling()` is on, a large one is written to a scratch file at once and held
-    as a reference: a pass that recomputes every weight holds one at a time (see streaming).
+    While `streaming.spilling()` is on, a large one is written to a scratch file at once (cast on
+    the way, no copy of it made) and held as a reference: a pass that recomputes every weight
+    holds one at a time (see streaming).
     """
-    fresh = np.ascontiguousarray(np.array(array, dtype=dtype, copy=True))
-    spilled = streaming.spill(name, fresh)
-    return gs.Constant(name, fresh if spilled is None else MappedValues(spilled))
+    spilled = streaming.spill(name, np.asarray(array), np.dtype(dtype))
+    if spilled is not None:
+        return gs.Constant(name, MappedValues(spilled))
+    return gs.Constant(name, np.ascontiguousarray(np.array(array, dtype=dtype, copy=True)))
 
 
 def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | None = None) -> gs.Constant:
@@ -578,7 +598,7 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
     (lazily shared by onnx-graphsurgeon) untouched.
     """
     old = node.inputs[k]
-    dtype = old.dtype if isinstance(old, gs.Constant) else array.dtype
+    dtype = dtype_of(old) if isinstance(old, gs.Constant) else array.dtype
     new = constant(name or old.name, array, dtype)
     node.inputs[k] = new
     return new
@@ -587,8 +607,15 @@ def set_input_constant(node: gs.Node, k: int, array: np.ndarray, name: str | Non
 
 
 def dtype_of(tensor: gs.Tensor) -> np.dtype:
-    """The element type of a tensor (float32 where the graph does not say)."""
-    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+    """The element type of a tensor (float32 where the graph does not say).
+
+    onnx-graphsurgeon gives a type numpy lacks (bfloat16) as its ONNX number: mapped through onnx.
+    """
+    if tensor.dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(tensor.dtype, int):
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype))
+    return np.dtype(tensor.dtype)
 
 
 def opset(model_or_graph: ModelOrAnalysis | gs.Graph) -> int:

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxmorph.errors import NotApplicable
 from onnxmorph.graph import core as mgraph
 from onnxmorph.graph.core import fresh_scope
+from onnxmorph.numerics.dtypes import is_float
 from onnxmorph.numerics.geometry import ConvGeometry, Shapes, conv_geometry
 
 SOLVABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -110,7 +111,7 @@ def read_layer(model: mgraph.ModelOrAnalysis, name: str, ops: Sequence[str] = SO
     # A weight tied to another node would silently come untied: refuse rather than guess.
     weight = mgraph.exclusive_constant(node, 1)
     w = mgraph.values(weight)
-    if w.dtype.kind != "f":
+    if not is_float(w.dtype):
         raise NotApplicable(f"{label}: weight '{weight.name}' has type {w.dtype}, not a float type")
     if len(node.outputs) != 1:
         raise NotApplicable(f"{label}: {node.op} with {len(node.outputs)} outputs")

@@ -86,6 +86,15 @@ class _FileDigest(threading.Thread):
         self._path = path
         self._value = ""
         self._error: OSError | None = None
+        self._launch = threading.Lock()
+        self.launched = False
+
+    def begin(self) -> None:
+        """Start reading, once (a digest may be asked for before or after the morph started it)."""
+        with self._launch:
+            if not self.launched:
+                self.launched = True
+                self.start()
 
     def run(self) -> None:
         try:
@@ -94,6 +103,7 @@ class _FileDigest(threading.Thread):
             self._error = exc
 
     def result(self) -> str:
+        self.begin()
         self.join()
         if self._error is not None:
             raise InvalidModelError(f"{self._path}: cannot read: {self._error.strerror or self._error}")
@@ -200,12 +210,14 @@ def load_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
     return model
 
 
-def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
-    """`load(lazy=True)`: the framing header, every large weight a reference into its file (see streaming).
+def references(path: PathLike) -> onnx.ModelProto:
+    """The model at `path` as its framing header, every large weight a reference into its file (see streaming).
 
     Weights inside the model file itself become references to their bytes there, external ones
-    to their data files; the file's digest is computed beside the morph, in chunks.
+    to their data files (after the safety checks of `check_header`); nothing else is done: no
+    digest, no onnx.checker, no normalisation.
     """
+    path = Path(path)
     check_model_path(path)
     offsets: dict[int, int] = {}
     try:
@@ -215,17 +227,26 @@ def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
         raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
-    check_header(model, skipped, path)
-    hasher = _FileDigest(path)
-    hasher.start()
+    check_header(model, skipped, path, in_memory=False)  # weights are mapped when touched, never all held
     external = any(True for _ in external_tensors(model))
     streaming.resolve_locations(model, path.resolve().parent)
     source = str(path.resolve())
     for index, length in skipped.items():
         streaming.make_reference(model.graph.initializer[index], source, offsets[index], length)
-    check_structure(model, name=str(path))
     if external:
         set_metadata(model, SOURCE_EXTERNAL_KEY, "1")
+    return model
+
+
+def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
+    """`load(lazy=True)`: `references`, checked, with its digest to come (see `start_digest`).
+
+    The file's digest is computed in chunks, beside the morph, once `start_digest` or `digest`
+    asks for it (`inspect` never does: it would read the whole file for nothing).
+    """
+    model = references(path)
+    check_structure(model, name=str(path))
+    hasher = _FileDigest(path)
     token = f"{_PENDING_PREFIX}{id(hasher)}"
     _PENDING[token] = hasher
     set_metadata(model, SOURCE_DIGEST_KEY, token)
@@ -233,6 +254,15 @@ def _load_lazily(path: Path, normalize_model: bool) -> onnx.ModelProto:
         streaming.inline_fold_inputs(model, foldable)
         normalize_in_place(model)
     return model
+
+
+def start_digest(model: onnx.ModelProto) -> None:
+    """Start computing the digest of the file a lazily loaded `model` came from (beside what follows)."""
+    for prop in model.metadata_props:
+        if prop.key == SOURCE_DIGEST_KEY and prop.value.startswith(_PENDING_PREFIX):
+            hasher = _PENDING.get(prop.value)
+            if hasher is not None:
+                hasher.begin()
 
 
 def check(model: onnx.ModelProto | bytes, name: str = "model") -> None:

@@ -46,11 +46,13 @@ def check_model_path(path: Path) -> int:
     return size
 
 
-def check_header(header: onnx.ModelProto, skipped: dict[int, int], path: Path) -> None:
+def check_header(header: onnx.ModelProto, skipped: dict[int, int], path: Path, *, in_memory: bool = True) -> None:
     """The checks of a model file on its header (see `read_framing`) before any weight is used.
 
     A graph must be there; each weight left out must hold the bytes its dims declare; external
     data must stay inside the model's folder and be long enough; declared sizes must fit memory.
+    Without `in_memory` (the weights stay in their files: a model read lazily, or handed to
+    onnxruntime by path, which maps them), the external data may be larger than memory.
     """
     if not header.HasField("graph") or (not header.graph.node and not header.graph.output):
         raise InvalidModelError(f"{path}: not an ONNX model (no graph)")
@@ -66,7 +68,7 @@ def check_header(header: onnx.ModelProto, skipped: dict[int, int], path: Path) -
     check_text(header, path)
     external = list(external_tensors(header))
     if external:
-        _check_external_data(external, path.resolve().parent, path)
+        _check_external_data(external, path.resolve().parent, path, in_memory)
     check_declared_sizes(header, str(path))
 
 
@@ -114,7 +116,7 @@ def external_data_files(path: PathLike) -> list[Path]:
     return files
 
 
-def _check_external_data(tensors: list[onnx.TensorProto], base: Path, path: Path) -> None:
+def _check_external_data(tensors: list[onnx.TensorProto], base: Path, path: Path, in_memory: bool = True) -> None:
     total = 0
     for tensor in tensors:
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -157,7 +159,8 @@ def _check_external_data(tensors: list[onnx.TensorProto], base: Path, path: Path
                 f"holds {length}"
             )
         total += length
-    check_allocation(total, f"{path}: its external data")
+    if in_memory:
+        check_allocation(total, f"{path}: its external data")
 
 
 def check_allocation(nbytes: int | float, what: str) -> None:

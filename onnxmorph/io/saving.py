@@ -59,7 +59,7 @@ def save(model: onnx.ModelProto, path: PathLike, *, external_data: bool | None =
                     with _atomic_target(folder / data_name) as tmp_data:
                         _write_external(model, tmp_model, tmp_data.name, data_name, consume, before_commit)
                 else:
-                    _write_inline(model, tmp_model, before_commit)
+                    _write_inline(model, tmp_model, before_commit, consume)
     finally:
         if stripped:  # put the bookkeeping back, keeping what a before_commit added
             kept = [p for p in model.metadata_props if p not in stripped]
@@ -82,7 +82,8 @@ def _write_external(model: onnx.ModelProto, target: Path, data_file: str, final_
     _write_bytes(target, header.SerializeToString())
 
 
-def _write_inline(model: onnx.ModelProto, target: Path, before_commit: Callable[[Path], None] | None) -> None:
+def _write_inline(model: onnx.ModelProto, target: Path, before_commit: Callable[[Path], None] | None,
+                  consume: bool = False) -> None:
     """One file; referenced weights copied into it. With `before_commit`, the metadata goes last.
 
     The file is checked before its metadata (the receipt of that check) is appended: protobuf
@@ -94,6 +95,8 @@ def _write_inline(model: onnx.ModelProto, target: Path, before_commit: Callable[
     try:
         if streaming.streams(model):
             streaming.write_inline(model, target)
+            if consume:  # its computed weights are in the file now: their scratch file goes
+                streaming.discard(model)
         else:
             _write_bytes(target, model.SerializeToString())
     finally:

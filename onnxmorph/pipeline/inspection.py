@@ -15,6 +15,7 @@ from onnxmorph.contract import registry
 from onnxmorph.errors import NotApplicable, OnnxMorphError
 from onnxmorph.graph import core as mgraph
 from onnxmorph.io import loading as mio
+from onnxmorph.io import streaming
 from onnxmorph.pipeline import receipt
 
 
@@ -61,6 +62,7 @@ def inspect(model: onnx.ModelProto, source: str = "the model") -> dict[str, Any]
             "module": modules.get(info.name),
             "morphs": morphs,
         })
+        streaming.unmap_all()  # the probes read this layer's weights: their pages go (a model may exceed memory)
     found = mblocks.model_blocks(analysis)
     return {
         "ir_version": model.ir_version,

@@ -41,10 +41,11 @@ class VerifyOptions:
     seed: int = 0
     shapes: Mapping[str, Sequence[int]] | None = None
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
+    method: str = "auto"  # outputs (run whole), regions, or auto: by regions when a model does not fit
 
     def verifier(self, parent: onnx.ModelProto | str | os.PathLike) -> Verifier:
         return Verifier(parent, atol=self.atol, rtol=self.rtol, trials=self.trials, seed=self.seed,
-                        shapes=self.shapes, inputs=self.inputs)
+                        shapes=self.shapes, inputs=self.inputs, method=self.method)
 
 
 @dataclass
@@ -78,7 +79,9 @@ def _morphable(parent: ModelLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
     # Weights stay in their files until a pass touches them (see streaming): always those kept in
     # external data, and those inside the model file when run_passes saves the child itself.
     lazy = lazy or bool(mio.external_data_files(parent))
-    return mio.load(parent, normalize_model=True, lazy=lazy), Path(parent)
+    model = mio.load(parent, normalize_model=True, lazy=lazy)
+    mio.start_digest(model)  # the receipt needs it: read beside the morph
+    return model, Path(parent)
 
 
 def run_passes(
@@ -101,14 +104,23 @@ def run_passes(
     # The child's receipt continues the parent's: a malformed one is refused before any work.
     receipt.history(parent_model, str(parent) if not isinstance(parent, onnx.ModelProto) else "the parent")
     verifier = options.verifier(reference) if options.enabled else None
-    # A parent kept with external data (a model that may not fit in memory) gets its computed weights
-    # spilled to files as they are made; an inline one (under 2 GiB) keeps them in memory.
-    spill = mio.had_external_data(parent_model) and streaming.streams(parent_model)
-    with streaming.spilling() if spill else contextlib.nullcontext() as scratch:
-        child = _apply(parent_model, passes, verifier, verify_each, scratch)
-    if output is not None and streaming.streams(child):
-        return _save_verified(parent_model, child, passes, verifier, Path(output))
-    return _finish(parent_model, child, passes, verifier, verify_each)
+    # A parent whose weights stay in their files (external data, or a model file read lazily because
+    # the child is saved here) gets its computed weights written to a file as they are made: beside the
+    # output, where saving takes that file over as the child's data file.
+    spill = streaming.streams(parent_model)
+    where = Path(os.path.realpath(output)).parent if output is not None else None  # where the output really is
+    stem = Path(output).name if output is not None else ""
+    scratch = None
+    try:
+        with streaming.spilling(where, stem) if spill else contextlib.nullcontext() as scratch:
+            child = _apply(parent_model, passes, verifier, verify_each, scratch)
+        if output is not None and streaming.streams(child):
+            return _save_verified(parent_model, child, passes, verifier, Path(output))
+        return _finish(parent_model, child, passes, verifier, verify_each)
+    except BaseException:
+        if scratch is not None:  # nothing is written when a morph fails: its computed weights go too
+            streaming.release(scratch)
+        raise
 
 
 def _apply(parent_model: onnx.ModelProto, passes: Sequence[MorphPass], verifier: Verifier | None,
@@ -215,12 +227,19 @@ def _record(parent: onnx.ModelProto, passes: Sequence[MorphPass], report: Report
             "inputs": report.input_source,
             "max_abs_error": report.max_abs_error,
             "max_rel_error": report.max_rel_error,
+            "method": report.method,
             "outputs": [
                 {"name": o.name, "max_abs_error": o.max_abs_error, "max_rel_error": o.max_rel_error,
                  "atol": o.atol, "rtol": o.rtol}
                 for o in report.outputs
             ],
         }
+        if report.computed_in:
+            verification["computed_in"] = report.computed_in
+        if report.method == "regions":
+            verification.update(regions=len(report.regions), unchanged_nodes=report.unchanged_nodes,
+                                identical_weights=report.identical_weights,
+                                identical_weight_bytes=report.identical_weight_bytes)
     return {
         "tool": f"onnxmorph {__version__}",
         "parent_sha256": mio.digest(parent),

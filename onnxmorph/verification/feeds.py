@@ -28,6 +28,8 @@ import onnx
 from onnxmorph import limits
 from onnxmorph.errors import UnsafeModelError, UsageError
 from onnxmorph.io import loading as mio
+from onnxmorph.numerics.dtypes import is_float
+from onnxmorph.verification.interface import declared_dims
 
 DEFAULT_BATCH = 2
 DEFAULT_SEQUENCE = 16
@@ -62,19 +64,6 @@ class Draw:
         if self.kind == "bool":
             return "random booleans"
         return f"integers in [{int(self.low)}, {int(self.high)})"
-
-
-def declared_dims(info: onnx.ValueInfoProto) -> list[int | str | None]:
-    """An input's declared dims: sizes, dim names, or None where neither is given."""
-    dims: list[int | str | None] = []
-    for d in info.type.tensor_type.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return dims
 
 
 def _is_sequence_axis(axis: int, rank: int, name: str | None) -> bool:
@@ -211,7 +200,7 @@ def input_draws(model: onnx.ModelProto) -> dict[str, Draw]:
     for info in mio.true_inputs(model):
         dtype = np_dtype(info.type.tensor_type.elem_type, info.name)
         masky = "mask" in info.name.lower()
-        if dtype.kind == "f":
+        if is_float(dtype):
             draws[info.name] = Draw("float", *INPUT_RANGE)
         elif dtype.kind not in "iub":
             raise UsageError(f"input '{info.name}' of type {dtype} needs --inputs")

@@ -72,10 +72,36 @@ class Report:
     seed: int = 0
     inputs: dict[str, list[int]] = field(default_factory=dict)
     input_source: str = "random"
+    # "outputs": both models ran whole and their outputs were compared; "regions": the child was
+    # checked region by region (onnxmorph.verification.regions), the models never ran whole.
+    method: str = "outputs"
+    # Empty when onnxruntime ran the models as they are; else what it ran instead and why.
+    computed_in: str = ""
+    # Verification by regions: one summary per changed region, and what was found unchanged.
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    unchanged_nodes: int = 0
+    identical_weights: int = 0
+    identical_weight_bytes: int = 0
 
     @property
     def passed(self) -> bool:
-        return not self.problems and bool(self.outputs) and all(o.passed for o in self.outputs)
+        # By regions, a child with no changed region at all is the parent (every node and weight compared).
+        compared = bool(self.outputs) or (self.method == "regions" and not self.regions)
+        return not self.problems and compared and all(o.passed for o in self.outputs)
+
+    def method_line(self) -> str:
+        """What was checked, in words (what a PASS claims)."""
+        if self.method == "regions":
+            shared = _bytes(self.identical_weight_bytes)
+            text = (f"by regions: {len(self.regions)} changed region(s) run in the parent and the child on the same "
+                    f"inputs at their boundaries (random where large weights feed them); {self.unchanged_nodes} "
+                    f"unchanged nodes and {self.identical_weights} shared weights ({shared}) found identical; the "
+                    "models were not run whole")
+        else:
+            text = "the parent and the child run whole on the same inputs, every output compared"
+        if self.computed_in:
+            text += f"; computed in {self.computed_in}"
+        return text
 
     def __bool__(self) -> bool:
         return self.passed
@@ -91,9 +117,11 @@ class Report:
     def summary(self) -> str:
         """One line: PASS/FAIL with the worst errors or the first problem."""
         if self.passed:
+            what = "output(s)" if self.method != "regions" else f"region output(s) of {len(self.regions)} region(s)"
             return (
-                f"PASS: {len(self.outputs)} output(s) equal over {self.trials} trial(s) "
+                f"PASS: {len(self.outputs)} {what} equal over {self.trials} trial(s) "
                 f"(max abs error {_fmt(self.max_abs_error)}, max rel error {_fmt(self.max_rel_error)})"
+                + (f"; computed in {self.computed_in.split(' (')[0]}" if self.computed_in else "")
             )
         if self.problems:
             return f"FAIL: {self.problems[0]}"
@@ -134,12 +162,21 @@ class Report:
             f"seed {self.seed}, inputs: {self.input_source}; an element fails when it exceeds "
             "both atol and rtol)"
         ]
+        if self.method != "outputs" or self.computed_in:
+            lines.append(f"  checked {self.method_line()}")
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         for o in self.outputs:
             if o.problem:
                 lines.append(f"  output '{o.name}': {o.problem}")
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _fmt(x: float) -> str:

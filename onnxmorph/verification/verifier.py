@@ -10,7 +10,6 @@ import logging
 import math
 import mmap
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +21,11 @@ import onnx
 
 from onnxmorph import limits
 from onnxmorph.errors import InvalidModelError, UsageError, one_line
+from onnxmorph.io import casting, saving, streaming
 from onnxmorph.io import loading as mio
-from onnxmorph.io import saving, streaming
-from onnxmorph.verification import feeds
+from onnxmorph.verification import DEFAULT_TRIALS as DEFAULT_TRIALS
+from onnxmorph.verification import feeds, regions
+from onnxmorph.verification.interface import interface_problems  # noqa: F401  (re-exported)
 from onnxmorph.verification.report import (  # noqa: F401  (re-exported)
     OutputCheck,
     Report,
@@ -33,12 +34,12 @@ from onnxmorph.verification.report import (  # noqa: F401  (re-exported)
     default_tolerances,
     output_scale,
 )
+from onnxmorph.verification.runtime import RuntimeProblem, Session, missing_kernel
 
 log = logging.getLogger("onnxmorph")
 
 ModelLike = Union[onnx.ModelProto, str, os.PathLike, "ModelFile"]
 
-DEFAULT_TRIALS = 3
 DEFAULT_BATCH = feeds.DEFAULT_BATCH
 INPUT_RANGE = feeds.INPUT_RANGE
 
@@ -213,7 +214,7 @@ def read_model_file(path: str | os.PathLike, *, check: bool = True) -> ModelFile
         raise InvalidModelError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except Exception as exc:  # malformed framing, or protobuf's DecodeError on the header
         raise InvalidModelError(f"{path}: not an ONNX model ({one_line(exc)})") from exc
-    mio.check_header(header, skipped, path)
+    mio.check_header(header, skipped, path, in_memory=False)  # onnxruntime maps the weights from their files
     model_file = ModelFile(path=path, header=header, skipped=skipped)
     if check:
         model_file.check()
@@ -237,96 +238,36 @@ def _checkable(header: onnx.ModelProto, skipped: Mapping[int, int]) -> onnx.Mode
 
 # --------------------------------------------------------------------------- sessions
 
+# The runtime's sessions (re-exported under their former names).
+_Session = Session
+_RuntimeProblem = RuntimeProblem
 
-class _Session:
-    """An onnxruntime CPU session with graph optimisations off (they could hide a difference)."""
-
-    def __init__(self, model: ModelLike | bytes, role: str) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4  # its errors come back as exceptions, reported in one line
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        try:
-            if isinstance(model, bytes):
-                source: Any = model
-            elif isinstance(model, ModelFile):
-                # By path: onnxruntime parses the file once and resolves external data beside it.
-                source = str(model.path)
-            elif isinstance(model, onnx.ModelProto):
-                # A model whose weights stay in files is written beside its copies, file to file.
-                if mio.approx_size(model) < saving.EXTERNAL_DATA_THRESHOLD and not streaming.streams(model):
-                    source = model.SerializeToString()
-                else:
-                    self._tmp = tempfile.TemporaryDirectory(prefix="onnxmorph-verify-")
-                    target = Path(self._tmp.name) / f"{role}.onnx"
-                    mio.write_with_external_data(model, target)
-                    source = str(target)
-            else:
-                source = str(model)
-            header = model.header if isinstance(model, ModelFile) else None
-            if self._tmp is not None or (header is not None and any(True for _ in mio.external_tensors(header))):
-                # onnxruntime maps external weights from their files (page-aligned, as onnxmorph writes
-                # them) but copies those it prepacks for its kernels: off, they stay mapped (file pages
-                # the kernel can drop and share, not a private copy of the model).
-                options.add_session_config_entry("session.disable_prepacking", "1")
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            self.close()
-            raise _RuntimeProblem(f"onnxruntime cannot load the {role}: {one_line(exc)}") from exc
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feed: Mapping[str, np.ndarray], role: str) -> list[np.ndarray]:
-        try:
-            return self.session.run(None, dict(feed))
-        except Exception as exc:
-            raise _RuntimeProblem(f"onnxruntime cannot run the {role}: {one_line(exc)}") from exc
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+METHODS = ("auto", "outputs", "regions")
 
 
-class _RuntimeProblem(Exception):
-    pass
+def model_bytes(model: onnx.ModelProto | ModelFile) -> int:
+    """The bytes of a model's weights, from its header (skipped and external weights included)."""
+    if isinstance(model, ModelFile):
+        header = model.header
+        total = sum(model.skipped.values())
+        total += sum(int({e.key: e.value for e in t.external_data}.get("length") or 0)
+                     for t in mio.external_tensors(header))
+        return total + header.ByteSize()
+    return mio.approx_size(model)
+
+
+def verification_budget() -> int:
+    """Bytes a model may have for onnxruntime to run it whole (ONNXMORPH_MAX_MODEL_BYTES: half the memory)."""
+    return mio.memory_limit()
+
+
+def fits(model: onnx.ModelProto | ModelFile) -> bool:
+    """Whether running `model` whole fits the verification budget (a float32 copy counts twice for 16-bit floats)."""
+    factor = 2 if casting.half_float_types(_header(model)) else 1
+    return model_bytes(model) * factor <= verification_budget()
 
 
 # --------------------------------------------------------------------------- comparison
-
-
-def _io_signature(info: onnx.ValueInfoProto) -> tuple[str, int, tuple | None]:
-    tt = info.type.tensor_type
-    shape = tuple(_declared_dims(info)) if tt.HasField("shape") else None
-    return info.name, tt.elem_type, shape
-
-
-def interface_problems(parent: onnx.ModelProto, child: onnx.ModelProto) -> list[str]:
-    """Differences between the parent's and the child's inputs and outputs."""
-    problems = []
-    for kind, p_list, c_list in (
-        ("input", mio.true_inputs(parent), mio.true_inputs(child)),
-        ("output", list(parent.graph.output), list(child.graph.output)),
-    ):
-        p_sig = [_io_signature(i) for i in p_list]
-        c_sig = [_io_signature(i) for i in c_list]
-        if [s[0] for s in p_sig] != [s[0] for s in c_sig]:
-            problems.append(
-                f"the child's {kind}s {[s[0] for s in c_sig]} differ from the parent's {[s[0] for s in p_sig]}"
-            )
-            continue
-        for p, c in zip(p_sig, c_sig):
-            if p[1] != c[1]:
-                problems.append(
-                    f"{kind} '{p[0]}': type {onnx.TensorProto.DataType.Name(c[1])} differs from the "
-                    f"parent's {onnx.TensorProto.DataType.Name(p[1])}"
-                )
-            elif p[2] != c[2]:
-                problems.append(
-                    f"{kind} '{p[0]}': shape {list(c[2] or [])} differs from the parent's {list(p[2] or [])}"
-                )
-    return problems
 
 
 def _open(model: ModelLike) -> onnx.ModelProto | ModelFile:
@@ -341,7 +282,15 @@ def _header(model: onnx.ModelProto | ModelFile) -> onnx.ModelProto:
 
 
 class Verifier:
-    """Runs a parent once per trial and compares any number of children against it."""
+    """Runs a parent once per trial and compares any number of children against it.
+
+    `method` says how: `outputs` runs both models whole and compares their outputs; `regions`
+    compares the two graphs and checks each changed region (onnxmorph.verification.regions),
+    never running a model whole; `auto` (the default) runs them whole when each fits the
+    verification budget (`verification_budget`) and checks by regions otherwise. A model of
+    16-bit floats that onnxruntime has no CPU kernels for is run as a float32 copy (the report
+    says so in `computed_in`).
+    """
 
     def __init__(
         self,
@@ -353,14 +302,18 @@ class Verifier:
         seed: int = 0,
         shapes: Mapping[str, Sequence[int]] | None = None,
         inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+        method: str = "auto",
     ) -> None:
         if trials < 1:
             raise UsageError(f"trials must be at least 1, not {trials}")
         for label, tol in (("atol", atol), ("rtol", rtol)):
             if tol is not None and not (tol >= 0 and math.isfinite(tol)):
                 raise UsageError(f"{label} must be a non-negative number, not {tol}")
-        self.atol, self.rtol, self.seed = atol, rtol, seed
+        if method not in METHODS:
+            raise UsageError(f"verification method must be one of {', '.join(METHODS)}, not {method!r}")
+        self.atol, self.rtol, self.seed, self.method = atol, rtol, seed, method
         parent = _open(parent)
+        self.parent = parent
         self.parent_header = _header(parent)
         if inputs is not None:
             self.feeds = [load_inputs(self.parent_header, inputs)]
@@ -373,21 +326,38 @@ class Verifier:
                 for t in range(trials)
             ]
             self.input_source = feeds.describe_inputs(self.parent_header, resolved, draws)
-        log.info("running the parent (%d trial(s))", len(self.feeds))
-        try:
-            session = _Session(parent, "parent")
-            try:
-                self.expected = [session.run(feed, "parent") for feed in self.feeds]
-            finally:
-                session.close()
-        except _RuntimeProblem as exc:
-            raise InvalidModelError(str(exc)) from exc
         self.output_names = [o.name for o in self.parent_header.graph.output]
+        # what onnxruntime runs instead of the models, when it has no kernels for their 16-bit floats
+        self.float32 = ""
+        self.expected: list[list[np.ndarray]] | None = None
+        self.blind_spots = blind_spots(self.feeds, [[] for _ in self.feeds], [])
+        self.scales: list[float] = []
+        if method == "outputs" or (method == "auto" and fits(parent)):
+            self._run_parent()
+
+    def _half(self) -> str:
+        names = sorted(onnx.TensorProto.DataType.Name(t).lower() for t in casting.half_float_types(self.parent_header))
+        return f"the model computes in {' and '.join(names) or '16-bit floats'}"
+
+    def _run_parent(self) -> None:
+        log.info("running the parent (%d trial(s))", len(self.feeds))
+        while True:
+            try:
+                session = Session(_runnable(self.parent), "parent", float32=bool(self.float32))
+                try:
+                    self.expected = [session.run(feed, "parent") for feed in self.feeds]
+                finally:
+                    session.close()
+                break
+            except RuntimeProblem as exc:
+                if self.float32 or not missing_kernel(exc):
+                    raise InvalidModelError(str(exc)) from exc
+                self.float32 = f"float32 copies of both models ({self._half()}: {_missing(exc)})"
         self.blind_spots = blind_spots(self.feeds, self.expected, self.output_names)
         self.scales = [output_scale(trial[k] for trial in self.expected) for k in range(len(self.output_names))]
 
     def check(self, child: ModelLike) -> Report:
-        """Compare `child` with the parent on every trial's inputs."""
+        """Compare `child` with the parent on every trial's inputs (by regions where the method says so)."""
         report = Report(
             trials=len(self.feeds),
             seed=self.seed,
@@ -408,40 +378,97 @@ class Verifier:
         except InvalidModelError as exc:
             report.problems.append(str(exc))
         report.problems.extend(self.blind_spots)
+        whole = self.method == "outputs" or (self.method == "auto" and self.expected is not None and fits(child))
+        if not whole:
+            return self._check_regions(child, report)
+        if self.expected is None:
+            self._run_parent()
+        assert self.expected is not None
+        self._expect_outputs(report)
+        log.info("running the child (%d trial(s))", len(self.feeds))
+        try:
+            outputs = self._run_child(source)
+        except RuntimeProblem as exc:
+            report.problems.append(str(exc))
+            return report
+        for feed_outputs, expected in zip(outputs, self.expected):
+            for check, exp in zip(report.outputs, expected):
+                if check.name not in feed_outputs:
+                    check.problem = "missing from the child"
+                    continue
+                compare(check, exp, feed_outputs[check.name])
+        report.computed_in = self.float32
+        log.info("verified; peak memory of this process so far: %.0f MB", streaming.peak_memory() / 2**20)
+        return report
+
+    def _expect_outputs(self, report: Report) -> None:
+        assert self.expected is not None
+        declared = {o.name: o.type.tensor_type.elem_type for o in self.parent_header.graph.output}
         for name, expected, scale in zip(self.output_names, self.expected[0], self.scales):
-            atol, rtol = default_tolerances(expected.dtype)
+            dtype = expected.dtype
+            if self.float32 and declared.get(name) in casting.HALF_FLOATS:  # compared as the model's own type
+                dtype = feeds.np_dtype(declared[name], name)
+            atol, rtol = default_tolerances(dtype)
             report.outputs.append(OutputCheck(
-                name=name, shape=list(expected.shape), dtype=str(expected.dtype),
+                name=name, shape=list(expected.shape), dtype=str(dtype),
                 # The default atol is for outputs of magnitude ~1; rounding grows with the magnitude.
                 atol=atol * max(1.0, scale) if self.atol is None else self.atol,
                 rtol=rtol if self.rtol is None else self.rtol,
             ))
-        log.info("running the child (%d trial(s))", len(self.feeds))
+
+    def _run_child(self, source: ModelLike | bytes) -> list[dict[str, np.ndarray]]:
+        """The child's outputs per trial; a child that needs float32 where the parent did not re-runs the parent so."""
         try:
-            session = _Session(source, "child")
-        except _RuntimeProblem as exc:
-            report.problems.append(str(exc))
-            return report
+            session = Session(_runnable(source), "child", float32=bool(self.float32))
+        except RuntimeProblem as exc:
+            if self.float32 or not missing_kernel(exc):
+                raise
+            self.float32 = f"float32 copies of both models ({self._half()}: for the child, {_missing(exc)})"
+            self._run_parent()
+            session = Session(_runnable(source), "child", float32=True)
         try:
-            for feed, expected in zip(self.feeds, self.expected):
-                outputs = dict(zip(session.output_names, session.run(feed, "child")))
-                for check, exp in zip(report.outputs, expected):
-                    if check.name not in outputs:
-                        check.problem = "missing from the child"
-                        continue
-                    compare(check, exp, outputs[check.name])
-        except _RuntimeProblem as exc:
-            report.problems.append(str(exc))
+            return [dict(zip(session.output_names, session.run(feed, "child"))) for feed in self.feeds]
         finally:
             session.close()
-        log.info("verified; peak memory of this process so far: %.0f MB", streaming.peak_memory() / 2**20)
+
+    def _check_regions(self, child: onnx.ModelProto | ModelFile, report: Report) -> Report:
+        report.method = "regions"
+        parent_model = _references(self.parent)
+        child_model = _references(child)
+        log.info("verifying by regions (the models are not run whole)")
+        float32 = regions.verify_regions(parent_model, child_model, self.feeds, report, atol=self.atol,
+                                         rtol=self.rtol, seed=self.seed, float32=bool(self.float32))
+        if float32:
+            report.computed_in = self.float32 or (f"float32 copies of the regions ({self._half()}: onnxruntime "
+                                                  "lacks CPU kernels for it)")
+        log.info("verified by regions; peak memory of this process so far: %.0f MB",
+                 streaming.peak_memory() / 2**20)
         return report
+
+
+def _missing(exc: BaseException) -> str:
+    """The kernel onnxruntime said it lacks, in a few words."""
+    text = one_line(exc)
+    found = text.find("Could not find an implementation for ")
+    if found >= 0:
+        return "onnxruntime has no CPU kernel for " + text[found + 37:].split(" node with name")[0]
+    return "onnxruntime lacks a kernel: " + text[:160]
+
+
+def _runnable(model: ModelLike | bytes) -> onnx.ModelProto | bytes | Path:
+    """What a Session takes: a checked file by its path, anything else as it is."""
+    return model.path if isinstance(model, ModelFile) else model
+
+
+def _references(model: onnx.ModelProto | ModelFile) -> onnx.ModelProto:
+    """The model with its weights as references into their files (read for regions, never loaded whole)."""
+    return mio.references(model.path) if isinstance(model, ModelFile) else model
 
 
 def verify(parent: ModelLike, child: ModelLike, **options: Any) -> Report:
     """Run `parent` and `child` in onnxruntime on the same inputs and compare their outputs.
 
-    `options` are those of `Verifier` (atol, rtol, trials, seed, shapes, inputs). Models are
+    `options` are those of `Verifier` (atol, rtol, trials, seed, shapes, inputs, method). Models are
     ModelProtos, paths or `ModelFile`s (see `read_model_file`). A path is checked for safety
     from its header, its weights never read into Python, and handed to onnxruntime as it is.
     Returns a Report, truthy when every output of the child equals the parent's within
