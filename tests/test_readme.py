@@ -1,7 +1,7 @@
 """The README's snippets run as written: every ```sh and ```python block, in order, in one folder.
 
 The blocks form a tutorial (a later one reads what an earlier one wrote), so they run in order
-in a fresh folder that holds a link to the project's `models/`. ```console blocks are shown, not
+in a fresh folder that holds links to the project's `models/` and `benchmarks/`. ```console blocks are shown, not
 run: the Quick start's install and test commands (CI runs the second one verbatim, and the first
 one's install is what CI's own install does; its morph is run here without the install).
 """
@@ -49,7 +49,8 @@ def test_the_quick_start_holds_exactly_two_commands_and_ci_runs_the_second() -> 
 
 
 def test_the_snippets_run_in_order(tmp_path: Path) -> None:
-    (tmp_path / "models").symlink_to(ROOT / "models")
+    for folder in ("models", "benchmarks"):  # what the snippets read, as from the project's root
+        (tmp_path / folder).symlink_to(ROOT / folder)
     quick = blocks("console")[0][1].strip().splitlines()[0]
     _run(["bash", "-euo", "pipefail", "-c", quick.split(" && ", 1)[1]], tmp_path, "Quick start morph")
     for k, (language, text) in enumerate(blocks()):
