@@ -276,3 +276,42 @@ def test_heads_merged_with_the_batch_grow_as_heads() -> None:
     model = text_model(body, floats, ints, x=f"float[N, T, {H}]", y=f"float[N, T, {H}]", opset=17)
     for layer in ("q", "kk", "v"):
         _widen(model, layer, 2 * H)
+
+
+def test_a_norm_across_all_heads_of_the_keys_is_refused_saying_so() -> None:
+    """OLMo 2's k_norm: an RMSNorm over the key projection's whole width, before the heads are split. New query heads
+    need new key heads, which would change its statistics."""
+    floats = {"wq": _w(H, H), "wk": _w(H, H), "wv": _w(H, H), "wo": _w(H, H), "g": _w(H), "two": np.array(2.0),
+              "eps": np.array(1e-6), "w1": _w(H, H), "w2": _w(H, H)}
+    ints = {"heads": [0, 0, HEADS, D], "back": [0, 0, H]}
+    body = """
+    q = MatMul(x, wq)
+    kk = MatMul(x, wk)
+    v = MatMul(x, wv)
+    sq = Pow(kk, two)
+    ms = ReduceMean<axes = [-1]>(sq)
+    me = Add(ms, eps)
+    rt = Sqrt(me)
+    kn = Div(kk, rt)
+    kg = Mul(kn, g)
+    qh = Reshape(q, heads)
+    qt = Transpose<perm = [0, 2, 1, 3]>(qh)
+    kh = Reshape(kg, heads)
+    kt = Transpose<perm = [0, 2, 3, 1]>(kh)
+    vh = Reshape(v, heads)
+    vt = Transpose<perm = [0, 2, 1, 3]>(vh)
+    sc = MatMul(qt, kt)
+    pr = Softmax<axis = -1>(sc)
+    at = MatMul(pr, vt)
+    ab = Transpose<perm = [0, 2, 1, 3]>(at)
+    am = Reshape(ab, back)
+    o = MatMul(am, wo)
+    s = Add(x, o)
+    h = MatMul(s, w1)
+    r = Relu(h)
+    f = MatMul(r, w2)
+    y = Add(s, f)"""
+    model = text_model(body, floats, ints, x=f"float[N, 5, {H}]", y=f"float[N, 5, {H}]", opset=17)
+    for method in ("netmorph", "net2net"):
+        with pytest.raises(onnxmorph.NotApplicable, match="reduces over all the heads of 'sq'"):
+            onnxmorph.get_pass("widen")(layer="q", width=2 * H, method=method).requires(model)
