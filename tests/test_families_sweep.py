@@ -31,6 +31,22 @@ WIDEN = {
     ("llama", "torchscript"): (14, 14, 14), ("llama", "dynamo"): (14, 14, 14),
     ("vit", "torchscript"): (12, 12, 12), ("vit", "dynamo"): (12, 12, 12),
     ("wav2vec2", "torchscript"): (13, 8, 13), ("wav2vec2", "dynamo"): (13, 8, 13),
+    ("opt", "torchscript"): (12, 12, 12), ("opt", "dynamo"): (12, 12, 12),
+    ("gpt_neox", "torchscript"): (8, 8, 8), ("gpt_neox", "dynamo"): (8, 8, 8),
+    ("gemma", "torchscript"): (14, 8, 14), ("gemma", "dynamo"): (14, 10, 14),
+    ("gemma2", "torchscript"): (14, 14, 14), ("gemma2", "dynamo"): (14, 14, 14),
+    ("gemma3", "torchscript"): (14, 14, 14), ("gemma3", "dynamo"): (14, 14, 14),
+    ("qwen2", "torchscript"): (14, 14, 14), ("qwen2", "dynamo"): (14, 14, 14),
+    ("qwen3", "torchscript"): (14, 14, 14), ("qwen3", "dynamo"): (14, 14, 14),
+    ("mistral", "torchscript"): (14, 14, 14), ("mistral", "dynamo"): (14, 14, 14),
+    ("phi", "torchscript"): (12, 12, 12), ("phi", "dynamo"): (12, 12, 12),
+    ("phi3", "torchscript"): (8, 8, 8), ("phi3", "dynamo"): (8, 8, 8),
+    ("falcon", "torchscript"): (8, 6, 8), ("falcon", "dynamo"): (8, 6, 8),
+    ("olmo2", "torchscript"): (8, 8, 14), ("olmo2", "dynamo"): (8, 8, 14),
+    ("t5", "torchscript"): (10, 10, 10), ("t5", "dynamo"): (10, 10, 10),
+    ("swin", "torchscript"): (13, 13, 25), ("swin", "dynamo"): (16, 16, 25),
+    ("mixtral", "torchscript"): (6, 6, 10), ("mixtral", "dynamo"): (6, 6, 10),
+    ("qwen2_moe", "torchscript"): (10, 10, 18), ("qwen2_moe", "dynamo"): (10, 10, 18),
 }
 POST_NORM = {"bert"}
 
