@@ -256,6 +256,7 @@ def test_heads_merged_with_the_batch_grow_as_heads() -> None:
     qf = Reshape(qt, flat)
     kh = Reshape(kk, heads)
     kt = Transpose<perm = [0, 2, 3, 1]>(kh)
+    flat2 = Concat<axis = 0>(minus1, dsz, t)
     kf = Reshape(kt, flat2)
     vh = Reshape(v, heads)
     vt = Transpose<perm = [0, 2, 1, 3]>(vh)
@@ -272,7 +273,6 @@ def test_heads_merged_with_the_batch_grow_as_heads() -> None:
     r = Relu(h)
     f = MatMul(r, w2)
     y = Add(s, f)"""
-    body = body.replace("    kf = Reshape(kt, flat2)", "    flat2 = Concat<axis = 0>(minus1, dsz, t)\n    kf = Reshape(kt, flat2)")
     model = text_model(body, floats, ints, x=f"float[N, T, {H}]", y=f"float[N, T, {H}]", opset=17)
     for layer in ("q", "kk", "v"):
         _widen(model, layer, 2 * H)
