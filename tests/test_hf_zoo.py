@@ -290,6 +290,10 @@ def test_facts_agree_with_the_config(kind: str) -> None:
     name = fact["model_class"].__name__
     assert fact["head"] == next((head for suffix, head in heads_by_suffix.items() if name.endswith(suffix)), None)
     assert fact["output"] == output_name(kind)
+    if "stages" in fact:  # swin: blocks, width and heads per stage
+        widths = [config.embed_dim * 2 ** i for i in range(len(config.depths))]
+        assert fact["stages"] == tuple(zip(config.depths, widths, config.num_heads))
+        assert (fact["window_size"], sum(config.depths)) == (config.window_size, fact["layers"])
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
