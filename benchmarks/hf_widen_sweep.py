@@ -127,8 +127,8 @@ def structure(kind: str, path: Path) -> dict:
             refused[block["after"]] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return {"blocks_expected": fact["layers"], "blocks": len(info["blocks"]), "grown": grown,
             "kinds": sorted({b["kind"] for b in info["blocks"]}),
-            "parallel": any(b["parallel"] for b in info["blocks"]),
-            "experts": max([b["experts"] or 0 for b in info["blocks"]] or [0]),
+            "parallel": any(b.get("parallel") for b in info["blocks"]),
+            "experts": max([b.get("experts") or 0 for b in info["blocks"]] or [0]),
             "heads_right": heads == expected_heads(fact), "heads": heads, "block_refusals": refused}
 
 

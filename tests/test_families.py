@@ -1,9 +1,12 @@
 """inspect and `block` on every family of the zoo (tests/hf_support.py), compared with what each family is (facts).
 
-Default run: the TorchScript exports; `-m slow`: the dynamo ones. For each family inspect must list one block per
-layer with its module path, parallel attention and MLP where the family has them, the experts of a mixture of
-experts (its router is not attention), and per attention module the heads, head size and key/value heads; `block
---after` must grow every listed block (verified, default tolerances) except after a post-norm block, refused.
+Default run: inspect on the TorchScript exports, `block` on the ones with a pattern of their own (a stream reshaped
+around the MLP, parallel attention and MLP, norms after the sublayers with and without norms before, a mixture of
+experts, windows and stages); `-m slow`: the rest and the dynamo exports. For each family inspect must list one
+block per layer with its module path, parallel attention and MLP where the family has them, the experts of a
+mixture of experts (its router is not attention), and per attention module the heads, head size and key/value
+heads; `block --after` must grow every listed block (verified, default tolerances) except after a post-norm block,
+refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from hf_support import ALL_KINDS, hf_export  # noqa: F401  (fixture)
 import onnxmorph
 
 CASES = [(kind, False) for kind in ALL_KINDS] + [pytest.param(kind, True, marks=pytest.mark.slow) for kind in ALL_KINDS]
+GROW_FAST = ("opt", "gpt_neox", "gemma2", "olmo2", "mixtral", "swin")
+GROW_CASES = [(kind, False) if kind in GROW_FAST else pytest.param(kind, False, marks=pytest.mark.slow)
+              for kind in ALL_KINDS] + [pytest.param(kind, True, marks=pytest.mark.slow) for kind in ALL_KINDS]
 
 
 def _expected_blocks(fact: dict) -> list[dict]:
@@ -65,7 +71,7 @@ def _outputs(model: onnx.ModelProto | str, feed: dict[str, np.ndarray]) -> np.nd
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
-@pytest.mark.parametrize(("kind", "dynamo"), CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize(("kind", "dynamo"), GROW_CASES, ids=lambda v: str(v))
 def test_a_block_grows_after_every_block(hf_export, kind: str, dynamo: bool) -> None:  # noqa: F811
     hf = hf_export(kind, dynamo)
     parent = onnxmorph.load(hf.path)

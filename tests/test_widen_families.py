@@ -234,3 +234,84 @@ def test_a_one_channel_gate_broadcast_over_an_expert_is_refused_by_name() -> Non
     model = text_model(body, {"wg": _w(8, 1), "we": _w(8, 8), "wo": _w(8, 8)}, {}, x="float[N, 8]", y="float[N, 8]")
     with pytest.raises(onnxmorph.NotApplicable, match=r"the one channel of 's' is broadcast over the 8 of 'e'"):
         onnxmorph.get_pass("widen")(layer="g", width=2).requires(model)
+
+
+def test_heads_merged_with_the_batch_grow_as_heads() -> None:
+    """[N, H, T, d] -> [N*H, T, d] around the products (as the dynamo exporter writes attention): with the batch taken
+    as 1 while analysing, the merge looks like [1, H, ..] -> [H, ..]; the heads axis must stay the heads."""
+    floats = {"wq": _w(H, H), "wk": _w(H, H), "wv": _w(H, H), "wo": _w(H, H), "w1": _w(H, H), "w2": _w(H, H)}
+    ints = {"heads": [0, 0, HEADS, D], "one": [1], "minus1": [-1], "dsz": [D], "back": [0, 0, H], "hsz": [HEADS],
+            "zero": [0]}
+    body = """
+    q = MatMul(x, wq)
+    kk = MatMul(x, wk)
+    v = MatMul(x, wv)
+    sh = Shape(x)
+    n = Gather(sh, zero)
+    t = Gather(sh, one)
+    flat = Concat<axis = 0>(minus1, t, dsz)
+    split = Concat<axis = 0>(n, hsz, t, dsz)
+    qh = Reshape(q, heads)
+    qt = Transpose<perm = [0, 2, 1, 3]>(qh)
+    qf = Reshape(qt, flat)
+    kh = Reshape(kk, heads)
+    kt = Transpose<perm = [0, 2, 3, 1]>(kh)
+    flat2 = Concat<axis = 0>(minus1, dsz, t)
+    kf = Reshape(kt, flat2)
+    vh = Reshape(v, heads)
+    vt = Transpose<perm = [0, 2, 1, 3]>(vh)
+    vf = Reshape(vt, flat)
+    sc = MatMul(qf, kf)
+    pr = Softmax<axis = -1>(sc)
+    at = MatMul(pr, vf)
+    au = Reshape(at, split)
+    ab = Transpose<perm = [0, 2, 1, 3]>(au)
+    am = Reshape(ab, back)
+    o = MatMul(am, wo)
+    s = Add(x, o)
+    h = MatMul(s, w1)
+    r = Relu(h)
+    f = MatMul(r, w2)
+    y = Add(s, f)"""
+    model = text_model(body, floats, ints, x=f"float[N, T, {H}]", y=f"float[N, T, {H}]", opset=17)
+    for layer in ("q", "kk", "v"):
+        _widen(model, layer, 2 * H)
+
+
+def test_a_norm_across_all_heads_of_the_keys_is_refused_saying_so() -> None:
+    """OLMo 2's k_norm: an RMSNorm over the key projection's whole width, before the heads are split. New query heads
+    need new key heads, which would change its statistics."""
+    floats = {"wq": _w(H, H), "wk": _w(H, H), "wv": _w(H, H), "wo": _w(H, H), "g": _w(H), "two": np.array(2.0),
+              "eps": np.array(1e-6), "w1": _w(H, H), "w2": _w(H, H)}
+    ints = {"heads": [0, 0, HEADS, D], "back": [0, 0, H]}
+    body = """
+    q = MatMul(x, wq)
+    kk = MatMul(x, wk)
+    v = MatMul(x, wv)
+    sq = Pow(kk, two)
+    ms = ReduceMean<axes = [-1]>(sq)
+    me = Add(ms, eps)
+    rt = Sqrt(me)
+    kn = Div(kk, rt)
+    kg = Mul(kn, g)
+    qh = Reshape(q, heads)
+    qt = Transpose<perm = [0, 2, 1, 3]>(qh)
+    kh = Reshape(kg, heads)
+    kt = Transpose<perm = [0, 2, 3, 1]>(kh)
+    vh = Reshape(v, heads)
+    vt = Transpose<perm = [0, 2, 1, 3]>(vh)
+    sc = MatMul(qt, kt)
+    pr = Softmax<axis = -1>(sc)
+    at = MatMul(pr, vt)
+    ab = Transpose<perm = [0, 2, 1, 3]>(at)
+    am = Reshape(ab, back)
+    o = MatMul(am, wo)
+    s = Add(x, o)
+    h = MatMul(s, w1)
+    r = Relu(h)
+    f = MatMul(r, w2)
+    y = Add(s, f)"""
+    model = text_model(body, floats, ints, x=f"float[N, 5, {H}]", y=f"float[N, 5, {H}]", opset=17)
+    for method in ("netmorph", "net2net"):
+        with pytest.raises(onnxmorph.NotApplicable, match="reduces over all the heads of 'sq'"):
+            onnxmorph.get_pass("widen")(layer="q", width=2 * H, method=method).requires(model)

@@ -166,7 +166,8 @@ def _one_head(a: Analysis, v: Visit, s_shape: tuple, d_shape: tuple) -> bool:
     slot = v.slot
     src, dst = (s_shape, d_shape)
     ax = slot.axis
-    if v.node.op != "Reshape" or slot.block != 1 or slot.offset != 0 or src[ax] is None or len(dst) != len(src) + 1:
+    if v.node.op != "Reshape" or slot.block != 1 or slot.offset != 0 or src[ax] is None or len(dst) != len(src) + 1 \
+            or ax == 0:  # (a batch of 1 merged with the heads, [1, H, T, d] -> [H, T, d], is not one head)
         return False
     size = src[ax]
     if tuple(dst[:ax]) != tuple(src[:ax]) or tuple(dst[ax:ax + 2]) != (1, size) or tuple(dst[ax + 2:]) != tuple(

@@ -307,6 +307,10 @@ def reduce(a: Analysis, v: Visit) -> None:
         if slot.axis in axes and node.op in UNIFORM_REDUCE and covers_axis(a, v):
             a.uniform(node)  # the mean (max, min) over a tiled axis is the old one: nothing widens after it
             return
+        if slot.axis in axes and a.space(slot.space).kind in ("heads", "fold", "part"):
+            raise NotApplicable(f"{v.where} reduces over all the heads of '{v.tensor.name}' (a norm over a "
+                                "projection's whole width, as a q/k norm across heads): new heads would change its "
+                                "statistics, it cannot be preserved")
         if slot.axis in axes:
             raise NotApplicable(f"{v.where} reduces over the channel axis of '{v.tensor.name}': it cannot be "
                                 "preserved")
