@@ -18,6 +18,7 @@ from onnxmorph import limits
 from onnxmorph.errors import UsageError, one_line
 from onnxmorph.graph.build import P_ACTIVATION_SUFFIX
 from onnxmorph.io.loading import true_inputs
+from onnxmorph.io.safety import check_declared_sizes
 from onnxmorph.limits import quote
 from onnxmorph.train.ops import SUPPORTED_OPS, Call, check_graph, resolve
 from onnxmorph.train.ops_shape import from_numpy
@@ -48,6 +49,8 @@ OptimizerLike = Union[torch.optim.Optimizer, Callable[[Iterable[torch.nn.Paramet
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # Half-precision weights are trained as float32 copies (master weights) and cast for each forward pass.
 _HALF_TYPES = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 # Inputs that are running statistics, not weights: gradient descent must not move them.
 _STATISTICS = {"BatchNormalization": (3, 4)}
@@ -163,8 +166,17 @@ def _additive_mask(values: np.ndarray) -> bool:
     return high == 0.0 and low <= -100.0 and bool(np.all((values == 0) | (values == low)))
 
 
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's values; UsageError when its data does not make its dims (a model built in memory)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"initializer '{quote(tensor.name, 120)}' {list(tensor.dims)}: its data does not make its "
+                         f"dims ({quote(one_line(exc), 120)})") from None
+
+
 def _float_array(tensor: onnx.TensorProto) -> np.ndarray:
-    array = numpy_helper.to_array(tensor)
+    array = _array(tensor)
     return np.asarray(array, np.float32) if array.dtype.name == "bfloat16" else array
 
 
@@ -223,6 +235,12 @@ class OnnxModule(torch.nn.Module):
                  tie_embeddings: bool = True) -> None:
         super().__init__()
         graph = model.graph
+        # A model held in memory gets the checks `load` makes of a file: its weights in it, of the sizes declared.
+        external = next((t.name for t in graph.initializer if t.data_location == _EXTERNAL), None)
+        if external is not None:
+            raise UsageError(f"initializer '{quote(external, 120)}' is in external data, which a model held in memory "
+                             "does not resolve: pass the model's path to to_torch (onnxmorph.load reads it safely)")
+        check_declared_sizes(model, "the model")
         opset = _opset(model)
         functions = {(f.domain, f.name) for f in model.functions}
         check_graph(graph.node, opset, functions)
@@ -275,7 +293,7 @@ class OnnxModule(torch.nn.Module):
                 self.params[key] = torch.nn.Parameter(data, requires_grad=trainable(init.name))
                 self.onnx_names[init.name] = key
             else:
-                self.register_buffer("const_" + key, from_numpy(numpy_helper.to_array(init)), persistent=False)
+                self.register_buffer("const_" + key, from_numpy(_array(init)), persistent=False)
                 self._constant_keys[init.name] = "const_" + key
 
     @staticmethod
