@@ -144,6 +144,21 @@ def test_hf_dir_json_that_is_no_config_is_refused_in_one_line(case: str, work: P
     _refused_unchanged(work, _export_args(work), capfd, name, needle)
 
 
+# 'architectures' names the class the comparison loads: a name that is not a model class of the config's own
+# family (a function of transformers, another family's class, not a name at all) was an AttributeError (exit 3).
+@pytest.mark.parametrize(("architectures", "needle"), [(["pipeline"], "names no transformers model class"),
+                                                       (["GPT2LMHeadModel"], "a gpt2 class"),
+                                                       (["__import__('os')"], "names no transformers model class"),
+                                                       ({"a": 1}, "names no transformers model class")])
+def test_a_config_naming_no_model_class_of_its_family_is_refused_in_one_line(
+        architectures: Any, needle: str, work: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    config = _config(work)
+    config["architectures"] = architectures
+    (work / "parent_hf" / "config.json").write_text(json.dumps(config))
+    args = [a for a in _export_args(work) if a != "--no-check"]
+    _refused_unchanged(work, args, capfd, "architectures", needle)
+
+
 def test_a_config_layer_count_the_tensors_do_not_hold_is_refused_before_sizing_by_it(work: Path) -> None:
     # Before: num_hidden_layers 10**12 numbered that many layers (a list of 10**12 entries: out of memory).
     # In a process with 6 GiB of address space: a regression ends in MemoryError, not in the expected line.

@@ -141,7 +141,7 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
             result.notes.append("not compared with the ONNX child: transformers and torch are not installed")
             return
         try:
-            result.check = hfcheck.compare(folder, child_model, child_name)
+            result.check = hfcheck.compare(folder, child_model, child_name, source=str(like))
         except NotApplicable as exc:  # the child's inputs or output are not the model's: asked for, an error
             if check:
                 raise
