@@ -153,6 +153,56 @@ def _noise_problem(ffn: mexperts.FFN, units: mexperts.Units | str) -> str | None
             "which top-k routing does not do; the random router alone breaks the experts' symmetry (use --noise 0)")
 
 
+def _read_outside(graph: gs.Graph, nodes: list[gs.Node], ends: set[str]) -> tuple[str, str] | None:
+    """(a tensor `nodes` make, other than `ends`, and who reads it) when a graph output or a node outside reads it."""
+    inside = {id(n) for n in nodes}
+    outputs = {t.name for t in graph.outputs}
+    for node in nodes:
+        for tensor in node.outputs:
+            if tensor.name in ends:
+                continue
+            if tensor.name in outputs:
+                return tensor.name, "a graph output"
+            reader = next((r for r in tensor.outputs if id(r) not in inside), None)
+            if reader is not None:
+                return tensor.name, f"read by '{reader.name}' ({reader.op}), outside it"
+    return None
+
+
+def _reaches_output(graph: gs.Graph, starts: list[gs.Tensor], stops: set[str]) -> str | None:
+    """A graph output computed from `starts` other than through the tensors `stops` (sizes read by Shape/Size do not
+    count: they are the tokens' count, which growing keeps), or None."""
+    outputs = {t.name for t in graph.outputs}
+    seen: set[str] = set()
+    stack = [t for t in starts if t.name not in stops]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if tensor.name in outputs:
+            return tensor.name
+        stack.extend(out for reader in tensor.outputs if reader.op not in ("Shape", "Size")
+                     for out in reader.outputs if out.name not in stops)
+    return None
+
+
+def _representable(values: np.ndarray, dtype: np.dtype, flag: str, value: float, where: str) -> np.ndarray:
+    """`values` as `dtype`, or UsageError naming `flag` when an entry overflows it or a non-zero one underflows to 0.
+
+    A large --noise or --router-std makes factors (exp(noise * z)) or weights that a float32 model cannot
+    hold: the mixture would be infinite or lose units, so it is refused before verification, in one line.
+    """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        cast = np.asarray(values).astype(dtype)
+        lost = np.any(cast == 0) and bool(np.any((cast == 0) & (np.asarray(values) != 0)))
+    if not np.all(np.isfinite(cast)) or lost:
+        problem = "overflow" if not np.all(np.isfinite(cast)) else "underflow to 0"
+        raise UsageError(f"{where}: {flag} {value:g} makes weights that {np.dtype(dtype).name} cannot hold (they "
+                         f"{problem}); use a smaller {flag}")
+    return cast
+
+
 @register
 class MoEPass(MorphPass):
     """Turn a transformer's FFN into a top-k mixture of E experts that computes the same function (upcycling).
@@ -267,6 +317,12 @@ class MoEPass(MorphPass):
             units = mexperts.unit_structure(ffn, shapes)
         if layout.shards > 1 and isinstance(units, str):
             raise NotApplicable(f"FFN '{ffn.name}': --shards needs its hidden units made unit by unit: {units}")
+        if layout.shards > 1:
+            # Shard 0 is the FFN's own nodes with a shard's weights: a reader outside the FFN would see the shard.
+            escape = _read_outside(analysis.view, ffn.nodes, {ffn.output.name})
+            if escape is not None:
+                raise NotApplicable(f"FFN '{ffn.name}': its tensor '{escape[0]}' is {escape[1]}; --shards makes the "
+                                    "FFN's own nodes the first shard, which that reader would see (use --shards 1)")
         noise_part = None
         if noise > 0:
             problem = _noise_problem(ffn, units)  # type: ignore[arg-type]
@@ -302,6 +358,12 @@ class MoEPass(MorphPass):
                                 "expert's total weight when its logit is shared by copies")
         if moe.router.op == "Gemm" and moe.router.attrs.get("transA", 0):
             raise NotApplicable(f"{name}: its router '{moe.router.name}' is a Gemm with transA")
+        end = {moe.combine.outputs[0].name} if moe.combine is not None else set()
+        escape = _reaches_output(analysis.view, moe.router.outputs, end)
+        if escape is not None:
+            raise NotApplicable(f"{name}: the graph output '{escape}' is computed from its router's logits other than "
+                                "through the mixture (router logits or chosen experts as an output?); growing gives "
+                                "them m times as many experts or slots, which that output would show")
         shapes = self._shape_constants(analysis, moe, factor)
         noise = 0.1 if self.noise is None else self.noise
         if noise > 0:
@@ -455,7 +517,7 @@ class _Upcycler:
                                    for r in keep])
                 shape = [1, 1]
                 shape[axis] = -1
-                w = w * factor.reshape(shape)
+                w = self.noisy(w * factor.reshape(shape), node)
             self.install(node, 1, w)
         for owner, k, layer, first, length in (units.constants if units is not None else []):
             node = nodes[owner.name]
@@ -469,7 +531,7 @@ class _Upcycler:
             if scaled_rows and additive and layer == part.layer:  # type: ignore[union-attr]
                 factor = np.array([scales[r - part.offset - a] if r in scaled_rows else 1.0  # type: ignore
                                    for r in tensor_rows])
-                c = c * factor.reshape((1,) * (c.ndim - 1) + (-1,))
+                c = self.noisy(c * factor.reshape((1,) * (c.ndim - 1) + (-1,)), node, k)
             self.install(node, k, c)
         for split in (units.splits if units is not None and sharded else []):
             self._shrink_split(nodes[split.name], layout.shards)
@@ -482,7 +544,7 @@ class _Upcycler:
         if scaled_rows:
             shape = [1, 1]
             shape[in_axis] = -1
-            w = w / scales.reshape(shape)  # type: ignore[union-attr]
+            w = self.noisy(w / scales.reshape(shape), down)  # type: ignore[union-attr]
         if zero_output:
             w = np.zeros_like(w)
         self.install(down, 1, w)
@@ -490,6 +552,11 @@ class _Upcycler:
         if share != 1.0:
             for node, k in self._output_biases(nodes):
                 self.install(node, k, np.asarray(mgraph.values(node.inputs[k]), np.float64) * share)
+
+    def noisy(self, values: np.ndarray, node: gs.Node, k: int = 1) -> np.ndarray:
+        """Rescaled weights, checked to fit their dtype (a large --noise overflows them)."""
+        return _representable(values, np.dtype(node.inputs[k].dtype), "--noise", self.step.noise or 0.0,
+                              f"FFN '{self.plan.name}'")
 
     def install(self, node: gs.Node, k: int, array: np.ndarray) -> None:
         """A new weight for input `k` of `node`, in that input's dtype; a weight other nodes read keeps its own."""
@@ -618,14 +685,17 @@ class _Upcycler:
             shard, copy = layout.shard_of(e), layout.copy_of(e)
             scales = None
             if plan.noise_part is not None and (copy > 0 or layout.copies == 1 and e > 0):
-                scales = nexperts.unit_scales(self.rng, ffn.hidden // layout.shards, step.noise or 0.0)
+                with np.errstate(over="ignore"):  # an infinite factor is refused where it is used (noisy)
+                    scales = nexperts.unit_scales(self.rng, ffn.hidden // layout.shards, step.noise or 0.0)
             if layout.shards > 1 or scales is not None:
                 self.set_expert(nodes["nodes"], shard, scales)
             outputs.append(nodes["tensors"][ffn.output.name])
         if shared is not None:
             self.set_expert(shared["nodes"], 0, None, zero_output=True, random_inner=step.shared_expert == "random")
             shared = shared["tensors"][ffn.output.name]
-        router = nexperts.router_weights(self.rng, plan.width, layout.experts, step.router_std, layout.router)
+        router = _representable(
+            nexperts.router_weights(self.rng, plan.width, layout.experts, step.router_std, layout.router),
+            np.dtype(plan.dtype), "--router-std", step.router_std, f"FFN '{plan.name}'")
         terms: list[gs.Tensor] = []
         for g, group in enumerate(layout.groups):
             gates = self.gates(group, g, router[:, list(group.experts)])
@@ -679,17 +749,21 @@ def _grow(graph: gs.Graph, model: onnx.ModelProto, plan: GrowPlan, rng: np.rando
         hidden = units.units.hidden
         # copies 1.. of every expert: the up rows of each hidden unit times s > 0, its down columns over s
         scales = np.ones((m * E, hidden))
-        scales[E:] = np.exp(plan.noise * rng.standard_normal(((m - 1) * E, hidden)))
+        with np.errstate(over="ignore"):  # an infinite factor is refused below, where it is used
+            scales[E:] = np.exp(plan.noise * rng.standard_normal(((m - 1) * E, hidden)))
         rows = [1] * 3
         rows[0], rows[row_axis] = m * E, hidden
         w = tiled[up.name].astype(np.float64)
         index = [slice(None)] * 3
         index[row_axis] = slice(part.offset, part.offset + hidden)
-        w[tuple(index)] *= scales.reshape(rows)
-        tiled[up.name] = w
+        with np.errstate(over="ignore", invalid="ignore"):
+            w[tuple(index)] *= scales.reshape(rows)
+        where = f"MoE '{plan.name}'"
+        tiled[up.name] = _representable(w, np.dtype(up.dtype), "--noise", plan.noise, where)
         columns = [1] * 3
         columns[0], columns[column_axis] = m * E, hidden
-        tiled[down.name] = tiled[down.name].astype(np.float64) / scales.reshape(columns)
+        tiled[down.name] = _representable(tiled[down.name].astype(np.float64) / scales.reshape(columns),
+                                          np.dtype(down.dtype), "--noise", plan.noise, where)
     replaced: dict[str, gs.Constant] = {}
     for weight in moe.stacked:
         replaced[weight.name] = mgraph.constant(namer(scope, weight.name.strip("/")), tiled[weight.name],

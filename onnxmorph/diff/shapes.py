@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxmorph import limits
 from onnxmorph.errors import UsageError, one_line
 from onnxmorph.io import loading as mio
 from onnxmorph.verification import feeds
@@ -32,6 +33,8 @@ Dims = tuple[Union[int, str, None], ...]
 # outputs only when tiny (a Range's float bounds), so rotary tables and masks are not computed.
 VALUE_LIMIT = 4096
 FLOAT_VALUE_LIMIT = 16
+# The most elements an input may have at the sizes asked for: ONNX's sizes are int64.
+MAX_ELEMENTS = 2**63 - 1
 
 
 def counting_sizes(header: onnx.ModelProto, given: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
@@ -40,6 +43,12 @@ def counting_sizes(header: onnx.ModelProto, given: Mapping[str, Sequence[int]] |
     UsageError when `given` does not fit the model or an input has a dynamic axis with no default.
     """
     resolved = feeds.resolve_shapes(header, given)
+    for name, dims in resolved.items():
+        # onnx holds sizes as int64: a --shape beyond that stopped shape inference with an internal error
+        if math.prod(int(d) for d in dims) > MAX_ELEMENTS:
+            raise UsageError(f"--shape {limits.quote(name, 80)}:{limits.quote('x'.join(map(str, dims)), 80)}: "
+                             f"{math.prod(int(d) for d in dims):.3g} elements, more than an ONNX tensor can have "
+                             "(2**63 - 1)")
     inputs = mio.true_inputs(header)
     batch = set()  # the names of axis 0 of the inputs: the batch wherever it appears
     declared = {info.name: feeds.declared_dims(info) for info in inputs}

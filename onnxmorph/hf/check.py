@@ -24,6 +24,7 @@ import onnx
 from onnxmorph.errors import NotApplicable, UsageError, VerificationFailed
 from onnxmorph.io import loading as mio
 from onnxmorph.io import saving, streaming
+from onnxmorph.limits import quote
 from onnxmorph.verification import feeds
 
 # Hugging Face's eager code and onnxruntime sum in different orders: the tolerance of test_grow_hf.py.
@@ -50,15 +51,25 @@ def _session(model: onnx.ModelProto, folder: str) -> Any:
     return ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
 
 
-def _load_hf(folder: Path) -> Any:
+def _load_hf(folder: Path, source: str | None = None) -> Any:
+    """The written checkpoint in `folder` as the class its config.json names (`source`: where that config came from,
+    for messages), refused in one line when the name is not a transformers model class of the config's family."""
     import transformers
 
+    where = f"{source or folder}: config.json"
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise UsageError(f"{folder}: config.json names no transformers class in 'architectures' ({names}): cannot "
-                         "load it to compare (--no-check skips the comparison)")
+    name = names[0] if isinstance(names, list) and names else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UsageError(f"{where} names no transformers model class in 'architectures' "
+                         f"({quote(repr(config.get('architectures')), 80)}): cannot load it to compare "
+                         "(--no-check skips the comparison)")
+    family = getattr(getattr(cls, "config_class", None), "model_type", "")
+    if family and family != config.get("model_type"):
+        raise UsageError(f"{where} names {name}, a {family} class, in 'architectures', and model_type "
+                         f"{quote(repr(config.get('model_type')), 40)}: not one family "
+                         "(--no-check skips the comparison)")
     quiet = logging.getLogger("transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -77,11 +88,12 @@ def _load_hf(folder: Path) -> Any:
     return model.eval()
 
 
-def compare(folder: Path, child: onnx.ModelProto, child_name: str, seed: int = 0) -> dict[str, Any]:
+def compare(folder: Path, child: onnx.ModelProto, child_name: str, seed: int = 0,
+            source: str | None = None) -> dict[str, Any]:
     """Load `folder` with transformers and compare its output with the ONNX child's or raise VerificationFailed."""
     import torch
 
-    model = _load_hf(folder)
+    model = _load_hf(folder, source)
     parameters = inspect.signature(model.forward).parameters
     inputs = [i.name for i in mio.true_inputs(child)]
     unknown = [name for name in inputs if name not in parameters]

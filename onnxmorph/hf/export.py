@@ -113,7 +113,10 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
                          "transformers torch), or --no-check")
     like = Path(like)
     checkpoint = ckpt.read_checkpoint(like)
-    out = ckpt.check_output(out, like, force)
+    # every file export-hf reads must survive the write (a folder replaced under --force holds none of them)
+    inputs = [Path(m) for m in (child, parent) if m is not None and not isinstance(m, onnx.ModelProto)]
+    target = ckpt.check_output(out, like, force, inputs)
+    out = Path(out)
     family = fam.family_of(checkpoint.config, str(like / ckpt.CONFIG))
     child_model, child_name = _load(child, "child")
     history = receipt.history(child_model)
@@ -138,14 +141,14 @@ def export_hf(child: ModelLike, *, like: str | os.PathLike, out: str | os.PathLi
             result.notes.append("not compared with the ONNX child: transformers and torch are not installed")
             return
         try:
-            result.check = hfcheck.compare(folder, child_model, child_name)
+            result.check = hfcheck.compare(folder, child_model, child_name, source=str(like))
         except NotApplicable as exc:  # the child's inputs or output are not the model's: asked for, an error
             if check:
                 raise
             result.notes.append(f"not compared with the ONNX child: {exc}")
 
     log.info("writing %s", out)
-    ckpt.write_checkpoint(out, config, tensors, like, before_commit=verify)
+    ckpt.write_checkpoint(target, config, tensors, like, before_commit=verify)
     return result
 
 
@@ -261,6 +264,13 @@ class _Plan:
     def _solve_parent(self) -> dict[str, int]:
         """Every size symbol of the parent checkpoint, solved from its shapes and checked against its config."""
         p = self.parent_sizes
+        # The layer count, as every size, is checked against the tensors before anything is sized by it (a
+        # config's num_hidden_layers of 10**12 would otherwise number that many layers).
+        found = {match[0] for key in self.checkpoint.tensors if (match := self.family.layer_match(key))}
+        if len(found) != p.layers or (found and (min(found), max(found)) != (0, p.layers - 1)):
+            raise NotApplicable(f"{self.like}: its tensors hold {len(found)} layers "
+                                f"({self.family.layers}.N for N in {_ranges(found)}) where config.json's "
+                                f"{self.family.num_layers} says {p.layers}")
         solved = _solve(self.family, self.checkpoint.tensors, {"hd": p.hd}, f"{self.like}'s", None)
         for symbol, value in (("D", p.D), ("I", p.I), ("Q", p.Q), ("KV", p.KV)):
             if solved.get(symbol, value) != value:
@@ -541,6 +551,18 @@ def _solve(family: Family, tensors: Mapping[str, np.ndarray], known: dict[str, i
             raise NotApplicable(f"{whose} {key} is {size} wide on axis {k} ({part}) where the parent's is {expected}: "
                                 f"a {family.name} config does not let {symbol} change")
     return known
+
+
+def _ranges(numbers: set[int]) -> str:
+    """`0-3, 7` for {0, 1, 2, 3, 7}, shortened after a few runs; `none` for an empty set."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    shown = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:4])
+    return (shown + (", ..." if len(runs) > 4 else "")) if runs else "none"
 
 
 def _epsilons(model: onnx.ModelProto) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -12,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from onnxmorph.errors import UsageError
+from onnxmorph import limits
+from onnxmorph.errors import UsageError, one_line
 from onnxmorph.graph.build import P_ACTIVATION_SUFFIX
 from onnxmorph.io.loading import true_inputs
+from onnxmorph.io.safety import check_declared_sizes
+from onnxmorph.limits import quote
 from onnxmorph.train.ops import SUPPORTED_OPS, Call, check_graph, resolve
 from onnxmorph.train.ops_shape import from_numpy
 
@@ -44,6 +49,8 @@ OptimizerLike = Union[torch.optim.Optimizer, Callable[[Iterable[torch.nn.Paramet
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # Half-precision weights are trained as float32 copies (master weights) and cast for each forward pass.
 _HALF_TYPES = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 # Inputs that are running statistics, not weights: gradient descent must not move them.
 _STATISTICS = {"BatchNormalization": (3, 4)}
@@ -159,8 +166,17 @@ def _additive_mask(values: np.ndarray) -> bool:
     return high == 0.0 and low <= -100.0 and bool(np.all((values == 0) | (values == low)))
 
 
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's values; UsageError when its data does not make its dims (a model built in memory)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"initializer '{quote(tensor.name, 120)}' {list(tensor.dims)}: its data does not make its "
+                         f"dims ({quote(one_line(exc), 120)})") from None
+
+
 def _float_array(tensor: onnx.TensorProto) -> np.ndarray:
-    array = numpy_helper.to_array(tensor)
+    array = _array(tensor)
     return np.asarray(array, np.float32) if array.dtype.name == "bfloat16" else array
 
 
@@ -219,6 +235,12 @@ class OnnxModule(torch.nn.Module):
                  tie_embeddings: bool = True) -> None:
         super().__init__()
         graph = model.graph
+        # A model held in memory gets the checks `load` makes of a file: its weights in it, of the sizes declared.
+        external = next((t.name for t in graph.initializer if t.data_location == _EXTERNAL), None)
+        if external is not None:
+            raise UsageError(f"initializer '{quote(external, 120)}' is in external data, which a model held in memory "
+                             "does not resolve: pass the model's path to to_torch (onnxmorph.load reads it safely)")
+        check_declared_sizes(model, "the model")
         opset = _opset(model)
         functions = {(f.domain, f.name) for f in model.functions}
         check_graph(graph.node, opset, functions)
@@ -237,8 +259,9 @@ class OnnxModule(torch.nn.Module):
         taken: set[str] = set()
         nodes: list[onnx.NodeProto] = []
         calls: list[tuple[Call, Callable[..., Any]]] = []
-        for node in runnable.graph.node:
-            call, function = Call.of(node, opset), resolve(node, opset).function
+        max_bytes = limits.MODEL_BYTES.value()  # one tensor a node makes (Call.room)
+        for node in _run_order(runnable.graph):
+            call, function = Call.of(node, opset, max_bytes), resolve(node, opset).function
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 key = "const_" + _torch_key(node.output[0], taken)
                 self.register_buffer(key, function(call), persistent=False)
@@ -270,7 +293,7 @@ class OnnxModule(torch.nn.Module):
                 self.params[key] = torch.nn.Parameter(data, requires_grad=trainable(init.name))
                 self.onnx_names[init.name] = key
             else:
-                self.register_buffer("const_" + key, from_numpy(numpy_helper.to_array(init)), persistent=False)
+                self.register_buffer("const_" + key, from_numpy(_array(init)), persistent=False)
                 self._constant_keys[init.name] = "const_" + key
 
     @staticmethod
@@ -329,7 +352,13 @@ class OnnxModule(torch.nn.Module):
         env.update({name: getattr(self, key) for name, key in self._constant_keys.items()})
         env.update(self.weights())
         for (call, function), release in zip(self._calls, self._release):
-            result = function(call, *[env[name] for name in call.node.input])
+            try:
+                result = function(call, *[env[name] for name in call.node.input])
+            except _VALUE_ERRORS as exc:
+                # what torch refuses on these values (a Reshape that does not fit, TopK's k over the axis, an index
+                # out of range): one line naming the node, as a refusal of onnxmorph's own would
+                raise UsageError(f"node '{limits.quote(call.name, 120)}' ({call.node.op_type}) cannot run on these "
+                                 f"inputs: {limits.quote(one_line(exc), 240)}") from exc
             if isinstance(result, tuple):
                 env.update((name, value) for name, value in zip(call.node.output, result) if name)
             else:
@@ -338,6 +367,58 @@ class OnnxModule(torch.nn.Module):
                 env.pop(name, None)
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+# What an op raises on values it cannot take (torch's RuntimeError and IndexError, a Range's ZeroDivisionError or
+# OverflowError); TypeError and the rest are bugs of onnxmorph and stay what they are.
+_VALUE_ERRORS = (RuntimeError, IndexError, ValueError, ZeroDivisionError, OverflowError)
+
+
+def _run_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order that runs (its own when it is sorted, as ONNX requires), or UsageError.
+
+    Refused in one line, before anything runs: a node that reads a tensor nothing makes, nodes that read
+    each other's outputs in a cycle, a graph output that no node, input or initializer makes.
+    """
+    nodes = list(graph.node)
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {out: k for k, node in enumerate(nodes) for out in node.output if out and out not in known}
+    for node in nodes:
+        missing = next((name for name in node.input if name not in known and name not in producer), None)
+        if missing is not None:
+            raise UsageError(f"node '{quote(_node_name(node), 120)}' ({node.op_type}) reads '{quote(missing, 120)}', "
+                             "which no node, graph input or initializer makes")
+    missing = next((o.name for o in graph.output if o.name not in known and o.name not in producer), None)
+    if missing is not None:
+        raise UsageError(f"graph output '{quote(missing, 120)}' is made by no node, graph input or initializer")
+    needs = [{producer[name] for name in node.input if name in producer} for node in nodes]
+    if all(max(before, default=-1) < k for k, before in enumerate(needs)):
+        return nodes
+    # Kahn's order, the graph's own among the nodes ready at once
+    readers: list[list[int]] = [[] for _ in nodes]
+    for k, before in enumerate(needs):
+        for j in before:
+            readers[j].append(k)
+    count = [len(before) for before in needs]
+    ready = [k for k, c in enumerate(count) if c == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for r in readers[k]:
+            count[r] -= 1
+            if count[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) < len(nodes):
+        stuck = next(node for k, node in enumerate(nodes) if count[k])
+        raise UsageError(f"node '{quote(_node_name(stuck), 120)}' ({stuck.op_type}) and "
+                         f"{sum(1 for c in count if c) - 1} other node(s) wait on each other's outputs (a cycle)")
+    return order
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
 
 
 # --------------------------------------------------------------------------- public API
@@ -355,6 +436,8 @@ def to_torch(model: onnx.ModelProto | str, *, trainable: Callable[[str], bool] |
     embedding table trains as that table (see `_tied_heads`).
     """
     if not isinstance(model, onnx.ModelProto):
+        if not isinstance(model, (str, os.PathLike)):
+            raise UsageError(f"to_torch takes an onnx.ModelProto or a path, not {type(model).__name__}")
         from onnxmorph.io.loading import load
 
         model = load(model)
@@ -416,8 +499,22 @@ def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
                            ignore_index=IGNORE_INDEX)
 
 
+def _mse(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of targets shaped like the output, or of as many values per example ([N] for [N, 1]).
+
+    F.mse_loss would broadcast [N] against [N, 1] into N x N differences, with only a warning.
+    """
+    if output.shape != targets.shape and output.dim() and targets.dim() and len(output) == len(targets) \
+            and output.numel() == targets.numel():
+        targets = targets.reshape(output.shape)
+    if output.shape != targets.shape:
+        raise UsageError(f"mse needs targets shaped like the output, got {list(output.shape)} and "
+                         f"{list(targets.shape)}")
+    return F.mse_loss(output, targets.to(output.dtype))
+
+
 _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "cross_entropy": F.cross_entropy, "mse": F.mse_loss, "causal_lm": _causal_lm,
+    "cross_entropy": F.cross_entropy, "mse": _mse, "causal_lm": _causal_lm,
     "token_cross_entropy": _token_cross_entropy,
 }
 
@@ -425,9 +522,19 @@ _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def _loss_function(loss: LossLike) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if callable(loss):
         return loss
-    if loss not in _LOSSES:
-        raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(_LOSSES)} or a callable")
-    return _LOSSES[loss]
+    if not isinstance(loss, str) or loss not in _LOSSES:
+        raise UsageError(f"unknown loss {quote(repr(loss), 80)}; use one of {', '.join(_LOSSES)} or a callable")
+    function = _LOSSES[loss]
+
+    def checked(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # Targets that do not fit the output (a class id out of range, float classes): one line, not torch's error.
+        try:
+            return function(output, targets)
+        except _VALUE_ERRORS as exc:
+            raise UsageError(f"loss '{loss}' cannot compare the output {list(output.shape)} ({output.dtype}) with the "
+                             f"targets {list(targets.shape)} ({targets.dtype}): {quote(one_line(exc), 160)}") from exc
+
+    return checked
 
 
 def causal_lm_labels(input_ids: np.ndarray | torch.Tensor,
@@ -443,7 +550,19 @@ def causal_lm_labels(input_ids: np.ndarray | torch.Tensor,
 
 
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(array, torch.Tensor):
+        return array
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:  # text, objects: no tensor holds them
+        raise UsageError(f"inputs and targets are numeric arrays, got one of {np.asarray(array).dtype}") from None
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    """A whole number >= `minimum` given to fit or predict, or UsageError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UsageError(f"{name} must be a whole number >= {minimum}, got {quote(repr(value), 40)}")
+    return int(value)
 
 
 class _Batches:
@@ -548,8 +667,10 @@ def fit(
     `anneal_activations=N` pulls the P-activations' `a` to 0 over the first N steps (see
     `_Annealer`), so that the layers a morph inserted become non-linear.
     """
-    if steps < 0 or batch_size < 1:
-        raise UsageError("steps must be >= 0 and batch_size >= 1")
+    steps, batch_size = _count(steps, "steps", 0), _count(batch_size, "batch_size", 1)
+    seed = _count(seed, "seed", -2**63)
+    if seed >= 2**64:
+        raise UsageError(f"seed must be below 2**64, got {quote(seed, 40)}")
     batches = _Batches(inputs)
     y = _targets(batches, targets, loss)
     loss_fn = _loss_function(loss)
@@ -586,6 +707,7 @@ def fit(
 
 def predict(module: torch.nn.Module, inputs: Inputs, *, batch_size: int = 1024) -> np.ndarray:
     """The module's (first) output on `inputs` (as `fit` takes them), computed in batches without gradients."""
+    batch_size = _count(batch_size, "batch_size", 1)
     batches = _Batches(inputs)
     outputs = []
     device = next((p.device for p in module.parameters()), torch.device("cpu"))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from onnxmorph.train.optable import Call, op, torch_dtype
+from onnxmorph.train.optable import Call, broadcast, op, torch_dtype
 
 Tensor = torch.Tensor
 
@@ -44,6 +44,8 @@ def _attention(call: Call, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None 
     q_len, kv_len = q.shape[2], k.shape[2]
     dtype = q.dtype
 
+    # the scores are [B, H, q_len, kv_len]: a long query and a long key/value cache multiply
+    call.room([*broadcast(q.shape[:2], k.shape[:1] + q.shape[1:2]), q_len, kv_len], dtype, "its scores")
     bias = torch.zeros((q_len, kv_len), dtype=dtype, device=q.device)
     if mask is not None:
         if mask.shape[-1] < kv_len:  # a mask shorter than the keys is padded as masked

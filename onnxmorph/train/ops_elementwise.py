@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from onnxmorph.errors import UsageError
-from onnxmorph.train.optable import Call, op, torch_dtype
+from onnxmorph.train.optable import Call, broadcast, op, torch_dtype
 
 Tensor = torch.Tensor
 
@@ -101,6 +101,7 @@ def _gelu(call: Call, x: Tensor) -> Tensor:
 
 @op("PRelu")
 def _prelu(call: Call, x: Tensor, slope: Tensor) -> Tensor:
+    _broadcast(call, x, slope)
     return torch.where(x >= 0, x, x * slope)
 
 
@@ -126,24 +127,37 @@ def _dropout(call: Call, x: Tensor, ratio: Tensor | None = None, training: Tenso
 # ---------------------------------------------------------------- two or more inputs
 
 
+def _broadcast(call: Call, *xs: Tensor) -> None:
+    """Refuse a broadcast whose result is over the size limit ([N, 1] + [1, N] makes N x N from 2N elements)."""
+    # The result has at most the product of the inputs' elements: small operands need no sizing (a forward
+    # pass runs hundreds of these).
+    if math.prod(x.numel() for x in xs) * 8 <= call.max_bytes:
+        return
+    call.room(broadcast(*(x.shape for x in xs)), max((x.dtype for x in xs), key=lambda d: d.itemsize))
+
+
 @op("Add", since=7)
 def _add(call: Call, a: Tensor, b: Tensor) -> Tensor:
+    _broadcast(call, a, b)
     return a + b
 
 
 @op("Sub", since=7)
 def _sub(call: Call, a: Tensor, b: Tensor) -> Tensor:
+    _broadcast(call, a, b)
     return a - b
 
 
 @op("Mul", since=7)
 def _mul(call: Call, a: Tensor, b: Tensor) -> Tensor:
+    _broadcast(call, a, b)
     return a * b
 
 
 @op("Div", since=7)
 def _div(call: Call, a: Tensor, b: Tensor) -> Tensor:
     # Integer Div truncates toward zero (shape arithmetic such as width // heads), float Div does not.
+    _broadcast(call, a, b)
     if a.dtype.is_floating_point:
         return a / b
     return torch.div(a, b, rounding_mode="trunc")
@@ -152,6 +166,7 @@ def _div(call: Call, a: Tensor, b: Tensor) -> Tensor:
 @op("Pow", since=7)
 def _pow(call: Call, base: Tensor, exponent: Tensor) -> Tensor:
     # The output has the base's type whatever the exponent's (x ** 2 with an integer 2, say).
+    _broadcast(call, base, exponent)
     if base.dtype.is_floating_point:
         return torch.pow(base, exponent.to(base.dtype))
     return torch.pow(base, exponent).to(base.dtype)
@@ -159,6 +174,7 @@ def _pow(call: Call, base: Tensor, exponent: Tensor) -> Tensor:
 
 @op("Mod", since=10)
 def _mod(call: Call, a: Tensor, b: Tensor) -> Tensor:
+    _broadcast(call, a, b)
     if call.attr("fmod", 0):
         return torch.fmod(a, b)
     if a.dtype.is_floating_point:
@@ -168,6 +184,7 @@ def _mod(call: Call, a: Tensor, b: Tensor) -> Tensor:
 
 def _fold(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., Tensor]:
     def apply(call: Call, *xs: Tensor) -> Tensor:
+        _broadcast(call, *xs)
         out = xs[0]
         for x in xs[1:]:
             out = function(out, x)
@@ -198,6 +215,7 @@ _BINARY: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], int]] = {
 
 def _binary(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., Tensor]:
     def apply(call: Call, a: Tensor, b: Tensor) -> Tensor:
+        _broadcast(call, a, b)
         return function(a, b)
     return apply
 
@@ -208,6 +226,7 @@ for _name, (_function, _since) in _BINARY.items():
 
 @op("Where", since=9)
 def _where(call: Call, condition: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    _broadcast(call, condition, x, y)
     return torch.where(condition.to(torch.bool), x, y)
 
 

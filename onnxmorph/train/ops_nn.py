@@ -8,13 +8,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from onnxmorph.train.optable import Call, op
+from onnxmorph.train.optable import Call, broadcast, op
 
 Tensor = torch.Tensor
 
 
 @op("MatMul")
 def _matmul(call: Call, a: Tensor, b: Tensor) -> Tensor:
+    # [.., M, K] @ [.., K, N]: the batch axes broadcast ([N, 1, M, K] @ [1, N, K, M] is N x N x M x M)
+    if a.numel() * b.numel() * a.dtype.itemsize > call.max_bytes:  # (the output has at most that many elements)
+        rows = [a.shape[-2]] if a.dim() > 1 else []
+        columns = [b.shape[-1]] if b.dim() > 1 else []
+        call.room([*broadcast(a.shape[:-2], b.shape[:-2]), *rows, *columns], a.dtype)
     return torch.matmul(a, b)
 
 
@@ -22,6 +27,7 @@ def _matmul(call: Call, a: Tensor, b: Tensor) -> Tensor:
 def _gemm(call: Call, a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
     a = a.t() if call.attr("transA", 0) else a
     b = b.t() if call.attr("transB", 0) else b
+    call.room([a.shape[0], b.shape[-1]], a.dtype)  # [M, 1] @ [1, N] is M x N
     alpha, beta = call.attr("alpha", 1.0), call.attr("beta", 1.0)
     y = a @ b if alpha == 1.0 else alpha * (a @ b)
     if c is None:
@@ -31,14 +37,20 @@ def _gemm(call: Call, a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
 
 @op("Einsum", since=12)
 def _einsum(call: Call, *xs: Tensor) -> Tensor:
-    return torch.einsum(call.attr("equation").replace(" ", ""), *xs)
+    equation = call.attr("equation").replace(" ", "")
+    # The output's shape from shapes alone (tensors on the meta device hold no data): an outer product is large.
+    shape = torch.einsum(equation, *[torch.empty(x.shape, dtype=x.dtype, device="meta") for x in xs]).shape
+    call.room(shape, xs[0].dtype)
+    return torch.einsum(equation, *xs)
 
 
-def _pad_spatial(x: Tensor, pads: Sequence[int], value: float = 0.0) -> Tensor:
+def _pad_spatial(call: Call, x: Tensor, pads: Sequence[int], value: float = 0.0) -> Tensor:
     """ONNX pads [b1, b2, ..., e1, e2, ...] on the spatial axes of an N, C, ... tensor."""
     n = len(pads) // 2
     if not any(pads):
         return x
+    call.room([*x.shape[:-n], *(size + pads[k] + pads[k + n] for k, size in enumerate(x.shape[-n:]))], x.dtype,
+              "its padded input")
     torch_pads: list[int] = []
     for axis in reversed(range(n)):  # F.pad lists the last axis first
         torch_pads += [pads[axis], pads[axis + n]]
@@ -70,8 +82,11 @@ def _conv(call: Call, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         call.refuse(f"a {nd}-D convolution has no torch counterpart")
     strides = call.attr("strides", [1] * nd)
     dilations = call.attr("dilations", [1] * nd)
-    x = _pad_spatial(x, _pads(call, x, w.shape[2:], strides, dilations))
+    x = _pad_spatial(call, x, _pads(call, x, w.shape[2:], strides, dilations))
     function = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    # N x C_out x the spatial sizes (at most the padded input's, stride and dilation >= 1): a wide 1x1 kernel
+    # over a large image is their product
+    call.room([x.shape[0], w.shape[0], *x.shape[2:]], x.dtype)
     return function(x, w, b, stride=strides, dilation=dilations, groups=call.attr("group", 1))
 
 
@@ -91,7 +106,7 @@ def _max_pool(call: Call, x: Tensor) -> Tensor:
     if call.attr("storage_order", 0):
         call.refuse("storage_order=1 is not supported")
     nd = len(kernel)
-    x = _pad_spatial(x, pads, value=-math.inf)
+    x = _pad_spatial(call, x, pads, value=-math.inf)
     return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1](x, kernel, strides, dilation=dilations, ceil_mode=ceil)
 
 
@@ -102,10 +117,11 @@ def _average_pool(call: Call, x: Tensor) -> Tensor:
         call.refuse("AveragePool with dilations has no torch counterpart")
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(kernel) - 1]
     if call.attr("count_include_pad", 0) or not any(pads):
-        return pool(_pad_spatial(x, pads), kernel, strides, ceil_mode=ceil)
+        return pool(_pad_spatial(call, x, pads), kernel, strides, ceil_mode=ceil)
     # Average over the real pixels only: the padded sum over the padded count of ones.
-    ones = _pad_spatial(torch.ones_like(x[:1, :1]), pads)
-    return pool(_pad_spatial(x, pads), kernel, strides, ceil_mode=ceil) / pool(ones, kernel, strides, ceil_mode=ceil)
+    ones = _pad_spatial(call, torch.ones_like(x[:1, :1]), pads)
+    padded = pool(_pad_spatial(call, x, pads), kernel, strides, ceil_mode=ceil)
+    return padded / pool(ones, kernel, strides, ceil_mode=ceil)
 
 
 @op("GlobalAveragePool")

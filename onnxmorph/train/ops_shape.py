@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from onnxmorph.train.optable import Call, op, torch_dtype
+from onnxmorph import limits
+from onnxmorph.train.optable import Call, broadcast, op, torch_dtype
 
 Tensor = torch.Tensor
 
@@ -55,7 +56,9 @@ def _constant_of_shape(call: Call, shape: Tensor) -> Tensor:
     value = call.attr("value")
     fill = from_numpy(numpy_helper.to_array(value), shape.device) if value is not None else \
         torch.zeros(1, dtype=torch.float32, device=shape.device)
-    return fill.reshape(-1)[:1].reshape(()).expand(ints(shape)).clone()
+    dims = ints(shape)
+    call.room(dims, fill.dtype)
+    return fill.reshape(-1)[:1].reshape(()).expand(dims).clone()
 
 
 @op("Shape", since=1)
@@ -74,7 +77,10 @@ def _size(call: Call, x: Tensor) -> Tensor:
 def _range(call: Call, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
     # ONNX's definition: max(ceil((limit - start) / delta), 0) elements start + i * delta.
     first, last, step = start.item(), limit.item(), delta.item()
+    if not all(map(np.isfinite, (first, last, step))) or step == 0:
+        call.refuse(f"start {first}, limit {last}, delta {step}: a Range needs finite bounds and a delta other than 0")
     count = max(int(np.ceil((last - first) / step)), 0)
+    call.room([count], start.dtype)
     return start + torch.arange(count, device=start.device, dtype=start.dtype) * delta
 
 
@@ -140,6 +146,8 @@ def _unsqueeze_13(call: Call, x: Tensor, axes: Tensor) -> Tensor:
 def _concat(call: Call, *xs: Tensor) -> Tensor:
     # A 1-D empty tensor joins anything (exporters concatenate shape pieces that may be empty).
     parts = [x for x in xs if x.numel() or x.dim() != 1] or list(xs[:1])
+    # (one input may be listed many times: the output is the sum of the listed sizes)
+    call.room([sum(x.numel() for x in parts)], parts[0].dtype)
     return torch.cat(parts, dim=call.attr("axis"))
 
 
@@ -168,12 +176,20 @@ def _split(call: Call, x: Tensor, sizes: Sequence[int] | None) -> tuple[Tensor, 
 @op("Expand", since=8)
 def _expand(call: Call, x: Tensor, shape: Tensor) -> Tensor:
     # ONNX Expand broadcasts both ways: a 1 in `shape` keeps the input's size.
-    return x.expand(torch.broadcast_shapes(x.shape, tuple(ints(shape))))
+    dims = ints(shape)
+    if any(d < 0 for d in dims):
+        call.refuse(f"a negative size in its target shape {limits.quote(dims, 120)}")
+    call.room(broadcast(x.shape, dims), x.dtype)  # (a view, but every later op on it makes the whole)
+    return x.expand(torch.broadcast_shapes(x.shape, tuple(dims)))
 
 
 @op("Tile", since=6)
 def _tile(call: Call, x: Tensor, repeats: Tensor) -> Tensor:
-    return x.repeat(*ints(repeats))
+    times = ints(repeats)
+    if len(times) != x.dim() or any(t < 0 for t in times):
+        call.refuse(f"repeats {limits.quote(times, 120)}: one non-negative count per axis of its {x.dim()}-D input")
+    call.room([size * t for size, t in zip(x.shape, times)], x.dtype)
+    return x.repeat(*times)
 
 
 @op("Trilu", since=14)
@@ -193,6 +209,7 @@ def _wrap(indices: Tensor, size: int | Tensor) -> Tensor:
 @op("Gather")
 def _gather(call: Call, data: Tensor, indices: Tensor) -> Tensor:
     axis = call.attr("axis", 0) % data.dim()
+    call.room([*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]], data.dtype)
     flat = _wrap(indices.reshape(-1), data.shape[axis])
     picked = data.index_select(axis, flat)
     return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]))
@@ -221,6 +238,7 @@ def _nd_index(call: Call, data: Tensor, indices: Tensor) -> tuple[Tensor, Tensor
 def _gather_nd(call: Call, data: Tensor, indices: Tensor) -> Tensor:
     batch_dims = call.attr("batch_dims", 0)
     depth = indices.shape[-1]
+    call.room([*indices.shape[:-1], *data.shape[batch_dims + depth:]], data.dtype)
     flat, _, batch, positions = _nd_index(call, data, indices)
     tail = data.shape[batch_dims + depth:]
     table = data.reshape(batch, positions, *tail)
@@ -306,6 +324,8 @@ def _slice(x: Tensor, starts: Sequence[int], ends: Sequence[int], axes: Sequence
 @op("OneHot", since=9)
 def _one_hot(call: Call, indices: Tensor, depth: Tensor, values: Tensor) -> Tensor:
     size = int(depth.reshape(-1)[0].item())
+    # F.one_hot makes int64 before the values are chosen: 8 bytes an element
+    call.room([*indices.shape, size], torch.int64)
     index = _wrap(indices, size)
     axis = call.attr("axis", -1)
     axis = axis + indices.dim() + 1 if axis < 0 else axis
@@ -319,6 +339,7 @@ def _one_hot(call: Call, indices: Tensor, depth: Tensor, values: Tensor) -> Tens
 
 @op("NonZero", since=9)
 def _nonzero(call: Call, x: Tensor) -> Tensor:
+    call.room([max(x.dim(), 1), x.numel()], torch.int64)
     return torch.nonzero(x).t().contiguous() if x.dim() else torch.zeros((0, int(bool(x))), dtype=torch.int64)
 
 
@@ -352,6 +373,12 @@ def _pad(call: Call, x: Tensor, pads: Sequence[int], value: float | Tensor | Non
          axes: Sequence[int] | None) -> Tensor:
     axes = list(range(x.dim())) if axes is None else _positive(axes, x.dim())
     n = len(axes)
+    if len(pads) != 2 * n:
+        call.refuse(f"pads {limits.quote(pads, 120)}: two per padded axis ({n})")
+    out = list(x.shape)
+    for k, axis in enumerate(axes):
+        out[axis] += pads[k] + pads[k + n]
+    call.room(out, x.dtype)
     mode = call.attr("mode", "constant")
     if mode == "constant":
         torch_pads: list[int] = [0, 0] * x.dim()
