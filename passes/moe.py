@@ -82,6 +82,13 @@ def find_target(analysis: mgraph.Analysis, ref: str) -> mexperts.FFN | mexperts.
         if found:
             raise UsageError(f"block {index} holds {len(found)} FFNs ({', '.join(f.name for f in found)}); name one "
                              "by its module or a layer")
+        unrouted = [(w, how) for block, w, how in mexperts.unrouted_experts(analysis) if block == index]
+        if unrouted:
+            weight, how = unrouted[0]
+            raise NotApplicable(
+                f"block {index} holds stacked expert weights '{weight.name}' {list(weight.shape)} picked by {how}, "
+                "not by a TopK over a router's outputs: a routing moe cannot grow exactly (it grows top-k routing: "
+                "router -> Softmax -> TopK, as Mixtral and Qwen-MoE export)")
         raise UsageError(f"no FFN or MoE in block {index} ({_listing(ffns, 'FFNs')}; `inspect` lists them)")
     for moe in moes:
         if ref in (moe.module, moe.router.name, moe.router.outputs[0].name, moe.topk.name):

@@ -27,7 +27,7 @@ from onnxmorph.analysis import blocks as mblocks
 from onnxmorph.graph.core import Analysis, layer_info, producer
 
 __all__ = ["FFN", "Units", "MoE", "StackedUnits", "ffns", "model_ffns", "unit_structure", "stacked_units", "moes",
-           "model_moes", "int_values", "in_features", "out_features", "summary"]
+           "model_moes", "int_values", "in_features", "out_features", "summary", "unrouted_experts"]
 
 # ops that pass their first input's values on (data input 0; other inputs are shapes or axes)
 LINKS = ("Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Dropout")
@@ -198,9 +198,24 @@ def _hidden_path(down: gs.Node) -> tuple[list[gs.Node], list[gs.Node]] | None:
             return None
         path[id(node)] = node
         stack.extend(_data_inputs(node))
-    if not inner or all(n.op in LINKS for n in path.values()):
-        return None  # two projections in a row (a factorised layer) are not an FFN
+    if not inner or not any(_nonlinear(n) for n in path.values()):
+        # two projections with only affine ops between them (a factorised layer; ELECTRA's and ALBERT's
+        # embedding projection, bias and all, read by the first block's query) are not an FFN
+        return None
     return list(inner.values()), list(path.values())
+
+
+def _nonlinear(node: gs.Node) -> bool:
+    """Whether `node` makes its output other than an affine function of its data input: an activation, a product
+    or quotient of two computed tensors (a gate), a power other than 1."""
+    if node.op in ACTIVATIONS:
+        return node.op != "Neg"
+    if node.op in ("Mul", "Div"):
+        return len(_data_inputs(node)) == 2
+    if node.op == "Pow":
+        exponent = node.inputs[1] if len(node.inputs) > 1 else None
+        return not (_is_constant(exponent) and np.all(np.asarray(exponent.values) == 1))
+    return False
 
 
 def _link_chain(tensor: gs.Tensor) -> list[gs.Tensor]:
@@ -666,6 +681,43 @@ def moes(graph: gs.Graph, ffn_list: Sequence[FFN] = (), modules: dict[str, str] 
         names = [n.name for f in dense for n in f.layers] if dense else [router.name] + [n.name for n in nodes]
         found.append(MoE(router, topk, experts, top_k, routing, stacked, dense, nodes, combine,
                          mblocks.common_module(names, modules or {}), block_of.get(id(router)), shared))
+    return found
+
+
+def unrouted_experts(analysis: Analysis) -> list[tuple[int | None, gs.Constant, str]]:
+    """(block, weight, what picks its rows) for stacked expert weights [E, ...] that no MoE `moes` found routes.
+
+    Hugging Face's exports pick an expert's rows with a Gather of computed indices; where those indices come from
+    something other than a TopK over a router (PhiMoE's sparsemixer takes an ArgMax, masks it and takes another),
+    the mixture is not one `moe` can grow, and its refusal should say so rather than that the block has no experts.
+    """
+    routed = {id(w) for m in model_moes(analysis) for w in m.stacked}
+    block_of = {id(n): b.index for b in mblocks.model_blocks(analysis) for n in b.nodes}
+    found: list[tuple[int | None, gs.Constant, str]] = []
+    for node in analysis.view.nodes:
+        if node.op not in ("Gather", "GatherND") or len(node.inputs) < 2 or not _is_constant(node.inputs[0]):
+            continue
+        weight, indices = node.inputs[0], node.inputs[1]
+        if len(weight.shape) != 3 or id(weight) in routed or _is_constant(indices) \
+                or any(w is weight for _, w, _ in found):
+            continue
+        pickers: list[str] = []
+        stack, seen = [indices], set()
+        while stack and len(seen) < 200:  # the ops that make the indices: ArgMax, TopK, ...
+            tensor = stack.pop()
+            if tensor.name in seen:
+                continue
+            seen.add(tensor.name)
+            maker = producer(tensor)
+            if maker is None:
+                continue
+            if maker.op in ("ArgMax", "ArgMin", "TopK", "NonZero"):
+                pickers.append(f"{maker.op} '{maker.name}'")
+                continue
+            if maker.op not in ("Shape", "Size"):
+                stack.extend(t for t in maker.inputs if t.name and not _is_constant(t))
+        if pickers:
+            found.append((block_of.get(id(node)), weight, ", ".join(dict.fromkeys(pickers))))
     return found
 
 
