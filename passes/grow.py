@@ -365,7 +365,7 @@ class _Planner:
             router = next((n for n in block.nodes if n.op == "TopK"), None)
             if router is not None:
                 raise NotApplicable(f"--ffn: {self._label(block)} routes tokens to experts (TopK '{router.name}'): "
-                                    "a mixture of experts is not grown by --ffn")
+                                    "a mixture of experts is not grown by --ffn (`onnxmorph moe` adds experts)")
         for block in self.blocks:
             where = f"--ffn: {self._label(block)}"
             if block.index not in attention and any(s.attention for s in block.sublayers):

@@ -136,7 +136,7 @@ def test_grow_dynamo_export(hf_export, kind: str, options: dict[str, str]) -> No
     # T5's encoder hands its stream to the graph output: widening it would change the output
     ("t5", {"hidden": "2x"}, r"--hidden: step 1 of 1 \(hidden 32 -> 64, tiling.*\): graph output "
                              "'last_hidden_state' exposes the channels"),
-    ("mixtral", {"ffn": "2x"}, r"--ffn: block 1 .* routes tokens to experts \(TopK .*\): a mixture of experts"),
+    ("mixtral", {"ffn": "2x"}, r"--ffn: block 0 .* routes tokens to experts \(TopK .*\): a mixture of experts"),
 ])
 def test_what_cannot_grow_exactly_is_refused_with_the_reason(hf_export, kind: str, options: dict[str, str],  # noqa: F811
                                                             reason: str) -> None:

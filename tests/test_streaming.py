@@ -218,7 +218,8 @@ def test_a_model_in_one_file_streams_through_the_cli_too(tmp_path: Path) -> None
     child = tmp_path / "child.onnx"
     extra = _measure(tmp_path, "widen", str(parent), "--layer", "conv1", "--width", "24", "-o", str(child),
                      "--no-verify", "-q")
-    assert extra < 0.25 * size, (extra, size)
+    # Copies go a bounded chunk at a time (16 MiB, whatever the model's size): the model itself is never held.
+    assert extra < 0.25 * size + streaming._READ_CHUNK, (extra, size)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.onnx", "parent.onnx"]
     before, after = onnx.load(str(parent)), onnx.load(str(child))
     onnx.checker.check_model(after)

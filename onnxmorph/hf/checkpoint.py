@@ -1,8 +1,8 @@
 """Hugging Face checkpoint folders: reading config.json and the safetensors weights, writing a new folder atomically.
 
 transformers loads `model.safetensors` (or shards listed in `model.safetensors.index.json`) without
-PyTorch on the writing side; the other format it reads, `pytorch_model.bin`, is a torch pickle that
-only torch can write. Tensors are numpy arrays (bfloat16 ones through ml_dtypes, which onnx already
+PyTorch on the writing side; the other format it reads, `pytorch_model.bin`, is serialised by torch, and
+only torch can write or safely read it. Tensors are numpy arrays (bfloat16 ones through ml_dtypes, which onnx already
 depends on).
 """
 
