@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,6 +25,15 @@ LIGHT_MODELS = sorted(p.stem for p in LIGHT.glob("light_*.onnx"))
 # Full sweeps over every layer of the big real-architecture models take far longer than CI
 # allows; CI runs a seeded sample, `ONNXMORPH_FULL_SWEEP=1` runs them all.
 FULL_SWEEP = os.environ.get("ONNXMORPH_FULL_SWEEP") == "1"
+
+# Real architectures with hundreds of MB of fully connected weights (seconds to load and to run): left out of
+# the default run, run by `-m slow`. The others cover the same patterns (chains, branches, concats, groups).
+HEAVY_LIGHT = ("light_bvlc_alexnet", "light_vgg19", "light_zfnet512")
+
+
+def light_stems(stems: list[str] | None = None) -> list[Any]:
+    """`stems` (default: every light model) as parameters, the heavy ones marked slow."""
+    return [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY_LIGHT else s for s in (stems or LIGHT_MODELS)]
 
 
 def sample_layers(names: list[str], count: int, seed: int = 0) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import LIGHT_MODELS, MODELS, REFERENCE_MODELS, light_model, reference_model, sample_layers
+from conftest import MODELS, REFERENCE_MODELS, light_model, light_stems, reference_model, sample_layers
 from onnx import TensorProto, helper, numpy_helper
 from onnxmorph.passes.deepen import DeepenPass
 
@@ -383,7 +383,7 @@ def test_every_reference_layer(stem: str) -> None:
                 assert np.count_nonzero(f2) > 2 * co, f"{stem}/{layer.name}: NetMorph layer is not dense"
 
 
-@pytest.mark.parametrize("stem", LIGHT_MODELS)
+@pytest.mark.parametrize("stem", light_stems())
 def test_real_architectures(stem: str) -> None:
     """`requires` on every layer passes or refuses in one line; sampled layers morph and verify."""
     model = light_model(stem)

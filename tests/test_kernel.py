@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, light_model, reference_model, sample_layers
+from conftest import MODELS, light_model, light_stems, reference_model, sample_layers
 from onnx import TensorProto, helper, numpy_helper
 from onnxmorph.passes.kernel import KernelPass, removed_ring_is_zero, resize_kernel
 
@@ -176,12 +176,7 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in mgraph.layers(mgraph.read_view(model)) if i.op == "Conv"]
 
 
-# Hundreds of MB of fully connected weights: seconds to load and to run, so full sweeps only.
-HEAVY = {"light_bvlc_alexnet", "light_vgg19", "light_zfnet512"}
-SWEEP = LIGHT_MODELS if FULL_SWEEP else [s for s in LIGHT_MODELS if s not in HEAVY]
-
-
-@pytest.mark.parametrize("stem", SWEEP)
+@pytest.mark.parametrize("stem", light_stems())
 def test_real_architectures_verify_or_refuse_in_one_line(stem: str) -> None:
     model = light_model(stem)
     names = _conv_names(model)

@@ -7,7 +7,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import FULL_SWEEP, LIGHT_MODELS, MODELS, described, light_model, reference_model, sample_layers
+from conftest import (
+    FULL_SWEEP,
+    LIGHT_MODELS,
+    MODELS,
+    described,
+    light_model,
+    light_stems,
+    reference_model,
+    sample_layers,
+)
 from onnx import numpy_helper
 
 import onnxmorph
@@ -171,11 +180,7 @@ def test_cli_widen(tmp_path) -> None:
 
 
 # loading VGG19/ZFNet/AlexNet (0.2-0.5 GB each) alone takes 15-40 s: the full sweep checks them
-BIG_LIGHT = ("light_vgg19", "light_zfnet512", "light_bvlc_alexnet")
-CHEAP_LIGHT = [s for s in LIGHT_MODELS if FULL_SWEEP or s not in BIG_LIGHT]
-
-
-@pytest.mark.parametrize("stem", CHEAP_LIGHT)
+@pytest.mark.parametrize("stem", light_stems())
 def test_requires_on_every_conv_of_real_architectures(stem: str) -> None:
     model = light_model(stem)
     widen = onnxmorph.get_pass("widen")
