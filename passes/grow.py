@@ -96,6 +96,11 @@ def read_growth(value: int | str) -> Growth:
     return Growth(f"+{number}" if kind == "add" else str(number), kind, Fraction(number))
 
 
+def _first_clause(text: str) -> str:
+    """A refusal's reason without its advice: "X re-arranges ... (net2net cannot ...)" -> "X re-arranges ..."."""
+    return text.split(" (", 1)[0]
+
+
 def _decimal(value: Fraction) -> str:
     return f"{float(value):.12g}"
 
@@ -108,6 +113,19 @@ class GrowStep:
     step: MorphPass
     what: str
     given: tuple[str, ...] = ()  # the parameters grow chose (the seed is derived)
+    fallback: MorphPass | None = None  # taken where `step` refuses (net2net's copies where no copy can be exact)
+
+    def requires(self, analysis: mgraph.Analysis) -> Any:
+        """The step's plan on `analysis`; where the step refuses and it has a fallback, the fallback's."""
+        try:
+            return self.step.requires(analysis)
+        except NotApplicable as exc:
+            if self.fallback is None:
+                raise
+            log.info("grow: %s refused (%s); %s instead", self.step.name, exc, self.fallback.config)
+            self.step, self.fallback = self.fallback, None
+            self.what += f" (method {self.step.config['method']}: {_first_clause(str(exc))})"
+            return self.step.requires(analysis)
 
     def line(self) -> str:
         """The step as its command line would say it (with the parameters grow chose), and what it grows."""
@@ -180,7 +198,7 @@ class GrowPass(MorphPass):
         plan = self._structure(analysis)
         if plan.first is None:
             with _labelled(plan.steps[0], 1, len(plan.steps)):
-                plan.first = plan.steps[0].step.requires(analysis)
+                plan.first = plan.steps[0].requires(analysis)
         return plan
 
     def describe(self, plan: GrowPlan) -> dict[str, Any]:
@@ -203,12 +221,12 @@ class GrowPass(MorphPass):
             log.info("grow: step %d of %d: %s", k, count, item.line())
             with _labelled(item, k, count):
                 if k == 1:
-                    planned = plan.first if plan.first is not None else item.step.requires(analysis)
+                    planned = plan.first if plan.first is not None else item.requires(analysis)
                 else:
                     new_bytes, new_layers = item.step.new_weights(analysis)
                     limits.NEW_BYTES.check(new_bytes, f"grow step {k} ({item.what})")
                     limits.NEW_LAYERS.check(new_layers, f"grow step {k} ({item.what})")
-                    planned = item.step.requires(analysis)
+                    planned = item.requires(analysis)
                 result = item.step.call(analysis, planned)
             item.step.ensures(analysis, result)
             del analysis, planned
@@ -247,8 +265,11 @@ class _Planner:
         """Each step's own seed, from grow's seed and the step's number (new heads differ from block to block)."""
         return int(np.random.SeedSequence([self.grow.seed, len(self.steps)]).generate_state(1)[0] >> 1)
 
-    def _add(self, option: str, name: str, what: str, **params: Any) -> None:
-        self.steps.append(GrowStep(option, get_pass(name)(**params, seed=self._seed()), what, tuple(params)))
+    def _add(self, option: str, name: str, what: str, fallback: dict[str, Any] | None = None, **params: Any) -> None:
+        """A step of pass `name`; `fallback`: the parameters that replace some of `params` where the step refuses."""
+        seed = self._seed()
+        other = get_pass(name)(**{**params, **fallback}, seed=seed) if fallback else None
+        self.steps.append(GrowStep(option, get_pass(name)(**params, seed=seed), what, tuple(params), other))
 
     def _label(self, block: mblocks.Block) -> str:
         return f"block {block.index}" + (f" ({block.module})" if block.module else "")
@@ -389,8 +410,10 @@ class _Planner:
                 if new == old:
                     continue
                 follows = f", {', '.join(n.name for n in group[1:])} with it (gated)" if len(group) > 1 else ""
+                # Copies of units (net2net, as HyperCloning) where they can be exact; new units whose output
+                # weights start at zero (netmorph) where a copy would not sit where its original is read.
                 self._add("--ffn", "widen", f"{self._label(block)} FFN {old} -> {new}{follows}",
-                          layer=group[0].name, width=new, method="net2net")
+                          layer=group[0].name, width=new, method="net2net", fallback={"method": "netmorph"})
         self.sizes["ffn"] = [max(before), max(after)]
 
     # ------------------------------------------------------------------ blocks

@@ -612,3 +612,57 @@ def test_the_command_refuses_in_one_line_with_exit_2(grown_child, tmp_path: Path
     code = cli.main(["export-hf", str(child_path), "--like", str(tmp_path / "nowhere"), "-o", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no such folder" in err
+
+
+# --------------------------------------------------------------------- families of tests/journey_zoo.py
+
+# Families no other export-hf test builds: Granite (Llama with scalar multipliers), StarCoder2 (LayerNorms, biases,
+# a c_fc/c_proj MLP, sliding-window attention), StableLM (LayerNorms, q/k/v biases, partial rotary) and RoBERTa
+# (post-norm, its own masked-LM head: only what keeps its head's width grows).
+JOURNEY_GROWTH = {"granite": {"hidden": "2x", "heads": "2x", "ffn": "2x", "layers": "+1"},
+                  "starcoder2": {"hidden": "1.5x", "heads": "2x", "ffn": "2x", "layers": "+1"},
+                  "stablelm": {"hidden": "2x", "heads": "2x", "ffn": "1.5x", "layers": "+1"},
+                  "roberta": {"ffn": "2x"}}
+
+
+def test_the_family_table_matches_the_journey_families() -> None:
+    zoo = pytest.importorskip("journey_zoo")
+    for kind in JOURNEY_GROWTH:
+        _, model = zoo.build(kind)
+        config = model.config.to_dict()
+        family = families.family_of(config, kind)
+        sizes = families.parent_sizes(family, config, kind)
+        symbols = {"D": sizes.D, "I": sizes.I, "Q": sizes.Q, "KV": sizes.KV, "hd": sizes.hd, "V": config["vocab_size"],
+                   "P": config.get("max_position_embeddings", 0), "T": config.get("type_vocab_size", 0)}
+        for name, param in model.state_dict().items():
+            rule = family.shape_rule(name)
+            assert rule is not None, (kind, name)
+            assert families.evaluate(rule, symbols) == tuple(param.shape), (kind, name, rule)
+        assert dict(family.tied) == dict(type(model)._tied_weights_keys or {}), kind
+
+
+@pytest.mark.parametrize("kind", ["granite", "starcoder2", pytest.param("stablelm", marks=pytest.mark.slow),
+                                  pytest.param("roberta", marks=pytest.mark.slow)])
+def test_a_journey_family_goes_back_to_a_checkpoint_that_computes_the_child(kind: str, tmp_path: Path) -> None:
+    zoo = pytest.importorskip("journey_zoo")
+    transformers = pytest.importorskip("transformers")
+    module, model = zoo.build(kind)
+    model.save_pretrained(tmp_path / "hf")
+    built = zoo.export(kind, False, tmp_path, module, model)
+    child = onnxmorph.grow(onnxmorph.load(built.path), **JOURNEY_GROWTH[kind])
+    onnxmorph.save(child, tmp_path / "child.onnx")
+    result = export_hf(tmp_path / "child.onnx", like=tmp_path / "hf", out=tmp_path / "out", parent=built.path,
+                       check=False)  # the zoo's output is named "output", not "logits": compared here instead
+    assert result.family == kind
+    loaded = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "out").eval()
+    session = ort.InferenceSession(str(tmp_path / "child.onnx"), providers=["CPUExecutionProvider"])
+    grown = sum(p.numel() for p in loaded.parameters())
+    assert grown > sum(p.numel() for p in model.parameters())
+    for seed, batch, sequence in ((1, 2, 7), (2, 1, 13)):  # other shapes than the verification's
+        feeds = zoo.feed(zoo.FAMILIES[kind], seed=seed, batch=batch, sequence=sequence)
+        with torch.no_grad():
+            got = loaded(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+            parent = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+        want = session.run(None, feeds)[0]
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got, parent, atol=ATOL, rtol=0)

@@ -97,12 +97,47 @@ def _llama_like(name: str, *model_types: str, **extra: Any) -> Family:
                                                  "self_attn.o_proj"), **{**_LLAMA_KEYS, **extra})
 
 
+# StableLM and StarCoder2: Llama's layout with LayerNorms (a shift beside the gain) and biases; StarCoder2's MLP
+# is c_fc -> GELU -> c_proj.
+_LAYERNORM_TOP = {**_LLAMA_TOP, "model.norm.bias": "D"}
+_STARCODER2_LAYER = {**{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")},
+                     **_linear("mlp.c_fc", "I", "D"), **_linear("mlp.c_proj", "D", "I")}
+
+
+def _bert_like(name: str, prefix: str, head: Mapping[str, str], tied: Mapping[str, str]) -> Family:
+    """BERT's encoder under `prefix` ("bert", "roberta"), with the task heads `head` outside it."""
+    return Family(
+        name=name, model_types=(name,), layers=f"{prefix}.encoder.layer",
+        embed=f"{prefix}.embeddings.word_embeddings.weight",
+        shapes={f"{prefix}.embeddings.word_embeddings.weight": "V,D", f"{prefix}.embeddings.position_embeddings.weight":
+                "P,D", f"{prefix}.embeddings.token_type_embeddings.weight": "T,D",
+                **_both(f"{prefix}.embeddings.LayerNorm", shape="D"), **_linear(f"{prefix}.pooler.dense", "D", "D"),
+                **head},
+        layer_shapes={**_linear("attention.self.query", "Q", "D"), **_linear("attention.self.key", "Q", "D"),
+                      **_linear("attention.self.value", "Q", "D"), **_linear("attention.output.dense", "D", "Q"),
+                      **_both("attention.output.LayerNorm", "output.LayerNorm", shape="D"),
+                      **_linear("intermediate.dense", "I", "D"), **_linear("output.dense", "D", "I")},
+        hidden="hidden_size", ffn="intermediate_size", heads="num_attention_heads", num_layers="num_hidden_layers",
+        eps=("layer_norm_eps",), tied=tied,
+        projections=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"))
+
+
 FAMILIES: tuple[Family, ...] = (
     _llama_like("llama", heads_divide_hidden=True), _llama_like("mistral"), _llama_like("qwen2"), _llama_like("qwen3"),
     # Gemma scales by 1 + weight in its norms (the exporters fold the 1 in: matched as "plus one") and multiplies
     # the embeddings by sqrt(hidden_size), which the config derives.
     _llama_like("gemma", embed_scale=True), _llama_like("gemma2", embed_scale=True, heads_divide_hidden=True),
     _llama_like("gemma3", "gemma3_text", embed_scale=True, heads_divide_hidden=True),
+    # Granite: Llama with scalar multipliers (embeddings, residuals, attention scores, logits) that width keeps.
+    _llama_like("granite"),
+    Family(name="stablelm", model_types=("stablelm",), layers="model.layers", embed="model.embed_tokens.weight",
+           shapes=_LAYERNORM_TOP, layer_shapes=_LLAMA_LAYER, tied=_LLAMA_TIED,
+           projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+           **{**_LLAMA_KEYS, "eps": ("layer_norm_eps",)}),
+    Family(name="starcoder2", model_types=("starcoder2",), layers="model.layers", embed="model.embed_tokens.weight",
+           shapes=_LAYERNORM_TOP, layer_shapes=_STARCODER2_LAYER, tied=_LLAMA_TIED,
+           projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+           **{**_LLAMA_KEYS, "eps": ("norm_epsilon",)}),
     # OLMo 2 normalises q and k over all heads' channels.
     Family(name="olmo2", model_types=("olmo2",), layers="model.layers", embed="model.embed_tokens.weight",
            shapes=_LLAMA_TOP, tied=_LLAMA_TIED,
@@ -139,25 +174,19 @@ FAMILIES: tuple[Family, ...] = (
            hidden="n_embd", ffn="n_inner", heads="n_head", num_layers="n_layer", eps=("layer_norm_epsilon",),
            tied={"lm_head.weight": "transformer.wte.weight"}, attention="gpt2",
            projections=("attn.c_attn", "attn.c_proj")),
-    Family(name="bert", model_types=("bert",), layers="bert.encoder.layer",
-           embed="bert.embeddings.word_embeddings.weight",
-           shapes={"bert.embeddings.word_embeddings.weight": "V,D", "bert.embeddings.position_embeddings.weight": "P,D",
-                   "bert.embeddings.token_type_embeddings.weight": "T,D",
-                   **_both("bert.embeddings.LayerNorm", shape="D"),
-                   **_linear("bert.pooler.dense", "D", "D"), **_linear("cls.predictions.transform.dense", "D", "D"),
-                   **_both("cls.predictions.transform.LayerNorm", shape="D"), "cls.predictions.bias": "V",
-                   **_linear("cls.predictions.decoder", "V", "D"), **_linear("classifier", "C", "D"),
-                   **_linear("cls.seq_relationship", "C", "D")},
-           layer_shapes={**_linear("attention.self.query", "Q", "D"), **_linear("attention.self.key", "Q", "D"),
-                         **_linear("attention.self.value", "Q", "D"), **_linear("attention.output.dense", "D", "Q"),
-                         **_both("attention.output.LayerNorm", "output.LayerNorm", shape="D"),
-                         **_linear("intermediate.dense", "I", "D"), **_linear("output.dense", "D", "I")},
-           hidden="hidden_size", ffn="intermediate_size", heads="num_attention_heads", num_layers="num_hidden_layers",
-           eps=("layer_norm_eps",),
-           tied={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                 "cls.predictions.decoder.bias": "cls.predictions.bias"},
-           projections=("attention.self.query", "attention.self.key", "attention.self.value",
-                        "attention.output.dense")),
+    _bert_like("bert", "bert",
+               {**_linear("cls.predictions.transform.dense", "D", "D"),
+                **_both("cls.predictions.transform.LayerNorm", shape="D"), "cls.predictions.bias": "V",
+                **_linear("cls.predictions.decoder", "V", "D"), **_linear("classifier", "C", "D"),
+                **_linear("cls.seq_relationship", "C", "D")},
+               {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}),
+    _bert_like("roberta", "roberta",
+               {**_linear("lm_head.dense", "D", "D"), **_both("lm_head.layer_norm", shape="D"), "lm_head.bias": "V",
+                **_linear("lm_head.decoder", "V", "D"), **_linear("classifier.dense", "D", "D"),
+                **_linear("classifier.out_proj", "C", "D")},
+               {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+                "lm_head.decoder.bias": "lm_head.bias"}),
     # OPT's LayerNorms use torch's default epsilon (no config key); its embeddings are word_embed_proj_dim wide.
     Family(name="opt", model_types=("opt",), layers="model.decoder.layers", embed="model.decoder.embed_tokens.weight",
            shapes={"model.decoder.embed_tokens.weight": "V,D", "model.decoder.embed_positions.weight": "P,D",
