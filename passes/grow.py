@@ -122,9 +122,12 @@ class GrowStep:
         except NotApplicable as exc:
             if self.fallback is None:
                 raise
-            log.info("grow: %s refused (%s); %s instead", self.step.name, exc, self.fallback.config)
+            changed = ", ".join(f"{k} {v}" for k, v in self.fallback.config.items() if self.step.config.get(k) != v)
+            was = ", ".join(f"{k} {self.step.config.get(k)}" for k, v in self.fallback.config.items()
+                            if self.step.config.get(k) != v)
+            log.info("grow: %s with %s refused (%s); %s instead", self.step.name, was, exc, changed)
             self.step, self.fallback = self.fallback, None
-            self.what += f" (method {self.step.config['method']}: {_first_clause(str(exc))})"
+            self.what += f" ({changed}: {_first_clause(str(exc))})"
             return self.step.requires(analysis)
 
     def line(self) -> str:

@@ -10,6 +10,7 @@ every --layer/--after/--from/--to option goes through (module paths, output name
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from fractions import Fraction
@@ -120,6 +121,30 @@ def test_grow_dynamo_export_and_its_module_paths(hf_export) -> None:  # noqa: F8
 @pytest.mark.parametrize(("kind", "options"), [c for c in CASES if c[0] != "vit"], ids=_ids)
 def test_grow_dynamo_export(hf_export, kind: str, options: dict[str, str]) -> None:  # noqa: F811
     _check_child(hf_export(kind, True), options)
+
+
+def test_ffn_units_are_new_where_copies_cannot_be_exact(hf_export, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    # TorchScript cuts Phi-3's fused gate_up projection with Slices whose halves a copy would cross: net2net
+    # refuses that layer, and grow takes netmorph's new units (output weights at zero) there, saying so.
+    hf = hf_export("phi3", False)
+    steps = onnxmorph.plan(onnxmorph.load(hf.path), "grow", ffn="2x")["steps"]
+    # the dry run checks the first step on the parent: it says which method and why
+    assert "--method netmorph" in steps[0] and "(method netmorph: " in steps[0], steps[0]
+    assert "re-arranges the widened channels" in steps[0], steps[0]
+    with caplog.at_level(logging.INFO, logger="onnxmorph"):
+        child = onnxmorph.grow(onnxmorph.load(hf.path), ffn="2x")  # verified against the parent, or it raises
+    ffn = facts("phi3")["ffn_size"]
+    shapes = _measured(child)["shapes"]
+    assert sum(1 for shape in shapes if 4 * ffn in shape) == 2, shapes  # each block's fused gate_up: 2 x 2 x ffn
+    assert sum(1 for shape in shapes if 2 * ffn in shape) == 2, shapes  # each down projection reads 2 x ffn
+    feed = {i.name: np.random.default_rng(3).integers(0, 100, (2, 9)).astype(np.int64)
+            for i in onnxmorph.load(hf.path).graph.input}
+    want = ort.InferenceSession(hf.path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(child.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert any("method net2net refused" in r.getMessage() and "method netmorph instead" in r.getMessage()
+               for r in caplog.records), \
+        [r.getMessage()[:150] for r in caplog.records]
 
 
 # --------------------------------------------------------------------------- refusals
