@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -43,3 +45,43 @@ def log_to_stderr(log: logging.Logger) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+def budget_main(argv: Sequence[str] | None, *, stem: str, doc: str, arms: Sequence[str], arms_default: str,
+                quick: Any, full: Any, run: Callable[[Any, int], dict[str, Any]],
+                markdown: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], None],
+                log: logging.Logger) -> int:
+    """The command line of an experiment at equal compute: budgets, seeds, arms, workers; runs it and writes
+    `--out/STEM.{json,md,png}`. `quick` and `full` are its Config dataclasses (fields seeds, steps, arms,
+    threads, device)."""
+    import torch
+
+    parser = argparse.ArgumentParser(prog=f"python -m onnxmorph.experiments.{stem}", description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budgets and one seed (a smoke test, < 60 s)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the results (default: docs)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="the whole budget in steps (default: 1000)")
+    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(arms)} (default: {arms_default})")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: 2, quick: 1)")
+    parser.add_argument("--threads", type=int, default=full.threads, help="torch threads per process (default: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--name", default=None, help=f"file name stem (default: {stem}, quick: {stem}-quick)")
+    args = parser.parse_args(argv)
+    if not log.handlers:
+        log_to_stderr(log)
+    overrides: dict[str, Any] = {"threads": args.threads, "device": args.device}
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.seeds))
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.arms is not None:
+        overrides["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if not set(overrides.get("arms", ())) <= set(arms) or (args.device.startswith("cuda")
+                                                         and not torch.cuda.is_available()):
+        parser.error(f"--arms takes {', '.join(arms)}; --device cuda needs a GPU that torch sees")
+    config = dataclasses.replace(quick if args.quick else full, **overrides)
+    workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
+    results = run(config, workers)
+    write_results(args.out, args.name or (f"{stem}-quick" if args.quick else stem), results, markdown, plot,
+                  results["seconds"])
+    return 0

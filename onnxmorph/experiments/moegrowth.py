@@ -25,14 +25,12 @@ the seconds per step measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +39,7 @@ import onnxruntime as ort
 import torch
 
 import onnxmorph
-from onnxmorph.experiments import lm, log_to_stderr, run_jobs, write_results
+from onnxmorph.experiments import budget_main, lm, log_to_stderr, run_jobs
 from onnxmorph.experiments.textgrowth import load_data, validation_loss
 from onnxmorph.numerics import experts as nexperts
 from onnxmorph.train import adapter as ot
@@ -310,37 +308,8 @@ def run(config: Config, workers: int = 1) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     from onnxmorph.experiments.moegrowth_report import markdown, plot
 
-    parser = argparse.ArgumentParser(prog="python -m onnxmorph.experiments.moegrowth",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budgets and one seed (a smoke test, < 60 s)")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the results (default: docs)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="the whole budget in steps (default: 1000)")
-    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: 2, quick: 1)")
-    parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per process (default: 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--name", default=None, help="file name stem (default: moegrowth, quick: moegrowth-quick)")
-    args = parser.parse_args(argv)
-    if not log.handlers:
-        log_to_stderr(log)
-    config = QUICK if args.quick else FULL
-    overrides: dict[str, Any] = {"threads": args.threads, "device": args.device}
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.arms is not None:
-        overrides["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    if not set(overrides.get("arms", ())) <= set(ARMS) or (args.device.startswith("cuda")
-                                                         and not torch.cuda.is_available()):
-        parser.error(f"--arms takes {', '.join(ARMS)}; --device cuda needs a GPU that torch sees")
-    config = Config(**{**asdict(config), **overrides})
-    workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
-    results = run(config, workers)
-    stem = args.name or ("moegrowth-quick" if args.quick else "moegrowth")
-    write_results(args.out, stem, results, markdown, plot, results["seconds"])
-    return 0
+    return budget_main(argv, stem="moegrowth", doc=__doc__, arms=ARMS, arms_default="all", quick=QUICK,
+                       full=FULL, run=run, markdown=markdown, plot=plot, log=log)
 
 
 if __name__ == "__main__":

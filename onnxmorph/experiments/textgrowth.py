@@ -19,14 +19,12 @@ as a share saved; final losses at equal steps and at equal compute come beside i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -34,7 +32,7 @@ import torch
 
 import onnxmorph
 from onnxmorph.errors import NotApplicable, OnnxMorphError
-from onnxmorph.experiments import lm, log_to_stderr, run_jobs, write_results
+from onnxmorph.experiments import budget_main, lm, log_to_stderr, run_jobs
 from onnxmorph.experiments.textgrowth_report import markdown, plot, summarise
 from onnxmorph.train import adapter as ot
 
@@ -312,38 +310,8 @@ def run(config: Config, workers: int = 1) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m onnxmorph.experiments.textgrowth",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budgets and one seed (a smoke test, < 60 s)")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the results (default: docs)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="the whole budget in steps (default: 1000)")
-    parser.add_argument("--arms", default=None,
-                        help=f"comma-separated, of {', '.join(ARMS)} (default: blocks,width; quick: all)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: 2, quick: 1)")
-    parser.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per process (default: 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--name", default=None, help="file name stem (default: textgrowth, quick: textgrowth-quick)")
-    args = parser.parse_args(argv)
-    if not log.handlers:
-        log_to_stderr(log)
-    config = QUICK if args.quick else FULL
-    overrides: dict[str, Any] = {"threads": args.threads, "device": args.device}
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.arms is not None:
-        overrides["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    if not set(overrides.get("arms", ())) <= set(ARMS) or (args.device.startswith("cuda")
-                                                         and not torch.cuda.is_available()):
-        parser.error(f"--arms takes {', '.join(ARMS)}; --device cuda needs a GPU that torch sees")
-    config = Config(**{**asdict(config), **overrides})
-    workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
-    results = run(config, workers)
-    stem = args.name or ("textgrowth-quick" if args.quick else "textgrowth")
-    write_results(args.out, stem, results, markdown, plot, results["seconds"])
-    return 0
+    return budget_main(argv, stem="textgrowth", doc=__doc__, arms=ARMS, arms_default="blocks,width; quick: all",
+                       quick=QUICK, full=FULL, run=run, markdown=markdown, plot=plot, log=log)
 
 
 if __name__ == "__main__":
