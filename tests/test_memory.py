@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from test_streaming import _measure  # one CLI command's peak memory above its interpreter's
 
 import onnxmorph
 from onnxmorph import cli
@@ -34,34 +35,6 @@ sys.path.remove(str(ROOT / "benchmarks"))
 
 WRITER = "/model/layers.0/self_attn/o_proj/MatMul"  # net2net on it tiles the whole residual stream
 SMALL = llama.LlamaShape(hidden=256, layers=8, heads=4, intermediate=688, vocab=1000)  # 27 MB in float32
-
-_MEASURE = r"""
-import json, sys
-
-
-def high_water():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-from onnxmorph import cli
-from onnxmorph.analysis import channels  # noqa: F401  (code, not data)
-from onnxmorph.pipeline import run  # noqa: F401
-baseline = high_water()
-code = cli.main(sys.argv[1:])
-print(json.dumps({"code": code, "extra": high_water() - baseline}))
-"""
-
-
-def _measure(folder: Path, *args: str) -> int:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert figures["code"] == 0, proc.stderr
-    return int(figures["extra"])
-
 
 def _llama(folder: Path, shape: llama.LlamaShape = SMALL, **options: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ def high_water():
 
 from onnxmorph import cli
 from onnxmorph.analysis import channels  # noqa: F401  (code, not data: the channel rules load with it)
+from onnxmorph.pipeline import run  # noqa: F401
 baseline = high_water()
 code = cli.main(sys.argv[1:])
 print(json.dumps({"code": code, "extra": high_water() - baseline}))
