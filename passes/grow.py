@@ -114,6 +114,7 @@ class GrowStep:
     what: str
     given: tuple[str, ...] = ()  # the parameters grow chose (the seed is derived)
     fallback: MorphPass | None = None  # taken where `step` refuses (net2net's copies where no copy can be exact)
+    optional: bool = False  # where it refuses, the step is left out (the layer keeps its size)
 
     def requires(self, analysis: mgraph.Analysis) -> Any:
         """The step's plan on `analysis`; where the step refuses and it has a fallback, the fallback's."""
@@ -229,7 +230,13 @@ class GrowPass(MorphPass):
                     new_bytes, new_layers = item.step.new_weights(analysis)
                     limits.NEW_BYTES.check(new_bytes, f"grow step {k} ({item.what})")
                     limits.NEW_LAYERS.check(new_layers, f"grow step {k} ({item.what})")
-                    planned = item.requires(analysis)
+                    try:
+                        planned = item.requires(analysis)
+                    except NotApplicable as exc:
+                        if not item.optional:
+                            raise
+                        log.info("grow: step %d of %d left out, the layer keeps its size: %s", k, count, exc)
+                        continue
                 result = item.step.call(analysis, planned)
             item.step.ensures(analysis, result)
             del analysis, planned
@@ -324,6 +331,21 @@ class _Planner:
             how = f"tiling: each channel {new // old} times"
         self._add("--hidden", "widen", f"hidden {old} -> {new}, {how}", layer=writer.name, width=new,
                   method="net2net")
+        self._hidden_wide_heads(old, new)
+
+    def _hidden_wide_heads(self, old: int, new: int) -> None:
+        """Layers outside the blocks as wide as the stream (a masked-LM head's transform, a pooler) grow with it
+        where they can, so that one hidden size describes the child (as a Hugging Face config needs). Each is an
+        optional step: one that cannot grow exactly (its channels reach a graph output; a layer the stream's
+        step widened already) keeps its width, and the log says why."""
+        inside = {id(n) for b in self.blocks for n in b.nodes}
+        for node in self.view.nodes:
+            if id(node) in inside or node.op not in ("MatMul", "Gemm") or mgraph.layer_info(node) is None \
+                    or self._width(node) != old:
+                continue
+            self._add("--hidden", "widen", f"{node.name} {old} -> {new} with the hidden size (outside the blocks, "
+                      "where it can grow)", layer=node.name, width=new, method="net2net")
+            self.steps[-1].optional = True
 
     # ------------------------------------------------------------------ heads
 
