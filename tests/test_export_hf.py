@@ -618,11 +618,11 @@ def test_the_command_refuses_in_one_line_with_exit_2(grown_child, tmp_path: Path
 
 # Families no other export-hf test builds: Granite (Llama with scalar multipliers), StarCoder2 (LayerNorms, biases,
 # a c_fc/c_proj MLP, sliding-window attention), StableLM (LayerNorms, q/k/v biases, partial rotary) and RoBERTa
-# (post-norm, its own masked-LM head: only what keeps its head's width grows).
+# (post-norm: no identity block; its own masked-LM head, which --hidden grows with the stream).
 JOURNEY_GROWTH = {"granite": {"hidden": "2x", "heads": "2x", "ffn": "2x", "layers": "+1"},
                   "starcoder2": {"hidden": "1.5x", "heads": "2x", "ffn": "2x", "layers": "+1"},
                   "stablelm": {"hidden": "2x", "heads": "2x", "ffn": "1.5x", "layers": "+1"},
-                  "roberta": {"ffn": "2x"}}
+                  "roberta": {"hidden": "2x", "heads": "2x", "ffn": "2x"}}
 
 
 def test_the_family_table_matches_the_journey_families() -> None:
@@ -666,3 +666,18 @@ def test_a_journey_family_goes_back_to_a_checkpoint_that_computes_the_child(kind
         want = session.run(None, feeds)[0]
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
         np.testing.assert_allclose(got, parent, atol=ATOL, rtol=0)
+
+
+def test_a_masked_lm_grown_whole_by_grow_goes_back(parent_checkpoint, tmp_path: Path) -> None:
+    # grow --hidden widens the head's transform with the stream: one hidden size, so the config can hold it
+    hf, folder = parent_checkpoint("bert")
+    child = onnxmorph.grow(onnxmorph.load(hf.path), hidden="2x", heads="2x", ffn="2x")
+    onnxmorph.save(child, tmp_path / "child.onnx")
+    result = export_hf(tmp_path / "child.onnx", like=folder, out=tmp_path / "out", parent=hf.path, check=True)
+    assert result.check and result.config["hidden_size"] == 2 * HIDDEN
+    model = load_back("bert", tmp_path / "out")
+    for seed in (11, 12):
+        feed = hf.feed(seed=seed, batch=3, sequence=9)
+        got = hf_logits(model, feed)
+        np.testing.assert_allclose(got, _session_logits(tmp_path / "child.onnx", feed), atol=ATOL, rtol=ATOL)
+        np.testing.assert_allclose(got, hf.logits(feed), atol=ATOL, rtol=ATOL)
