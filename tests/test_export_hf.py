@@ -11,6 +11,7 @@ growth and exporter is marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -681,3 +682,19 @@ def test_a_masked_lm_grown_whole_by_grow_goes_back(parent_checkpoint, tmp_path: 
         got = hf_logits(model, feed)
         np.testing.assert_allclose(got, _session_logits(tmp_path / "child.onnx", feed), atol=ATOL, rtol=ATOL)
         np.testing.assert_allclose(got, hf.logits(feed), atol=ATOL, rtol=ATOL)
+
+
+def test_a_checkpoint_transformers_cannot_load_is_a_failed_check_and_not_written(tmp_path: Path, monkeypatch) -> None:
+    # StableLM derives head_dim as hidden / heads whatever the config says; a family table that wrote head_dim
+    # instead (as it once did) makes a checkpoint whose q/k/v shapes transformers refuses: exit 1, nothing written.
+    zoo = pytest.importorskip("journey_zoo")
+    module, model = zoo.build("stablelm")
+    model.save_pretrained(tmp_path / "hf")
+    built = zoo.export("stablelm", False, tmp_path, module, model)
+    onnxmorph.save(onnxmorph.grow(onnxmorph.load(built.path), hidden="2x"), tmp_path / "child.onnx")
+    wrong = [dataclasses.replace(f, head_dim="head_dim") if f.name == "stablelm" else f for f in families.FAMILIES]
+    monkeypatch.setattr(families, "FAMILIES", tuple(wrong))
+    with pytest.raises(VerificationFailed, match="transformers cannot load the written checkpoint as "
+                                                 "StableLmForCausalLM"):
+        export_hf(tmp_path / "child.onnx", like=tmp_path / "hf", out=tmp_path / "out", parent=built.path, check=True)
+    assert not (tmp_path / "out").exists()

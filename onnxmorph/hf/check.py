@@ -79,6 +79,10 @@ def _load_hf(folder: Path, source: str | None = None) -> Any:
             warnings.simplefilter("ignore")
             # Eager attention: the reference code, the same function as the others.
             model, info = cls.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
+    except (RuntimeError, ValueError) as exc:  # parameters of other shapes than the config makes: not written
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationFailed(f"transformers cannot load the written checkpoint as {name}: "
+                                 f"{quote(first, 200)}") from exc
     finally:
         quiet.setLevel(level)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):

@@ -130,10 +130,11 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("gemma3", "gemma3_text", embed_scale=True, heads_divide_hidden=True),
     # Granite: Llama with scalar multipliers (embeddings, residuals, attention scores, logits) that width keeps.
     _llama_like("granite"),
+    # StableLM's attention derives head_dim as hidden / heads, whatever the config says.
     Family(name="stablelm", model_types=("stablelm",), layers="model.layers", embed="model.embed_tokens.weight",
            shapes=_LAYERNORM_TOP, layer_shapes=_LLAMA_LAYER, tied=_LLAMA_TIED,
            projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-           **{**_LLAMA_KEYS, "eps": ("layer_norm_eps",)}),
+           **{**_LLAMA_KEYS, "eps": ("layer_norm_eps",), "head_dim": None}),
     Family(name="starcoder2", model_types=("starcoder2",), layers="model.layers", embed="model.embed_tokens.weight",
            shapes=_LAYERNORM_TOP, layer_shapes=_STARCODER2_LAYER, tied=_LLAMA_TIED,
            projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
