@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,55 @@ def test_argmax_routed_experts_are_refused_naming_the_routing(journey_export, dy
     line = err.strip().splitlines()[-1]
     assert "holds stacked expert weights" in line and "[4, 128, 32]" in line and "ArgMax" in line, line
     assert "not by a TopK" in line
+
+
+# ------------------------------------------------------------------ heads merged with the batch
+
+
+@pytest.mark.parametrize("dynamo", _exporters())
+@pytest.mark.parametrize("family", ["bloom", "deberta_v2"])
+def test_heads_merged_with_the_batch_are_counted(journey_export, family: str, dynamo: bool) -> None:
+    # BLOOM (ALiBi, a fused per-head query/key/value) and DeBERTa-v2 multiply [B*H, T, d] tensors: inspect read
+    # no heads at all, so --heads and every per-head analysis refused
+    built = journey_export(family, dynamo)
+    code, out, err = _run(["inspect", str(built.path), "--json"])
+    assert code == 0, err
+    found = json.loads(out)["attention"]
+    spec = built.spec
+    assert [(a["heads"], a["kv_heads"], a["head_dim"]) for a in found] == \
+        [(spec.heads, spec.kv_heads, zoo.HIDDEN // spec.heads)] * zoo.LAYERS
+
+
+def _single_head_attention() -> onnx.ModelProto:
+    """A pre-norm block, softmax(x Wq (x Wk)^T) x Wv on [B, T, D] and an FFN: one head, its products on
+    three-axis tensors like BLOOM's."""
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, (8, 8), rng.standard_normal((8, 8)).astype(np.float32).ravel())
+             for n in ("wq", "wk", "wv", "wo")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "wq"], ["q"], name="q"), helper.make_node("MatMul", ["n", "wk"], ["k"],
+                                                                                   name="k"),
+             helper.make_node("MatMul", ["n", "wv"], ["v"], name="v"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["a"], name="mix"), helper.make_node("MatMul", ["a", "wo"], ["o"],
+                                                                                        name="o"),
+             helper.make_node("Add", ["x", "o"], ["r"], name="residual"),
+             helper.make_node("LayerNormalization", ["r", "g", "b"], ["n2"], name="norm2", axis=-1),
+             helper.make_node("MatMul", ["n2", "w1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "w2"], ["f"], name="down"),
+             helper.make_node("Add", ["r", "f"], ["y"], name="residual2")]
+    inits += [helper.make_tensor("g", TensorProto.FLOAT, (8,), np.ones(8, np.float32)),
+              helper.make_tensor("b", TensorProto.FLOAT, (8,), np.zeros(8, np.float32)),
+              helper.make_tensor("w1", TensorProto.FLOAT, (8, 16), rng.standard_normal(128).astype(np.float32)),
+              helper.make_tensor("w2", TensorProto.FLOAT, (16, 8), rng.standard_normal(128).astype(np.float32))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 17)])
+
+
+def test_a_three_axis_product_that_merges_no_heads_is_not_counted_as_the_batch() -> None:
+    found = onnxmorph.inspect(_single_head_attention())["attention"]
+    assert len(found) == 1
+    assert found[0]["heads"] in (None, 1), found  # never the batch size the shapes were evaluated with

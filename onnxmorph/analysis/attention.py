@@ -131,16 +131,25 @@ def _heads(operand: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> int
     rotary arithmetic and the repetition of key/value heads (an Expand/Tile of a unit axis: grouped-query
     attention), up to the Reshape that splits the channels into (heads, head size), or up to a Slice/Split of the
     head axis (Falcon's fused query/key/value heads). Where a Slice of the last axis cut the head size out of the
-    split (GPT-NeoX's interleaved [H, 3d]) the heads are the split's."""
+    split (GPT-NeoX's interleaved [H, 3d]) the heads are the split's.
+
+    A three-axis operand ([B*H, T, d]: BLOOM's batched products) holds the heads merged with the batch: its first
+    axis is followed back to the Reshape that merged them, and the batch is left out there; an operand whose first
+    axis is never shown to be such a merge (single-head attention on [B, T, d]) gives None."""
     shape = shapes.get(operand.name)
-    if shape is None or len(shape) < 4:
+    if shape is None or len(shape) < 3:
         return None
-    axes, tensor = set(range(1, len(shape) - 2)), operand
+    merged = len(shape) == 3
+    axes, tensor = ({0} if merged else set(range(1, len(shape) - 2))), operand
+
+    def count(shape: tuple | None, axes: set[int]) -> int | None:
+        return None if merged else _count(shape, axes)
+
     while True:
         node = producer(tensor)
         shape = shapes.get(tensor.name)
         if node is None or id(node) not in members or shape is None or layer_info(node) is not None:
-            return _count(shape, axes)
+            return count(shape, axes)
         data = node.inputs[0]
         before = shapes.get(data.name) if data.name else None
         if node.op == "Transpose":
@@ -148,33 +157,36 @@ def _heads(operand: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> int
             axes = {perm[a] for a in axes}
         elif node.op in ("Slice", "Split"):
             if before is None or len(before) != len(shape):
-                return _count(shape, axes)
+                return count(shape, axes)
             if any(before[a] != shape[a] for a in axes):
-                return _count(shape, axes)  # the heads were cut out of a wider tensor here
+                return count(shape, axes)  # the heads were cut out of a wider tensor here
         elif node.op in ("Expand", "Tile"):
             if before is None:
-                return _count(shape, axes)
+                return count(shape, axes)
             offset = len(shape) - len(before)
             axes = {a - offset for a in axes if a - offset >= 0 and not (before[a - offset] == 1 != shape[a])}
         elif node.op == "Unsqueeze":
             given = (shape_eval.Evaluator(shapes).values(node.inputs[1]) if len(node.inputs) > 1
                      else [int(a) for a in node.attrs.get("axes", [])])
             if not given or None in given:
-                return _count(shape, axes)
+                return count(shape, axes)
             inserted = {a % len(shape) for a in given}  # type: ignore[operator]
             kept = [a for a in range(len(shape)) if a not in inserted]
             axes = {kept.index(a) for a in axes if a in kept}
         elif node.op in ("Reshape", "Squeeze", "Flatten"):
             groups = _reshape_groups(before, shape) if before is not None else None
             if groups is None:
-                return _count(shape, axes)
+                return count(shape, axes)
             mapped: set[int] = set()
             for ins, outs in groups:
                 if not axes & set(outs):
                     continue
                 wide = {o for o in outs if shape[o] != 1}  # a unit axis beside the heads is a batch of 1
                 if len(ins) == 1 and len(wide) > 1 and (before[ins[0]] or 0) > 1 and axes & wide != wide:
-                    return _count(shape, axes)  # the split of the channels into heads
+                    return count(shape, axes)  # the split of the channels into heads
+                if merged and outs == [0] and len(ins) > 1 and ins[0] == 0:
+                    ins = ins[1:]  # [B, H, ...] -> [B*H, ...]: the batch leaves, the heads go on
+                    merged = False
                 mapped |= {i for i in ins if before[i] != 1 or len(ins) == 1}
             axes = mapped
         elif node.op in _SAME_AXES:
@@ -183,14 +195,14 @@ def _heads(operand: gs.Tensor, members: set[int], shapes: dict[str, Any]) -> int
             # rotary embedding and scaling: the operand of the same shape carries the heads (a Concat along the head
             # size joins a tensor's rotated and passed parts; along a head axis it would not be one tensor's heads)
             if node.op == "Concat" and int(node.attrs.get("axis", 0)) % len(shape) in axes:
-                return _count(shape, axes)
+                return count(shape, axes)
             same = [t for t in _computed(node) if shapes.get(t.name) is not None and len(shapes[t.name]) == len(shape)
                     and all(shapes[t.name][a] == shape[a] for a in axes)]
             if not same:
-                return _count(shape, axes)
+                return count(shape, axes)
             data = same[0]
         else:
-            return _count(shape, axes)
+            return count(shape, axes)
         tensor = data
 
 
