@@ -96,6 +96,11 @@ def read_growth(value: int | str) -> Growth:
     return Growth(f"+{number}" if kind == "add" else str(number), kind, Fraction(number))
 
 
+def _changes(step: MorphPass, other: MorphPass) -> str:
+    """The parameters of `other` that differ from `step`'s, as "method netmorph"."""
+    return ", ".join(f"{k} {v}" for k, v in other.config.items() if step.config.get(k) != v)
+
+
 def _first_clause(text: str) -> str:
     """A refusal's reason without its advice: "X re-arranges ... (net2net cannot ...)" -> "X re-arranges ..."."""
     return text.split(" (", 1)[0]
@@ -115,6 +120,13 @@ class GrowStep:
     given: tuple[str, ...] = ()  # the parameters grow chose (the seed is derived)
     fallback: MorphPass | None = None  # taken where `step` refuses (net2net's copies where no copy can be exact)
     optional: bool = False  # where it refuses, the step is left out (the layer keeps its size)
+    reads: int | None = None  # an optional step runs only on a layer whose input is this wide by then
+
+    def line(self) -> str:
+        """The step as its command line would say it (with the parameters grow chose), and what it grows."""
+        params = " ".join(f"{p.cli_flag} {self.step.config[p.name]}" for p in self.step.params if p.name in self.given)
+        extra = f" ({_changes(self.step, self.fallback)} where it refuses)" if self.fallback is not None else ""
+        return f"{self.step.name} {params}: {self.what}{extra}"
 
     def requires(self, analysis: mgraph.Analysis) -> Any:
         """The step's plan on `analysis`; where the step refuses and it has a fallback, the fallback's."""
@@ -123,18 +135,12 @@ class GrowStep:
         except NotApplicable as exc:
             if self.fallback is None:
                 raise
-            changed = ", ".join(f"{k} {v}" for k, v in self.fallback.config.items() if self.step.config.get(k) != v)
-            was = ", ".join(f"{k} {self.step.config.get(k)}" for k, v in self.fallback.config.items()
-                            if self.step.config.get(k) != v)
-            log.info("grow: %s with %s refused (%s); %s instead", self.step.name, was, exc, changed)
+            changed = _changes(self.step, self.fallback)
+            log.info("grow: %s with %s refused (%s); %s instead", self.step.name,
+                     _changes(self.fallback, self.step), exc, changed)
             self.step, self.fallback = self.fallback, None
             self.what += f" ({changed}: {_first_clause(str(exc))})"
             return self.step.requires(analysis)
-
-    def line(self) -> str:
-        """The step as its command line would say it (with the parameters grow chose), and what it grows."""
-        params = " ".join(f"{p.cli_flag} {self.step.config[p.name]}" for p in self.step.params if p.name in self.given)
-        return f"{self.step.name} {params}: {self.what}"
 
 
 @dataclass
@@ -231,11 +237,15 @@ class GrowPass(MorphPass):
                     limits.NEW_BYTES.check(new_bytes, f"grow step {k} ({item.what})")
                     limits.NEW_LAYERS.check(new_layers, f"grow step {k} ({item.what})")
                     try:
+                        if item.reads is not None and _in_width(mgraph.find_layer(analysis.view,
+                                                                                  item.step.config["layer"])) \
+                                != item.reads:
+                            raise NotApplicable("its input is not the grown stream")
                         planned = item.requires(analysis)
                     except NotApplicable as exc:
                         if not item.optional:
                             raise
-                        log.info("grow: step %d of %d left out, the layer keeps its size: %s", k, count, exc)
+                        log.info("grow: step %d of %d left out: %s", k, count, exc)
                         continue
                 result = item.step.call(analysis, planned)
             item.step.ensures(analysis, result)
@@ -340,12 +350,16 @@ class _Planner:
         step widened already) keeps its width, and the log says why."""
         inside = {id(n) for b in self.blocks for n in b.nodes}
         for node in self.view.nodes:
-            if id(node) in inside or node.op not in ("MatMul", "Gemm") or mgraph.layer_info(node) is None \
-                    or self._width(node) != old:
+            if id(node) in inside or node.op not in ("MatMul", "Gemm") or mgraph.layer_info(node) is None:
+                continue
+            try:
+                if _in_width(node) != old or self._width(node) != old:  # reads the stream, as wide as it
+                    continue
+            except NotApplicable:  # a layer whose output rank is unknown is no stream-wide layer
                 continue
             self._add("--hidden", "widen", f"{node.name} {old} -> {new} with the hidden size (outside the blocks, "
                       "where it can grow)", layer=node.name, width=new, method="net2net")
-            self.steps[-1].optional = True
+            self.steps[-1].optional, self.steps[-1].reads = True, new
 
     # ------------------------------------------------------------------ heads
 
@@ -462,6 +476,16 @@ class _Planner:
             self.new_layers += sum(1 for n in block.nodes if mgraph.layer_info(n) is not None)
             self._add("--layers", "block", f"a new block after {self._label(block)}: its copy with zero writers "
                       "(the identity)", after=index, init="copy")
+
+
+def _in_width(node: gs.Node) -> int | None:
+    """The input channels of a MatMul/Gemm layer, from its weight's declared dims."""
+    w = node.inputs[1].shape
+    if not w:
+        return None
+    if node.op == "Gemm":
+        return int(w[1] if int(node.attrs.get("transB", 0)) else w[0])
+    return int(w[-2]) if len(w) >= 2 else None
 
 
 def _writer(sub: mblocks.Sublayer) -> gs.Node | None:

@@ -684,17 +684,25 @@ def test_a_masked_lm_grown_whole_by_grow_goes_back(parent_checkpoint, tmp_path: 
         np.testing.assert_allclose(got, hf.logits(feed), atol=ATOL, rtol=ATOL)
 
 
-def test_a_checkpoint_transformers_cannot_load_is_a_failed_check_and_not_written(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(("case", "message"), [
+    ("wrong head_dim", "loads the written checkpoint with mismatched keys"),
+    ("bad config", "cannot load the written checkpoint as StableLmForCausalLM")])
+def test_a_checkpoint_transformers_cannot_load_is_a_failed_check_and_not_written(case: str, message: str,
+                                                                                  tmp_path: Path, monkeypatch) -> None:
     # StableLM derives head_dim as hidden / heads whatever the config says; a family table that wrote head_dim
-    # instead (as it once did) makes a checkpoint whose q/k/v shapes transformers refuses: exit 1, nothing written.
+    # instead (as it once did) makes a checkpoint whose q/k/v shapes transformers refuses. A config value that
+    # transformers' validation refuses (copied from the parent) fails the load too: exit 1, nothing written.
     zoo = pytest.importorskip("journey_zoo")
     module, model = zoo.build("stablelm")
     model.save_pretrained(tmp_path / "hf")
     built = zoo.export("stablelm", False, tmp_path, module, model)
     onnxmorph.save(onnxmorph.grow(onnxmorph.load(built.path), hidden="2x"), tmp_path / "child.onnx")
-    wrong = [dataclasses.replace(f, head_dim="head_dim") if f.name == "stablelm" else f for f in families.FAMILIES]
-    monkeypatch.setattr(families, "FAMILIES", tuple(wrong))
-    with pytest.raises(VerificationFailed, match="transformers cannot load the written checkpoint as "
-                                                 "StableLmForCausalLM"):
+    if case == "wrong head_dim":
+        wrong = [dataclasses.replace(f, head_dim="head_dim") if f.name == "stablelm" else f for f in families.FAMILIES]
+        monkeypatch.setattr(families, "FAMILIES", tuple(wrong))
+    else:
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": 5}))
+    with pytest.raises(VerificationFailed, match=message):
         export_hf(tmp_path / "child.onnx", like=tmp_path / "hf", out=tmp_path / "out", parent=built.path, check=True)
     assert not (tmp_path / "out").exists()

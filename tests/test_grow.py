@@ -154,6 +154,31 @@ def test_ffn_units_are_new_where_copies_cannot_be_exact(hf_export, caplog: pytes
         [r.getMessage()[:150] for r in caplog.records]
 
 
+def test_hidden_grows_only_stream_wide_layers_outside_the_blocks(hf_export) -> None:  # noqa: F811
+    # Beside the model, a layer as wide as the stream that does not read it, and one whose output has no rank
+    # inference knows: --hidden leaves both alone and still plans (one unknown layer refused the plan before).
+    from onnx import helper, numpy_helper
+
+    model = onnxmorph.load(hf_export("llama", False).path)
+    hidden = facts("llama")["hidden_size"]
+    rng = np.random.default_rng(0)
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(rng.standard_normal((8, hidden)).astype(np.float32), "side_w"),
+                              numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "dot_w")])
+    graph.input.extend([helper.make_tensor_value_info("side_x", onnx.TensorProto.FLOAT, [4, 8]),
+                        helper.make_tensor_value_info("dot_x", onnx.TensorProto.FLOAT, [8])])
+    graph.node.extend([helper.make_node("MatMul", ["side_x", "side_w"], ["side_h"], name="side"),
+                       helper.make_node("ReduceMax", ["side_h"], ["side_y"], name="side_max", keepdims=0),
+                       helper.make_node("MatMul", ["dot_x", "dot_w"], ["dot_y"], name="dot")])
+    graph.output.extend([helper.make_tensor_value_info("side_y", onnx.TensorProto.FLOAT, []),
+                         helper.make_tensor_value_info("dot_y", onnx.TensorProto.FLOAT, [])])
+    steps = onnxmorph.plan(model, "grow", hidden="2x")["steps"]
+    assert len(steps) == 1 and "hidden 32 -> 64" in steps[0], steps
+    child = onnxmorph.grow(model, hidden="2x")
+    weights = {t.name: tuple(t.dims) for t in child.graph.initializer}
+    assert weights["side_w"] == (8, hidden) and weights["dot_w"] == (8,)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -76,9 +76,13 @@ def budget_main(argv: Sequence[str] | None, *, stem: str, doc: str, arms: Sequen
         overrides["steps"] = args.steps
     if args.arms is not None:
         overrides["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    if not set(overrides.get("arms", ())) <= set(arms) or (args.device.startswith("cuda")
-                                                         and not torch.cuda.is_available()):
-        parser.error(f"--arms takes {', '.join(arms)}; --device cuda needs a GPU that torch sees")
+    for flag in ("seeds", "steps", "workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    if "arms" in overrides and (not overrides["arms"] or not set(overrides["arms"]) <= set(arms)):
+        parser.error(f"--arms takes one or more of {', '.join(arms)}, not {args.arms!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU that torch sees")
     config = dataclasses.replace(quick if args.quick else full, **overrides)
     workers = args.workers if args.workers is not None else (1 if args.quick or args.device != "cpu" else 2)
     results = run(config, workers)
