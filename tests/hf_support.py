@@ -29,17 +29,14 @@ that other jobs kept about 1.5 cores busy; the first export in a process pays ab
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import journey_zoo
 import numpy as np
 import pytest
 
@@ -454,31 +451,10 @@ def export(kind: str, dynamo: bool, folder: Path, seed: int = 0, experts_impleme
     variant = f"_{experts_implementation}" if experts_implementation else ""
     path = folder / f"{kind}{variant}_{'dynamo' if dynamo else 'torchscript'}.onnx"
     dynamic = {n: ({0: "batch"} if n == "pixel_values" else {0: "batch", 1: "sequence"}) for n in names}
-    if dynamo:  # dynamic_shapes are keyed by the forward's argument names
-        dynamic = {("signal" if n in ("pixel_values", "input_values") else n): axes for n, axes in dynamic.items()}
-    outputs = [output_name(kind)]
+    # dynamic_shapes are keyed by the forward's argument names
+    by_argument = {("signal" if n in ("pixel_values", "input_values") else n): axes for n, axes in dynamic.items()}
     start = time.perf_counter()
-    # The dynamo exporter prints its progress on stdout; keep it out of the tests' captured output.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "transformers", "onnxscript")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            if dynamo:
-                dim = torch.export.Dim.DYNAMIC
-                shapes = {n: {a: dim for a in axes} for n, axes in dynamic.items()}
-                program = torch.onnx.export(module, args, input_names=list(names), output_names=outputs,
-                                            dynamo=True, dynamic_shapes=shapes, external_data=False,
-                                            report=False, verify=False)
-                program.save(str(path), external_data=False)
-            else:
-                torch.onnx.export(module, args, str(path), input_names=list(names), output_names=outputs,
-                                  dynamo=False, dynamic_axes=dynamic, opset_version=17)
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
+    journey_zoo.torch_export(module, args, path, names, [output_name(kind)], dynamo, dynamic, by_argument)
     return HFModel(kind, dynamo, path, module, names, time.perf_counter() - start)
 
 

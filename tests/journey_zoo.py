@@ -567,6 +567,35 @@ class Built:
             return self.module(*args).numpy()
 
 
+def torch_export(module: Any, args: tuple, path: Path, names: list[str] | tuple[str, ...], outputs: list[str],
+                 dynamo: bool, dynamic_axes: dict[str, dict[int, str]],
+                 dynamic_shapes: dict[str, dict[int, str]]) -> None:
+    """`torch.onnx.export` of `module` to `path`, its progress and warnings kept quiet: TorchScript with
+    `dynamic_axes` (by input name), or dynamo with `dynamic_shapes` (by forward argument name, every axis named
+    there dynamic), opset 17 / the exporter's own."""
+    torch = _torch()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "transformers", "onnxscript")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            if dynamo:
+                dim = torch.export.Dim.DYNAMIC
+                shapes = {n: {a: dim for a in axes} for n, axes in dynamic_shapes.items()}
+                program = torch.onnx.export(module, args, input_names=list(names), output_names=outputs,
+                                            dynamo=True, dynamic_shapes=shapes, external_data=False,
+                                            report=False, verify=False)
+                program.save(str(path), external_data=False)
+            else:
+                torch.onnx.export(module, args, str(path), input_names=list(names), output_names=outputs,
+                                  dynamo=False, dynamic_axes=dynamic_axes, opset_version=17)
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+
+
 def build(name: str) -> tuple[Any, Any]:
     """(module that is exported, HF model or None) of family `name`, in eval mode."""
     return FAMILIES[name].build()
@@ -585,27 +614,9 @@ def export(name: str, dynamo: bool, folder: Path, module: Any = None, hf_model: 
     axes = _INPUTS[spec.inputs][1]
     path = Path(folder) / f"{name}_{'dynamo' if dynamo else 'torchscript'}.onnx"
     start = time.perf_counter()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "transformers", "onnxscript")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            if dynamo:
-                import inspect as pyinspect
+    import inspect as pyinspect
 
-                params = list(pyinspect.signature(module.forward).parameters)
-                dim = torch.export.Dim.DYNAMIC
-                shapes = {params[k]: {a: dim for a in axes} for k in range(len(names))}
-                program = torch.onnx.export(module, args, input_names=list(names), output_names=["output"],
-                                            dynamo=True, dynamic_shapes=shapes, external_data=False,
-                                            report=False, verify=False)
-                program.save(str(path), external_data=False)
-            else:
-                torch.onnx.export(module, args, str(path), input_names=list(names), output_names=["output"],
-                                  dynamo=False, dynamic_axes={n: axes for n in names}, opset_version=17)
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
+    params = list(pyinspect.signature(module.forward).parameters)
+    torch_export(module, args, path, names, ["output"], dynamo, {n: axes for n in names},
+                 {params[k]: axes for k in range(len(names))})
     return Built(spec, dynamo, path, module, hf_model, time.perf_counter() - start)

@@ -8,21 +8,9 @@ of docs/families.md, from `python benchmarks/hf_widen_sweep.py all --json ... --
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from hf_support import ALL_KINDS, hf_export  # noqa: F401  (fixture)
-
-
-def _sweep_module():  # noqa: ANN202
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hf_widen_sweep.py"
-    spec = importlib.util.spec_from_file_location("hf_widen_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
+from test_widen_hf_coverage import _sweep_module  # benchmarks/hf_widen_sweep.py, loaded once
 
 # (kind, exporter) -> (layers verified at 2x, at 1.5x, layers counted: their channels do not reach a graph output)
 WIDEN = {
