@@ -31,9 +31,10 @@ FULL_SWEEP = os.environ.get("ONNXMORPH_FULL_SWEEP") == "1"
 HEAVY_LIGHT = ("light_bvlc_alexnet", "light_vgg19", "light_zfnet512")
 
 
-def light_stems(stems: list[str] | None = None) -> list[Any]:
-    """`stems` (default: every light model) as parameters, the heavy ones marked slow."""
-    return [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY_LIGHT else s for s in (stems or LIGHT_MODELS)]
+def light_stems(stems: list[str] | None = None, slow: tuple[str, ...] = ()) -> list[Any]:
+    """`stems` (default: every light model) as parameters, the heavy ones and those in `slow` marked slow."""
+    return [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY_LIGHT or s in slow else s
+            for s in (stems or LIGHT_MODELS)]
 
 
 def sample_layers(names: list[str], count: int, seed: int = 0) -> list[str]:

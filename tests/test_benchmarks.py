@@ -52,6 +52,7 @@ def test_big_model_builders_have_the_real_parameter_counts() -> None:
     assert sum(n.op_type == "Conv" for n in resnet.graph.node) == 53
 
 
+@pytest.mark.slow  # 25 s; the memory, streaming and grow benchmarks' quick runs stay in the default run
 def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "-o", str(out), "--workdir", str(tmp_path / "w")],

@@ -383,7 +383,7 @@ def test_every_reference_layer(stem: str) -> None:
                 assert np.count_nonzero(f2) > 2 * co, f"{stem}/{layer.name}: NetMorph layer is not dense"
 
 
-@pytest.mark.parametrize("stem", light_stems())
+@pytest.mark.parametrize("stem", light_stems(slow=("light_densenet121",)))  # the longest: -m slow
 def test_real_architectures(stem: str) -> None:
     """`requires` on every layer passes or refuses in one line; sampled layers morph and verify."""
     model = light_model(stem)

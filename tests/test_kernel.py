@@ -176,7 +176,7 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in mgraph.layers(mgraph.read_view(model)) if i.op == "Conv"]
 
 
-@pytest.mark.parametrize("stem", light_stems())
+@pytest.mark.parametrize("stem", light_stems(slow=("light_densenet121",)))  # the longest: -m slow
 def test_real_architectures_verify_or_refuse_in_one_line(stem: str) -> None:
     model = light_model(stem)
     names = _conv_names(model)

@@ -243,7 +243,7 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
 KINDS = [{"kind": "sequential"}, {"kind": "parallel", "kernels": "1,3"}, {"kind": "residual"}]
 
 
-@pytest.mark.parametrize("stem", light_stems())
+@pytest.mark.parametrize("stem", light_stems(slow=("light_densenet121", "light_inception_v2")))  # the longest: -m slow
 def test_requires_on_every_conv_of_real_architectures(stem: str) -> None:
     model = onnxmorph.load(LIGHT / f"{stem}.onnx")  # the shipped weights: applicability needs no random ones
     # every Conv in a full sweep; 12 of them (seeded) otherwise, densenet has 121
