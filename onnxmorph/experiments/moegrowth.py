@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch
 
 import onnxmorph
 from onnxmorph.experiments import budget_main, lm, log_to_stderr, run_jobs
-from onnxmorph.experiments.textgrowth import load_data, validation_loss
+from onnxmorph.experiments.textgrowth import load_data, schedule, validation_loss
 from onnxmorph.numerics import experts as nexperts
 from onnxmorph.train import adapter as ot
 
@@ -138,19 +138,6 @@ def seconds_per_step(module: torch.nn.Module, data: dict[str, Any], config: Conf
 
 
 # --------------------------------------------------------------------------- training
-
-
-def schedule(config: Config) -> Callable[[int], float]:
-    """The parent's learning-rate factor at global step t (from 1): linear warmup, then cosine to `floor`."""
-    warm = max(1, round(config.warmup * config.steps))
-
-    def factor(step: int) -> float:
-        if step <= warm:
-            return step / warm
-        progress = min(1.0, (step - warm) / max(1, config.steps - warm))
-        return config.floor + (1 - config.floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def train(module: torch.nn.Module, data: dict[str, Any], config: Config, start: int, steps: int, seed: int,

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxmorph.experiments.textgrowth_report import corpus_text
+
 __all__ = ["equal_compute_loss", "markdown", "plot", "summarise"]
 
 
@@ -105,12 +107,9 @@ def _row_text(row: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results table in Markdown, with the run's settings and data above it."""
-    cfg, corpus = results["config"], results["corpus"]
+    cfg = results["config"]
     lines = [
-        f"Byte-level GPT on the Python {results['versions']['python']} standard library "
-        f"({corpus['train_bytes']} training bytes from {len(corpus['train_files'])} modules, "
-        f"{corpus['validation_bytes']} validation bytes from {len(corpus['validation_files'])} others; "
-        f"SHA-256 {corpus['sha256'][:16]}...). Parent: {cfg['layers']} pre-norm blocks, width {cfg['width']}, "
+        f"{corpus_text(results)} Parent: {cfg['layers']} pre-norm blocks, width {cfg['width']}, "
         f"FFN {4 * cfg['width']}, {cfg['heads']} heads, context {cfg['context']}. Budget {cfg['steps']} steps of "
         f"{cfg['batch']} windows; Adam (0.9, 0.95), lr {cfg['lr']}, warmup {cfg['warmup']:.0%}, cosine to "
         f"{cfg['floor']:.0%}. At step {results['growth_step']} every block's FFN is upcycled by `onnxmorph.moe` "

@@ -123,14 +123,20 @@ def _row_text(row: dict[str, Any]) -> str:
             f"| {reached} | {_ms(row['steps_saved'], 100, 1)} | {_ms(row['flops_saved'], 100, 1)} |")
 
 
+def corpus_text(results: dict[str, Any]) -> str:
+    """The model and the data of a run on the standard-library corpus, for the text above its table."""
+    corpus = results["corpus"]
+    return (f"Byte-level GPT on the Python {results['versions']['python']} standard library "
+            f"({corpus['train_bytes']} training bytes from {len(corpus['train_files'])} modules, "
+            f"{corpus['validation_bytes']} validation bytes from {len(corpus['validation_files'])} others; "
+            f"SHA-256 {corpus['sha256'][:16]}...).")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results table in Markdown, with the run's settings and data above it."""
-    cfg, corpus = results["config"], results["corpus"]
+    cfg = results["config"]
     lines = [
-        f"Byte-level GPT on the Python {results['versions']['python']} standard library "
-        f"({corpus['train_bytes']} training bytes from {len(corpus['train_files'])} modules, "
-        f"{corpus['validation_bytes']} validation bytes from {len(corpus['validation_files'])} others; "
-        f"SHA-256 {corpus['sha256'][:16]}...). Parent: {cfg['layers']} pre-norm blocks, width {cfg['width']}, "
+        f"{corpus_text(results)} Parent: {cfg['layers']} pre-norm blocks, width {cfg['width']}, "
         f"{cfg['heads']} heads, context {cfg['context']}. Budget {cfg['steps']} steps of {cfg['batch']} windows; "
         f"Adam (0.9, 0.95), lr {cfg['lr']}, warmup {cfg['warmup']:.0%}, cosine to {cfg['floor']:.0%}; a grown model "
         f"re-warms over {cfg['rewarm']} steps. {len(cfg['seeds'])} seed(s); mean ± sample std; validation loss in "
